@@ -1,0 +1,1 @@
+"""The `mirador` command line: start the mesh, ask it things, check configs."""

@@ -1,0 +1,232 @@
+"""`mirador`: run the mesh and talk to it.
+
+    mirador up [--config FILE]           start all four services, Ctrl-C to stop
+    mirador status                       health of each service, models the host knows
+    mirador ask "TEXT" [--route R]       stream an answer through the router
+    mirador route "TEXT"                 which route and model, as JSON, without generating
+    mirador config check FILE            validate a config
+    mirador fleet build | list           build the model fleet into the repository
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+from mirador.v1 import model_host_pb2, model_host_pb2_grpc, router_pb2, router_pb2_grpc
+
+from services.common.config import ConfigError, MiradorConfig, load_config
+from services.cli.supervisor import START_ORDER, Mesh, MeshStartError, health_status
+
+EXIT_RPC_ERROR = 1
+EXIT_USAGE = 2
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "mirador"
+
+
+def _config(args) -> MiradorConfig:
+    return load_config(args.config)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_up(args) -> int:
+    config = _config(args)
+    mesh = Mesh(config, log_dir=Path(args.log_dir) if args.log_dir else state_dir() / "logs")
+    started = time.monotonic()
+    print(f"starting the mesh from {config.path} ...", flush=True)
+    mesh.start(timeout_s=args.timeout)
+    print(f"all services SERVING in {time.monotonic() - started:.1f} s (logs in {mesh.log_dir}):")
+    for name in START_ORDER:
+        service = mesh.processes[name]
+        print(f"  {name:<11} {service.settings.address:<22} pid {service.process.pid}")
+    print("Ctrl-C or SIGTERM stops them.", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        exited = {n: s.process.poll() for n, s in mesh.processes.items() if s.process.poll() is not None}
+        if exited:
+            print(f"a service exited on its own: {exited}; stopping the others", file=sys.stderr)
+            mesh.stop()
+            return 1
+        stop.wait(0.5)
+    print("stopping ...", flush=True)
+    codes = mesh.stop()
+    print("stopped: " + ", ".join(f"{n} (exit {c})" for n, c in codes.items()))
+    return 0
+
+
+def cmd_status(args) -> int:
+    config = _config(args)
+    healthy = True
+    print(f"{'service':<11} {'address':<22} health")
+    for name in START_ORDER:
+        settings = getattr(config.services, name)
+        health = health_status(settings.address)
+        healthy &= health == "SERVING"
+        print(f"{name:<11} {settings.address:<22} {health}")
+    address = config.services.model_host.address
+    with grpc.insecure_channel(address) as channel:
+        try:
+            listing = model_host_pb2_grpc.ModelHostStub(channel).ListModels(model_host_pb2.ListModelsRequest(), timeout=3)
+        except grpc.RpcError as exc:
+            print(f"\nmodels: the model host at {address} did not answer ({exc.code().name})")
+            return 1
+    print(f"\n{'model':<24} {'task':<16} {'tier':<5} {'state':<10} detail")
+    for m in listing.models:
+        print(
+            f"{m.name:<24} {model_host_pb2.ModelTask.Name(m.task)[11:].lower():<16} "
+            f"{model_host_pb2.ModelTier.Name(m.tier)[11:].lower():<5} "
+            f"{model_host_pb2.ModelState.Name(m.state)[12:]:<10} {m.detail}"
+        )
+    return 0 if healthy else 1
+
+
+def _router(config: MiradorConfig) -> tuple[grpc.Channel, router_pb2_grpc.RouterStub]:
+    channel = grpc.insecure_channel(config.services.router.address)
+    return channel, router_pb2_grpc.RouterStub(channel)
+
+
+def _message_dict(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def cmd_route(args) -> int:
+    config = _config(args)
+    channel, router = _router(config)
+    with channel:
+        decision = router.Route(router_pb2.RouteRequest(text=args.text, route=args.route or ""), timeout=args.timeout)
+    print(json.dumps({
+        "route": decision.route,
+        "model": decision.model,
+        "confidence": round(decision.confidence, 4),
+        "scores": {s.route: round(s.score, 4) for s in decision.scores},
+        "reason": router_pb2.RouteReason.Name(decision.reason)[13:].lower(),
+        "fallbacks": list(decision.fallbacks),
+        "validators": list(decision.validators),
+    }, indent=2))
+    return 0
+
+
+def cmd_ask(args) -> int:
+    config = _config(args)
+    request = router_pb2.AskRequest(text=args.text, route=args.route or "", session_id=args.session or "")
+    request.sampling.max_tokens = args.max_tokens
+    request.sampling.temperature = args.temperature
+    channel, router = _router(config)
+    events: list[dict] = []
+    with channel:
+        for response in router.Ask(request, timeout=args.timeout):
+            kind = response.WhichOneof("event")
+            events.append({kind: _message_dict(getattr(response, kind))})
+            if args.json:
+                continue
+            if kind == "route":
+                r = response.route
+                print(f"[route {r.route} → {r.model}, confidence {r.confidence:.2f}]", flush=True)
+            elif kind == "token":
+                print(response.token.text, end="", flush=True)
+            elif kind == "summary":
+                s = response.summary
+                c = s.confidence
+                print(f"\n[answered by {s.model}; mean logprob {c.mean_logprob:.3f}, "
+                      f"confidence {c.calibrated_confidence:.2f} ({c.calibration_source or 'uncalibrated'})]")
+            elif kind == "verdict":
+                v = response.verdict
+                print(f"[consensus: {v.answer!r}, consistency {v.consistency:.2f}"
+                      + (f", escalated as {v.escalation_id}" if v.escalated else "") + "]")
+    if args.json:
+        print(json.dumps(events, indent=2))
+    return 0
+
+
+def cmd_config_check(args) -> int:
+    config = load_config(args.file)
+    consensus_routes = [r.name for r in config.routes.values() if r.uses_consensus]
+    print(f"{config.path}: ok — {len(config.fleet)} models, {len(config.routes)} routes"
+          + (f" ({len(consensus_routes)} with consensus)" if consensus_routes else ""))
+    for name, settings in config.services.items():
+        print(f"  {name:<11} {settings.address}")
+    return 0
+
+
+def cmd_fleet(args) -> int:
+    from services.fleet.cli import run_fleet_command  # build-time tool: imported only when asked for
+
+    return run_fleet_command(args)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mirador", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="config file (default: $MIRADOR_CONFIG or the packaged config/mirador.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="start all four services and wait")
+    up.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for SERVING")
+    up.add_argument("--log-dir", help="where the services write their logs")
+    up.set_defaults(run=cmd_up)
+
+    commands.add_parser("status", help="health of each service and the models it knows").set_defaults(run=cmd_status)
+
+    ask = commands.add_parser("ask", help="stream an answer through the router")
+    ask.add_argument("text")
+    ask.add_argument("--route", help="use this route instead of classifying")
+    ask.add_argument("--session", help="session id: keep the conversation across turns")
+    ask.add_argument("--max-tokens", type=int, default=128)
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--timeout", type=float, default=60.0, help="deadline in seconds")
+    ask.add_argument("--json", action="store_true", help="print every event as JSON instead of streaming text")
+    ask.set_defaults(run=cmd_ask)
+
+    route = commands.add_parser("route", help="which route and model the router would choose (JSON)")
+    route.add_argument("text")
+    route.add_argument("--route", help="explicit route (wins over classification)")
+    route.add_argument("--timeout", type=float, default=10.0)
+    route.set_defaults(run=cmd_route)
+
+    config = commands.add_parser("config", help="work with config files")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    check = config_commands.add_parser("check", help="validate a config file")
+    check.add_argument("file")
+    check.set_defaults(run=cmd_config_check)
+
+    fleet = commands.add_parser("fleet", help="build and list the model fleet")
+    fleet_commands = fleet.add_subparsers(dest="fleet_command", required=True, metavar="SUBCOMMAND")
+    build = fleet_commands.add_parser("build", help="build the default fleet into the model repository")
+    build.add_argument("--only", action="append", help="build only this model (repeatable)")
+    build.add_argument("--with-gemma", action="store_true", help="also build the optional Gemma 3 270M")
+    build.set_defaults(run=cmd_fleet)
+    fleet_commands.add_parser("list", help="what is built").set_defaults(run=cmd_fleet)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"mirador: invalid config:\n{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MeshStartError as exc:
+        print(f"mirador: {exc}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    except grpc.RpcError as exc:
+        print(f"mirador: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return EXIT_RPC_ERROR

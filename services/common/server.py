@@ -1,0 +1,185 @@
+"""Server bootstrap shared by every service.
+
+A service is a `MiradorService`: it names its gRPC services, adds its servicers
+to a server and has `on_start`/`on_stop` lifecycle hooks. `serve()` does the
+rest the same way for all of them: health and reflection, error mapping, a
+concurrency cap, binding without SO_REUSEPORT (so a busy port is an error, not
+a silent second server), SIGTERM/SIGINT handling with a grace period.
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import asyncio
+import inspect
+import logging
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import ConfigError, MiradorConfig, ServiceSettings, load_config
+from services.common.errors import ServiceError
+from services.common.logs import configure_logging, log_event
+
+log = logging.getLogger("mirador.server")
+
+EXIT_CONFIG_ERROR = 2
+EXIT_PORT_IN_USE = 3
+
+
+class PortInUseError(RuntimeError):
+    pass
+
+
+class MiradorService(abc.ABC):
+    """One Mirador service process: its servicers and lifecycle hooks."""
+
+    #: short name, as in the config's `services:` section
+    name: str
+
+    @property
+    @abc.abstractmethod
+    def grpc_service_names(self) -> list[str]:
+        """Full names of the gRPC services this process serves, e.g. mirador.v1.Router."""
+
+    @abc.abstractmethod
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Registers the servicers."""
+
+    async def on_start(self) -> None:
+        """Called before the server accepts calls (open channels, load pinned models)."""
+
+    async def on_stop(self) -> None:
+        """Called after in-flight calls finished or the grace period ended."""
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions into statuses: ServiceError → its code, a downstream
+    AioRpcError → the same code naming the hop, anything else → INTERNAL (logged)."""
+
+    def __init__(self, service: str):
+        self.service = service
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(self, behaviour, method):
+        async def unary(request, context):
+            try:
+                return await behaviour(request, context)
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                await self._abort(context, exc, method)
+
+        return unary
+
+    def _wrap_stream(self, behaviour, method):
+        async def stream(request, context):
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                await self._abort(context, exc, method)
+
+        return stream
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        if isinstance(exc, ServiceError):
+            await context.abort(exc.code, exc.message)
+        if isinstance(exc, grpc.aio.AioRpcError):
+            await context.abort(exc.code(), f"{exc.details()}")
+        log_event(log, "unhandled error", logging.ERROR, method=method, error=repr(exc))
+        log.debug("traceback", exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{self.service} failed on {method}: {exc!r}; see its log")
+
+
+def server_options() -> list[tuple[str, int]]:
+    # grpcio enables SO_REUSEPORT by default: a second server on a busy port would
+    # bind silently and steal half the calls. Off, a busy port fails to bind.
+    return [("grpc.so_reuseport", 0)]
+
+
+async def serve(service: MiradorService, settings: ServiceSettings, stop_event: asyncio.Event | None = None) -> None:
+    """Runs `service` until SIGTERM/SIGINT (or `stop_event`), then stops gracefully."""
+    server = grpc.aio.server(
+        interceptors=[ErrorMappingInterceptor(service.name)],
+        options=server_options(),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    service.add_to_server(server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [*service.grpc_service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    try:
+        port = server.add_insecure_port(settings.address)
+    except RuntimeError as exc:
+        raise PortInUseError(
+            f"{service.name} cannot listen on {settings.address}: the port is in use or the address is not local. "
+            f"Stop the other process or change services.{service.name}.port in the config."
+        ) from exc
+
+    await service.on_start()
+    await server.start()
+    for name in ("", *service.grpc_service_names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log_event(log, "listening", address=settings.address, port=port, services=service.grpc_service_names)
+
+    stop_event = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_event.set)
+    await stop_event.wait()
+
+    log_event(log, "stopping", grace_s=settings.shutdown_grace_s)
+    await health.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_s)
+    await service.on_stop()
+    log_event(log, "stopped")
+
+
+def run_service_main(name: str, build: "callable[[MiradorConfig], MiradorService]", argv: list[str] | None = None) -> int:
+    """The `python -m services.<name>` entry point: config → service → serve."""
+    parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=f"Run Mirador's {name} service.")
+    parser.add_argument("--config", help="config file (default: $MIRADOR_CONFIG or config/mirador.yaml)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    configure_logging(name, args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        log_event(log, "invalid config", logging.ERROR, problems=[str(p) for p in exc.problems])
+        print(f"mirador {name}: invalid config:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    settings = getattr(config.services, name)
+    try:
+        asyncio.run(serve(build(config), settings))
+    except PortInUseError as exc:
+        log_event(log, "port in use", logging.ERROR, address=settings.address)
+        print(f"mirador {name}: {exc}", file=sys.stderr)
+        return EXIT_PORT_IN_USE
+    return 0

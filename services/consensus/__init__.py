@@ -1,0 +1,2 @@
+"""The consensus service: fan a decision out to several models, vote by
+confidence, escalate disagreements to a human review queue."""

@@ -1,0 +1,5 @@
+import sys
+
+from services.consensus.server import main
+
+sys.exit(main())

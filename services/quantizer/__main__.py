@@ -1,0 +1,5 @@
+import sys
+
+from services.quantizer.server import main
+
+sys.exit(main())

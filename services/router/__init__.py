@@ -1,0 +1,2 @@
+"""The router: Mirador's front door. Classifies requests into routes, picks the
+model, and streams the answer back."""
