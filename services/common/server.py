@@ -23,7 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from services.common.config import ConfigError, MiradorConfig, ServiceSettings, load_config
-from services.common.errors import ServiceError
+from services.common.errors import InvalidArgument, ServiceError
 from services.common.logs import configure_logging, log_event
 
 log = logging.getLogger("mirador.server")
@@ -70,23 +70,40 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        deserializer = self._tolerant(handler.request_deserializer)
         if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
+    @staticmethod
+    def _tolerant(deserializer):
+        """Lets undecodable bytes reach the handler wrapper, which answers INVALID_ARGUMENT
+        (grpcio itself would answer UNKNOWN, which tells a client nothing)."""
+        if deserializer is None:
+            return None
+
+        def deserialize(data: bytes):
+            try:
+                return deserializer(data)
+            except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others
+                return _UndecodableRequest(repr(exc))
+
+        return deserialize
+
     def _wrap_unary(self, behaviour, method):
         async def unary(request, context):
             try:
+                _reject_undecodable(request, method)
                 return await behaviour(request, context)
             except Exception as exc:  # noqa: BLE001 - every error becomes a status
                 await self._abort(context, exc, method)
@@ -96,6 +113,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream(self, behaviour, method):
         async def stream(request, context):
             try:
+                _reject_undecodable(request, method)
                 async for response in behaviour(request, context):
                     yield response
             except Exception as exc:  # noqa: BLE001 - every error becomes a status
@@ -113,6 +131,19 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         log_event(log, "unhandled error", logging.ERROR, method=method, error=repr(exc))
         log.debug("traceback", exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"{self.service} failed on {method}: {exc!r}; see its log")
+
+
+class _UndecodableRequest:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _reject_undecodable(request, method: str) -> None:
+    if isinstance(request, _UndecodableRequest):
+        raise InvalidArgument(
+            f"the request bytes are not a valid message for {method} ({request.reason}); "
+            "generate your client from Mirador's protos/"
+        )
 
 
 def server_options() -> list[tuple[str, int]]:

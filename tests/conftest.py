@@ -1,0 +1,74 @@
+"""Shared fixtures: configs on free loopback ports, and meshes of real service processes."""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.cli.supervisor import Mesh
+from services.common.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+FLEET_AND_ROUTES = """
+fleet:
+  tiny-lm: {task: text-generation, tier: hot}
+  tiny-lm-b: {task: text-generation, tier: warm}
+  tiny-embed: {task: embedding, tier: hot}
+routes:
+  chat: {primary: tiny-lm, fallback: tiny-lm-b, timeout_ms: 5000}
+  compliance:
+    primary: tiny-lm
+    validators: [tiny-lm-b]
+    consensus_threshold: 0.8
+    options: [compliant, non-compliant, needs review]
+"""
+
+
+def write_config(directory: Path, service_extra: dict[str, str] | None = None, body: str = FLEET_AND_ROUTES) -> Path:
+    """A config with every service on its own free port; `service_extra` adds YAML keys per service."""
+    service_extra = service_extra or {}
+    lines = ["services:"]
+    for name in ("router", "consensus", "quantizer", "model_host"):
+        lines += [f"  {name}:", f"    port: {free_port()}", "    shutdown_grace_s: 3s"]
+        lines += [f"    {extra}" for extra in service_extra.get(name, "").splitlines() if extra.strip()]
+    lines.append(f"model_repository: {directory / 'models'}")
+    path = directory / "mirador.yaml"
+    path.write_text("\n".join(lines) + "\n" + textwrap.dedent(body))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    """All four services, started the way `mirador up` starts them; shared by a test module."""
+    directory = tmp_path_factory.mktemp("mesh")
+    mesh = Mesh(load_config(write_config(directory)), log_dir=directory / "logs")
+    mesh.start()
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture
+def channel_to(mesh):
+    """Opens channels to services of the module's mesh and closes them after the test."""
+    opened: list[grpc.Channel] = []
+
+    def open_channel(service: str) -> grpc.Channel:
+        channel = grpc.insecure_channel(getattr(mesh.config.services, service).address)
+        opened.append(channel)
+        return channel
+
+    yield open_channel
+    for channel in opened:
+        channel.close()

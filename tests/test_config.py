@@ -1,0 +1,141 @@
+"""The config file: the shipped default, the article's route syntax, and errors with file, line and key."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from services.common.config import ConfigError, load_config, parse_config
+
+FLEET = """
+fleet:
+  llama-70b: {task: text-generation}
+  mistral-7b: {task: text-generation}
+  gemma-2b: {task: text-generation}
+  phi-3: {task: text-generation, tier: cold, keep_alive: 90s}
+"""
+
+ARTICLE_ROUTE = """
+models:
+  compliance_checker:
+    primary: llama-70b
+    fallback: mistral-7b
+    validators: [gemma-2b, phi-3]
+    consensus_threshold: 0.8
+    timeout_ms: 1000
+"""
+
+
+def problems_of(text: str) -> list:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(textwrap.dedent(text), "test.yaml")
+    return caught.value.problems
+
+
+def only_problem(text: str):
+    problems = problems_of(text)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def test_shipped_default_config_loads_with_the_five_routes_and_default():
+    config = load_config()
+    assert {"compliance", "extraction", "coding", "reasoning", "chat", "default"} <= set(config.routes)
+    assert config.services.router.port == 50051 and config.services.consensus.port == 50052
+    assert config.services.quantizer.port == 50053 and config.services.model_host.port == 50061
+    assert config.services.router.default_route == "default"
+
+
+def test_article_example_loads_unchanged_as_a_route():
+    config = parse_config(FLEET + ARTICLE_ROUTE, "article.yaml")
+    route = config.routes["compliance_checker"]
+    assert route.primary == "llama-70b"
+    assert route.fallback == ("mistral-7b",)
+    assert route.validators == ("gemma-2b", "phi-3")
+    assert route.consensus_threshold == 0.8
+    assert route.timeout_ms == 1000
+    assert route.uses_consensus
+    assert config.fleet["phi-3"].keep_alive_s == 90.0
+
+
+def test_unknown_key_names_line_key_and_what_is_allowed():
+    problem = only_problem(FLEET + ARTICLE_ROUTE.replace("timeout_ms: 1000", "timeout_ms: 1000\n    timout: 3"))
+    assert problem.path == "test.yaml"
+    assert problem.key == "models.compliance_checker.timout"
+    assert problem.line == 15  # the line added after timeout_ms (line 14)
+    assert "unknown key" in problem.message and "timeout_ms" in problem.message  # did-you-mean + allowed list
+
+
+def test_route_naming_a_missing_model():
+    problem = only_problem(FLEET + ARTICLE_ROUTE.replace("fallback: mistral-7b", "fallback: mistral-8x7b"))
+    assert problem.key == "models.compliance_checker.fallback"
+    assert problem.line == 11
+    assert "mistral-8x7b" in problem.message and "llama-70b" in problem.message  # lists what is defined
+
+
+@pytest.mark.parametrize("threshold", ["1.5", "-0.1", "high"])
+def test_threshold_outside_zero_one(threshold):
+    problem = only_problem(FLEET + ARTICLE_ROUTE.replace("0.8", threshold))
+    assert problem.key == "models.compliance_checker.consensus_threshold"
+    assert problem.line == 13
+    assert "between 0 and 1" in problem.message
+
+
+def test_negative_timeout():
+    problem = only_problem(FLEET + ARTICLE_ROUTE.replace("1000", "-5"))
+    assert problem.key == "models.compliance_checker.timeout_ms"
+    assert problem.line == 14
+    assert "at least 1" in problem.message
+
+
+def test_duplicate_port():
+    problem = only_problem("services:\n  router: {port: 6000}\n  consensus: {port: 6000}\n" + FLEET)
+    assert problem.key == "services.consensus.port"
+    assert problem.line == 3
+    assert "services.router" in problem.message
+
+
+@pytest.mark.parametrize("value", ["5 minutes", "-3s", "soon"])
+def test_bad_duration(value):
+    problem = only_problem(FLEET.replace("keep_alive: 90s", f"keep_alive: {value}"))
+    assert problem.key == "fleet.phi-3.keep_alive"
+    assert problem.line == 6
+
+
+def test_duplicate_key_is_reported_not_silently_overwritten():
+    problem = only_problem(FLEET + ARTICLE_ROUTE.replace("timeout_ms: 1000", "timeout_ms: 1000\n    timeout_ms: 2000"))
+    assert problem.key == "models.compliance_checker.timeout_ms"
+    assert "twice" in problem.message and "line 14" in problem.message
+
+
+def test_every_problem_is_reported_at_once():
+    text = FLEET + ARTICLE_ROUTE.replace("0.8", "2").replace("1000", "-1").replace("primary: llama-70b", "primary: gpt-9")
+    assert {p.key.rsplit(".", 1)[1] for p in problems_of(text)} == {"primary", "consensus_threshold", "timeout_ms"}
+
+
+def test_routes_and_models_sections_together_are_ambiguous():
+    problem = only_problem(FLEET + ARTICLE_ROUTE + "routes: {}\n")
+    assert problem.key == "models"
+
+
+def test_threshold_without_validators_has_no_effect():
+    text = FLEET + "routes:\n  r: {primary: llama-70b, consensus_threshold: 0.5}\n"
+    assert only_problem(text).key == "routes.r.consensus_threshold"
+
+
+def test_invalid_yaml_and_unreadable_file(tmp_path):
+    assert "not valid YAML" in only_problem("fleet: [unclosed\n").message
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_cli_config_check_exit_codes(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(FLEET + ARTICLE_ROUTE)
+    bad.write_text(FLEET + ARTICLE_ROUTE.replace("0.8", "1.8"))
+    ok = subprocess.run([sys.executable, "-m", "services.cli", "config", "check", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    failed = subprocess.run([sys.executable, "-m", "services.cli", "config", "check", str(bad)], capture_output=True, text=True)
+    assert failed.returncode == 2
+    assert f"{bad}:13: models.compliance_checker.consensus_threshold" in failed.stderr
