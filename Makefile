@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test install install-dev protos clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[cpu]'
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+
+# Start the mesh on the embedded default config, send sample requests, stop it.
+demo: install
+	PATH="$(abspath $(BIN)):$$PATH" ./scripts/demo.sh
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+# Regenerate the Python stubs after editing protos/.
+protos: install-dev
+	$(BIN)/python protos/generate_python.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

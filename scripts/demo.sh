@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The embedded default: all four services on this machine, a few requests, a clean stop.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log_dir=$(mktemp -d)
+mirador up --log-dir "$log_dir" > "$log_dir/up.out" 2>&1 &
+up_pid=$!
+trap 'kill -TERM $up_pid 2>/dev/null || true; wait $up_pid 2>/dev/null || true; cat "$log_dir/up.out" | tail -2' EXIT
+
+for _ in $(seq 100); do
+  grep -q "^Ctrl-C" "$log_dir/up.out" 2>/dev/null && break
+  if ! kill -0 $up_pid 2>/dev/null; then cat "$log_dir/up.out"; exit 1; fi
+  sleep 0.2
+done
+cat "$log_dir/up.out"
+
+step() { printf '\n$ %s\n' "$*"; "$@" || echo "(exit $?)"; }
+step mirador status
+step mirador route "Is a prior authorization required for this MRI?" --route compliance
+step mirador route "What is the capital of France?"
+step mirador ask "What is the capital of France?" --route chat
