@@ -63,6 +63,7 @@ def test_model_host_lists_the_fleet_with_tiers(channel_to):
     assert by_name["tiny-lm"].tier == model_host_pb2.MODEL_TIER_HOT
     assert by_name["tiny-lm-b"].tier == model_host_pb2.MODEL_TIER_WARM
     assert by_name["tiny-embed"].task == model_host_pb2.MODEL_TASK_EMBEDDING
+    assert listing.memory_budget_bytes == 0 and listing.memory_used_bytes == 0
     assert all(m.state == model_host_pb2.MODEL_STATE_NOT_BUILT and "mirador fleet build" in m.detail for m in listing.models)
 
 
@@ -74,7 +75,7 @@ MODEL_HOST_ERRORS = [
     ("Generate", model_host_pb2.GenerateRequest(model="tiny-lm", messages=[common_pb2.ChatMessage(content="x")]), grpc.StatusCode.INVALID_ARGUMENT, "role"),
     ("Generate", model_host_pb2.GenerateRequest(model="tiny-lm", prompt="x", sampling=common_pb2.SamplingParams(temperature=3)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     ("Generate", model_host_pb2.GenerateRequest(model="tiny-lm", prompt="x", sampling=common_pb2.SamplingParams(max_tokens=100000)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    ("Generate", model_host_pb2.GenerateRequest(model="tiny-lm", messages=user("hi")), grpc.StatusCode.UNIMPLEMENTED, "does not run inference yet"),
+    ("Generate", model_host_pb2.GenerateRequest(model="tiny-lm", messages=user("hi")), grpc.StatusCode.FAILED_PRECONDITION, "build it with `mirador fleet build`"),
     ("Score", model_host_pb2.ScoreRequest(model="tiny-lm", prompt="x", options=["yes"]), grpc.StatusCode.INVALID_ARGUMENT, "between 2 and 32"),
     ("Score", model_host_pb2.ScoreRequest(model="tiny-lm", prompt="x", options=["yes", "yes"]), grpc.StatusCode.INVALID_ARGUMENT, "distinct"),
     ("Embed", model_host_pb2.EmbedRequest(model="tiny-embed"), grpc.StatusCode.INVALID_ARGUMENT, "between 1 and 256"),
@@ -113,7 +114,7 @@ ROUTER_ERRORS = [
     ("Ask", router_pb2.AskRequest(text="hi", route="chat", sampling=common_pb2.SamplingParams(top_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     ("Ask", router_pb2.AskRequest(text="hi", route="compliance"), grpc.StatusCode.UNIMPLEMENTED, "consensus"),
     # the router relays the model host's own answer, naming the hop
-    ("Ask", router_pb2.AskRequest(text="hi", route="chat"), grpc.StatusCode.UNIMPLEMENTED, "model `tiny-lm` on the model host"),
+    ("Ask", router_pb2.AskRequest(text="hi", route="chat"), grpc.StatusCode.FAILED_PRECONDITION, "model `tiny-lm` on the model host"),
 ]
 
 

@@ -269,3 +269,22 @@ def test_names_cannot_escape_the_root(repository):
     with pytest.raises(ValueError, match="not allowed"):
         with repository.staging("tiny", "../../x"):
             pass
+
+
+def test_abandoned_staging_of_a_dead_process_is_removed(repository):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    staging_root = repository.root / STAGING_DIRNAME
+    (staging_root / f"p{dead_pid}-tiny-1-abc").mkdir(parents=True)
+    (staging_root / f"p{dead_pid}-tiny-1-abc" / "model.onnx").write_bytes(b"half")
+    with repository.staging("tiny", "2") as staged:  # a build in progress in this process
+        removed = repository.remove_abandoned_staging()
+        assert [p.name for p in removed] == [f"p{dead_pid}-tiny-1-abc"]
+        assert staged.path.exists()
+        write_tiny_onnx(staged.path / "model.onnx")
+        staged.manifest = tiny_manifest(version="2")
+    assert repository.versions("tiny") == ["2"]

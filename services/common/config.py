@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ TIERS = ("hot", "warm", "cold")
 SERVICE_NAMES = ("router", "consensus", "quantizer", "model_host")
 DEFAULT_PORTS = {"router": 50051, "consensus": 50052, "quantizer": 50053, "model_host": 50061}
 
+_IP_PORT = re.compile(r"^(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:.]+\]):\d{1,5}$")
+_TARGET = re.compile(r"^(?:(?:dns|ipv4|ipv6|unix):\S+|[^\s:/]+:\d{1,5}|\[[0-9a-fA-F:.]+\]:\d{1,5})$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -53,12 +55,28 @@ class ServiceSettings:
 class RouterSettings(ServiceSettings):
     default_route: str | None = None  # where low-confidence requests go
     min_confidence: float = 0.5  # below it the default route answers
+    # Model-host addresses the router balances over (gRPC round_robin with health checks).
+    # Empty = every replica of services.model_host (see ServicesConfig.model_host_targets).
+    model_host_targets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ModelHostSettings(ServiceSettings):
     memory_budget_mb: int = 0  # 0 = no budget
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = one per core
+    max_batch_size: int = 16  # dynamic batching of Embed calls; 1 = off
+    max_queue_delay_ms: int = 2  # how long a batch waits for more calls
+    reaper_interval_s: float = 1.0  # how often idle warm/cold models are checked against keep_alive
+    replicas: int = 1  # processes `mirador up` starts; replica i listens on port + i
+
+    def replica(self, index: int) -> "ModelHostSettings":
+        """The settings of replica `index` (0 = this one): the same, listening on port + index."""
+        return replace(self, port=self.port + index, replicas=1)
+
+    @property
+    def replica_addresses(self) -> tuple[str, ...]:
+        return tuple(self.replica(i).address for i in range(self.replicas))
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,12 @@ class ServicesConfig:
 
     def items(self) -> list[tuple[str, ServiceSettings]]:
         return [(name, getattr(self, name)) for name in SERVICE_NAMES]
+
+    @property
+    def model_host_targets(self) -> tuple[str, ...]:
+        """Where the router sends model-host calls: services.router.model_host_targets, or
+        every replica of services.model_host when that is not given."""
+        return self.router.model_host_targets or self.model_host.replica_addresses
 
 
 @dataclass(frozen=True)
@@ -184,6 +208,7 @@ class _Reader:
         self.problems: list[ConfigProblem] = []
         self._constructor = yaml.constructor.SafeConstructor()
         self._default_route_node: yaml.Node | None = None
+        self._replicas_node: yaml.Node | None = None
 
     def problem(self, node: yaml.Node, key: str, message: str) -> None:
         self.problems.append(ConfigProblem(self.path, node.start_mark.line + 1, key, message))
@@ -275,6 +300,33 @@ class _Reader:
             return None
         return tuple(value)
 
+    def targets(self, node: yaml.Node, key: str) -> tuple[str, ...] | None:
+        """gRPC targets: one address or name (`host:port`, `dns:///name:port`), or several
+        `ip:port` addresses of one family (gRPC balances those with round_robin)."""
+        targets = self.names(node, key)
+        if targets is None:
+            return None
+        if len(targets) == 1:
+            if not _TARGET.match(targets[0]):
+                self.problem(node, key, f"`{targets[0]}` is not a gRPC target; write host:port or dns:///name:port")
+                return None
+            return targets
+        families = set()
+        for target in targets:
+            match = _IP_PORT.match(target)
+            if not match:
+                self.problem(node, key, f"`{target}`: several targets must each be an IP address and a port "
+                                        "(127.0.0.1:50061 or [::1]:50061); for a DNS name give it alone (dns:///name:port)")
+                return None
+            families.add("ipv6" if target.startswith("[") else "ipv4")
+        if len(families) > 1:
+            self.problem(node, key, "mixes IPv4 and IPv6 addresses; gRPC takes one family per target list")
+            return None
+        if len(set(targets)) != len(targets):
+            self.problem(node, key, "lists an address twice; give each once")
+            return None
+        return targets
+
     # -- sections
 
     def read_root(self, root: yaml.Node, path: Path) -> MiradorConfig:
@@ -319,6 +371,22 @@ class _Reader:
                              f"port {settings.port} is already used by services.{seen_addresses[address]}; give each service its own port")
             seen_addresses[address] = name
             built[name] = settings
+        host = built["model_host"]
+        if host.replicas > 1:
+            key_node, value_node = entries.get("model_host", (None, None))
+            node = self._replicas_node or value_node or root
+            last = host.port + host.replicas - 1
+            if last > 65535:
+                self.problem(node, "services.model_host.replicas",
+                             f"{host.replicas} replicas need ports {host.port}-{last}, beyond 65535; "
+                             "lower the port or the number of replicas")
+            for index in range(1, host.replicas):
+                other = seen_addresses.get((host.host, host.port + index))
+                if other is not None and other != "model_host":
+                    self.problem(node, "services.model_host.replicas",
+                                 f"replica {index} would listen on port {host.port + index}, which services.{other} "
+                                 f"uses; model-host replicas take ports {host.port}-{last}, give services.{other} "
+                                 "another port or lower the number of replicas")
         return ServicesConfig(**built)
 
     def read_service(self, node: yaml.Node, key: str, settings_type: type[ServiceSettings]) -> dict[str, Any]:
@@ -330,8 +398,12 @@ class _Reader:
                 value = self.string(value_node, dotted)
             elif name == "port":
                 value = self.integer(value_node, dotted, minimum=1, maximum=65535)
-            elif name in ("max_concurrent_rpcs", "block_size"):
+            elif name in ("max_concurrent_rpcs", "block_size", "max_batch_size"):
                 value = self.integer(value_node, dotted, minimum=1)
+            elif name in ("intra_op_threads", "max_queue_delay_ms"):
+                value = self.integer(value_node, dotted, minimum=0)
+            elif name == "reaper_interval_s":
+                value = self.duration_s(value_node, dotted)
             elif name == "memory_budget_mb":
                 value = self.integer(value_node, dotted, minimum=0)
             elif name == "shutdown_grace_s":
@@ -343,6 +415,11 @@ class _Reader:
                 self._default_route_node = value_node
             elif name == "execution_providers":
                 value = self.names(value_node, dotted)
+            elif name == "replicas":
+                value = self.integer(value_node, dotted, minimum=1, maximum=64)
+                self._replicas_node = value_node
+            elif name == "model_host_targets":
+                value = self.targets(value_node, dotted)
             else:  # escalation_db
                 value = self.string(value_node, dotted)
             if value is not None:

@@ -154,7 +154,7 @@ class ModelManifest:
         def expect(key: str, kind: type, what: str) -> Any:
             value = merged[key]
             if not isinstance(value, kind):
-                raise ManifestError(origin, key, f"expected {what}, got {json.dumps(value)}")
+                raise ManifestError(origin, key, f"expected {what}, got {_show(value)}")
             return value
 
         name = expect("name", str, "a string")
@@ -181,7 +181,7 @@ class ModelManifest:
                 raise ManifestError(origin, f"sha256.{filename}", "expected 64 lowercase hex characters")
         size = merged.get("size_bytes", 0)
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ManifestError(origin, "size_bytes", f"expected a non-negative integer, got {json.dumps(size)}")
+            raise ManifestError(origin, "size_bytes", f"expected a non-negative integer, got {_show(size)}")
         for key in ("architecture", "licence", "created_at"):
             if key in merged:
                 expect(key, str, "a string")
@@ -208,9 +208,16 @@ class ModelManifest:
         return f"{self.name}:{self.version}"
 
 
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def _check_relative_filename(origin: str | Path | None, key: str, filename: Any) -> None:
     if not isinstance(filename, str) or not filename:
-        raise ManifestError(origin, key, f"expected a file name, got {json.dumps(filename)}")
+        raise ManifestError(origin, key, f"expected a file name, got {_show(filename)}")
     parts = Path(filename).parts
     if Path(filename).is_absolute() or ".." in parts or filename.startswith("~"):
         raise ManifestError(origin, key, f"{filename!r} must be a path relative to the model folder")
@@ -400,7 +407,10 @@ class ModelRepository:
             raise ModelVersionExistsError(name, version, target)
         staging_root = self.root / STAGING_DIRNAME
         staging_root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f"{name}-{version}-", dir=staging_root))
+        work = Path(tempfile.mkdtemp(prefix=f"p{os.getpid()}-{name}-{version}-", dir=staging_root))
+        # mkdtemp makes the folder private (0700); a published model must be readable
+        # by a model host running as another user.
+        os.chmod(work, 0o755)
         staged = StagedVersion(name, version, work)
         try:
             yield staged
@@ -431,6 +441,20 @@ class ModelRepository:
         self._move_aside_and_delete(target)
         with contextlib.suppress(OSError):
             target.parent.rmdir()  # only succeeds when no version is left
+
+    def remove_abandoned_staging(self) -> list[Path]:
+        """Delete staging folders whose builder process is gone (killed mid-build).
+
+        Staging folders carry their creator's pid; this assumes one host per root."""
+        staging_root = self.root / STAGING_DIRNAME
+        removed = []
+        for entry in sorted(staging_root.iterdir()) if staging_root.is_dir() else []:
+            match = re.match(r"^p(\d+)-", entry.name)
+            if match and _process_alive(int(match.group(1))):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        return removed
 
     def _publish(self, staged: StagedVersion, target: Path, replace: bool) -> ModelManifest:
         assert staged.manifest is not None
@@ -469,9 +493,19 @@ class ModelRepository:
         # Rename first so readers never see a half-deleted version.
         staging_root = self.root / STAGING_DIRNAME
         staging_root.mkdir(parents=True, exist_ok=True)
-        trash = Path(tempfile.mkdtemp(prefix="deleted-", dir=staging_root))
+        trash = Path(tempfile.mkdtemp(prefix=f"p{os.getpid()}-deleted-", dir=staging_root))
         os.rename(folder, trash / "old")
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def _check_name(what: str, value: str) -> None:

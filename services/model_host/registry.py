@@ -1,66 +1,278 @@
-"""Which models this host knows and where each one is in its lifecycle.
+"""The models this host knows, and their lifecycle within a memory budget.
 
-The fleet comes from the config; whether a model is built comes from the model
-repository. Loading, tiers and the memory budget arrive with the model-host
-milestone; until then every built model is UNLOADED and loads are refused.
+- Tiers (the article's): hot models are pinned — loaded at start, never evicted;
+  warm and cold models load on demand and are unloaded `keep_alive` after their
+  last use. When memory is short, idle cold models are evicted before warm ones,
+  least recently used first. A model with calls in flight is never evicted.
+- The budget is checked before every load with the model's measured size (or,
+  before its first load, an estimate from its files); a model that cannot fit
+  even after evicting everything evictable is refused, saying how much it needs.
+- One load at a time: concurrent calls for a cold model share one load, and a
+  caller that gives up does not abort the load others wait for.
+- Hooks (`RegistryHook`) let batching and metrics follow loads and unloads
+  without being wired into this class.
+
+The loader and the memory meter are injected, so the policy is testable
+without real models.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Protocol
 
-from mirador.v1 import model_host_pb2 as pb
+from services.common.config import ModelSpec
+from services.common.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from services.common.logs import log_event
+from services.common.model_repository import ModelManifest, ModelNotFoundError, ModelRepository, ModelRepositoryError
+from services.model_host.runtimes import ModelRuntime
 
-from services.common.config import MiradorConfig, ModelSpec
-from services.common.model_repository import ModelNotFoundError, ModelRepository, ModelRepositoryError
+log = logging.getLogger("mirador.model_host.registry")
 
-TASKS = {
-    "text-generation": pb.MODEL_TASK_TEXT_GENERATION,
-    "embedding": pb.MODEL_TASK_EMBEDDING,
-    "classification": pb.MODEL_TASK_CLASSIFICATION,
-}
-TIERS = {"hot": pb.MODEL_TIER_HOT, "warm": pb.MODEL_TIER_WARM, "cold": pb.MODEL_TIER_COLD}
+MB = 1024 * 1024
+# A model whose load failed is not retried by every call (each try may read
+# hundreds of MB); LoadModel retries at once.
+RETRY_FAILED_AFTER_S = 30.0
+# Before a model's first load its size is estimated from its files; sessions
+# hold a little more than the weights (FACTS.md: ~1.2x for quantized models).
+ESTIMATE_FACTOR = 1.2
+
+
+class State:
+    NOT_BUILT = "not_built"
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
 
 
 @dataclass
-class ModelEntry:
+class ModelRecord:
     spec: ModelSpec
-    version: str = ""
-    state: int = pb.MODEL_STATE_NOT_BUILT
+    manifest: ModelManifest | None = None
+    state: str = State.NOT_BUILT
     detail: str = ""
+    runtime: ModelRuntime | None = None
+    load_task: asyncio.Task | None = None
+    measured_bytes: int = 0  # resident size measured at the last load
+    last_used_wall: float = 0.0
+    last_used: float = 0.0  # monotonic
+    requests_total: int = 0
+    in_flight: int = 0
+    load_ms: float = 0.0
+    failed_at: float | None = None  # monotonic time of the last failed load
+    pinned: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def needed_bytes(self) -> int:
+        if self.measured_bytes:
+            return self.measured_bytes
+        size = self.manifest.size_bytes if self.manifest else 0
+        return int(size * ESTIMATE_FACTOR)
+
+    @property
+    def loaded_bytes(self) -> int:
+        return self.measured_bytes if self.state == State.READY else 0
 
 
+class RegistryHook(Protocol):
+    def on_model_load(self, record: ModelRecord) -> None: ...
+
+    def on_model_unload(self, record: ModelRecord) -> None: ...
+
+
+Loader = Callable[[ModelManifest], ModelRuntime]
+MemoryMeter = Callable[[], int]  # resident bytes of this process now
+
+
+def process_rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+@dataclass
 class ModelRegistry:
-    def __init__(self, config: MiradorConfig, repository: ModelRepository):
-        self.config = config
-        self.repository = repository
-        self.entries = {name: ModelEntry(spec) for name, spec in config.fleet.items()}
+    fleet: dict[str, ModelSpec]
+    repository: ModelRepository
+    loader: Loader
+    budget_bytes: int = 0  # 0 = unlimited
+    memory_meter: MemoryMeter = process_rss_bytes
+    clock: Callable[[], float] = time.monotonic
+    hooks: list[RegistryHook] = field(default_factory=list)
+    records: dict[str, ModelRecord] = field(init=False)
+
+    def __post_init__(self):
+        self.records = {name: ModelRecord(spec, pinned=spec.tier == "hot") for name, spec in self.fleet.items()}
+        self._load_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ state
 
     def refresh(self) -> None:
-        """Re-reads the repository: which fleet models are built, and which version."""
-        for entry in self.entries.values():
+        """Re-reads the repository for models that are not in memory."""
+        for record in self.records.values():
+            if record.state in (State.READY, State.LOADING):
+                continue
             try:
-                manifest = self.repository.get(entry.spec.name, entry.spec.version)
+                record.manifest = self.repository.get(record.spec.name, record.spec.version)
             except ModelNotFoundError:
-                entry.version, entry.state = "", pb.MODEL_STATE_NOT_BUILT
-                entry.detail = "not in the model repository; build it with `mirador fleet build`"
+                record.manifest, record.state = None, State.NOT_BUILT
+                record.detail = "not in the model repository; build it with `mirador fleet build`"
             except ModelRepositoryError as exc:
-                entry.version, entry.state, entry.detail = "", pb.MODEL_STATE_FAILED, str(exc)
+                record.manifest, record.state, record.detail = None, State.FAILED, str(exc)
             else:
-                entry.version, entry.state = manifest.version, pb.MODEL_STATE_UNLOADED
-                entry.detail = "built, not loaded"
+                if record.state != State.FAILED:
+                    record.state, record.detail = State.UNLOADED, "built, not loaded"
 
-    def status(self, name: str) -> pb.ModelStatus:
-        entry = self.entries[name]
-        return pb.ModelStatus(
-            name=name,
-            version=entry.version,
-            task=TASKS[entry.spec.task],
-            tier=TIERS[entry.spec.tier],
-            state=entry.state,
-            ready=entry.state == pb.MODEL_STATE_READY,
-            detail=entry.detail,
+    @property
+    def used_bytes(self) -> int:
+        return sum(r.loaded_bytes for r in self.records.values())
+
+    def record(self, name: str) -> ModelRecord:
+        return self.records[name]
+
+    # ------------------------------------------------------------------ loading
+
+    async def ensure_loaded(self, name: str, retry_failed: bool = False) -> ModelRecord:
+        """Returns once `name` is READY; shares a load already in progress."""
+        record = self.records[name]
+        if record.state == State.READY:
+            return record
+        recently_failed = record.failed_at is not None and self.clock() - record.failed_at < RETRY_FAILED_AFTER_S
+        if record.state == State.FAILED and recently_failed and not retry_failed:
+            raise Unavailable(f"model `{name}` {record.detail}; fix it and call LoadModel to retry")
+        if record.load_task is None or record.load_task.done():
+            if record.state in (State.NOT_BUILT, State.UNLOADED, State.FAILED):
+                self.refresh()
+            if record.state == State.NOT_BUILT:
+                raise FailedPrecondition(f"model `{name}` is {record.detail}")
+            record.load_task = asyncio.create_task(self._load(record), name=f"load {name}")
+        # shield: a caller that cancels stops waiting; the load goes on for the others
+        await asyncio.shield(record.load_task)
+        return record
+
+    async def _load(self, record: ModelRecord) -> None:
+        async with self._load_lock:
+            if record.state == State.READY:
+                return
+            self._make_room(record)
+            record.state, record.detail = State.LOADING, "loading"
+            before = self.memory_meter()
+            started = time.perf_counter()
+            try:
+                runtime = await asyncio.get_running_loop().run_in_executor(None, self.loader, record.manifest)
+            except Exception as exc:  # noqa: BLE001 - a broken model must not take the host down
+                record.state, record.detail = State.FAILED, f"failed to load: {exc}"
+                record.failed_at = self.clock()
+                log_event(log, "model load failed", logging.ERROR, model=record.name, error=str(exc))
+                raise Unavailable(f"model `{record.name}` failed to load: {exc}") from None
+            record.load_ms = (time.perf_counter() - started) * 1000
+            record.measured_bytes = max(self.memory_meter() - before, 1)
+            record.runtime, record.state, record.failed_at = runtime, State.READY, None
+            record.detail = f"loaded in {record.load_ms:.0f} ms"
+            record.last_used = self.clock()
+            for hook in self.hooks:
+                hook.on_model_load(record)
+            log_event(log, "model loaded", model=record.name, load_ms=round(record.load_ms),
+                      memory_mb=round(record.measured_bytes / MB, 1), provider=runtime.execution_provider)
+
+    def _make_room(self, record: ModelRecord) -> None:
+        """Evicts idle unpinned models until `record` fits, or refuses."""
+        if not self.budget_bytes:
+            return
+        needed = record.needed_bytes
+        free = self.budget_bytes - self.used_bytes
+        if needed <= free:
+            return
+        candidates = sorted(
+            (r for r in self.records.values() if r.state == State.READY and not r.pinned and r.in_flight == 0),
+            key=lambda r: (r.spec.tier != "cold", r.last_used),  # cold first, then least recently used
         )
+        reclaimable = sum(r.loaded_bytes for r in candidates)
+        if needed > free + reclaimable:
+            raise ResourceExhausted(
+                f"model `{record.name}` needs {needed / MB:.0f} MB; the budget is {self.budget_bytes / MB:.0f} MB "
+                f"with {free / MB:.0f} MB free and {reclaimable / MB:.0f} MB held by idle models that could be "
+                "evicted. Raise services.model_host.memory_budget_mb, unload a pinned model, or wait for calls to finish."
+            )
+        for victim in candidates:
+            if needed <= self.budget_bytes - self.used_bytes:
+                break
+            self._unload(victim, reason=f"evicted to make room for {record.name}")
 
-    def statuses(self) -> list[pb.ModelStatus]:
-        return [self.status(name) for name in sorted(self.entries)]
+    # ------------------------------------------------------------------ unloading
+
+    def _unload(self, record: ModelRecord, reason: str) -> None:
+        for hook in self.hooks:
+            hook.on_model_unload(record)
+        if record.runtime is not None:
+            record.runtime.close()
+        record.runtime = None
+        record.state, record.detail = State.UNLOADED, reason
+        log_event(log, "model unloaded", model=record.name, reason=reason)
+
+    async def unload(self, name: str) -> ModelRecord:
+        record = self.records[name]
+        async with self._load_lock:
+            if record.in_flight:
+                raise FailedPrecondition(
+                    f"model `{name}` is serving {record.in_flight} call(s); unload it when they have finished"
+                )
+            if record.state == State.READY:
+                self._unload(record, reason="unloaded on request")
+        return record
+
+    def reap_idle(self) -> list[str]:
+        """Unloads warm and cold models idle for longer than their keep_alive."""
+        now = self.clock()
+        reaped = []
+        for record in self.records.values():
+            idle_s = now - record.last_used
+            if record.state == State.READY and not record.pinned and record.in_flight == 0 and idle_s >= record.spec.keep_alive_s:
+                self._unload(record, reason=f"idle for {idle_s:.0f} s (keep_alive {record.spec.keep_alive_s:g} s)")
+                reaped.append(record.name)
+        return reaped
+
+    async def run_reaper(self, interval_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            if not self._load_lock.locked():
+                self.reap_idle()
+
+    async def load_pinned(self) -> None:
+        """Loads the hot tier at start. A model that fails is marked FAILED; the host still serves."""
+        self.refresh()
+        for record in self.records.values():
+            if record.pinned and record.state == State.UNLOADED:
+                with contextlib.suppress(Exception):
+                    await self.ensure_loaded(record.name)
+
+    async def close(self) -> None:
+        for record in self.records.values():
+            if record.state == State.READY:
+                self._unload(record, reason="host stopping")
+
+    # ------------------------------------------------------------------ use
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str) -> AsyncIterator[ModelRecord]:
+        """Marks a call in flight on a loaded model (so it is not evicted) for the block's duration."""
+        record = await self.ensure_loaded(name)
+        while record.state != State.READY:  # evicted between its load and our turn: load again
+            record = await self.ensure_loaded(name)
+        record.in_flight += 1
+        record.requests_total += 1
+        try:
+            yield record
+        finally:
+            record.in_flight -= 1
+            record.last_used = self.clock()
+            record.last_used_wall = time.time()

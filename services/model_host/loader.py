@@ -1,0 +1,97 @@
+"""Builds a runtime from a manifest: an ONNX Runtime session with the configured
+providers, the tokenizer, and the runtime class for the model's task.
+
+The optimised graph is kept on disk (in the user cache, never in the model
+repository, which the host only reads) so a reload skips graph optimisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from services.common.logs import log_event
+from services.common.model_repository import ModelManifest
+from services.model_host.runtimes import ModelRuntime
+from services.model_host.runtimes.decoder import DecoderRuntime
+from services.model_host.runtimes.encoder import EncoderRuntime
+
+log = logging.getLogger("mirador.model_host.loader")
+
+
+def default_optimized_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "mirador" / "optimized"
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per core)
+    optimized_cache: Path | None = None  # None = do not keep optimised graphs
+
+
+def usable_providers(wanted: tuple[str, ...]) -> list[str]:
+    """The configured providers this onnxruntime build has, CPU always last as the safety net."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in wanted if p in available and p != "CPUExecutionProvider"]
+    return [*chosen, "CPUExecutionProvider"]
+
+
+def _optimized_path(manifest: ModelManifest, settings: SessionSettings, providers: list[str]) -> Path | None:
+    if settings.optimized_cache is None or manifest.directory is None:
+        return None
+    # The optimised graph may hold hardware-specific layouts: key it by everything that shapes it.
+    key = "|".join([manifest.sha256.get(manifest.files["model"], manifest.created_at), ort.__version__,
+                    platform.machine(), platform.processor(), ",".join(providers)])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return settings.optimized_cache / manifest.name / manifest.version / f"model.{digest}.onnx"
+
+
+def create_session(manifest: ModelManifest, settings: SessionSettings) -> ort.InferenceSession:
+    providers = usable_providers(settings.providers)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.log_severity_level = 3  # warnings about optimised-graph portability are handled by the cache key
+    model_path = manifest.path_of("model")
+    external_data = any(p.suffix == ".onnx_data" or p.name.endswith(".data") for p in model_path.parent.iterdir())
+    cached = None if external_data else _optimized_path(manifest, settings, providers)
+    if cached is not None and cached.exists():
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(cached), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - a bad cache entry must never block a load
+            log_event(log, "optimized graph unusable, rebuilding", logging.WARNING, path=str(cached), error=repr(exc))
+            cached.unlink(missing_ok=True)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = settings.intra_op_threads
+            options.log_severity_level = 3
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.partial")
+        options.optimized_model_filepath = str(partial)
+        session = ort.InferenceSession(str(model_path), options, providers=providers)
+        if partial.exists():
+            os.replace(partial, cached)
+        return session
+    return ort.InferenceSession(str(model_path), options, providers=providers)
+
+
+def load_runtime(manifest: ModelManifest, settings: SessionSettings) -> ModelRuntime:
+    """Loads a model for serving. Raises with a readable reason when the files are unusable."""
+    tokenizer = Tokenizer.from_file(str(manifest.path_of("tokenizer"))) if "tokenizer" in manifest.files else None
+    if manifest.task in ("text-generation", "embedding") and tokenizer is None:
+        raise ValueError(f"{manifest.reference} has no tokenizer file; add `tokenizer` to the manifest's files")
+    session = create_session(manifest, settings)
+    if manifest.task == "text-generation":
+        return DecoderRuntime(manifest, session, tokenizer)
+    if manifest.task == "embedding":
+        return EncoderRuntime(manifest, session, tokenizer)
+    raise ValueError(f"{manifest.reference}: serving `{manifest.task}` models is not supported yet")

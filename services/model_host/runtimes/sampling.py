@@ -1,0 +1,49 @@
+"""Choosing the next token, and how sure the model was of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class Pick:
+    token_id: int
+    logprob: float  # under the model's own (temperature 1) distribution
+    entropy: float  # of that distribution, in nats
+
+
+class Sampler:
+    """Greedy when temperature is 0; otherwise temperature + nucleus (top-p) sampling."""
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+        self.temperature = temperature
+        self.top_p = top_p if 0.0 < top_p <= 1.0 else 1.0
+        self.rng = np.random.default_rng(seed)
+
+    def pick(self, logits: np.ndarray) -> Pick:
+        logprobs = log_softmax(logits)
+        probs = np.exp(logprobs)
+        entropy = float(-(probs * logprobs).sum())
+        if self.temperature == 0.0:
+            token = int(np.argmax(logits))
+        else:
+            token = self._sample(logits)
+        return Pick(token, float(logprobs[token]), entropy)
+
+    def _sample(self, logits: np.ndarray) -> int:
+        probs = np.exp(log_softmax(logits / self.temperature))
+        if self.top_p < 1.0:
+            order = np.argsort(-probs)
+            cumulative = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cumulative, self.top_p)) + 1]
+            mask = np.zeros_like(probs)
+            mask[keep] = probs[keep]
+            probs = mask / mask.sum()
+        return int(self.rng.choice(len(probs), p=probs))
