@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install install-dev protos clean
+.PHONY: demo test install install-dev fleet protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,13 +13,17 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[cpu]'
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,dev,build]'
+
+# The real fleet, built once into the user cache dir (a no-op when up to date).
+fleet: install-dev
+	$(BIN)/mirador fleet build --quiet
 
 # Start the mesh on the embedded default config, send sample requests, stop it.
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" ./scripts/demo.sh
 
-test: install-dev
+test: install-dev fleet
 	$(BIN)/python -m pytest -q
 
 # Regenerate the Python stubs after editing protos/.

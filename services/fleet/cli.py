@@ -14,6 +14,5 @@ def run_fleet_command(args) -> int:
     argv.append("build")
     for name in args.only or ():
         argv += ["--only", name]
-    if args.with_gemma:
-        argv.append("--with-gemma")
+    argv += [flag for flag, on in (("--with-gemma", args.with_gemma), ("--force", args.force), ("--quiet", args.quiet)) if on]
     return fleet_main(argv)
