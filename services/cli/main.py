@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     build = fleet_commands.add_parser("build", help="build the default fleet into the model repository")
     build.add_argument("--only", action="append", help="build only this model (repeatable)")
     build.add_argument("--with-gemma", action="store_true", help="also build the optional Gemma 3 270M")
+    build.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    build.add_argument("--quiet", action="store_true", help="hide download and export progress")
     build.set_defaults(run=cmd_fleet)
     fleet_commands.add_parser("list", help="what is built").set_defaults(run=cmd_fleet)
     return parser
