@@ -1,0 +1,77 @@
+"""The one place where Mirador opens gRPC channels.
+
+Every client — the router calling the model hosts, the CLI, the supervisor's health
+checks — opens its channels here, so `security:` in the config applies to all of
+them the same way:
+
+* with `security.tls`, the channel is TLS, checks the server's certificate against
+  `security.tls.ca` and presents this process's certificate (mutual TLS);
+* with a bearer token (`security.auth`) and `service="router"`, every call carries
+  `authorization: Bearer <token>`.
+
+Without a `security:` section (or with `config=None`) channels are plaintext, as before.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import grpc
+
+from services.common.config import MiradorConfig, SecurityConfig
+from services.common.security import (
+    TOKEN_PROTECTED_SERVICES,
+    bearer_client_interceptors,
+    channel_credentials,
+    channel_options,
+)
+
+
+def _security(config: MiradorConfig | SecurityConfig | None) -> SecurityConfig:
+    if config is None:
+        return SecurityConfig()
+    if isinstance(config, SecurityConfig):
+        return config
+    return config.security
+
+
+def _single_host(target: str) -> str | None:
+    """The one host of an `ipv4:`/`ipv6:` address list whose addresses all share it, else None."""
+    scheme, _, addresses = target.partition(":")
+    if scheme not in ("ipv4", "ipv6") or not addresses:
+        return None
+    hosts = {address.rpartition(":")[0].strip("[]") for address in addresses.split(",")}
+    return hosts.pop() if len(hosts) == 1 else None
+
+
+def open_channel(
+    config: MiradorConfig | SecurityConfig | None,
+    target: str,
+    *,
+    aio: bool,
+    service: str | None = None,
+    options: Sequence[tuple[str, object]] = (),
+) -> grpc.Channel | grpc.aio.Channel:
+    """A channel to `target` with the config's TLS credentials; `service` names the Mirador
+    service called there (`router` adds the bearer token when one is configured).
+    `aio=True` gives a `grpc.aio.Channel` (for use inside a service), else a blocking one."""
+    security = _security(config)
+    options = [*options, *channel_options(security.tls)]
+    if security.tls is not None and not security.tls.server_name and (host := _single_host(target)):
+        # An `ipv4:a:p1,a:p2` list (replicas) has no host name of its own to check certificates
+        # against; when every address is the same host, that host is the name.
+        options.append(("grpc.ssl_target_name_override", host))
+    token = security.bearer_token if service in TOKEN_PROTECTED_SERVICES else None
+    interceptors = bearer_client_interceptors(token, aio=aio) if token else []
+
+    if aio:
+        if security.tls is None:
+            return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors or None)
+        return grpc.aio.secure_channel(target, channel_credentials(security.tls), options=options,
+                                       interceptors=interceptors or None)
+
+    if security.tls is None:
+        channel = grpc.insecure_channel(target, options=options)
+    else:
+        channel = grpc.secure_channel(target, channel_credentials(security.tls), options=options)
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
