@@ -1,20 +1,46 @@
-"""Wires the consensus process."""
+"""Wires the consensus process: the escalation store and the channel to the model hosts."""
 
 from __future__ import annotations
 
-import grpc
-from mirador.v1 import consensus_pb2, consensus_pb2_grpc
+import json
+import logging
 
-from services.common.config import MiradorConfig
+import grpc
+from mirador.v1 import consensus_pb2, consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc
+
+from services.common.channels import open_channel
+from services.common.config import MiradorConfig, SecurityConfig
+from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
+from services.consensus.escalations import EscalationStore, resolve_path
 from services.consensus.servicer import ConsensusServicer
+
+log = logging.getLogger("mirador.consensus")
+
+
+def model_host_channel(targets: tuple[str, ...], security: SecurityConfig | None = None) -> grpc.aio.Channel:
+    """One channel to the model hosts; several `ip:port` targets (or a `dns:///` name) are
+    balanced per call with round_robin over the replicas whose health is SERVING."""
+    if len(targets) == 1 and not targets[0].startswith("dns:"):
+        return open_channel(security, targets[0], aio=True, service="model_host")
+    if len(targets) == 1:
+        target = targets[0]
+    else:
+        scheme = "ipv6" if targets[0].startswith("[") else "ipv4"
+        target = f"{scheme}:{','.join(targets)}"
+    service = model_host_pb2.DESCRIPTOR.services_by_name["ModelHost"].full_name
+    service_config = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": service}}
+    return open_channel(security, target, aio=True, service="model_host",
+                        options=[("grpc.service_config", json.dumps(service_config))])
 
 
 class ConsensusService(MiradorService):
     name = "consensus"
 
     def __init__(self, config: MiradorConfig):
+        self.config = config
         self.servicer = ConsensusServicer(config)
+        self.channel: grpc.aio.Channel | None = None
 
     @property
     def grpc_service_names(self) -> list[str]:
@@ -22,6 +48,19 @@ class ConsensusService(MiradorService):
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         consensus_pb2_grpc.add_ConsensusServicer_to_server(self.servicer, server)
+
+    async def on_start(self) -> None:
+        path = resolve_path(self.config.services.consensus.escalation_db, self.config.path.parent)
+        self.servicer.store = EscalationStore(path)
+        log_event(log, "escalation store open", path=str(path))
+        self.channel = model_host_channel(self.config.services.model_host_targets, self.config.security)
+        self.servicer.model_host = model_host_pb2_grpc.ModelHostStub(self.channel)
+
+    async def on_stop(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+        if self.servicer.store is not None:
+            self.servicer.store.close()
 
 
 def main(argv: list[str] | None = None) -> int:

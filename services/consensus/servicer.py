@@ -1,31 +1,149 @@
-"""`mirador.v1.Consensus` over gRPC. Requests are validated now; voting and the
-review queue arrive with the consensus milestone and answer UNIMPLEMENTED."""
+"""`mirador.v1.Consensus` over gRPC: validates, then converts between messages and the
+plain values of `fanout` (asking the models), `voting` (the maths) and `escalations`
+(the SQLite review queue and counters)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+import uuid
+
+from google.protobuf import json_format, timestamp_pb2
+from mirador.v1 import common_pb2, consensus_pb2_grpc, model_host_pb2_grpc
 from mirador.v1 import consensus_pb2 as pb
-from mirador.v1 import consensus_pb2_grpc
 
 from services.common.config import MiradorConfig
-from services.common.errors import InvalidArgument, Unimplemented
+from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from services.common.validation import require_messages, require_model, require_options, require_sampling
+from services.consensus import fanout, voting
+from services.consensus.escalations import (
+    PENDING,
+    RESOLVED,
+    AlreadyResolved,
+    DecisionTally,
+    EscalationRecord,
+    EscalationStore,
+    InvalidResolution,
+    ModelTally,
+    UnknownEscalation,
+)
 
 MAX_MODELS = 16
 MAX_LIST_LIMIT = 1000
-_NOT_YET = "arrives with the consensus milestone"
+DEFAULT_LIST_LIMIT = 50
+# Free text: the part of the models' budget kept back for embedding their answers.
+EMBED_RESERVE_FRACTION = 0.2
+MAX_EMBED_RESERVE_S = 1.0
+
+_STATE_NAMES = {pb.ESCALATION_STATE_PENDING: PENDING, pb.ESCALATION_STATE_RESOLVED: RESOLVED}
+_STATE_ENUMS = {v: k for k, v in _STATE_NAMES.items()}
 
 
 class ConsensusServicer(consensus_pb2_grpc.ConsensusServicer):
-    def __init__(self, config: MiradorConfig):
+    def __init__(self, config: MiradorConfig, store: EscalationStore | None = None):
         self.config = config
+        self.store = store  # opened on start
+        self.model_host: model_host_pb2_grpc.ModelHostStub | None = None  # set on start
+
+    @property
+    def embedding_model(self) -> str:
+        return self.config.services.consensus.embedding_model
+
+    # ------------------------------------------------------------------ Decide
 
     async def Decide(self, request: pb.DecideRequest, context):
+        self._validate_decide(request)
+        request_id = request.request_id or uuid.uuid4().hex
+        models = list(request.models)
+        options = list(request.options)
+        route = self.config.routes.get(request.route)
+        total = fanout.downstream_budget(context.time_remaining(), route.timeout_ms / 1000.0 if route else None)
+        budget = total
+        if not options:  # keep time back to embed the answers
+            budget -= min(MAX_EMBED_RESERVE_S, EMBED_RESERVE_FRACTION * total)
+        if budget <= 0:
+            raise DeadlineExceeded("the call's deadline leaves no time to ask the models; allow more time")
+        embed_deadline = time.monotonic() + total
+
+        if options:
+            def call(model: str, timeout_s: float):
+                return fanout.score(self.model_host, request_id, model, request.messages, options, timeout_s)
+        else:
+            def call(model: str, timeout_s: float):
+                return fanout.generate(self.model_host, request_id, model, request.messages, request.sampling,
+                                       timeout_s)
+
+        answers: list[fanout.Answer | None] = [None] * len(models)
+        async for answer in fanout.fan_out(models, call, budget):
+            answers[answer.index] = answer
+            yield pb.DecideResponse(vote=_vote(answer))
+
+        ballots = [_ballot(a, options) for a in answers]
+        if options:
+            outcome = voting.label_vote(ballots, options)
+        else:
+            outcome = await self._medoid(ballots, request_id, embed_deadline)
+        escalated = outcome.escalates(request.consensus_threshold)
+        verdict = pb.ConsensusVerdict(
+            answer=outcome.answer, consistency=outcome.consistency,
+            consensus_threshold=request.consensus_threshold,
+            combined_distribution=[common_pb2.LabelProbability(label=o, probability=p) for o, p in outcome.combined],
+            method=outcome.method, escalated=escalated, primary_overturned=outcome.primary_overturned,
+        )
+        votes = [_vote(a) for a in answers]
+        tally = DecisionTally(
+            route=request.route,
+            models=[ModelTally(b.model, b.answered, b.primary, g) for b, g in zip(ballots, outcome.agreement)],
+            escalated=escalated,
+            primary_answered=ballots[0].answered,
+            primary_overturned=outcome.primary_overturned,
+            no_answer=outcome.answered == 0,
+        )
+        case = None
+        if escalated:
+            case = {
+                "route": request.route, "request_id": request_id,
+                "messages": [_dict(m) for m in request.messages], "options": options,
+                "votes": [_dict(v) for v in votes], "verdict": _dict(verdict),
+            }
+        # Committed (fsync'd) before the verdict leaves: an escalation id a client sees is durable.
+        # The thread finishes even if the caller cancels meanwhile, so no decision is half-counted.
+        record = await asyncio.to_thread(self.store.record_decision, tally, case)
+        if record is not None:
+            verdict.escalation_id = record.id
+        yield pb.DecideResponse(verdict=verdict)
+
+    async def _medoid(self, ballots: list[voting.Ballot], request_id: str, deadline: float) -> voting.Outcome:
+        """Embeds the non-empty answers (by `deadline`) and picks the weighted medoid."""
+        if not any(b.answered for b in ballots):
+            return voting.no_answer(ballots)
+        answering = [i for i, b in enumerate(ballots) if b.answered and b.answer.strip()]
+        embeddings: list[list[float] | None] = [None] * len(ballots)
+        if answering:
+            timeout_s = deadline - time.monotonic()
+            if timeout_s <= 0:
+                return voting.unembedded_vote(ballots, "no time was left to embed them")
+            try:
+                vectors = await asyncio.wait_for(
+                    fanout.embed(self.model_host, request_id, self.embedding_model,
+                                 [ballots[i].answer for i in answering], timeout_s), timeout_s)
+            except Exception as exc:  # noqa: BLE001 - the decision escalates, saying why
+                reason = f"embedding model `{self.embedding_model}` failed ({fanout.describe_error(exc, timeout_s)})"
+                return voting.unembedded_vote(ballots, reason)
+            for i, vector in zip(answering, vectors):
+                embeddings[i] = vector
+        return voting.medoid_vote(ballots, embeddings, self.embedding_model)
+
+    def _validate_decide(self, request: pb.DecideRequest) -> None:
         if not 2 <= len(request.models) <= MAX_MODELS:
             raise InvalidArgument(f"{len(request.models)} models given; send the primary and 1 to {MAX_MODELS - 1} validators")
         if len(set(request.models)) != len(request.models):
             raise InvalidArgument("`models` names a model twice; list each model once, primary first")
         for i, model in enumerate(request.models):
-            require_model(self.config, model, f"models[{i}]")
+            spec = require_model(self.config, model, f"models[{i}]")
+            if spec.task != "text-generation":
+                raise InvalidArgument(f"`models[{i}]` is `{model}`, a {spec.task} model; "
+                                      "consensus asks text-generation models")
         require_messages(request.messages, allow_prompt=False)
         if request.options:
             require_options(request.options)
@@ -34,18 +152,34 @@ class ConsensusServicer(consensus_pb2_grpc.ConsensusServicer):
                 f"`consensus_threshold` is {request.consensus_threshold:g}; send a value in (0, 1], e.g. the route's 0.8"
             )
         require_sampling(request.sampling)
-        raise Unimplemented(f"Decide: voting {_NOT_YET}")
-        yield  # an async generator: votes stream as they arrive
+        if not request.options:
+            spec = self.config.fleet.get(self.embedding_model)
+            if spec is None or spec.task != "embedding":
+                what = "is not in the fleet" if spec is None else f"is a {spec.task} model"
+                raise FailedPrecondition(
+                    f"free-text decisions compare answers with the embedding model `{self.embedding_model}`, which "
+                    f"{what}; set services.consensus.embedding_model to an embedding model of the fleet, "
+                    "or send `options` for a label decision")
+
+    # ------------------------------------------------------------------ review queue
 
     async def ListEscalations(self, request: pb.ListEscalationsRequest, context) -> pb.ListEscalationsResponse:
         if request.limit > MAX_LIST_LIMIT:
             raise InvalidArgument(f"`limit` is {request.limit}; ask for at most {MAX_LIST_LIMIT}")
-        raise Unimplemented(f"ListEscalations: the review queue {_NOT_YET}")
+        if request.state not in (pb.ESCALATION_STATE_UNSPECIFIED, *_STATE_NAMES):
+            raise InvalidArgument(f"`state` is {request.state}; use ESCALATION_STATE_PENDING, "
+                                  "ESCALATION_STATE_RESOLVED or UNSPECIFIED for all")
+        records = await asyncio.to_thread(self.store.list, _STATE_NAMES.get(request.state),
+                                          request.limit or DEFAULT_LIST_LIMIT)
+        return pb.ListEscalationsResponse(escalations=[_escalation(r) for r in records])
 
     async def GetEscalation(self, request: pb.GetEscalationRequest, context) -> pb.Escalation:
         if not request.id.strip():
             raise InvalidArgument("`id` is empty; send an escalation id from ListEscalations")
-        raise Unimplemented(f"GetEscalation: the review queue {_NOT_YET}")
+        try:
+            return _escalation(await asyncio.to_thread(self.store.get, request.id))
+        except UnknownEscalation:
+            raise NotFound(f"no escalation `{request.id}`; ListEscalations shows the ids") from None
 
     async def ResolveEscalation(self, request: pb.ResolveEscalationRequest, context) -> pb.Escalation:
         if not request.id.strip():
@@ -54,4 +188,84 @@ class ConsensusServicer(consensus_pb2_grpc.ConsensusServicer):
             raise InvalidArgument("`resolution` is empty; send the reviewer's answer")
         if not request.reviewer.strip():
             raise InvalidArgument("`reviewer` is empty; say who decides")
-        raise Unimplemented(f"ResolveEscalation: the review queue {_NOT_YET}")
+        try:
+            record = await asyncio.to_thread(self.store.resolve, request.id, request.resolution,
+                                             request.reviewer.strip(), request.note)
+        except UnknownEscalation:
+            raise NotFound(f"no escalation `{request.id}`; ListEscalations shows the ids") from None
+        except AlreadyResolved as exc:
+            done = exc.record
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(done.resolved_at or 0))
+            raise FailedPrecondition(f"escalation `{done.id}` was resolved already by {done.reviewer} at {when} "
+                                     f"as {done.resolution!r}; a case is resolved once") from None
+        except InvalidResolution as exc:
+            raise InvalidArgument(f"resolution {exc.resolution!r} is not one of the case's options: "
+                                  f"{', '.join(repr(o) for o in exc.options)}") from None
+        return _escalation(record)
+
+    async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.ConsensusStats:
+        stats = await asyncio.to_thread(self.store.stats, request.route)
+        return pb.ConsensusStats(
+            route=stats.route, decisions=stats.decisions, escalations=stats.escalations, resolved=stats.resolved,
+            reviewer_overrides=stats.reviewer_overrides, primary_answered=stats.primary_answered,
+            primary_overturned=stats.primary_overturned, overturn_rate=stats.overturn_rate,
+            no_answer=stats.no_answer,
+            models=[pb.ModelStats(model=m.model, asked=m.asked, answered=m.answered, failed=m.failed,
+                                  as_primary=m.as_primary, agreement=m.agreement, agreement_rate=m.agreement_rate)
+                    for m in stats.models],
+            since=_timestamp(stats.since),
+        )
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def _vote(answer: fanout.Answer) -> pb.ModelVote:
+    vote = pb.ModelVote(model=answer.model, primary=answer.index == 0, error=answer.error,
+                        latency_ms=answer.latency_ms)
+    if answer.value is not None:
+        reply = answer.value
+        vote.answer = reply.best_option if hasattr(reply, "best_option") else reply.text
+        vote.confidence.CopyFrom(reply.confidence)
+        vote.weight = voting.weight_of(voting.Ballot(answer.model, confidence=reply.confidence.calibrated_confidence))
+    return vote
+
+
+def _ballot(answer: fanout.Answer, options: list[str]) -> voting.Ballot:
+    if answer.value is None:
+        return voting.Ballot(answer.model, primary=answer.index == 0, error=answer.error or "no answer")
+    reply = answer.value
+    confidence = reply.confidence
+    if options:
+        return voting.Ballot(
+            answer.model, primary=answer.index == 0, answer=reply.best_option,
+            confidence=confidence.calibrated_confidence,
+            distribution={p.label: p.probability for p in confidence.label_distribution},
+        )
+    return voting.Ballot(answer.model, primary=answer.index == 0, answer=reply.text,
+                         confidence=confidence.calibrated_confidence)
+
+
+def _dict(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    if seconds:
+        stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _escalation(record: EscalationRecord) -> pb.Escalation:
+    escalation = pb.Escalation(
+        id=record.id, created_at=_timestamp(record.created_at), route=record.route, request_id=record.request_id,
+        messages=[json_format.ParseDict(m, common_pb2.ChatMessage()) for m in record.messages],
+        options=record.options,
+        votes=[json_format.ParseDict(v, pb.ModelVote(), ignore_unknown_fields=True) for v in record.votes],
+        verdict=json_format.ParseDict(record.verdict, pb.ConsensusVerdict(), ignore_unknown_fields=True),
+        state=_STATE_ENUMS[record.state], resolution=record.resolution, reviewer=record.reviewer, note=record.note,
+    )
+    if record.resolved_at:
+        escalation.resolved_at.CopyFrom(_timestamp(record.resolved_at))
+    return escalation

@@ -145,3 +145,53 @@ class ResolveEscalationRequest(_message.Message):
     reviewer: str
     note: str
     def __init__(self, id: _Optional[str] = ..., resolution: _Optional[str] = ..., reviewer: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ("route",)
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    route: str
+    def __init__(self, route: _Optional[str] = ...) -> None: ...
+
+class ModelStats(_message.Message):
+    __slots__ = ("model", "asked", "answered", "failed", "as_primary", "agreement", "agreement_rate")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ASKED_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    AS_PRIMARY_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_RATE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    asked: int
+    answered: int
+    failed: int
+    as_primary: int
+    agreement: float
+    agreement_rate: float
+    def __init__(self, model: _Optional[str] = ..., asked: _Optional[int] = ..., answered: _Optional[int] = ..., failed: _Optional[int] = ..., as_primary: _Optional[int] = ..., agreement: _Optional[float] = ..., agreement_rate: _Optional[float] = ...) -> None: ...
+
+class ConsensusStats(_message.Message):
+    __slots__ = ("route", "decisions", "escalations", "resolved", "reviewer_overrides", "primary_answered", "primary_overturned", "overturn_rate", "no_answer", "models", "since")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    ESCALATIONS_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_OVERTURNED_FIELD_NUMBER: _ClassVar[int]
+    OVERTURN_RATE_FIELD_NUMBER: _ClassVar[int]
+    NO_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    route: str
+    decisions: int
+    escalations: int
+    resolved: int
+    reviewer_overrides: int
+    primary_answered: int
+    primary_overturned: int
+    overturn_rate: float
+    no_answer: int
+    models: _containers.RepeatedCompositeFieldContainer[ModelStats]
+    since: _timestamp_pb2.Timestamp
+    def __init__(self, route: _Optional[str] = ..., decisions: _Optional[int] = ..., escalations: _Optional[int] = ..., resolved: _Optional[int] = ..., reviewer_overrides: _Optional[int] = ..., primary_answered: _Optional[int] = ..., primary_overturned: _Optional[int] = ..., overturn_rate: _Optional[float] = ..., no_answer: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelStats, _Mapping]]] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

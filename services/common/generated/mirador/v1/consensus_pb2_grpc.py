@@ -54,6 +54,11 @@ class ConsensusStub:
                 request_serializer=mirador_dot_v1_dot_consensus__pb2.ResolveEscalationRequest.SerializeToString,
                 response_deserializer=mirador_dot_v1_dot_consensus__pb2.Escalation.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/mirador.v1.Consensus/GetStats',
+                request_serializer=mirador_dot_v1_dot_consensus__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=mirador_dot_v1_dot_consensus__pb2.ConsensusStats.FromString,
+                _registered_method=True)
 
 
 class ConsensusServicer:
@@ -61,7 +66,12 @@ class ConsensusServicer:
 
     def Decide(self, request, context):
         """Fans the question out to every model in parallel under the call's deadline,
-        streams each model's vote as it arrives, then the verdict.
+        streams each model's vote as it arrives, then the verdict. Every model gets the
+        call's remaining time (or the route's timeout_ms, if shorter) less a reserve for the
+        verdict (10 %, at most 250 ms; free text keeps another 20 %, at most 1 s, to embed
+        the answers). A model that fails or runs out of time votes with `error` set.
+        Free-text decisions need services.consensus.embedding_model in the fleet
+        (FAILED_PRECONDITION otherwise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +93,14 @@ class ConsensusServicer:
 
     def ResolveEscalation(self, request, context):
         """Records a reviewer's decision. Resolving twice is refused (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Counters kept since the store was created: how often validators overturn the
+        primary and how often each model agrees with the verdict (persisted with the queue).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,6 +128,11 @@ def add_ConsensusServicer_to_server(servicer, server):
                     servicer.ResolveEscalation,
                     request_deserializer=mirador_dot_v1_dot_consensus__pb2.ResolveEscalationRequest.FromString,
                     response_serializer=mirador_dot_v1_dot_consensus__pb2.Escalation.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=mirador_dot_v1_dot_consensus__pb2.GetStatsRequest.FromString,
+                    response_serializer=mirador_dot_v1_dot_consensus__pb2.ConsensusStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +243,33 @@ class Consensus:
             '/mirador.v1.Consensus/ResolveEscalation',
             mirador_dot_v1_dot_consensus__pb2.ResolveEscalationRequest.SerializeToString,
             mirador_dot_v1_dot_consensus__pb2.Escalation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mirador.v1.Consensus/GetStats',
+            mirador_dot_v1_dot_consensus__pb2.GetStatsRequest.SerializeToString,
+            mirador_dot_v1_dot_consensus__pb2.ConsensusStats.FromString,
             options,
             channel_credentials,
             insecure,
