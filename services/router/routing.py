@@ -1,21 +1,51 @@
-"""Turns a request into a RouteDecision from the route table.
-
-An explicit route always wins. Classifying a request from the routes' examples
-arrives with the router milestone; until then an unnamed route is UNIMPLEMENTED
-rather than a guess.
-"""
+"""Turns a request into a RouteDecision: an explicit route wins; otherwise the
+classifier scores every route that has examples, and a request it is unsure of
+(below `min_confidence`) goes to the default route rather than to a guess."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+import numpy as np
 from mirador.v1 import router_pb2 as pb
 
 from services.common.config import MiradorConfig, RouteSpec
-from services.common.errors import NotFound, Unimplemented
+from services.common.errors import FailedPrecondition, NotFound, Unavailable
+from services.common.logs import log_event
+from services.router.classifier import RouteClassifier
+
+log = logging.getLogger("mirador.router.routing")
+
+EmbedMany = Callable[[list[str]], Awaitable[np.ndarray]]
+EMBED_BATCH = 16
+
+
+def classified_routes(config: MiradorConfig) -> dict[str, RouteSpec]:
+    """Routes the classifier chooses between: those with examples, except the default route."""
+    default = config.services.router.default_route
+    return {name: route for name, route in config.routes.items() if route.examples and name != default}
+
+
+async def learn_routes(config: MiradorConfig, embed_many: EmbedMany) -> RouteClassifier:
+    texts, labels = [], []
+    for name, route in classified_routes(config).items():
+        texts += route.examples
+        labels += [name] * len(route.examples)
+    vectors = [await embed_many(texts[i : i + EMBED_BATCH]) for i in range(0, len(texts), EMBED_BATCH)]
+    return RouteClassifier.train(np.concatenate(vectors), labels)
 
 
 class RouteTable:
-    def __init__(self, config: MiradorConfig):
+    def __init__(self, config: MiradorConfig, embed_many: EmbedMany | None = None):
         self.routes = config.routes
+        self.default_route = config.services.router.default_route
+        self.min_confidence = config.services.router.min_confidence
+        self.embed_many = embed_many
+        self.classifier: RouteClassifier | None = None
+        self.learned = asyncio.Event()
+        self.classifiable = len(classified_routes(config)) >= 2
 
     def get(self, name: str) -> RouteSpec:
         try:
@@ -23,20 +53,48 @@ class RouteTable:
         except KeyError:
             raise NotFound(f"route `{name}` does not exist; known routes: {', '.join(self.routes)}") from None
 
-    def decide(self, text: str, explicit_route: str = "") -> pb.RouteDecision:
-        if not explicit_route:
-            raise Unimplemented(
-                "the router cannot classify requests yet (it arrives with the router milestone); "
-                f"name a route in `route`: {', '.join(self.routes)}"
-            )
-        route = self.get(explicit_route)
+    async def keep_learning(self, config: MiradorConfig, retry_s: float = 0.5) -> None:
+        """Learns the routes from their examples, retrying until the embedding model answers."""
+        if not self.classifiable:
+            log_event(log, "no classification: fewer than two routes have examples")
+            return
+        while self.classifier is None:
+            try:
+                self.classifier = await learn_routes(config, self.embed_many)
+            except Exception as exc:  # noqa: BLE001 - the model host may still be starting
+                log_event(log, "learning routes failed, retrying", logging.WARNING, error=str(exc)[:300])
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, 5.0)
+        self.learned.set()
+        log_event(log, "routes learned", routes=self.classifier.routes, cv_accuracy=round(self.classifier.cv_accuracy, 4),
+                  temperature=round(self.classifier.temperature, 3))
+
+    def _decision(self, route: RouteSpec, reason: int, confidence: float, scores: dict[str, float]) -> pb.RouteDecision:
+        ranked = sorted(scores.items(), key=lambda item: -item[1])
         return pb.RouteDecision(
-            route=route.name,
-            model=route.primary,
-            fallbacks=list(route.fallback),
-            validators=list(route.validators),
-            consensus_threshold=route.consensus_threshold or 0.0,
-            timeout_ms=route.timeout_ms,
-            confidence=1.0,
-            reason=pb.ROUTE_REASON_EXPLICIT,
+            route=route.name, model=route.primary, fallbacks=list(route.fallback), validators=list(route.validators),
+            consensus_threshold=route.consensus_threshold or 0.0, timeout_ms=route.timeout_ms, confidence=confidence,
+            scores=[pb.RouteScore(route=name, score=score) for name, score in ranked], reason=reason,
         )
+
+    async def decide(self, text: str, explicit_route: str = "", timeout_s: float | None = None) -> pb.RouteDecision:
+        if explicit_route:
+            return self._decision(self.get(explicit_route), pb.ROUTE_REASON_EXPLICIT, 1.0, {})
+        if not self.classifiable or self.embed_many is None:
+            raise FailedPrecondition(
+                "this router cannot classify requests: fewer than two routes have `examples:` in the config; "
+                f"name a route in `route` ({', '.join(self.routes)}) or add examples"
+            )
+        if not self.learned.is_set():
+            try:
+                # answer before the caller's own deadline does, with a reason
+                await asyncio.wait_for(self.learned.wait(), None if timeout_s is None else timeout_s * 0.8)
+            except asyncio.TimeoutError:
+                raise Unavailable("the router is still learning its routes (the embedding model is not reachable yet); "
+                                  f"retry shortly or name a route: {', '.join(self.routes)}") from None
+        vector = (await self.embed_many([text]))[0]
+        scores = self.classifier.scores(vector)
+        best = max(scores, key=scores.get)
+        if scores[best] >= self.min_confidence or not self.default_route:
+            return self._decision(self.routes[best], pb.ROUTE_REASON_CLASSIFIED, scores[best], scores)
+        return self._decision(self.routes[self.default_route], pb.ROUTE_REASON_LOW_CONFIDENCE, scores[best], scores)

@@ -1,78 +1,192 @@
-"""`mirador.v1.Router` over gRPC: validate, route, relay the model host's stream."""
+"""`mirador.v1.Router` over gRPC: validate, route, then relay the answer of the
+model (with fallbacks) or of the consensus service, keeping sessions."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 import grpc
+from mirador.v1 import common_pb2, consensus_pb2, consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc
+from mirador.v1 import router_pb2, router_pb2_grpc
+from prometheus_client import Counter
 
-from mirador.v1 import common_pb2, model_host_pb2, router_pb2
-from mirador.v1 import model_host_pb2_grpc, router_pb2_grpc
-
-from services.common.errors import DeadlineExceeded, ServiceError, Unimplemented
+from services.common import telemetry
+from services.common.config import RouteSpec
+from services.common.errors import DeadlineExceeded, ServiceError, Unavailable
 from services.common.validation import require_sampling, require_text
+from services.router.fallback import RETRYABLE, Breakers
 from services.router.routing import RouteTable
+from services.router.sessions import SessionStore
+
+# With a fallback behind it, a model must start answering within this share of
+# the time left, so the fallback still has time to answer.
+FIRST_TOKEN_SHARE = 0.5
+_tracer = telemetry.tracer("mirador.router")
+ROUTED = Counter("mirador_router_requests", "Ask requests by the route chosen and its primary model", ["route", "model"])
+ROLES = {"system": common_pb2.ROLE_SYSTEM, "user": common_pb2.ROLE_USER, "assistant": common_pb2.ROLE_ASSISTANT}
 
 
-def downstream_timeout_s(context, route_timeout_ms: int) -> float:
-    """The route's budget, or less if the caller's deadline is nearer."""
-    budget = route_timeout_ms / 1000.0
-    remaining = context.time_remaining()
-    if remaining is not None:
-        budget = min(budget, remaining)
-    if budget <= 0:
-        raise DeadlineExceeded("the call's deadline passed before a model could be asked; allow more time")
-    return budget
+def chat(turns: list[tuple[str, str]]) -> list[common_pb2.ChatMessage]:
+    return [common_pb2.ChatMessage(role=ROLES[role], content=content) for role, content in turns]
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, model: str, code: grpc.StatusCode, reason: str):
+        super().__init__(reason)
+        self.model, self.code, self.reason = model, code, reason
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, routes: RouteTable):
+    def __init__(self, routes: RouteTable, sessions: SessionStore, breakers: Breakers):
         self.routes = routes
+        self.sessions = sessions
+        self.breakers = breakers
         self.model_host: model_host_pb2_grpc.ModelHostStub | None = None  # set on start
+        self.consensus: consensus_pb2_grpc.ConsensusStub | None = None  # set on start
 
     async def Route(self, request: router_pb2.RouteRequest, context) -> router_pb2.RouteDecision:
         require_text(request.text, "text")
-        return self.routes.decide(request.text, request.route)
+        return await self.routes.decide(request.text, request.route, timeout_s=context.time_remaining())
 
     async def Ask(self, request: router_pb2.AskRequest, context):
         require_text(request.text, "text")
         require_sampling(request.sampling)
-        request_id = request.request_id or uuid.uuid4().hex
-        decision = self.routes.decide(request.text, request.route)
-        if decision.validators:
-            raise Unimplemented(f"route `{decision.route}` asks for consensus, which arrives with the consensus milestone")
         if request.session_id:
-            raise Unimplemented("sessions arrive with the router milestone; send the request without `session_id`")
+            self.sessions.validate_id(request.session_id)
+        received = time.perf_counter()
+        with _tracer.start_as_current_span("route") as span:
+            decision = await self.routes.decide(request.text, request.route, timeout_s=context.time_remaining())
+            span.set_attributes({"mirador.route": decision.route, "mirador.model": decision.model,
+                                 "mirador.confidence": decision.confidence,
+                                 "mirador.reason": router_pb2.RouteReason.Name(decision.reason)})
+        ROUTED.labels(decision.route, decision.model).inc()
+        route = self.routes.get(decision.route)
         yield router_pb2.AskResponse(route=decision)
 
-        generate = model_host_pb2.GenerateRequest(
-            request_id=request_id,
-            model=decision.model,
-            messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=request.text)],
-            sampling=request.sampling,
-        )
-        stream = self.model_host.Generate(generate, timeout=downstream_timeout_s(context, decision.timeout_ms))
-        try:
-            async for response in self._relay(stream, decision):
-                yield response
-        except grpc.aio.AioRpcError as exc:
-            raise ServiceError(f"model `{decision.model}` on the model host: {exc.details()}", exc.code()) from None
+        budget_s = route.timeout_ms / 1000.0
+        if context.time_remaining() is not None:
+            budget_s = min(budget_s, context.time_remaining())
+        deadline = time.monotonic() + budget_s
+        turns = [*self.sessions.history(request.session_id), ("user", request.text)] if request.session_id else [("user", request.text)]
+        request_id = request.request_id or uuid.uuid4().hex
+        if route.uses_consensus:
+            answer = self._decide(route, turns, request, request_id, deadline)
+        else:
+            answer = self._generate(decision, turns, request, request_id, deadline)
+        summary = None
+        async for response in answer:
+            if response.HasField("summary"):
+                summary = response.summary
+                summary.session_id = request.session_id
+                summary.timings.total_ms = (time.perf_counter() - received) * 1000
+            yield response
+        if request.session_id and summary is not None:
+            self.sessions.record(request.session_id, request.text, summary.text)
 
-    async def _relay(self, stream, decision: router_pb2.RouteDecision):
-        async for chunk in stream:
+    # ------------------------------------------------------------------ one model, with fallbacks
+
+    async def _generate(self, decision: router_pb2.RouteDecision, turns, request, request_id: str, deadline: float):
+        models = [decision.model, *decision.fallbacks]
+        attempted: list[str] = []
+        failures: list[_AttemptFailed] = []
+        for position, model in enumerate(models):
+            breaker = self.breakers[model]
+            if not breaker.allow():
+                failures.append(_AttemptFailed(model, grpc.StatusCode.UNAVAILABLE, f"model `{model}`: circuit open after repeated failures"))
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                breaker.release()
+                failures.append(_AttemptFailed(model, grpc.StatusCode.DEADLINE_EXCEEDED, f"model `{model}`: no time left"))
+                break
+            attempted.append(model)
+            has_next = position < len(models) - 1
+            call = self.model_host.Generate(
+                model_host_pb2.GenerateRequest(request_id=request_id, model=model, messages=chat(turns), sampling=request.sampling),
+                timeout=remaining,
+            )
+            try:
+                first = await self._first_message(call, model, remaining * FIRST_TOKEN_SHARE if has_next else remaining)
+            except _AttemptFailed as failure:
+                call.cancel()
+                breaker.record_failure()
+                failures.append(failure)
+                continue
+            except BaseException:
+                call.cancel()
+                breaker.release()
+                raise
+            # This model has begun to answer: from here on, its answer is the answer.
+            try:
+                async for response in self._relay(call, first, decision, model, attempted):
+                    yield response
+            except grpc.aio.AioRpcError as exc:
+                breaker.record_failure()
+                raise ServiceError(f"model `{model}` on the model host failed after it began answering: {exc.details()}", exc.code()) from None
+            breaker.record_success()
+            return
+        codes = {f.code for f in failures}
+        message = f"no model of route `{decision.route}` could answer: " + "; ".join(f.reason for f in failures)
+        if codes == {grpc.StatusCode.DEADLINE_EXCEEDED}:
+            raise DeadlineExceeded(message)
+        raise ServiceError(message, codes.pop() if len(codes) == 1 else grpc.StatusCode.UNAVAILABLE)
+
+    async def _first_message(self, call, model: str, budget_s: float):
+        try:
+            first = await asyncio.wait_for(call.read(), budget_s)
+        except asyncio.TimeoutError:
+            raise _AttemptFailed(model, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                 f"model `{model}` on the model host: no first token within {budget_s * 1000:.0f} ms") from None
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in RETRYABLE:
+                raise ServiceError(f"model `{model}` on the model host: {exc.details()}", exc.code()) from None
+            raise _AttemptFailed(model, exc.code(), f"model `{model}` on the model host: {exc.details()}") from None
+        if first is grpc.aio.EOF:
+            raise _AttemptFailed(model, grpc.StatusCode.INTERNAL, f"model `{model}` on the model host ended without answering")
+        return first
+
+    @staticmethod
+    async def _relay(call, first, decision: router_pb2.RouteDecision, model: str, attempted: list[str]):
+        chunk = first
+        while chunk is not grpc.aio.EOF:
             if chunk.HasField("token"):
                 yield router_pb2.AskResponse(token=chunk.token)
             else:
                 s = chunk.summary
-                yield router_pb2.AskResponse(
-                    summary=router_pb2.AskSummary(
-                        route=decision.route,
-                        model=s.model,
-                        attempted_models=[decision.model],
-                        finish_reason=s.finish_reason,
-                        text=s.text,
-                        usage=s.usage,
-                        timings=s.timings,
-                        confidence=s.confidence,
-                    )
-                )
+                yield router_pb2.AskResponse(summary=router_pb2.AskSummary(
+                    route=decision.route, model=s.model, fell_back=model != decision.model,
+                    attempted_models=attempted, finish_reason=s.finish_reason, text=s.text, usage=s.usage,
+                    timings=s.timings, confidence=s.confidence,
+                ))
+            chunk = await call.read()
+
+    # ------------------------------------------------------------------ consensus routes
+
+    async def _decide(self, route: RouteSpec, turns, request, request_id: str, deadline: float):
+        decide = consensus_pb2.DecideRequest(
+            request_id=request_id, route=route.name, models=[route.primary, *route.validators], messages=chat(turns),
+            options=list(route.options), consensus_threshold=route.consensus_threshold or 1.0, sampling=request.sampling,
+        )
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"route `{route.name}` has no time left for a consensus; allow more time")
+        votes, verdict = [], None
+        try:
+            async for event in self.consensus.Decide(decide, timeout=remaining):
+                if event.HasField("vote"):
+                    votes.append(event.vote)
+                    yield router_pb2.AskResponse(vote=event.vote)
+                else:
+                    verdict = event.verdict
+                    yield router_pb2.AskResponse(verdict=verdict)
+        except grpc.aio.AioRpcError as exc:
+            raise ServiceError(f"the consensus service: {exc.details()}", exc.code()) from None
+        if verdict is None:
+            raise Unavailable("the consensus service ended without a verdict")
+        primary = next((v for v in votes if v.primary), None)
+        yield router_pb2.AskResponse(summary=router_pb2.AskSummary(
+            route=route.name, model=route.primary, attempted_models=[v.model for v in votes], text=verdict.answer,
+            confidence=primary.confidence if primary else None, escalation_id=verdict.escalation_id,
+        ))
