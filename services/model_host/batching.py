@@ -13,6 +13,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Callable, Generic, Sequence, TypeVar
 
+# Items padded together differ in length by at most this factor.
+MAX_LENGTH_RATIO = 1.5
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -68,18 +71,35 @@ class DynamicBatcher(Generic[Item, Result]):
         flat.sort(key=lambda entry: self.length_of(entry[2]))
         if self.on_batch:
             self.on_batch(len(flat))
+        loop = asyncio.get_running_loop()
+        buckets = self._buckets(flat)
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.run_batch, [item for _, _, item in flat]
-            )
+            outputs = await asyncio.gather(*(
+                loop.run_in_executor(self.executor, self.run_batch, [item for _, _, item in bucket]) for bucket in buckets
+            ))
         except Exception as exc:  # noqa: BLE001 - the error belongs to every request in the batch
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
         per_request: list[list] = [[None] * len(p.items) for p in batch]
-        for (p_index, i_index, _), result in zip(flat, results):
-            per_request[p_index][i_index] = result
+        for bucket, results in zip(buckets, outputs):
+            for (p_index, i_index, _), result in zip(bucket, results):
+                per_request[p_index][i_index] = result
         for p, values in zip(batch, per_request):
             if not p.future.done():
                 p.future.set_result(values)
+
+    def _buckets(self, ordered: list[tuple]) -> list[list[tuple]]:
+        """Splits length-sorted items into runs of similar length (longest at most
+        `MAX_LENGTH_RATIO` x shortest) and at most `max_batch_size` items, so padding
+        stays cheap; the runs go to worker threads side by side."""
+        buckets: list[list[tuple]] = []
+        for entry in ordered:
+            current = buckets[-1] if buckets else None
+            if (current is None or len(current) >= self.max_batch_size
+                    or self.length_of(entry[2]) > MAX_LENGTH_RATIO * max(1, self.length_of(current[0][2]))):
+                buckets.append([entry])
+            else:
+                current.append(entry)
+        return buckets

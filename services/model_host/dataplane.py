@@ -17,6 +17,7 @@ from typing import AsyncIterator
 import numpy as np
 
 from services.common.errors import InvalidArgument
+from services.model_host import observability
 from services.model_host.batching import DynamicBatcher
 from services.model_host.calibration import (
     ScoreCalibration,
@@ -25,6 +26,7 @@ from services.model_host.calibration import (
     option_distribution,
     score_confidence,
 )
+from services.model_host.faults import InjectedDelays
 from services.model_host.registry import ModelRecord, ModelRegistry, State
 from services.model_host.runtimes.decoder import DecoderRuntime
 from services.model_host.runtimes.encoder import EncoderRuntime
@@ -119,7 +121,7 @@ class BatchingHook:
         runtime = record.runtime
         if isinstance(runtime, EncoderRuntime) and self.max_batch_size > 1:
             self.batchers[record.name] = DynamicBatcher(
-                runtime.embed, self.executor, self.max_batch_size, self.max_queue_delay_s, length_of=len
+                runtime.embed, self.executor, self.max_batch_size, self.max_queue_delay_s, length_of=runtime.token_count
             )
 
     def on_model_unload(self, record: ModelRecord) -> None:
@@ -127,10 +129,12 @@ class BatchingHook:
 
 
 class DataPlane:
-    def __init__(self, registry: ModelRegistry, executor: ThreadPoolExecutor, batching: BatchingHook | None = None):
+    def __init__(self, registry: ModelRegistry, executor: ThreadPoolExecutor, batching: BatchingHook | None = None,
+                 faults: InjectedDelays | None = None):
         self.registry = registry
         self.executor = executor
         self.batching = batching
+        self.faults = faults or InjectedDelays({})
         self._calibrations: dict[str, ScoreCalibration | None] = {}
 
     async def _in_thread(self, fn, *args):
@@ -168,6 +172,7 @@ class DataPlane:
         async with self.registry.use(model) as record:
             runtime: DecoderRuntime = record.runtime
             timings = self._entry_timings(received, needs_load)
+            observability.waited(model, received, "generate")
             prompt_ids = self._prompt_ids(runtime, messages, prompt)
             max_tokens = min(sampling.max_tokens or DEFAULT_MAX_TOKENS, runtime.max_length - len(prompt_ids))
             sampler = Sampler(sampling.temperature, sampling.top_p, sampling.seed)
@@ -176,9 +181,11 @@ class DataPlane:
             logprobs, entropies = [], []
             finish = "length"
 
+            await self.faults.before_prefill(model)
             started = time.perf_counter()
             state, logits = await self._in_thread(runtime.prefill, prompt_ids)
             timings.prefill_ms = (time.perf_counter() - started) * 1000
+            observability.prefilled(model, started, len(prompt_ids))
             decode_started = time.perf_counter()
             for index in range(max_tokens):
                 pick = sampler.pick(logits)
@@ -200,6 +207,7 @@ class DataPlane:
             for token in scanner.flush():
                 yield TokenEvent(token.index, token.token_id, token.text, token.logprob, token.entropy)
             timings.decode_ms = (time.perf_counter() - decode_started) * 1000
+            observability.decoded(model, decode_started, len(logprobs), timings.first_token_ms, finish)
             timings.total_ms = (time.perf_counter() - received) * 1000
             confidence = Confidence(token_logprobs=logprobs)
             if logprobs:
@@ -220,6 +228,7 @@ class DataPlane:
         async with self.registry.use(model) as record:
             runtime: DecoderRuntime = record.runtime
             timings = self._entry_timings(received, needs_load)
+            observability.waited(model, received, "score")
             prompt_ids = self._prompt_ids(runtime, messages, prompt)
             started = time.perf_counter()
             try:
@@ -227,6 +236,7 @@ class DataPlane:
             except ValueError as exc:
                 raise InvalidArgument(str(exc)) from None
             timings.prefill_ms = (time.perf_counter() - started) * 1000
+            observability.scored(model, started, len(prompt_ids), len(options))
             timings.total_ms = (time.perf_counter() - received) * 1000
             probabilities = option_distribution(sums)
             calibrated, source = score_confidence(model, sums, self._calibration(model))
@@ -246,6 +256,7 @@ class DataPlane:
         async with self.registry.use(model) as record:
             runtime: EncoderRuntime = record.runtime
             timings = self._entry_timings(received, needs_load)
+            observability.waited(model, received, "embed")
             started = time.perf_counter()
             batcher = self.batching.batchers.get(model) if self.batching else None
             if batcher is not None:
@@ -253,5 +264,6 @@ class DataPlane:
             else:
                 vectors = await self._in_thread(runtime.embed, list(texts))
             timings.prefill_ms = (time.perf_counter() - started) * 1000
+            observability.embedded(model, started, len(texts))
             timings.total_ms = (time.perf_counter() - received) * 1000
             return EmbedResult(model, record.manifest.version, vectors, timings)

@@ -175,7 +175,9 @@ class ModelRegistry:
                 log_event(log, "model load failed", logging.ERROR, model=record.name, error=str(exc))
                 raise Unavailable(f"model `{record.name}` failed to load: {exc}") from None
             record.load_ms = (time.perf_counter() - started) * 1000
-            record.measured_bytes = max(self.memory_meter() - before, 1)
+            # A reload can reuse memory the process kept after the last unload, which makes
+            # the difference look small: never let a reload shrink what the first load measured.
+            record.measured_bytes = max(self.memory_meter() - before, record.measured_bytes, 1)
             record.runtime, record.state, record.failed_at = runtime, State.READY, None
             record.detail = f"loaded in {record.load_ms:.0f} ms"
             record.last_used = self.clock()

@@ -14,7 +14,9 @@ from services.common.config import MiradorConfig
 from services.common.model_repository import ModelRepository
 from services.common.server import MiradorService, run_service_main
 from services.model_host.dataplane import BatchingHook, DataPlane
+from services.model_host.faults import InjectedDelays
 from services.model_host.loader import SessionSettings, default_optimized_cache, load_runtime
+from services.model_host.observability import ObservabilityHook
 from services.model_host.registry import MB, ModelRegistry
 from services.model_host.servicer import ModelHostServicer
 
@@ -42,7 +44,8 @@ class ModelHostService(MiradorService):
             budget_bytes=settings.memory_budget_mb * MB,
             hooks=[self.batching],
         )
-        self.servicer = ModelHostServicer(config, self.registry, DataPlane(self.registry, self.executor, self.batching))
+        self.registry.hooks.append(ObservabilityHook(self.registry, self.batching))  # after batching
+        self.servicer = ModelHostServicer(config, self.registry, DataPlane(self.registry, self.executor, self.batching, InjectedDelays.from_environment()))
         self._background: list[asyncio.Task] = []
 
     @property

@@ -5,6 +5,8 @@ from worker threads."""
 from __future__ import annotations
 
 import abc
+import ctypes
+import gc
 
 import onnxruntime as ort
 
@@ -21,5 +23,16 @@ class ModelRuntime(abc.ABC):
         return self.session.get_providers()[0]
 
     def close(self) -> None:
-        """Drops the session so its memory can be freed."""
+        """Drops the session and hands its memory back to the system."""
         self.session = None
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """glibc keeps freed heap pages for reuse; an unloaded model's hundreds of MB
+    should go back to the system (and out of RSS, which the memory budget reads)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass

@@ -29,8 +29,8 @@ class EncoderRuntime(ModelRuntime):
     def dimension(self) -> int:
         return int(self.session.get_outputs()[0].shape[-1])
 
-    def token_counts(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
+    def token_count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text).ids)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Returns one row per text, L2-normalised when the manifest says so."""
