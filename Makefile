@@ -24,6 +24,7 @@ demo: install
 	PATH="$(abspath $(BIN)):$$PATH" ./scripts/demo.sh
 
 test: install-dev fleet
+	bash scripts/install-system-deps.sh
 	$(BIN)/python -m pytest -q
 
 # Regenerate the Python stubs after editing protos/.

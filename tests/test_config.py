@@ -139,3 +139,37 @@ def test_cli_config_check_exit_codes(tmp_path):
     failed = subprocess.run([sys.executable, "-m", "services.cli", "config", "check", str(bad)], capture_output=True, text=True)
     assert failed.returncode == 2
     assert f"{bad}:13: models.compliance_checker.consensus_threshold" in failed.stderr
+
+
+# --------------------------------------------------------------------------- replicas and router targets
+
+
+def test_model_host_replicas_take_consecutive_ports_and_are_the_routers_default_targets():
+    config = parse_config("services:\n  model_host: {port: 6000, replicas: 3}\n" + FLEET)
+    host = config.services.model_host
+    assert host.replicas == 3
+    assert host.replica_addresses == ("127.0.0.1:6000", "127.0.0.1:6001", "127.0.0.1:6002")
+    assert config.services.model_host_targets == host.replica_addresses
+    assert parse_config(FLEET).services.model_host_targets == ("127.0.0.1:50061",)  # default: one replica
+
+
+def test_replica_port_clashing_with_another_service_names_the_replicas_key():
+    problem = only_problem("services:\n  router: {port: 6002}\n  model_host: {port: 6000, replicas: 3}\n" + FLEET)
+    assert problem.key == "services.model_host.replicas" and problem.line == 3
+    assert "6002" in problem.message and "services.router" in problem.message
+
+
+def test_replicas_must_be_a_sensible_count_and_fit_below_port_65536():
+    assert only_problem("services:\n  model_host: {replicas: 0}\n" + FLEET).key == "services.model_host.replicas"
+    problem = only_problem("services:\n  model_host: {port: 65535, replicas: 2}\n" + FLEET)
+    assert problem.key == "services.model_host.replicas" and "65536" in problem.message
+
+
+def test_router_model_host_targets():
+    config = parse_config("services:\n  router: {model_host_targets: ['127.0.0.1:7001', '127.0.0.1:7002']}\n" + FLEET)
+    assert config.services.model_host_targets == ("127.0.0.1:7001", "127.0.0.1:7002")
+    config = parse_config("services:\n  router: {model_host_targets: 'dns:///mirador-model-host:50061'}\n" + FLEET)
+    assert config.services.model_host_targets == ("dns:///mirador-model-host:50061",)
+    for bad in ("['host-a:1', 'host-b:2']", "['127.0.0.1:1', '[::1]:2']", "'no port'", "['127.0.0.1:1', '127.0.0.1:1']"):
+        problem = only_problem(f"services:\n  router: {{model_host_targets: {bad}}}\n" + FLEET)
+        assert problem.key == "services.router.model_host_targets", bad

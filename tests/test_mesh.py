@@ -109,10 +109,9 @@ ROUTER_ERRORS = [
     ("Route", router_pb2.RouteRequest(text=""), grpc.StatusCode.INVALID_ARGUMENT, "`text` is empty"),
     ("Route", router_pb2.RouteRequest(text="x" * 40000), grpc.StatusCode.INVALID_ARGUMENT, "at most 32768 bytes"),
     ("Route", router_pb2.RouteRequest(text="hi", route="nowhere"), grpc.StatusCode.NOT_FOUND, "known routes: chat, compliance"),
-    ("Route", router_pb2.RouteRequest(text="hi"), grpc.StatusCode.UNIMPLEMENTED, "cannot classify"),
+    ("Route", router_pb2.RouteRequest(text="hi"), grpc.StatusCode.FAILED_PRECONDITION, "cannot classify"),  # no route has examples
     ("Ask", router_pb2.AskRequest(text="   "), grpc.StatusCode.INVALID_ARGUMENT, "`text` is empty"),
     ("Ask", router_pb2.AskRequest(text="hi", route="chat", sampling=common_pb2.SamplingParams(top_p=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    ("Ask", router_pb2.AskRequest(text="hi", route="compliance"), grpc.StatusCode.UNIMPLEMENTED, "consensus"),
     # the router relays the model host's own answer, naming the hop
     ("Ask", router_pb2.AskRequest(text="hi", route="chat"), grpc.StatusCode.FAILED_PRECONDITION, "model `tiny-lm` on the model host"),
 ]
@@ -124,6 +123,16 @@ def test_router_errors(channel_to, rpc, request_, code, phrase):
     got, details = status_of(lambda: getattr(router, rpc)(request_, timeout=5))
     assert got == code, details
     assert phrase in details
+
+
+def test_consensus_route_with_no_working_model_escalates_to_a_human(channel_to):
+    router = router_pb2_grpc.RouterStub(channel_to("router"))
+    events = list(router.Ask(router_pb2.AskRequest(text="Is this compliant?", route="compliance"), timeout=30))
+    votes = [e.vote for e in events if e.HasField("vote")]
+    verdict = next(e.verdict for e in events if e.HasField("verdict"))
+    assert {v.model for v in votes} == {"tiny-lm", "tiny-lm-b"} and all(v.error for v in votes)  # none is built
+    assert verdict.escalated and verdict.escalation_id
+    assert events[-1].summary.escalation_id == verdict.escalation_id
 
 
 # --------------------------------------------------------------------------- consensus and quantizer
@@ -141,11 +150,11 @@ CONSENSUS_ERRORS = [
     ("Decide", decide(consensus_threshold=0), grpc.StatusCode.INVALID_ARGUMENT, "consensus_threshold"),
     ("Decide", decide(messages=[]), grpc.StatusCode.INVALID_ARGUMENT, "send `messages`"),
     ("Decide", decide(options=["yes"]), grpc.StatusCode.INVALID_ARGUMENT, "between 2 and 32"),
-    ("Decide", decide(), grpc.StatusCode.UNIMPLEMENTED, "consensus milestone"),
+    ("Decide", decide(), grpc.StatusCode.FAILED_PRECONDITION, "services.consensus.embedding_model"),  # no minilm-l6 here
     ("ListEscalations", consensus_pb2.ListEscalationsRequest(limit=5000), grpc.StatusCode.INVALID_ARGUMENT, "at most 1000"),
     ("GetEscalation", consensus_pb2.GetEscalationRequest(), grpc.StatusCode.INVALID_ARGUMENT, "`id` is empty"),
     ("ResolveEscalation", consensus_pb2.ResolveEscalationRequest(id="e1", resolution="compliant"), grpc.StatusCode.INVALID_ARGUMENT, "`reviewer` is empty"),
-    ("ResolveEscalation", consensus_pb2.ResolveEscalationRequest(id="e1", resolution="ok", reviewer="ana"), grpc.StatusCode.UNIMPLEMENTED, "review queue"),
+    ("ResolveEscalation", consensus_pb2.ResolveEscalationRequest(id="e1", resolution="ok", reviewer="ana"), grpc.StatusCode.NOT_FOUND, "no escalation `e1`"),
 ]
 
 

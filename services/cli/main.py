@@ -1,6 +1,6 @@
 """`mirador`: run the mesh and talk to it.
 
-    mirador up [--config FILE]           start all four services, Ctrl-C to stop
+    mirador up [--config FILE] [--replicas N]  start all four services, Ctrl-C to stop
     mirador status                       health of each service, models the host knows
     mirador ask "TEXT" [--route R]       stream an answer through the router
     mirador route "TEXT"                 which route and model, as JSON, without generating
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -21,10 +22,14 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
+from opentelemetry.trace import SpanKind
 from mirador.v1 import model_host_pb2, model_host_pb2_grpc, router_pb2, router_pb2_grpc
 
+from services.common import telemetry
+from services.common.channels import open_channel
 from services.common.config import ConfigError, MiradorConfig, load_config
 from services.cli.supervisor import START_ORDER, Mesh, MeshStartError, health_status
+from services.cli.review import add_review_commands
 
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
@@ -44,13 +49,12 @@ def _config(args) -> MiradorConfig:
 
 def cmd_up(args) -> int:
     config = _config(args)
-    mesh = Mesh(config, log_dir=Path(args.log_dir) if args.log_dir else state_dir() / "logs")
+    mesh = Mesh(config, log_dir=Path(args.log_dir) if args.log_dir else state_dir() / "logs", replicas=args.replicas)
     started = time.monotonic()
-    print(f"starting the mesh from {config.path} ...", flush=True)
+    print(f"starting the mesh from {mesh.config.path} ...", flush=True)
     mesh.start(timeout_s=args.timeout)
     print(f"all services SERVING in {time.monotonic() - started:.1f} s (logs in {mesh.log_dir}):")
-    for name in START_ORDER:
-        service = mesh.processes[name]
+    for name, service in mesh.processes.items():
         print(f"  {name:<11} {service.settings.address:<22} pid {service.process.pid}")
     print("Ctrl-C or SIGTERM stops them.", flush=True)
 
@@ -76,11 +80,11 @@ def cmd_status(args) -> int:
     print(f"{'service':<11} {'address':<22} health")
     for name in START_ORDER:
         settings = getattr(config.services, name)
-        health = health_status(settings.address)
+        health = health_status(settings.address, config=config)
         healthy &= health == "SERVING"
         print(f"{name:<11} {settings.address:<22} {health}")
     address = config.services.model_host.address
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(config, address, aio=False, service="model_host") as channel:
         try:
             listing = model_host_pb2_grpc.ModelHostStub(channel).ListModels(model_host_pb2.ListModelsRequest(), timeout=3)
         except grpc.RpcError as exc:
@@ -97,7 +101,7 @@ def cmd_status(args) -> int:
 
 
 def _router(config: MiradorConfig) -> tuple[grpc.Channel, router_pb2_grpc.RouterStub]:
-    channel = grpc.insecure_channel(config.services.router.address)
+    channel = open_channel(config, config.services.router.address, aio=False, service="router")
     return channel, router_pb2_grpc.RouterStub(channel)
 
 
@@ -122,6 +126,34 @@ def cmd_route(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _traced(name: str):
+    """With tracing configured (OTEL_* variables), a client span that the call's metadata
+    continues (yields that metadata); without, yields None. Flushes the span at the end."""
+    if not telemetry.setup("cli", instrument_grpc_clients=False):
+        yield None
+        return
+    try:
+        with telemetry.tracer("mirador.cli").start_as_current_span(name, kind=SpanKind.CLIENT):
+            yield telemetry.inject_metadata()
+    finally:
+        telemetry.shutdown()
+
+
+def _trace_id(call) -> str:
+    """The `mirador-trace-id` a server sent back in the trailing metadata, or ""."""
+    return next((m.value for m in call.trailing_metadata() or () if m.key == telemetry.TRACE_ID_METADATA_KEY), "")
+
+
+def _naming_trace_on_error(call):
+    try:
+        yield from call
+    except grpc.RpcError as exc:
+        if trace_id := _trace_id(exc):
+            print(f"[trace {trace_id}]", file=sys.stderr)
+        raise
+
+
 def cmd_ask(args) -> int:
     config = _config(args)
     request = router_pb2.AskRequest(text=args.text, route=args.route or "", session_id=args.session or "")
@@ -129,8 +161,9 @@ def cmd_ask(args) -> int:
     request.sampling.temperature = args.temperature
     channel, router = _router(config)
     events: list[dict] = []
-    with channel:
-        for response in router.Ask(request, timeout=args.timeout):
+    with channel, _traced("mirador ask") as metadata:
+        call = router.Ask(request, timeout=args.timeout, metadata=metadata)
+        for response in _naming_trace_on_error(call):
             kind = response.WhichOneof("event")
             events.append({kind: _message_dict(getattr(response, kind))})
             if args.json:
@@ -149,8 +182,12 @@ def cmd_ask(args) -> int:
                 v = response.verdict
                 print(f"[consensus: {v.answer!r}, consistency {v.consistency:.2f}"
                       + (f", escalated as {v.escalation_id}" if v.escalated else "") + "]")
+    trace_id = _trace_id(call)
     if args.json:
+        events += [{"trace": {"trace_id": trace_id}}] if trace_id else []
         print(json.dumps(events, indent=2))
+    elif trace_id:
+        print(f"[trace {trace_id}]")
     return 0
 
 
@@ -181,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start all four services and wait")
     up.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for SERVING")
     up.add_argument("--log-dir", help="where the services write their logs")
+    up.add_argument("--replicas", type=int, metavar="N",
+                    help="model-host processes to run, on ports port..port+N-1 (default: services.model_host.replicas)")
     up.set_defaults(run=cmd_up)
 
     commands.add_parser("status", help="health of each service and the models it knows").set_defaults(run=cmd_status)
@@ -216,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--quiet", action="store_true", help="hide download and export progress")
     build.set_defaults(run=cmd_fleet)
     fleet_commands.add_parser("list", help="what is built").set_defaults(run=cmd_fleet)
+    add_review_commands(commands)
     return parser
 
 

@@ -44,6 +44,7 @@ class ServiceSettings:
     port: int = 0
     max_concurrent_rpcs: int = 256  # calls beyond it are refused with RESOURCE_EXHAUSTED
     shutdown_grace_s: float = 5.0  # in-flight calls get this long to finish on SIGTERM
+    metrics_port: int = 0  # Prometheus /metrics over HTTP on this port (same host); 0 = off
 
     @property
     def address(self) -> str:
@@ -55,6 +56,7 @@ class ServiceSettings:
 class RouterSettings(ServiceSettings):
     default_route: str | None = None  # where low-confidence requests go
     min_confidence: float = 0.5  # below it the default route answers
+    embedding_model: str = "minilm-l6"  # fleet model that embeds requests for classification
     # Model-host addresses the router balances over (gRPC round_robin with health checks).
     # Empty = every replica of services.model_host (see ServicesConfig.model_host_targets).
     model_host_targets: tuple[str, ...] = ()
@@ -72,7 +74,8 @@ class ModelHostSettings(ServiceSettings):
 
     def replica(self, index: int) -> "ModelHostSettings":
         """The settings of replica `index` (0 = this one): the same, listening on port + index."""
-        return replace(self, port=self.port + index, replicas=1)
+        metrics_port = self.metrics_port + index if self.metrics_port else 0
+        return replace(self, port=self.port + index, metrics_port=metrics_port, replicas=1)
 
     @property
     def replica_addresses(self) -> tuple[str, ...]:
@@ -82,6 +85,7 @@ class ModelHostSettings(ServiceSettings):
 @dataclass(frozen=True)
 class ConsensusSettings(ServiceSettings):
     escalation_db: str = ""  # SQLite file; empty = <state dir>/escalations.sqlite3
+    embedding_model: str = "minilm-l6"  # embeds free-text answers to compare them (an embedding model of the fleet)
 
 
 @dataclass(frozen=True)
@@ -141,12 +145,39 @@ class RouteSpec:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """`security.tls`: every service serves TLS with `cert`/`key`; every client (services, CLI,
+    health checks) checks servers against `ca` and presents `client_cert`/`client_key`
+    (default: `cert`/`key`). Paths are absolute (relative ones are read from the config's folder)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None  # checks peers' certificates; None = the system's roots, no client checks
+    require_client_cert: bool = False  # servers refuse clients without a certificate signed by `ca`
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    server_name: str | None = None  # the name expected in server certificates when not the address
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """`security:`; empty = plaintext and no token, as without the section."""
+
+    tls: TlsSettings | None = None
+    # The router's bearer token, read from `auth.bearer_token_env` or `auth.bearer_token_file`
+    # when the config loads (never written in the YAML itself).
+    bearer_token: str | None = field(default=None, repr=False)
+    bearer_token_source: str = ""  # "environment variable X" or "file Y", for messages
+
+
+@dataclass(frozen=True)
 class MiradorConfig:
     path: Path
     services: ServicesConfig
     fleet: dict[str, ModelSpec]
     routes: dict[str, RouteSpec]
     model_repository: Path | None = None  # None = the user cache dir (see model_repository)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 # --------------------------------------------------------------------------- errors
@@ -208,7 +239,10 @@ class _Reader:
         self.problems: list[ConfigProblem] = []
         self._constructor = yaml.constructor.SafeConstructor()
         self._default_route_node: yaml.Node | None = None
+        self._embedding_model_node: yaml.Node | None = None
         self._replicas_node: yaml.Node | None = None
+        self._consensus_embedder_node: yaml.Node | None = None
+        self._metrics_port_nodes: dict[str, yaml.Node] = {}
 
     def problem(self, node: yaml.Node, key: str, message: str) -> None:
         self.problems.append(ConfigProblem(self.path, node.start_mark.line + 1, key, message))
@@ -330,7 +364,7 @@ class _Reader:
     # -- sections
 
     def read_root(self, root: yaml.Node, path: Path) -> MiradorConfig:
-        top = self.mapping(root, "", ("services", "model_repository", "fleet", "routes", "models"))
+        top = self.mapping(root, "", ("services", "model_repository", "fleet", "routes", "models", "security"))
         if "routes" in top and "models" in top:
             self.problem(top["models"][0], "models", "give routes under `routes:` or `models:` (the article's name), not both")
         services = self.read_services(top.get("services", (root, None))[1], root)
@@ -339,15 +373,29 @@ class _Reader:
             self.problem(root, "fleet", "missing: list the models under `fleet:` (name → task, tier, ...)")
         route_key = "models" if "models" in top and "routes" not in top else "routes"
         routes = self.read_routes(top[route_key][1], route_key, fleet) if route_key in top else {}
+        consensus_embedder = fleet.get(services.consensus.embedding_model)
+        if self._consensus_embedder_node is not None and getattr(consensus_embedder, "task", None) != "embedding":
+            embedders = ", ".join(n for n, m in fleet.items() if m.task == "embedding") or "none"
+            self.problem(self._consensus_embedder_node, "services.consensus.embedding_model",
+                         f"`{services.consensus.embedding_model}` is not an embedding model of `fleet:`; "
+                         f"embedding models: {embedders}")
         if services.router.default_route and services.router.default_route not in routes:
             node = self._default_route_node or root
             self.problem(node, "services.router.default_route",
                          f"route `{services.router.default_route}` is not defined; defined routes: {', '.join(routes) or 'none'}")
+        embedder = services.router.embedding_model
+        if any(route.examples for route in routes.values()) and fleet and embedder not in fleet:
+            self.problem(self._embedding_model_node or root, "services.router.embedding_model",
+                         f"model `{embedder}` is not in `fleet:`, but routes have examples to embed; "
+                         f"add it to the fleet or name an embedding model: {', '.join(sorted(fleet))}")
         repository = None
         if "model_repository" in top:
             value = self.string(top["model_repository"][1], "model_repository")
-            repository = Path(os.path.expanduser(value)) if value else None
-        return MiradorConfig(path=path, services=services, fleet=fleet, routes=routes, model_repository=repository)
+            # like every path in the file, a relative one is read from the file's folder
+            repository = (path.parent / os.path.expanduser(value)) if value else None
+        security = self.read_security(top["security"][1], path, services) if "security" in top else SecurityConfig()
+        return MiradorConfig(path=path, services=services, fleet=fleet, routes=routes, model_repository=repository,
+                             security=security)
 
     _SERVICE_TYPES = {
         "router": RouterSettings,
@@ -387,7 +435,34 @@ class _Reader:
                                  f"replica {index} would listen on port {host.port + index}, which services.{other} "
                                  f"uses; model-host replicas take ports {host.port}-{last}, give services.{other} "
                                  "another port or lower the number of replicas")
+        self.check_metrics_ports(built, entries, root)
         return ServicesConfig(**built)
+
+    def check_metrics_ports(self, built: dict[str, ServiceSettings], entries, root: yaml.Node) -> None:
+        """A metrics port must not be a gRPC port or another service's metrics port
+        (model-host replica i serves /metrics on metrics_port + i)."""
+        def ports(name: str, settings: ServiceSettings, metrics: bool) -> list[int]:
+            first = settings.metrics_port if metrics else settings.port
+            count = settings.replicas if isinstance(settings, ModelHostSettings) else 1
+            return [first + i for i in range(count)] if first else []
+
+        taken: dict[tuple[str, int], str] = {}
+        for name, settings in built.items():
+            for port in ports(name, settings, metrics=False):
+                taken.setdefault((settings.host, port), f"services.{name}.port")
+        for name, settings in built.items():
+            node = self._metrics_port_nodes.get(name) or entries.get(name, (None, root))[1] or root
+            for port in ports(name, settings, metrics=True):
+                if port > 65535:
+                    self.problem(node, f"services.{name}.metrics_port",
+                                 f"{settings.replicas} replicas need metrics ports up to {port}, beyond 65535")
+                    break
+                other = taken.get((settings.host, port))
+                if other is not None:
+                    self.problem(node, f"services.{name}.metrics_port",
+                                 f"port {port} is already used by {other}; give /metrics a port of its own")
+                    break
+                taken[(settings.host, port)] = f"services.{name}.metrics_port"
 
     def read_service(self, node: yaml.Node, key: str, settings_type: type[ServiceSettings]) -> dict[str, Any]:
         allowed = tuple(f.name for f in fields(settings_type))
@@ -398,6 +473,9 @@ class _Reader:
                 value = self.string(value_node, dotted)
             elif name == "port":
                 value = self.integer(value_node, dotted, minimum=1, maximum=65535)
+            elif name == "metrics_port":
+                value = self.integer(value_node, dotted, minimum=0, maximum=65535)
+                self._metrics_port_nodes[key.split(".")[-1]] = value_node
             elif name in ("max_concurrent_rpcs", "block_size", "max_batch_size"):
                 value = self.integer(value_node, dotted, minimum=1)
             elif name in ("intra_op_threads", "max_queue_delay_ms"):
@@ -410,6 +488,12 @@ class _Reader:
                 value = self.duration_s(value_node, dotted)
             elif name == "min_confidence":
                 value = self.fraction(value_node, dotted)
+            elif name == "embedding_model" and key == "services.consensus":
+                value = self.string(value_node, dotted)
+                self._consensus_embedder_node = value_node
+            elif name == "embedding_model":
+                value = self.string(value_node, dotted)
+                self._embedding_model_node = value_node
             elif name == "default_route":
                 value = self.string(value_node, dotted)
                 self._default_route_node = value_node
@@ -495,3 +579,147 @@ class _Reader:
             if model not in fleet:
                 defined = ", ".join(sorted(fleet)) or "none"
                 self.problem(node, key, f"model `{model}` is not in `fleet:`; defined models: {defined}")
+
+    # -- security
+
+    _TLS_KEYS = ("cert", "key", "ca", "require_client_cert", "client_cert", "client_key", "server_name")
+    _AUTH_KEYS = ("bearer_token_env", "bearer_token_file")
+    _SECRET_KEYS = ("router_token", "token", "bearer_token", "password", "secret")
+
+    def read_security(self, node: yaml.Node, path: Path, services: ServicesConfig) -> SecurityConfig:
+        entries = self.mapping(node, "security", None)
+        for name, (key_node, _) in entries.items():
+            if name in self._SECRET_KEYS:
+                self.problem(key_node, f"security.{name}",
+                             "secrets do not belong in the config file; put the router's token in an environment "
+                             "variable and name it under security.auth.bearer_token_env (or keep it in a file and "
+                             "name that under security.auth.bearer_token_file)")
+            elif name not in ("tls", "auth"):
+                hint = difflib.get_close_matches(name, ("tls", "auth"), n=1)
+                did_you_mean = f" Did you mean `{hint[0]}`?" if hint else ""
+                self.problem(key_node, f"security.{name}", f"unknown key.{did_you_mean} Allowed here: tls, auth")
+        tls = self.read_tls(entries["tls"][1], path.parent) if "tls" in entries else None
+        targets = services.model_host_targets
+        hosts = {t.rpartition(":")[0].strip("[]") for t in targets}
+        if tls is not None and not tls.server_name and len(targets) > 1 and len(hosts) > 1:
+            self.problem(entries["tls"][1], "security.tls.server_name",
+                         f"missing: the router balances over model hosts on several hosts ({', '.join(sorted(hosts))}) "
+                         "and checks one name in all their certificates; set `server_name:` to a DNS name "
+                         "that every model host's certificate carries")
+        token, source = self.read_auth(entries["auth"][1], path.parent) if "auth" in entries else (None, "")
+        return SecurityConfig(tls=tls, bearer_token=token, bearer_token_source=source)
+
+    def boolean(self, node: yaml.Node, key: str) -> bool | None:
+        value = self.value(node)
+        if not isinstance(value, bool):
+            self.problem(node, key, f"must be true or false, got `{node.value}`")
+            return None
+        return value
+
+    def readable_file(self, node: yaml.Node, key: str, base: Path, *, pem: str | None = None) -> Path | None:
+        """A path (relative ones are read from `base`, the config's folder) to a readable file;
+        with `pem`, the file must hold a PEM block of that kind (CERTIFICATE, PRIVATE KEY)."""
+        value = self.string(node, key)
+        if value is None:
+            return None
+        file = Path(os.path.expanduser(value))
+        file = file if file.is_absolute() else (base / file)
+        file = file.resolve()
+        if not file.exists():
+            self.problem(node, key, f"{file} does not exist")
+            return None
+        if not file.is_file():
+            self.problem(node, key, f"{file} is not a file")
+            return None
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            self.problem(node, key, f"cannot read {file}: {exc.strerror}; check its permissions for this user")
+            return None
+        if pem and (b"-----BEGIN" not in data or pem.encode() not in data):
+            self.problem(node, key, f"{file} holds no PEM `{pem}` block; give a PEM-encoded file")
+            return None
+        return file
+
+    def read_tls(self, node: yaml.Node, base: Path) -> TlsSettings | None:
+        entries = self.mapping(node, "security.tls", self._TLS_KEYS)
+        values: dict[str, Any] = {}
+        for name, (_, value_node) in entries.items():
+            dotted = f"security.tls.{name}"
+            if name == "require_client_cert":
+                values[name] = self.boolean(value_node, dotted)
+            elif name == "server_name":
+                values[name] = self.string(value_node, dotted)
+            else:
+                pem = "PRIVATE KEY" if name in ("key", "client_key") else "CERTIFICATE"
+                values[name] = self.readable_file(value_node, dotted, base, pem=pem)
+        ok = True
+        for cert, key in (("cert", "key"), ("client_cert", "client_key")):
+            if key in entries and cert not in entries:
+                self.problem(entries[key][0], f"security.tls.{cert}",
+                             f"missing: `{key}` is given without its certificate; add `{cert}: PATH` (PEM)")
+                ok = False
+            elif cert in entries and key not in entries:
+                self.problem(entries[cert][0], f"security.tls.{key}",
+                             f"missing: `{cert}` is given without its private key; add `{key}: PATH` (PEM)")
+                ok = False
+        if "cert" not in entries and "key" not in entries:
+            self.problem(node, "security.tls.cert",
+                         "missing: every service serves TLS with `cert` and `key` (PEM files); "
+                         "remove `tls:` to run without TLS")
+            ok = False
+        if values.get("require_client_cert") and "ca" not in entries:
+            self.problem(entries["require_client_cert"][1], "security.tls.require_client_cert",
+                         "needs `ca: PATH`, the CA certificate that signed the client certificates to accept")
+            ok = False
+        if not ok or any(v is None for v in values.values()):
+            return None
+        return TlsSettings(**values)
+
+    _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+    _TOKEN = re.compile(r"^[\x21-\x7e]+$")
+    MIN_TOKEN_LENGTH = 16
+
+    def read_auth(self, node: yaml.Node, base: Path) -> tuple[str | None, str]:
+        entries = self.mapping(node, "security.auth", self._AUTH_KEYS)
+        if len(entries) != 1:
+            where = entries["bearer_token_file"][0] if len(entries) > 1 else node
+            self.problem(where, "security.auth",
+                         "give exactly one of `bearer_token_env: NAME` (an environment variable that holds the "
+                         "router's token) or `bearer_token_file: PATH` (a file that holds it)")
+            return None, ""
+        name, (_, value_node) = next(iter(entries.items()))
+        dotted = f"security.auth.{name}"
+        if name == "bearer_token_env":
+            variable = self.string(value_node, dotted)
+            if variable is None:
+                return None, ""
+            if not self._ENV_NAME.match(variable):
+                self.problem(value_node, dotted, f"`{variable}` is not an environment variable name; "
+                                                 "give the variable's name (like MIRADOR_ROUTER_TOKEN), not the token")
+                return None, ""
+            token = os.environ.get(variable, "").strip()
+            source = f"environment variable {variable}"
+            if not token:
+                self.problem(value_node, dotted, f"the environment variable {variable} is not set or empty; "
+                                                 "export it with the router's token before starting the mesh or the CLI")
+                return None, ""
+        else:
+            file = self.readable_file(value_node, dotted, base)
+            if file is None:
+                return None, ""
+            token = file.read_text(encoding="utf-8", errors="replace").strip()
+            source = f"file {file}"
+            if not token:
+                self.problem(value_node, dotted, f"{file} is empty; write the router's token into it")
+                return None, ""
+        if not self._TOKEN.match(token):
+            self.problem(value_node, dotted, f"the token in the {source} has spaces or characters outside "
+                                             "printable ASCII; a bearer token is one word of printable ASCII")
+            return None, ""
+        if len(token) < self.MIN_TOKEN_LENGTH:
+            self.problem(value_node, dotted, f"the token in the {source} has {len(token)} characters; use at least "
+                                             f"{self.MIN_TOKEN_LENGTH} (for example `python -c 'import secrets; "
+                                             "print(secrets.token_urlsafe(32))'`)")
+            return None, ""
+        return token, source

@@ -4,7 +4,9 @@ A service is a `MiradorService`: it names its gRPC services, adds its servicers
 to a server and has `on_start`/`on_stop` lifecycle hooks. `serve()` does the
 rest the same way for all of them: health and reflection, error mapping, a
 concurrency cap, binding without SO_REUSEPORT (so a busy port is an error, not
-a silent second server), SIGTERM/SIGINT handling with a grace period.
+a silent second server), SIGTERM/SIGINT handling with a grace period, and
+observability: a trace span per call when tracing is on (services/common/telemetry.py)
+and Prometheus metrics on `metrics_port` when it is set (services/common/metrics.py).
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from services.common.config import ConfigError, MiradorConfig, ServiceSettings, load_config
+from services.common import telemetry
+from services.common.config import ConfigError, MiradorConfig, SecurityConfig, ServiceSettings, load_config
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.logs import configure_logging, log_event
+from services.common.metrics import RpcMetricsInterceptor, start_metrics_http, stop_metrics_http
+from services.common.security import server_credentials, server_interceptors
 
 log = logging.getLogger("mirador.server")
 
@@ -146,16 +151,29 @@ def _reject_undecodable(request, method: str) -> None:
         )
 
 
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
 def server_options() -> list[tuple[str, int]]:
     # grpcio enables SO_REUSEPORT by default: a second server on a busy port would
     # bind silently and steal half the calls. Off, a busy port fails to bind.
-    return [("grpc.so_reuseport", 0)]
+    # Messages up to 16 MiB are received so that an oversized field gets our own
+    # INVALID_ARGUMENT naming the field and its limit, not grpcio's generic refusal.
+    return [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
-async def serve(service: MiradorService, settings: ServiceSettings, stop_event: asyncio.Event | None = None) -> None:
-    """Runs `service` until SIGTERM/SIGINT (or `stop_event`), then stops gracefully."""
+async def serve(service: MiradorService, settings: ServiceSettings, stop_event: asyncio.Event | None = None,
+                security: SecurityConfig | None = None) -> None:
+    """Runs `service` until SIGTERM/SIGINT (or `stop_event`), then stops gracefully.
+    With `security.tls` it serves TLS only; with a bearer token the router checks it first."""
+    security = security or SecurityConfig()
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor(service.name)],
+        interceptors=[
+            *telemetry.server_interceptors(),  # span and trace id first: they cover refused calls too
+            *([RpcMetricsInterceptor(service.name)] if settings.metrics_port else []),
+            *server_interceptors(security, service.name),
+            ErrorMappingInterceptor(service.name),
+        ],
         options=server_options(),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -167,18 +185,23 @@ async def serve(service: MiradorService, settings: ServiceSettings, stop_event: 
         server,
     )
     try:
-        port = server.add_insecure_port(settings.address)
+        if security.tls is not None:
+            port = server.add_secure_port(settings.address, server_credentials(security.tls))
+        else:
+            port = server.add_insecure_port(settings.address)
     except RuntimeError as exc:
         raise PortInUseError(
             f"{service.name} cannot listen on {settings.address}: the port is in use or the address is not local. "
             f"Stop the other process or change services.{service.name}.port in the config."
         ) from exc
+    metrics_http = _start_metrics_http(service.name, settings)
 
     await service.on_start()
     await server.start()
     for name in ("", *service.grpc_service_names):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log_event(log, "listening", address=settings.address, port=port, services=service.grpc_service_names)
+    log_event(log, "listening", address=settings.address, port=port, services=service.grpc_service_names,
+              tls=security.tls is not None)
 
     stop_event = stop_event or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -190,7 +213,22 @@ async def serve(service: MiradorService, settings: ServiceSettings, stop_event: 
     await health.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_s)
     await service.on_stop()
+    stop_metrics_http(metrics_http)
     log_event(log, "stopped")
+
+
+def _start_metrics_http(name: str, settings: ServiceSettings):
+    if not settings.metrics_port:
+        return None
+    try:
+        http = start_metrics_http(settings.host, settings.metrics_port)
+    except OSError as exc:
+        raise PortInUseError(
+            f"{name} cannot serve /metrics on {settings.host}:{settings.metrics_port} ({exc.strerror}). "
+            f"Stop the other process or change services.{name}.metrics_port in the config (0 = no metrics)."
+        ) from exc
+    log_event(log, "serving metrics", url=f"http://{settings.host}:{settings.metrics_port}/metrics")
+    return http
 
 
 def run_service_main(name: str, build: "callable[[MiradorConfig], MiradorService]", argv: list[str] | None = None) -> int:
@@ -207,10 +245,13 @@ def run_service_main(name: str, build: "callable[[MiradorConfig], MiradorService
         print(f"mirador {name}: invalid config:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     settings = getattr(config.services, name)
+    telemetry.setup(name)  # before any server or channel exists
     try:
-        asyncio.run(serve(build(config), settings))
+        asyncio.run(serve(build(config), settings, security=config.security))
     except PortInUseError as exc:
         log_event(log, "port in use", logging.ERROR, address=settings.address)
         print(f"mirador {name}: {exc}", file=sys.stderr)
         return EXIT_PORT_IN_USE
+    finally:
+        telemetry.shutdown()  # sends the spans still buffered
     return 0
