@@ -22,6 +22,7 @@ from services.cli.supervisor import Mesh
 from services.common.config import MiradorConfig, load_config
 from services.common.model_repository import ModelRepository
 from services.consensus import fanout, voting
+from services.consensus.prompts import decision_messages
 from tiny_models import build_tiny_decoder, build_tiny_encoder, write_corrupt_model
 
 VOTERS = ["voter-a", "voter-b", "voter-c"]
@@ -189,8 +190,9 @@ def test_decide_streams_one_vote_per_model_then_the_weighted_verdict(consensus, 
     assert [v.primary for v in votes if v.model == "voter-a"] == [True]
     assert not any(v.primary for v in votes if v.model != "voter-a")
     for vote in votes:  # each vote is the model host's real Score answer
-        direct = host.Score(model_host_pb2.ScoreRequest(model=vote.model, messages=user("Is this request compliant?"),
-                                                        options=OPTIONS), timeout=10)
+        direct = host.Score(model_host_pb2.ScoreRequest(
+            model=vote.model, messages=decision_messages(user("Is this request compliant?"), OPTIONS), options=OPTIONS),
+            timeout=10)
         assert vote.answer == direct.best_option and not vote.error
         assert [p.probability for p in vote.confidence.label_distribution] == pytest.approx(
             [p.probability for p in direct.confidence.label_distribution])
@@ -383,7 +385,8 @@ def test_review_cli_lists_shows_and_resolves(env, consensus, disputed, capsys, m
 def label_outcome(host, text, models):
     ballots = []
     for i, model in enumerate(models):
-        reply = host.Score(model_host_pb2.ScoreRequest(model=model, messages=user(text), options=OPTIONS), timeout=10)
+        reply = host.Score(model_host_pb2.ScoreRequest(model=model, messages=decision_messages(user(text), OPTIONS),
+                                                       options=OPTIONS), timeout=10)
         ballots.append(voting.Ballot(model, primary=i == 0, answer=reply.best_option,
                                      confidence=reply.confidence.calibrated_confidence,
                                      distribution={p.label: p.probability for p in reply.confidence.label_distribution}))

@@ -15,6 +15,7 @@ from mirador.v1 import consensus_pb2 as pb
 from services.common.config import MiradorConfig
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from services.common.validation import require_messages, require_model, require_options, require_sampling
+from services.consensus.prompts import decision_messages
 from services.consensus import fanout, voting
 from services.consensus.escalations import (
     PENDING,
@@ -66,8 +67,10 @@ class ConsensusServicer(consensus_pb2_grpc.ConsensusServicer):
         embed_deadline = time.monotonic() + total
 
         if options:
+            asked = decision_messages(request.messages, options)
+
             def call(model: str, timeout_s: float):
-                return fanout.score(self.model_host, request_id, model, request.messages, options, timeout_s)
+                return fanout.score(self.model_host, request_id, model, asked, options, timeout_s)
         else:
             def call(model: str, timeout_s: float):
                 return fanout.generate(self.model_host, request_id, model, request.messages, request.sampling,
