@@ -19,8 +19,8 @@ install-dev: $(BIN)/python
 fleet: install-dev
 	$(BIN)/mirador fleet build --quiet
 
-# Start the mesh on the embedded default config, send sample requests, stop it.
-demo: install
+# Build the fleet (once), start the mesh on the embedded default config, send sample requests, stop it.
+demo: fleet
 	PATH="$(abspath $(BIN)):$$PATH" ./scripts/demo.sh
 
 test: install-dev fleet

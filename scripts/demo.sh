@@ -17,6 +17,8 @@ cat "$log_dir/up.out"
 
 step() { printf '\n$ %s\n' "$*"; "$@" || echo "(exit $?)"; }
 step mirador status
-step mirador route "Is a prior authorization required for this MRI?" --route compliance
-step mirador route "What is the capital of France?"
-step mirador ask "What is the capital of France?" --route chat
+step mirador route "Is a prior authorization required for an MRI of the lumbar spine?"
+step mirador route "Extract the member id from: MEMBER ID QA0000TEST GROUP 00-FAKE-77"
+step mirador ask "What is the capital of France?"
+step mirador ask "Write a Python function that adds two numbers." --max-tokens 64
+step mirador status
