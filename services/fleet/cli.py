@@ -14,5 +14,9 @@ def run_fleet_command(args) -> int:
     argv.append("build")
     for name in args.only or ():
         argv += ["--only", name]
-    argv += [flag for flag, on in (("--with-gemma", args.with_gemma), ("--force", args.force), ("--quiet", args.quiet)) if on]
+    flags = (("--with-gemma", args.with_gemma), ("--force", args.force), ("--quiet", args.quiet),
+             ("--no-specialists", args.no_specialists))
+    argv += [flag for flag, on in flags if on]
+    if args.data:
+        argv += ["--data", str(args.data)]
     return fleet_main(argv)

