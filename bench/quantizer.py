@@ -1,0 +1,193 @@
+"""Mixed-precision quantization of SmolLM2-135M: the quantizer's report, run time, and
+decode ms/token of each variant through services.model_host.loader.load_runtime,
+compared with ONNX Runtime's own uniform MatMulNBits 4/8-bit quantizer.
+
+    .venv/bin/python bench/quantizer.py [--model smollm2-135m-instruct] [--quick]
+
+Held-out text: gensim's lee_background.cor (raw news text inside the gensim wheel,
+read with zipfile; fetched with `pip download --no-deps gensim` when not cached).
+Calibration: the quantizer's packaged default. Writes bench/results/quantizer.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.common.model_repository import ModelManifest, ModelRepository  # noqa: E402
+from services.quantizer.pipeline import QuantizeOptions, Quantizer  # noqa: E402
+from services.quantizer.sensitivity import TextSource  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+DATA_CACHE = Path(os.path.expanduser("~/.cache/mirador/data"))
+
+
+def lee_corpus() -> TextSource:
+    wheels = glob.glob(str(DATA_CACHE / "gensim-*.whl")) + glob.glob("/tmp/gensim_dl/gensim-*.whl")
+    if not wheels:
+        DATA_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "gensim",
+                        "-d", str(DATA_CACHE), "-q"], check=True)
+        wheels = glob.glob(str(DATA_CACHE / "gensim-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        text = wheel.read("gensim/test/test_data/lee_background.cor").decode("utf-8", "replace")
+    return TextSource(f"gensim lee_background.cor ({Path(wheels[0]).name})", text)
+
+
+def decode_ms_per_token(repo: ModelRepository, source: ModelManifest, name: str, blob: bytes | None,
+                        steps: int = 24) -> float:
+    """Median ms of one DecoderRuntime.step after a 32-token prefill, loaded via load_runtime."""
+    from services.model_host.loader import SessionSettings, load_runtime
+
+    if blob is None:
+        manifest = source
+    else:
+        def build(folder: Path) -> ModelManifest:
+            (folder / "model.onnx").write_bytes(blob)
+            shutil.copyfile(source.path_of("tokenizer"), folder / "tokenizer.json")
+            return ModelManifest(name=name, version="1", task="text-generation", files={
+                "model": "model.onnx", "tokenizer": "tokenizer.json"}, generation=source.generation)
+        manifest = repo.write_version(name, "1", build, replace=True)
+    runtime = load_runtime(manifest, SessionSettings(intra_op_threads=0))
+    prompt = runtime.encode("The history of the printing press is often told as the story of one inventor, but")[:32]
+    state, logits = runtime.prefill(prompt)
+    gaps = []
+    for _ in range(steps):
+        token = int(logits.argmax())
+        start = time.perf_counter()
+        logits = runtime.step(state, token)
+        gaps.append((time.perf_counter() - start) * 1000)
+    return round(statistics.median(gaps), 2)
+
+
+def ort_uniform(source_path: Path, bits: int, block_size: int) -> bytes:
+    """ONNX Runtime's own MatMulNBits quantizer, uniform `bits`, asymmetric, accuracy_level 4."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    model = onnx.load(str(source_path))
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, accuracy_level=4, bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    return quantizer.model.model.SerializeToString()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--budget-bits", type=float, default=4.5)
+    parser.add_argument("--quick", action="store_true", help="fewer evaluation budgets")
+    parser.add_argument("--eval-windows", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ORT intra-op threads; 1 beats 2 on this shared, oversubscribed 2-core machine")
+    parser.add_argument("--calib-windows", type=int, default=2, help="calibration windows of 64 tokens (the quantizer default)")
+    args = parser.parse_args()
+
+    load0 = os.getloadavg()
+    source = ModelRepository().get(args.model)
+    heldout = lee_corpus()
+    work = Path(tempfile.mkdtemp(prefix="mirador-qbench-"))
+    repo = ModelRepository(work)
+    t0 = time.perf_counter()
+    quantizer = Quantizer(source, threads=args.threads)
+    t_load = time.perf_counter() - t0
+    progress_log = []
+
+    def progress(phase, step, total, layer):
+        progress_log.append((phase, step, total))
+        if phase == "sensitivity" and step % 20 == 0:
+            print(f"  sensitivity {step}/{total} {time.perf_counter() - t0:.0f}s load {os.getloadavg()[0]:.1f}",
+                  flush=True)
+        elif phase != "sensitivity":
+            print(f"  {phase} {step}/{total} {layer} {time.perf_counter() - t0:.0f}s", flush=True)
+
+    options = QuantizeOptions(budget_bits=args.budget_bits, heldout=heldout, eval_windows=args.eval_windows,
+                              windows=args.calib_windows, threads=args.threads,
+                              eval_tokens=128, search_steps=3 if args.quick else 5,
+                              sweep_points=2 if args.quick else 3)
+    result = quantizer.run(repo, options, progress)
+    load1 = os.getloadavg()
+    timings = dict(result.timings, **{"model load (s)": round(t_load, 1)})
+    analysis_plus_allocation = timings["sensitivity analysis (s)"] + timings["allocation (s)"]
+
+    # ORT's own uniform quantizer, evaluated the same way.
+    from services.quantizer.report import Evaluator
+
+    held = quantizer.windows(heldout, options.eval_windows, options.eval_tokens)
+    evaluator = Evaluator(str(source.path_of("model")), held, args.threads)
+    ort_rows, ort_blobs = [], {}
+    for bits in (8, 4):
+        try:
+            blob = ort_uniform(source.path_of("model"), bits, options.block_size)
+            ort_blobs[bits] = blob
+            ort_rows.append(evaluator.evaluate(f"ORT MatMulNBitsQuantizer uniform-{bits}", blob, len(blob)))
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            print(f"ORT's quantizer at {bits} bits failed: {exc!r}")
+
+    # Decode speed through the model host's loader.
+    decode = {"fp32": decode_ms_per_token(repo, source, "bench-fp32", None)}
+    for v in result.variants[1:]:
+        if v.bits:
+            decode[v.name] = decode_ms_per_token(repo, source, "bench-" + v.name.replace("@", "-").replace("%", "pct")
+                                                 .replace("+", "p"), quantizer.model_bytes(v.bits))
+    for bits, blob in ort_blobs.items():
+        decode[f"ORT MatMulNBitsQuantizer uniform-{bits}"] = decode_ms_per_token(repo, source, f"bench-ort-u{bits}", blob)
+
+    variants = [v.row() for v in result.variants] + [r.row() for r in ort_rows]
+    fp32 = result.variants[0]
+    by = {v.name: v for v in result.variants}
+    u4, at_u4 = by["uniform-4"], by["mixed@uniform-4-size"]
+    best = next(v for v in result.variants if v.name.startswith("mixed@smallest"))
+    goals = {
+        "mixed_at_u4_size_ppl_increase_ratio": round((at_u4.perplexity / fp32.perplexity - 1)
+                                                     / (u4.perplexity / fp32.perplexity - 1), 3),
+        "goal_1_met (<= 0.65)": None,
+        "smallest_within_2pct_size_vs_fp32": round(best.size_bytes / fp32.size_bytes, 4),
+        "smallest_within_2pct_ppl_increase": round(best.perplexity / fp32.perplexity - 1, 4),
+        "goal_2_met (<= 30% size, <= 2% ppl)": None,
+        "analysis_plus_allocation_s": round(analysis_plus_allocation, 1),
+        "goal_3_met (<= 600 s)": analysis_plus_allocation <= 600,
+    }
+    goals["goal_1_met (<= 0.65)"] = goals["mixed_at_u4_size_ppl_increase_ratio"] <= 0.65
+    goals["goal_2_met (<= 30% size, <= 2% ppl)"] = (goals["smallest_within_2pct_size_vs_fp32"] <= 0.30
+                                                    and goals["smallest_within_2pct_ppl_increase"] <= 0.02)
+    out = {
+        "model": source.reference, "calibration": result.calibration, "heldout": heldout.name,
+        "load_average_start": [round(x, 2) for x in load0], "load_average_end": [round(x, 2) for x in load1],
+        "cpu_count": os.cpu_count(), "timings": timings, "variants": variants, "decode_ms_per_token": decode,
+        "goals": goals, "layers": result.layers, "notes": quantizer.notes(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quantizer.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    shutil.copyfile(result.plot_path, RESULTS / "quantizer.png")
+    report = result.report_path.read_text()
+    extra = ["", "## Bench extras", "",
+             f"- load average at start {load0[0]:.1f} / end {load1[0]:.1f} on {os.cpu_count()} cores (shared machine)",
+             "", "| variant | size (MB) | perplexity | KL vs fp32 | top-1 | decode ms/token |", "|---|---:|---:|---:|---:|---:|"]
+    for row in variants:
+        extra.append(f"| {row['name']} | {row['size_bytes'] / 1e6:.1f} | {row['perplexity']:.3f} | "
+                     f"{row['kl_vs_fp32']:.4f} | {100 * row['top1_agreement']:.1f}% | {decode.get(row['name'], '-')} |")
+    extra += ["", "## Goals", ""] + [f"- {k}: {v}" for k, v in goals.items()]
+    (RESULTS / "quantizer.md").write_text(report + "\n".join(extra) + "\n")
+    print(json.dumps({k: out[k] for k in ("timings", "goals", "decode_ms_per_token")}, indent=2))
+    for row in variants:
+        print(row)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""The quantizer: knapsack, packing, the sensitivity probe, the writer, the pipeline on
+a tiny real decoder, bad inputs, interruption, and the Quantize RPC on a real process."""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from mirador.v1 import quantizer_pb2, quantizer_pb2_grpc
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import write_config
+from services.cli.supervisor import Mesh
+from services.common.config import load_config
+from services.common.model_repository import STAGING_DIRNAME, ModelRepository
+from services.model_host.loader import SessionSettings, load_runtime
+from services.quantizer import allocation, quant
+from services.quantizer.allocation import BudgetError, Option
+from services.quantizer.model import DecoderGraph, NotADecoderError, decoder_feeds, log_softmax
+from services.quantizer.pipeline import Cancelled, QuantizeOptions, Quantizer
+from services.quantizer.sensitivity import PackCache, Prober, TextSource
+from services.quantizer.writer import build_model, initializer_bytes
+from tiny_models import build_tiny_decoder, build_tiny_encoder, decoder_forward, open_session
+
+FAST = dict(windows=2, window_tokens=32, eval_windows=2, eval_tokens=32, search_steps=2, sweep_points=1)
+
+
+# --------------------------------------------------------------------------- knapsack
+
+
+def _random_items(rng: random.Random, n: int, integer: bool):
+    items = []
+    for _ in range(n):
+        size = rng.randint(1, 40)
+        costs = [32 * size, 8 * size + 3, 4 * size + 2, 2 * size + 1]
+        if not integer:
+            costs = [c + rng.random() for c in costs]
+        kl2 = rng.random()
+        penalties = [0.0, kl2 * rng.random() * 0.05, kl2 * rng.random() * 0.4, kl2]
+        items.append([Option(b, c, p) for b, c, p in zip((0, 8, 4, 2), costs, penalties)])
+    return items
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_equals_brute_force_on_integer_costs(seed):
+    rng = random.Random(seed)
+    items = _random_items(rng, rng.randint(1, 6), integer=True)
+    lo, hi = sum(min(o.cost for o in it) for it in items), sum(max(o.cost for o in it) for it in items)
+    budget = rng.uniform(lo, hi)
+    solved = allocation.solve(items, budget, unit=1.0)
+    best, _ = allocation.brute_force(items, budget)
+    assert solved.penalty == pytest.approx(best, abs=1e-12)
+    assert solved.cost <= budget
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_knapsack_respects_the_budget_exactly_on_real_costs(seed):
+    rng = random.Random(100 + seed)
+    items = _random_items(rng, rng.randint(2, 6), integer=False)
+    lo, hi = sum(min(o.cost for o in it) for it in items), sum(max(o.cost for o in it) for it in items)
+    budget = rng.uniform(lo, hi)
+    unit = rng.choice([1.0, 2.0, 5.0])
+    solved = allocation.solve(items, budget, unit=unit)
+    real = sum(items[i][j].cost for i, j in enumerate(solved.choice))
+    assert real == pytest.approx(solved.cost) and real <= budget
+    best, _ = allocation.brute_force(items, budget)
+    assert solved.penalty >= best - 1e-12  # never better than the true optimum ...
+    tighter = allocation.brute_force(items, budget - unit * len(items))
+    if tighter is not None:  # ... and never worse than the optimum with one unit per item less room
+        assert solved.penalty <= tighter[0] + 1e-12
+
+
+def test_knapsack_below_the_cheapest_choice_is_a_budget_error():
+    items = [[Option(0, 100, 0), Option(2, 10, 1)]] * 3
+    with pytest.raises(BudgetError, match="cheapest"):
+        allocation.solve(items, 29.0)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("bits, K, N, block", [(8, 96, 40, 16), (4, 64, 48, 32), (2, 70, 24, 32), (4, 200, 3, 64)])
+def test_packing_matches_what_matmulnbits_computes(bits, K, N, block):
+    rng = np.random.default_rng(bits + K)
+    weight = rng.standard_normal((K, N)).astype(np.float32)
+    packed = quant.pack(weight, bits, block)
+    assert packed.nbytes == quant.quantized_bytes(K, N, bits, block)
+    node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft",
+                            K=K, N=N, bits=bits, block_size=block, accuracy_level=0)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, N])],
+        initializer=[numpy_helper.from_array(packed.data, "B"), numpy_helper.from_array(packed.scales, "S"),
+                     numpy_helper.from_array(packed.zero_points, "Z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    a = rng.standard_normal((5, K)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    np.testing.assert_allclose(y, a @ quant.dequantize(packed), atol=1e-4)
+    error = np.abs(quant.dequantize(packed) - weight).mean() / np.abs(weight).mean()
+    assert error < {8: 0.01, 4: 0.15, 2: 0.7}[bits]
+
+
+# --------------------------------------------------------------------------- tiny decoder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    repository = ModelRepository(tmp_path_factory.mktemp("quantizer") / "models")
+    # MatMulNBits wants K a multiple of the block: hidden 64, MLP 256.
+    manifest = build_tiny_decoder(repository, "tiny-lm", kv_heads=2, head_dim=32, num_layers=2)
+    return repository, manifest
+
+
+def test_probe_equals_quantizing_that_layer_by_rebuilding_the_model(tiny):
+    _, manifest = tiny
+    decoder = DecoderGraph.load(manifest.path_of("model"))
+    packs = PackCache(decoder, 32)
+    windows = np.random.default_rng(0).integers(3, 200, size=(2, 24))
+    prober = Prober(decoder, windows)
+    layer = decoder.layers[4]
+    probed = prober.logits({layer.name: packs.fake(layer, 4)})
+    rebuilt = build_model(decoder, packs, {layer.name: 4}, accuracy_level=0)  # exact int math, no int8 activations
+    session = ort.InferenceSession(rebuilt.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], decoder_feeds(session, windows))[0]
+    np.testing.assert_allclose(probed, logits, atol=2e-3, rtol=1e-4)
+    ref = log_softmax(prober.logits({}))
+    kl = float(np.mean(np.sum(np.exp(ref) * (ref - log_softmax(logits)), -1)))
+    assert prober.kl({layer.name: packs.fake(layer, 4)}) == pytest.approx(kl, rel=1e-3, abs=1e-7)
+    assert kl > 0
+
+
+def test_eight_bit_model_is_registered_loads_and_stays_close_to_fp32(tiny):
+    repository, manifest = tiny
+    quantizer = Quantizer(manifest)
+    result = quantizer.run(repository, QuantizeOptions(budget_bits=8.0, output_name="tiny-lm-q8", **FAST))
+    published = result.manifest
+    assert published.reference == "tiny-lm-q8:1" and repository.get("tiny-lm-q8").version == "1"
+    layer_bits = published.extra["quantization"]["layer_bits"]
+    assert set(layer_bits.values()) == {8}  # 8 bits everywhere costs exactly the budget and beats 4/2
+    assert published.generation == manifest.generation
+    model = onnx.load(str(published.path_of("model")))
+    assert {n.op_type for n in model.graph.node} >= {"MatMulNBits"}
+    assert all(dict((a.name, helper.get_attribute_value(a)) for a in n.attribute)["accuracy_level"] == 4
+               for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert initializer_bytes(model) == quantizer.weight_bytes(layer_bits)
+    assert [i.name for i in model.graph.input] == [i.name for i in onnx.load(str(manifest.path_of("model"))).graph.input]
+    # The model host loads it like any model, and its logits stay close to fp32.
+    runtime = load_runtime(published, SessionSettings())
+    prompt = [1, 40, 50, 60, 70, 80, 90]
+    _, logits = runtime.prefill(prompt)
+    reference, _ = decoder_forward(open_session(manifest), [prompt])
+    assert np.abs(logits - reference[0, -1]).max() < 0.05 * np.abs(reference[0, -1]).max()
+    assert int(np.argmax(logits)) == int(np.argmax(reference[0, -1]))
+    assert result.report_path.is_file() and result.plot_path.is_file()
+    assert "| fp32 |" in result.report_path.read_text()
+    names = [v.name for v in result.variants]
+    assert names[:4] == ["fp32", "uniform-8", "uniform-4", "mixed@uniform-4-size"]
+
+
+def test_budget_in_mb_is_respected_on_disk(tiny):
+    repository, manifest = tiny
+    quantizer = Quantizer(manifest)
+    result = quantizer.run(repository, QuantizeOptions(budget_mb=0.70, output_name="tiny-lm-mb", **FAST))
+    size = result.manifest.path_of("model").stat().st_size
+    assert size <= 0.70e6
+    bits = result.manifest.extra["quantization"]["layer_bits"]
+    assert len(set(bits.values())) > 1  # mixed
+
+
+def test_a_second_run_gets_the_next_version(tiny):
+    repository, manifest = tiny
+    options = QuantizeOptions(budget_bits=4.0, output_name="tiny-lm-v", **FAST)
+    Quantizer(manifest).run(repository, options)
+    Quantizer(manifest).run(repository, options)
+    assert repository.versions("tiny-lm-v") == ["1", "2"]
+
+
+def test_bad_inputs_have_clear_errors(tiny, tmp_path):
+    repository, manifest = tiny
+    quantizer = Quantizer(manifest)
+    with pytest.raises(BudgetError, match="below the smallest"):
+        quantizer.run(repository, QuantizeOptions(budget_mb=0.3, output_name="tiny-lm-small", **FAST))
+    with pytest.raises(ValueError, match="tokens"):
+        quantizer.run(repository, QuantizeOptions(budget_bits=4, calibration=TextSource("short", "hi"), **FAST))
+    encoder = build_tiny_encoder(ModelRepository(tmp_path / "models"), "tiny-embed")
+    with pytest.raises(NotADecoderError, match="not a decoder"):
+        Quantizer(encoder)
+    assert not repository.exists("tiny-lm-small")
+
+
+@pytest.mark.parametrize("stop_in", ["sensitivity", "evaluation", "writing"])
+def test_an_interrupted_run_registers_nothing(tiny, stop_in):
+    repository, manifest = tiny
+    seen = []
+
+    def progress(phase, step, total, layer):
+        seen.append(phase)
+
+    def should_stop():
+        return stop_in in seen
+
+    with pytest.raises(Cancelled):
+        Quantizer(manifest).run(repository, QuantizeOptions(budget_bits=4, output_name="tiny-lm-stop", **FAST),
+                                progress, should_stop)
+    assert not repository.exists("tiny-lm-stop")
+    assert not list((repository.root / STAGING_DIRNAME).iterdir())
+
+
+# --------------------------------------------------------------------------- the service
+
+
+FLEET = """
+fleet:
+  tiny-lm: {task: text-generation, tier: hot}
+  tiny-embed: {task: embedding, tier: hot}
+  missing-lm: {task: text-generation, tier: cold}
+routes:
+  chat: {primary: tiny-lm}
+"""
+
+
+@pytest.fixture(scope="module")
+def quantizer_process(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("qservice")
+    repository = ModelRepository(directory / "models")
+    build_tiny_decoder(repository, "tiny-lm", kv_heads=2, head_dim=32, num_layers=2)
+    build_tiny_encoder(repository, "tiny-embed")
+    (directory / "models" / "calibration").mkdir()
+    (directory / "models" / "calibration" / "text.txt").write_text(TextSource.packaged("heldout.txt").text)
+    (directory / "outside.txt").write_text("some text " * 200)
+    mesh = Mesh(load_config(write_config(directory, body=FLEET)), log_dir=directory / "logs", services=("quantizer",))
+    mesh.start()
+    try:
+        with grpc.insecure_channel(mesh.config.services.quantizer.address) as channel:
+            yield quantizer_pb2_grpc.QuantizerStub(channel), repository, directory
+    finally:
+        mesh.stop()
+
+
+def test_quantize_rpc_streams_progress_then_a_report(quantizer_process):
+    stub, repository, _ = quantizer_process
+    request = quantizer_pb2.QuantizeRequest(model="tiny-lm", budget_bits_per_weight=4.5,
+                                            calibration_path="calibration/text.txt")
+    events = list(stub.Quantize(request, timeout=120))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[-1] == "report" and kinds.count("report") == 1 and kinds.count("progress") >= 13
+    phases = [e.progress.phase for e in events[:-1]]
+    assert phases[0] == "sensitivity" and "allocation" in phases and phases[-1] == "writing"
+    sensitivity = [e.progress for e in events[:-1] if e.progress.phase == "sensitivity"]
+    assert sensitivity[-1].step == sensitivity[-1].total == 13 and all(p.elapsed_s >= 0 for p in sensitivity)
+    report = events[-1].report
+    assert (report.output_model, report.output_version) == ("tiny-lm-mixed", "1")
+    assert repository.get("tiny-lm-mixed").extra["quantization"]["source_model"] == "tiny-lm:1"
+    assert len(report.layers) == 13 and all({s.bits for s in layer.sensitivities} == {8, 4, 2} for layer in report.layers)
+    assert {v.name for v in report.variants} >= {"fp32", "uniform-8", "uniform-4", "mixed@uniform-4-size"}
+    assert "calibration/text.txt" in report.calibration and report.report_path.endswith("report.md")
+
+
+def test_analyze_rpc_returns_sensitivities_only(quantizer_process):
+    stub, repository, _ = quantizer_process
+    before = repository.model_names()
+    reply = stub.Analyze(quantizer_pb2.AnalyzeRequest(model="tiny-lm", bits=[4, 2]), timeout=60)
+    assert len(reply.layers) == 13 and all(layer.bits == 0 for layer in reply.layers)
+    assert all([s.bits for s in layer.sensitivities] == [4, 2] for layer in reply.layers)
+    assert all(layer.sensitivities[0].kl < layer.sensitivities[1].kl for layer in reply.layers)
+    assert repository.model_names() == before
+
+
+@pytest.mark.parametrize("request_, code, phrase", [
+    (quantizer_pb2.QuantizeRequest(model="tiny-lm", budget_mb=0.2), grpc.StatusCode.INVALID_ARGUMENT, "below the smallest"),
+    (quantizer_pb2.QuantizeRequest(model="tiny-embed", budget_mb=1), grpc.StatusCode.INVALID_ARGUMENT, "measures decoders"),
+    (quantizer_pb2.QuantizeRequest(model="missing-lm", budget_mb=1), grpc.StatusCode.FAILED_PRECONDITION, "mirador fleet build"),
+    (quantizer_pb2.QuantizeRequest(model="tiny-lm", budget_mb=1, calibration_path="nope.txt"), grpc.StatusCode.NOT_FOUND, "no such file"),
+    (quantizer_pb2.QuantizeRequest(model="tiny-lm", budget_mb=1, calibration_path="../outside.txt"), grpc.StatusCode.INVALID_ARGUMENT, "outside the model repository"),
+    (quantizer_pb2.QuantizeRequest(model="tiny-lm", budget_mb=1, calibration_path="/etc/passwd"), grpc.StatusCode.INVALID_ARGUMENT, "outside the model repository"),
+])
+def test_quantize_rpc_bad_inputs(quantizer_process, request_, code, phrase):
+    stub, repository, _ = quantizer_process
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Quantize(request_, timeout=60))
+    assert caught.value.code() == code, caught.value.details()
+    assert phrase in caught.value.details()
+    assert not repository.exists("tiny-lm-mixed") or repository.versions("tiny-lm-mixed") == ["1"]
