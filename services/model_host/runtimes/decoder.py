@@ -45,6 +45,8 @@ class DecoderRuntime(ModelRuntime):
         self.output_names = ["logits", *self.present_outputs]
         self.takes_position_ids = "position_ids" in {i.name for i in session.get_inputs()}
         self.max_length = int(generation.get("max_position_embeddings", 2048))
+        # Whether option rows can run as one batch on a shared cache (fused attention ops may refuse).
+        self.batched_continuation = bool(generation.get("batched_continuation", True))
 
     # -- text
 
@@ -100,8 +102,21 @@ class DecoderRuntime(ModelRuntime):
         option_ids = [self.encode(option) for option in options]
         if any(not ids for ids in option_ids):
             raise ValueError("an option encodes to no tokens; give every option visible text")
+        if self.batched_continuation:
+            logprobs = self._continuation_logprobs(state, option_ids)
+        else:
+            logprobs = [self._continuation_logprobs(state, [ids])[0] for ids in option_ids]
+        totals = []
+        for row, ids in enumerate(option_ids):
+            total = first_logprobs[ids[0]]
+            total += sum(logprobs[row][j - 1, ids[j]] for j in range(1, len(ids)))
+            totals.append(float(total))
+        return totals, [len(ids) for ids in option_ids]
+
+    def _continuation_logprobs(self, state: DecodeState, option_ids: list[list[int]]) -> np.ndarray:
+        """Log-probabilities after each option token, all options as one right-padded batch."""
         width = max(len(ids) for ids in option_ids)
-        batch = len(options)
+        batch = len(option_ids)
         input_ids = np.zeros((batch, width), dtype=np.int64)
         mask = np.zeros((batch, state.length + width), dtype=np.int64)
         mask[:, : state.length] = 1
@@ -110,10 +125,4 @@ class DecoderRuntime(ModelRuntime):
             mask[row, state.length : state.length + len(ids)] = 1
         past = {name: np.repeat(value, batch, axis=0) for name, value in state.past.items()}
         logits, _ = self._run(input_ids, mask, past, state.length)
-        logprobs = log_softmax(logits)
-        totals = []
-        for row, ids in enumerate(option_ids):
-            total = first_logprobs[ids[0]]
-            total += sum(logprobs[row, j - 1, ids[j]] for j in range(1, len(ids)))
-            totals.append(float(total))
-        return totals, [len(ids) for ids in option_ids]
+        return log_softmax(logits)
