@@ -173,9 +173,9 @@ QUANTIZER_ERRORS = [
     ("Quantize", quantizer_pb2.QuantizeRequest(model="tiny-lm", budget_bits_per_weight=1.5), grpc.StatusCode.INVALID_ARGUMENT, "use 2 to 32"),
     ("Quantize", quantizer_pb2.QuantizeRequest(model="tiny-lm", budget_mb=-1), grpc.StatusCode.INVALID_ARGUMENT, "positive size"),
     ("Quantize", quantizer_pb2.QuantizeRequest(model="tiny-lm", budget_mb=50, block_size=48), grpc.StatusCode.INVALID_ARGUMENT, "block_size"),
-    ("Quantize", quantizer_pb2.QuantizeRequest(model="tiny-lm", budget_mb=50), grpc.StatusCode.UNIMPLEMENTED, "quantizer milestone"),
+    ("Quantize", quantizer_pb2.QuantizeRequest(model="tiny-lm", budget_mb=50), grpc.StatusCode.FAILED_PRECONDITION, "build it with `mirador fleet build`"),
     ("Analyze", quantizer_pb2.AnalyzeRequest(model="tiny-lm", bits=[3]), grpc.StatusCode.INVALID_ARGUMENT, "subset of (8, 4, 2)"),
-    ("Analyze", quantizer_pb2.AnalyzeRequest(model="tiny-lm"), grpc.StatusCode.UNIMPLEMENTED, "quantizer milestone"),
+    ("Analyze", quantizer_pb2.AnalyzeRequest(model="tiny-lm"), grpc.StatusCode.FAILED_PRECONDITION, "build it with `mirador fleet build`"),
 ]
 
 

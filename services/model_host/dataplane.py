@@ -28,6 +28,7 @@ from services.model_host.calibration import (
 )
 from services.model_host.faults import InjectedDelays
 from services.model_host.registry import ModelRecord, ModelRegistry, State
+from services.model_host.runtimes.classifier import ClassifierRuntime, request_text
 from services.model_host.runtimes.decoder import DecoderRuntime
 from services.model_host.runtimes.encoder import EncoderRuntime
 from services.model_host.runtimes.sampling import Sampler
@@ -226,6 +227,8 @@ class DataPlane:
         received = time.perf_counter()
         needs_load = self.registry.record(model).state != State.READY
         async with self.registry.use(model) as record:
+            if isinstance(record.runtime, ClassifierRuntime):
+                return await self._classify(model, record, messages, prompt, options, received, needs_load)
             runtime: DecoderRuntime = record.runtime
             timings = self._entry_timings(received, needs_load)
             observability.waited(model, received, "score")
@@ -247,6 +250,33 @@ class DataPlane:
             )
             return ScoreResult(model, record.manifest.version, options[int(np.argmax(probabilities))],
                                len(prompt_ids), timings, confidence)
+
+    async def _classify(self, model: str, record: ModelRecord, messages: Messages, prompt: str, options: list[str],
+                        received: float, needs_load: bool) -> ScoreResult:
+        """Score on a classification model: its (calibrated) distribution over its labels,
+        renormalised over `options`, which must be some of those labels."""
+        runtime: ClassifierRuntime = record.runtime
+        unknown = [option for option in options if option not in runtime.labels]
+        if unknown:
+            raise InvalidArgument(f"`{model}` classifies into {', '.join(runtime.labels)}; options must be some of "
+                                  f"these labels, not {', '.join(map(repr, unknown))}")
+        text = request_text(messages, prompt, options)
+        if not text.strip():
+            raise InvalidArgument(f"nothing to classify: send a `prompt` or a user message for `{model}`")
+        timings = self._entry_timings(received, needs_load)
+        started = time.perf_counter()
+        distribution = (await self._in_thread(runtime.classify, [text]))[0]
+        timings.prefill_ms = (time.perf_counter() - started) * 1000
+        chosen = np.array([distribution[runtime.labels.index(option)] for option in options], dtype=np.float64)
+        chosen = chosen / chosen.sum() if chosen.sum() > 0 else np.full(len(options), 1.0 / len(options))
+        timings.total_ms = (time.perf_counter() - received) * 1000
+        confidence = Confidence(
+            labels=[(o, float(p), float(np.log(max(p, 1e-45)))) for o, p in zip(options, chosen)],
+            calibrated=float(chosen.max()),
+            source=runtime.calibration_source,
+        )
+        return ScoreResult(model, record.manifest.version, options[int(np.argmax(chosen))],
+                           runtime.token_counts([text])[0], timings, confidence)
 
     # ------------------------------------------------------------------ embed
 

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from services.common.logs import log_event
 from services.common.model_repository import ModelManifest
 from services.model_host.runtimes import ModelRuntime
+from services.model_host.runtimes.classifier import ClassifierRuntime
 from services.model_host.runtimes.decoder import DecoderRuntime
 from services.model_host.runtimes.encoder import EncoderRuntime
 
@@ -87,11 +88,13 @@ def create_session(manifest: ModelManifest, settings: SessionSettings) -> ort.In
 def load_runtime(manifest: ModelManifest, settings: SessionSettings) -> ModelRuntime:
     """Loads a model for serving. Raises with a readable reason when the files are unusable."""
     tokenizer = Tokenizer.from_file(str(manifest.path_of("tokenizer"))) if "tokenizer" in manifest.files else None
-    if manifest.task in ("text-generation", "embedding") and tokenizer is None:
+    if manifest.task in ("text-generation", "embedding", "classification") and tokenizer is None:
         raise ValueError(f"{manifest.reference} has no tokenizer file; add `tokenizer` to the manifest's files")
     session = create_session(manifest, settings)
     if manifest.task == "text-generation":
         return DecoderRuntime(manifest, session, tokenizer)
     if manifest.task == "embedding":
         return EncoderRuntime(manifest, session, tokenizer)
+    if manifest.task == "classification":
+        return ClassifierRuntime(manifest, session, tokenizer)
     raise ValueError(f"{manifest.reference}: serving `{manifest.task}` models is not supported yet")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -11,6 +13,7 @@ import grpc
 from mirador.v1 import model_host_pb2, model_host_pb2_grpc
 
 from services.common.config import MiradorConfig
+from services.common.logs import log_event
 from services.common.model_repository import ModelRepository
 from services.common.server import MiradorService, run_service_main
 from services.model_host.dataplane import BatchingHook, DataPlane
@@ -22,6 +25,11 @@ from services.model_host.servicer import ModelHostServicer
 
 # Model work runs in these threads; ONNX Runtime releases the GIL while it runs.
 INFERENCE_THREADS = 4
+log = logging.getLogger("mirador.model_host")
+# What a reload changes in a running host: of existing models, tier and keep_alive; of the host,
+# the memory budget and the per-model queue limit. The rest needs a restart.
+RELOADABLE_MODEL_FIELDS = ("tier", "keep_alive_s")
+RELOADABLE_HOST_SETTINGS = ("memory_budget_mb", "max_queue_per_model", "reaper_interval_s")
 
 
 class ModelHostService(MiradorService):
@@ -63,6 +71,48 @@ class ModelHostService(MiradorService):
             asyncio.create_task(self.registry.load_pinned(), name="load pinned models"),
             asyncio.create_task(self.registry.run_reaper(self.settings.reaper_interval_s), name="keep-alive reaper"),
         ]
+
+    async def on_config_reload(self, new_config: MiradorConfig) -> None:
+        old_fleet = self.servicer.config.fleet
+        restart = [f"fleet.{name} (added)" for name in new_config.fleet if name not in old_fleet]
+        restart += [f"fleet.{name} (removed)" for name in old_fleet if name not in new_config.fleet]
+        fleet, changed = {}, []
+        for name, old_spec in old_fleet.items():
+            new_spec = new_config.fleet.get(name)
+            if new_spec is None:
+                fleet[name] = old_spec  # still served until a restart
+                continue
+            applied = dataclasses.replace(old_spec, **{f: getattr(new_spec, f) for f in RELOADABLE_MODEL_FIELDS})
+            restart += [f"fleet.{name}.{f.name}" for f in dataclasses.fields(new_spec)
+                        if f.name not in RELOADABLE_MODEL_FIELDS and getattr(new_spec, f.name) != getattr(old_spec, f.name)]
+            if applied != old_spec:
+                changed.append(name)
+                record = self.registry.record(name)
+                record.spec, record.pinned = applied, applied.tier == "hot"
+            fleet[name] = applied
+        old, new = self.settings, new_config.services.model_host
+        restart += [f"services.model_host.{f.name}" for f in dataclasses.fields(new)
+                    if f.name not in (*RELOADABLE_HOST_SETTINGS, "host", "port", "max_concurrent_rpcs", "metrics_port")
+                    and getattr(new, f.name) != getattr(old, f.name)]
+        self.registry.budget_bytes = new.memory_budget_mb * MB
+        self.servicer.admission.set_limit(new.max_queue_per_model)
+        if new.reaper_interval_s != old.reaper_interval_s:
+            reaper = next((t for t in self._background if t.get_name() == "keep-alive reaper"), None)
+            if reaper is not None:
+                reaper.cancel()
+                self._background.remove(reaper)
+            self._background.append(asyncio.create_task(self.registry.run_reaper(new.reaper_interval_s),
+                                                        name="keep-alive reaper"))
+        self.settings = dataclasses.replace(old, **{k: getattr(new, k) for k in RELOADABLE_HOST_SETTINGS})
+        # the servicer validates against the fleet the registry serves: the old models, new tiers and keep_alive
+        self.servicer.config = dataclasses.replace(new_config, fleet=fleet)
+        if restart:
+            log_event(log, "config reload: restart the model host to apply these changes", logging.WARNING,
+                      keys=restart)
+        log_event(log, "model settings applied", models=changed, memory_budget_mb=new.memory_budget_mb,
+                  max_queue_per_model=new.max_queue_per_model)
+        if any(self.registry.record(name).pinned for name in changed):  # a model made hot loads now
+            self._background.append(asyncio.create_task(self.registry.load_pinned(), name="load pinned models"))
 
     async def on_stop(self) -> None:
         for task in self._background:

@@ -20,6 +20,7 @@ from services.common.validation import (
     require_sampling,
     require_text,
 )
+from services.model_host.admission import Admission, priority_of
 from services.model_host.dataplane import Confidence, DataPlane, GenerationSummary, SamplingSettings, Timings
 from services.model_host.registry import ModelRecord, ModelRegistry, State
 
@@ -102,40 +103,46 @@ def status_pb(record: ModelRecord) -> pb.ModelStatus:
 
 
 class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
-    def __init__(self, config: MiradorConfig, registry: ModelRegistry, dataplane: DataPlane):
+    def __init__(self, config: MiradorConfig, registry: ModelRegistry, dataplane: DataPlane,
+                 admission: Admission | None = None):
         self.config = config
         self.registry = registry
         self.dataplane = dataplane
+        # bounded queue per model: calls beyond it are shed with RESOURCE_EXHAUSTED (admission.py)
+        self.admission = admission or Admission(config.services.model_host.max_queue_per_model)
 
-    def _require_task(self, model: str, task: str, rpc: str) -> None:
+    def _require_task(self, model: str, task: str | tuple[str, ...], rpc: str) -> None:
         spec = require_model(self.config, model)
-        if spec.task != task:
-            raise InvalidArgument(f"{rpc} needs a {task} model; `{model}` is a {spec.task} model")
+        tasks = (task,) if isinstance(task, str) else task
+        if spec.task not in tasks:
+            raise InvalidArgument(f"{rpc} needs a {' or '.join(tasks)} model; `{model}` is a {spec.task} model")
 
     async def Generate(self, request: pb.GenerateRequest, context):
         self._require_task(request.model, "text-generation", "Generate")
         require_messages(request.messages, request.prompt)
         require_sampling(request.sampling)
-        events = self.dataplane.generate(request.model, messages_of(request), request.prompt, sampling_of(request.sampling))
-        async for event in events:
-            if isinstance(event, GenerationSummary):
-                yield pb.GenerateResponse(summary=pb.GenerateSummary(
-                    model=event.model, model_version=event.version, finish_reason=FINISH_REASONS[event.finish_reason],
-                    text=event.text,
-                    usage=common_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
-                    timings=timings_pb(event.timings), confidence=confidence_pb(event.confidence),
-                ))
-            else:
-                yield pb.GenerateResponse(token=common_pb2.TokenChunk(
-                    index=event.index, token_id=event.token_id, text=event.text, logprob=event.logprob,
-                    entropy=event.entropy,
-                ))
+        with self.admission.admit(request.model, priority_of(context)):
+            events = self.dataplane.generate(request.model, messages_of(request), request.prompt, sampling_of(request.sampling))
+            async for event in events:
+                if isinstance(event, GenerationSummary):
+                    yield pb.GenerateResponse(summary=pb.GenerateSummary(
+                        model=event.model, model_version=event.version, finish_reason=FINISH_REASONS[event.finish_reason],
+                        text=event.text,
+                        usage=common_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+                        timings=timings_pb(event.timings), confidence=confidence_pb(event.confidence),
+                    ))
+                else:
+                    yield pb.GenerateResponse(token=common_pb2.TokenChunk(
+                        index=event.index, token_id=event.token_id, text=event.text, logprob=event.logprob,
+                        entropy=event.entropy,
+                    ))
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
-        self._require_task(request.model, "text-generation", "Score")
+        self._require_task(request.model, ("text-generation", "classification"), "Score")
         require_messages(request.messages, request.prompt)
         require_options(request.options)
-        result = await self.dataplane.score(request.model, messages_of(request), request.prompt, list(request.options))
+        with self.admission.admit(request.model, priority_of(context)):
+            result = await self.dataplane.score(request.model, messages_of(request), request.prompt, list(request.options))
         return pb.ScoreResponse(model=result.model, model_version=result.version, best_option=result.best_option,
                                 confidence=confidence_pb(result.confidence), timings=timings_pb(result.timings))
 
@@ -145,7 +152,8 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
             raise InvalidArgument(f"{len(request.texts)} texts given; send between 1 and {MAX_EMBED_TEXTS}")
         for i, text in enumerate(request.texts):
             require_text(text, f"texts[{i}]")
-        result = await self.dataplane.embed(request.model, list(request.texts))
+        with self.admission.admit(request.model, priority_of(context)):
+            result = await self.dataplane.embed(request.model, list(request.texts))
         return pb.EmbedResponse(
             model=result.model, model_version=result.version, dimension=int(result.vectors.shape[1]),
             embeddings=[pb.Embedding(values=row.tolist()) for row in result.vectors], timings=timings_pb(result.timings),

@@ -7,19 +7,24 @@ import json
 import grpc
 import asyncio
 import contextlib
+import logging
+from functools import partial
 
 import numpy as np
 from mirador.v1 import consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc, router_pb2, router_pb2_grpc
 
 from services.common.channels import open_channel
 from services.common.config import MiradorConfig, SecurityConfig
+from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
 from services.router.fallback import Breakers
-from services.router.routing import RouteTable
+from services.router.rate_limit import RateLimiter
+from services.router.routing import RouteTable, classified_routes
 from services.router.servicer import RouterServicer
 from services.router.sessions import SessionStore
 
 EMBED_TIMEOUT_S = 60.0
+log = logging.getLogger("mirador.router")
 
 
 def model_host_channel(targets: tuple[str, ...], security: SecurityConfig | None = None) -> grpc.aio.Channel:
@@ -53,15 +58,21 @@ class RouterService(MiradorService):
 
     def __init__(self, config: MiradorConfig):
         self.config = config
-        self.routes = RouteTable(config, embed_many=self.embed)
+        self.routes = self._route_table(config)
         self.servicer = RouterServicer(self.routes, SessionStore(), Breakers())
+        self.servicer.rate_limiter = RateLimiter.from_settings(config.services.router)
         self.model_host_channel: grpc.aio.Channel | None = None
         self.consensus_channel: grpc.aio.Channel | None = None
         self.learning: asyncio.Task | None = None
+        self.relearning: asyncio.Task | None = None  # a reloaded config's routes, learned before they serve
 
-    async def embed(self, texts: list[str]) -> np.ndarray:
+    def _route_table(self, config: MiradorConfig) -> RouteTable:
+        # each table embeds with the embedding model of its own config
+        return RouteTable(config, embed_many=partial(self.embed, model=config.services.router.embedding_model))
+
+    async def embed(self, texts: list[str], model: str | None = None) -> np.ndarray:
         reply = await self.servicer.model_host.Embed(
-            model_host_pb2.EmbedRequest(model=self.config.services.router.embedding_model, texts=texts),
+            model_host_pb2.EmbedRequest(model=model or self.config.services.router.embedding_model, texts=texts),
             timeout=EMBED_TIMEOUT_S,
         )
         return np.array([e.values for e in reply.embeddings], dtype=np.float32)
@@ -83,7 +94,61 @@ class RouterService(MiradorService):
         # so the router answers health checks (and explicit routes) at once.
         self.learning = asyncio.create_task(self.routes.keep_learning(self.config), name="learn routes")
 
+    async def on_config_reload(self, new_config: MiradorConfig) -> None:
+        """Applies routes, fallbacks, thresholds, the default route and rate limits. Routes whose
+        examples changed are learned again first; the old table serves until then."""
+        old = self.config
+        restart = [key for key, before, after in (
+            ("services.router.model_host_targets", old.services.model_host_targets, new_config.services.model_host_targets),
+            ("services.consensus address", old.services.consensus.address, new_config.services.consensus.address),
+        ) if before != after]
+        if restart:
+            log_event(log, "config reload: restart the router to apply these changes", logging.WARNING, keys=restart)
+        settings = new_config.services.router
+        self.servicer.rate_limiter.configure(settings.rate_limit_per_client, settings.rate_limit_burst)
+        table = self._route_table(new_config)
+        if self.relearning is not None:  # an earlier reload still learning: this one supersedes it
+            self.relearning.cancel()
+            self.relearning = None
+        current = self.routes
+        same_examples = (_examples(old) == _examples(new_config)
+                         and old.services.router.embedding_model == settings.embedding_model)
+        if same_examples and current.classifier is not None:
+            table.classifier = current.classifier
+            table.learned.set()
+        elif current.classifier is not None and table.classifiable:
+            log_event(log, "config reload: route examples changed, learning them before the new routes serve")
+            self.relearning = asyncio.create_task(self._learn_then_swap(new_config, table), name="relearn routes")
+            return
+        self._swap(new_config, table)
+        if not table.learned.is_set():
+            await self._stop_learning()
+            self.learning = asyncio.create_task(table.keep_learning(new_config), name="learn routes")
+
+    async def _learn_then_swap(self, config: MiradorConfig, table: RouteTable) -> None:
+        await table.keep_learning(config)
+        await self._stop_learning()
+        self._swap(config, table)
+
+    def _swap(self, config: MiradorConfig, table: RouteTable) -> None:
+        self.config, self.routes, self.servicer.routes = config, table, table
+        log_event(log, "routes applied", routes=list(table.routes), default_route=table.default_route,
+                  min_confidence=table.min_confidence, classifier=table.classifier.routes if table.classifier else None,
+                  rate_limit_per_client=config.services.router.rate_limit_per_client)
+
+    async def _stop_learning(self) -> None:
+        for task in (self.learning,):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.learning = None
+
     async def on_stop(self) -> None:
+        if self.relearning is not None:
+            self.relearning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.relearning
         if self.learning is not None:
             self.learning.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -91,6 +156,10 @@ class RouterService(MiradorService):
         for channel in (self.model_host_channel, self.consensus_channel):
             if channel is not None:
                 await channel.close()
+
+
+def _examples(config: MiradorConfig) -> dict[str, tuple[str, ...]]:
+    return {name: route.examples for name, route in classified_routes(config).items()}
 
 
 def main(argv: list[str] | None = None) -> int:

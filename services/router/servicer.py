@@ -17,6 +17,7 @@ from services.common.config import RouteSpec
 from services.common.errors import DeadlineExceeded, ServiceError, Unavailable
 from services.common.validation import require_sampling, require_text
 from services.router.fallback import RETRYABLE, Breakers
+from services.router.rate_limit import RateLimiter
 from services.router.routing import RouteTable
 from services.router.sessions import SessionStore
 
@@ -25,6 +26,8 @@ from services.router.sessions import SessionStore
 FIRST_TOKEN_SHARE = 0.5
 _tracer = telemetry.tracer("mirador.router")
 ROUTED = Counter("mirador_router_requests", "Ask requests by the route chosen and its primary model", ["route", "model"])
+# Calls of `priority: critical` routes carry it; the model host keeps a share of each model's queue for them.
+PRIORITY_METADATA_KEY = "x-mirador-priority"
 ROLES = {"system": common_pb2.ROLE_SYSTEM, "user": common_pb2.ROLE_USER, "assistant": common_pb2.ROLE_ASSISTANT}
 
 
@@ -45,12 +48,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.breakers = breakers
         self.model_host: model_host_pb2_grpc.ModelHostStub | None = None  # set on start
         self.consensus: consensus_pb2_grpc.ConsensusStub | None = None  # set on start
+        self.rate_limiter: RateLimiter | None = None  # per-client limits (rate_limit.py); None = none
 
     async def Route(self, request: router_pb2.RouteRequest, context) -> router_pb2.RouteDecision:
+        if self.rate_limiter is not None:
+            self.rate_limiter.admit(context)
         require_text(request.text, "text")
         return await self.routes.decide(request.text, request.route, timeout_s=context.time_remaining())
 
     async def Ask(self, request: router_pb2.AskRequest, context):
+        if self.rate_limiter is not None:
+            self.rate_limiter.admit(context)
         require_text(request.text, "text")
         require_sampling(request.sampling)
         if request.session_id:
@@ -105,13 +113,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             has_next = position < len(models) - 1
             call = self.model_host.Generate(
                 model_host_pb2.GenerateRequest(request_id=request_id, model=model, messages=chat(turns), sampling=request.sampling),
-                timeout=remaining,
+                timeout=remaining, metadata=self._priority_metadata(decision.route),
             )
             try:
                 first = await self._first_message(call, model, remaining * FIRST_TOKEN_SHARE if has_next else remaining)
             except _AttemptFailed as failure:
                 call.cancel()
-                breaker.record_failure()
+                if failure.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    breaker.release()  # busy (full queue) or slow under load is not broken: fall back, keep it in rotation
+                else:
+                    breaker.record_failure()
                 failures.append(failure)
                 continue
             except BaseException:
@@ -132,6 +143,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if codes == {grpc.StatusCode.DEADLINE_EXCEEDED}:
             raise DeadlineExceeded(message)
         raise ServiceError(message, codes.pop() if len(codes) == 1 else grpc.StatusCode.UNAVAILABLE)
+
+    def _priority_metadata(self, route_name: str) -> tuple[tuple[str, str], ...] | None:
+        route = self.routes.routes.get(route_name)
+        return ((PRIORITY_METADATA_KEY, "critical"),) if route is not None and route.priority == "critical" else None
 
     async def _first_message(self, call, model: str, budget_s: float):
         try:
