@@ -29,6 +29,7 @@ from services.common import telemetry
 from services.common.config import ConfigError, MiradorConfig, SecurityConfig, ServiceSettings, load_config
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.logs import configure_logging, log_event
+from services.common.reload import ConfigReloader
 from services.common.metrics import RpcMetricsInterceptor, start_metrics_http, stop_metrics_http
 from services.common.security import server_credentials, server_interceptors
 
@@ -232,7 +233,7 @@ async def serve(service: MiradorService, settings: ServiceSettings, stop_event: 
         loop.add_signal_handler(sig, stop_event.set)
     reloads: set[asyncio.Task] = set()
     if config_path is not None:
-        reloader = _ConfigReloader(service, settings, security, config_path)
+        reloader = ConfigReloader(service, settings, security, config_path)
 
         def on_sighup() -> None:
             task = loop.create_task(reloader.reload(), name="config reload")
@@ -253,52 +254,6 @@ async def serve(service: MiradorService, settings: ServiceSettings, stop_event: 
     await service.on_stop()
     stop_metrics_http(metrics_http)
     log_event(log, "stopped")
-
-
-# Settings a running server cannot change: a reload that changes them logs "restart needed".
-_RESTART_ONLY_SETTINGS = ("host", "port", "max_concurrent_rpcs", "metrics_port")
-
-
-class _ConfigReloader:
-    """SIGHUP: read and validate the config file again; a bad file is refused with its problems
-    logged (the old config keeps serving); a good one goes to `service.on_config_reload`.
-    Reloads run one at a time."""
-
-    def __init__(self, service: MiradorService, settings: ServiceSettings, security: SecurityConfig,
-                 config_path: str | os.PathLike):
-        self.service, self.settings, self.security = service, settings, security
-        self.config_path = config_path
-        self.lock = asyncio.Lock()
-
-    async def reload(self) -> None:
-        async with self.lock:
-            log_event(log, "config reload requested (SIGHUP)", path=str(self.config_path))
-            try:
-                config = await asyncio.get_running_loop().run_in_executor(None, load_config, self.config_path)
-            except ConfigError as exc:
-                log_event(log, "config reload rejected: the old config keeps serving", logging.ERROR,
-                          path=str(self.config_path), problems=[str(p) for p in exc.problems])
-                return
-            except Exception as exc:  # noqa: BLE001 - a reload must never take the service down
-                log_event(log, "config reload rejected: the old config keeps serving", logging.ERROR,
-                          path=str(self.config_path), problems=[repr(exc)])
-                return
-            new_settings = getattr(config.services, self.service.name, None)
-            changed = [f"services.{self.service.name}.{key}" for key in _RESTART_ONLY_SETTINGS
-                       if new_settings is not None and getattr(new_settings, key) != getattr(self.settings, key)]
-            if config.security != self.security:
-                changed.append("security")
-            if changed:
-                log_event(log, "config reload: restart needed to apply these changes", logging.WARNING,
-                          keys=changed)
-            try:
-                await self.service.on_config_reload(config)
-            except Exception as exc:  # noqa: BLE001
-                log_event(log, "config reload failed in the service; it keeps serving", logging.ERROR,
-                          error=repr(exc))
-                log.debug("traceback", exc_info=exc)
-                return
-            log_event(log, "config reload done", path=str(self.config_path))
 
 
 def _start_metrics_http(name: str, settings: ServiceSettings):
