@@ -13,7 +13,7 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[cpu]'
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[cpu,dev,build]'
+	$(BIN)/pip install --quiet -e '.[cpu,dev,build,quantizer]'
 
 # The real fleet, built once into the user cache dir (a no-op when up to date).
 fleet: install-dev
