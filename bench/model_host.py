@@ -399,10 +399,13 @@ def bench_throughput(on: Host, off: Host, levels: list[int], seconds: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    global LM
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced run (< 2 minutes): fewer repeats, shorter windows, warm graph cache")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--decoder", default=LM, help="repository name of the decoder to measure (default %(default)s)")
     args = parser.parse_args(argv)
+    LM = args.decoder
     quick = args.quick
     runs = 1 if quick else 3
     max_tokens = 32 if quick else 64
@@ -498,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     T = results["tables"]
     ratio = decode["decode_ms_per_token_client"] / inproc["decode_ms_per_token"]
     T["decode"] = table(
-        f"Decode and prefill, {LM} (optimum fp32 graph), greedy, {decode['prompt_tokens']}-token prompt, "
+        f"Decode and prefill, {LM}, greedy, {decode['prompt_tokens']}-token prompt, "
         f"up to {max_tokens} tokens, median of steps after the first ({runs} run(s), host and bare loop interleaved)",
         ["path", "decode ms/token", "p90", "prefill ms", "tokens", "note"],
         [
@@ -557,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nelapsed {results['elapsed_s']:.0f} s; load average now {[round(x, 2) for x in os.getloadavg()]}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "-quick" if quick else ""
+    suffix = ("-quick" if quick else "") + ("" if LM == "smollm2-135m-instruct" else f"-{LM}")
     (args.out / f"model_host{suffix}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     plot(results, args.out / f"model_host_throughput{suffix}.png")
     print(f"wrote {args.out / f'model_host{suffix}.json'} and {args.out / f'model_host_throughput{suffix}.png'}")

@@ -28,14 +28,15 @@ class Sampler:
         self.rng = np.random.default_rng(seed)
 
     def pick(self, logits: np.ndarray) -> Pick:
-        logprobs = log_softmax(logits)
-        probs = np.exp(logprobs)
-        entropy = float(-(probs * logprobs).sum())
-        if self.temperature == 0.0:
-            token = int(np.argmax(logits))
-        else:
-            token = self._sample(logits)
-        return Pick(token, float(logprobs[token]), entropy)
+        # float32 and one exp pass: this runs once per generated token over the whole vocabulary.
+        logits = np.asarray(logits, dtype=np.float32)
+        shifted = logits - logits.max()
+        weights = np.exp(shifted)
+        total = weights.sum(dtype=np.float64)
+        log_total = float(np.log(total))
+        entropy = log_total - float(np.dot(weights, shifted) / total)
+        token = int(np.argmax(shifted)) if self.temperature == 0.0 else self._sample(logits)
+        return Pick(token, float(shifted[token]) - log_total, entropy)
 
     def _sample(self, logits: np.ndarray) -> int:
         probs = np.exp(log_softmax(logits / self.temperature))
