@@ -1,0 +1,345 @@
+"""The consensus label vote on BIG-bench decisions: member accuracy, the vote's accuracy,
+and the risk-coverage curve of escalation, on the calibration tool's held-out half.
+
+    python bench/decisions.py [--data /work/shared/eval/decisions-dev.jsonl] [--per-source 40]
+                              [--threads 2] [--out bench/results] [--reuse]
+
+Split: exactly services/model_host/calibrate.py's (sha256(prompt) parity: even = fit,
+odd = held out; within each source, hash order). Only held-out questions are scored:
+the first `--per-source` per source (default 40 -> 120 questions, a subset of the 150
+the calibration report was evaluated on).
+
+Members: `smollm2-135m-instruct` (optimum fp32 graph), `smollm2-135m-instruct-fused-int8`
+and `smollm2-135m-instruct-fused-int4-exact`. These are THE SAME SmolLM2-135M-Instruct
+weights run through other graphs / quantisations, NOT independent models: the fleet has no
+second real decoder, so this vote measures what quantisation noise does to a vote of
+one model with itself, not the benefit of diverse models.
+
+Each member is run in-process as the model host scores (`load_runtime`,
+`render_chat` / `encode` / `score_options`), asked in the consensus service's wording
+(`services.consensus.prompts.decision_messages`, ChatMessage protos converted to
+(role, content) pairs with the host's own role map). As in the host's data plane
+(services/model_host/dataplane.py), the ballot's distribution is
+`option_distribution(sums)` at T = 1 and its weight is the calibrated confidence
+`score_confidence(model, sums, calibration)`. Only the fp32 model has a fitted
+calibration file; the int8 / int4 graphs get the fp32 calibration (same temperature)
+here, which the host would NOT do (it would report them uncalibrated, T = 1).
+
+The vote is the consensus service's `services.consensus.voting.label_vote`; a question
+is answered when consistency = P(verdict) >= threshold, else escalated.
+Writes <out>/decisions.json (raw option log-likelihoods included; `--reuse` recomputes
+the tables from it without running the models) and <out>/decisions_risk_coverage.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from mirador.v1 import common_pb2  # noqa: E402
+from services.consensus import voting  # noqa: E402
+from services.consensus.prompts import decision_messages  # noqa: E402
+from services.model_host.calibrate import DEFAULT_DATA, load_questions, split  # noqa: E402
+from services.model_host.calibration import load_score_calibration, option_distribution, score_confidence  # noqa: E402
+
+PRIMARY = "smollm2-135m-instruct"
+MEMBERS = [PRIMARY, "smollm2-135m-instruct-fused-int8", "smollm2-135m-instruct-fused-int4-exact"]
+THRESHOLDS = [round(0.5 + 0.05 * k, 2) for k in range(10)]  # 0.50 .. 0.95
+CHECK_THRESHOLD = 0.8
+# The host's role map (services/model_host/servicer.py ROLES), copied to avoid importing grpc servicers.
+ROLES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import onnxruntime as ort
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(), "onnxruntime": ort.__version__, "platform": platform.platform()}
+
+
+def held_out_sample(path: Path, per_source: int):
+    questions = load_questions(path)
+    fit_all, held_all = split(questions, 0)
+    _, held = split(questions, per_source)
+    return questions, fit_all, held
+
+
+def majority_labels(fit) -> dict[str, str]:
+    """Per source, the most frequent right answer on the whole fit half."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for q in fit:
+        counts[q.source][q.options[q.answer]] += 1
+    return {s: c.most_common(1)[0][0] for s, c in counts.items()}
+
+
+def score_member(model: str, questions, threads: int) -> tuple[list[list[float]], dict]:
+    from services.common.model_repository import ModelRepository
+    from services.model_host.loader import SessionSettings, default_optimized_cache, load_runtime
+
+    started = time.perf_counter()
+    manifest = ModelRepository(None).get(model, None)
+    runtime = load_runtime(manifest, SessionSettings(intra_op_threads=threads, optimized_cache=default_optimized_cache()))
+    load_s = time.perf_counter() - started
+    sums_all = []
+    started = time.perf_counter()
+    for number, q in enumerate(questions, 1):
+        asked = decision_messages([common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=q.prompt)], q.options)
+        ids = runtime.encode(runtime.render_chat([(ROLES[m.role], m.content) for m in asked]))
+        sums, _ = runtime.score_options(ids, list(q.options))
+        sums_all.append([float(s) for s in sums])
+        if number % 20 == 0 or number == len(questions):
+            el = time.perf_counter() - started
+            print(f"  {model}: {number}/{len(questions)} scored, {el:.0f} s ({el / number * 1000:.0f} ms each)",
+                  file=sys.stderr, flush=True)
+    info = {"version": manifest.version, "load_s": round(load_s, 2),
+            "score_s": round(time.perf_counter() - started, 2)}
+    del runtime
+    return sums_all, info
+
+
+def risk_coverage(outcomes, correct: np.ndarray) -> list[dict]:
+    consistency = np.array([o.consistency for o in outcomes])
+    rows = []
+    for t in THRESHOLDS:
+        answered = np.array([not o.escalates(t) for o in outcomes])
+        n_ans = int(answered.sum())
+        errors = int((answered & ~correct).sum())
+        rows.append({"threshold": t, "escalated": round(1 - n_ans / len(outcomes), 4), "answered": n_ans,
+                     "errors": errors, "error_among_answered": round(errors / n_ans, 4) if n_ans else None,
+                     "confident_error_share_of_all_questions": round(errors / len(outcomes), 4)})
+    del consistency
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--per-source", type=int, default=40, help="held-out questions per source, hash order (0 = all)")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--reuse", action="store_true", help="reuse the raw scores in <out>/decisions.json")
+    parser.add_argument("--no-png", action="store_true")
+    args = parser.parse_args(argv)
+
+    if not args.data.exists():
+        parser.error(f"--data {args.data} does not exist")
+    host = machine()
+    print(f"machine: {host['cpu']}, {host['cores']} cores, load average {host['load_average']} "
+          f"(python {host['python']}, onnxruntime {host['onnxruntime']})")
+    questions, fit_all, held = held_out_sample(args.data, args.per_source)
+    sources = sorted({q.source for q in held})
+    print(f"data: {args.data} ({len(questions)} questions); held-out sample {len(held)} "
+          f"(sha256(prompt) odd, first {args.per_source or 'all'} per source in hash order)")
+
+    out_json = args.out / "decisions.json"
+    scores: dict[str, list[list[float]]] = {}
+    runs: dict[str, dict] = {}
+    if args.reuse:
+        saved = json.loads(out_json.read_text())
+        if [r["digest"] for r in saved["questions"]] != [q.digest[:16] for q in held]:
+            raise SystemExit(f"{out_json}: its questions differ from this sample; run without --reuse")
+        scores = {m: [r["logprob_sums"][m] for r in saved["questions"]] for m in MEMBERS}
+        runs = saved.get("runs", {})
+        print(f"scores reused from {out_json}")
+    else:
+        for model in MEMBERS:
+            scores[model], runs[model] = score_member(model, held, args.threads)
+
+    fp32_cal = load_score_calibration(PRIMARY)
+    if fp32_cal is None:
+        raise SystemExit(f"no calibration file for {PRIMARY}")
+    cal_note = {}
+    calibrations = {}
+    for m in MEMBERS:
+        own = load_score_calibration(m)
+        calibrations[m] = own or fp32_cal
+        cal_note[m] = (f"own calibration T={own.temperature:.3f}" if own else
+                       f"no calibration of its own: fp32's T={fp32_cal.temperature:.3f} applied (the host would use T=1)")
+
+    answers = np.array([q.answer for q in held])
+    picks = {m: np.array([int(np.argmax(s)) for s in scores[m]]) for m in MEMBERS}
+    correct_m = {m: picks[m] == answers for m in MEMBERS}
+    majority = majority_labels(fit_all)
+    correct_maj = np.array([q.options[q.answer] == majority[q.source] for q in held])
+
+    outcomes, ballots_all = [], []
+    for i, q in enumerate(held):
+        ballots = []
+        for k, m in enumerate(MEMBERS):
+            sums = scores[m][i]
+            dist = option_distribution(sums)  # T = 1, as the host's label_distribution
+            conf, _ = score_confidence(m, sums, calibrations[m])
+            ballots.append(voting.Ballot(m, primary=k == 0, answer=q.options[int(np.argmax(dist))], confidence=conf,
+                                         distribution={o: float(p) for o, p in zip(q.options, dist)}))
+        ballots_all.append(ballots)
+        outcomes.append(voting.label_vote(ballots, q.options))
+    vote_pick = np.array([q.options.index(o.answer) for q, o in zip(held, outcomes)])
+    correct_v = vote_pick == answers
+    consistency = np.array([o.consistency for o in outcomes])
+    unanimous = np.array([all(a == 1.0 for a in o.agreement) for o in outcomes])
+    n = len(held)
+
+    # ---------------------------------------------------------------- accuracy table
+    def acc(mask, sel=None):
+        sel = np.ones(n, bool) if sel is None else sel
+        return float(mask[sel].mean()) if sel.any() else float("nan")
+
+    cols = [("fp32", correct_m[MEMBERS[0]]), ("int8", correct_m[MEMBERS[1]]), ("int4-exact", correct_m[MEMBERS[2]]),
+            ("vote", correct_v), ("majority", correct_maj)]
+    print("\naccuracy on the held-out sample (members = the same SmolLM2-135M weights through 3 graphs)")
+    header = f"{'source':<38} {'n':>4} " + " ".join(f"{c:>10}" for c, _ in cols) + f" {'unanimous':>10}"
+    print(header)
+    per_source = {}
+    for name, sel in [("all", None)] + [(s, np.array([q.source == s for q in held])) for s in sources]:
+        sel_mask = np.ones(n, bool) if sel is None else sel
+        row = {c: round(acc(v, sel_mask), 4) for c, v in cols}
+        row["n"] = int(sel_mask.sum())
+        row["unanimous_share"] = round(float(unanimous[sel_mask].mean()), 4)
+        per_source[name] = row
+        print(f"{name:<38} {row['n']:>4} " + " ".join(f"{row[c]:10.3f}" for c, _ in cols)
+              + f" {row['unanimous_share']:10.3f}")
+    agree_pairs = {f"{a} vs {b}": round(float((picks[a] == picks[b]).mean()), 4)
+                   for ai, a in enumerate(MEMBERS) for b in MEMBERS[ai + 1:]}
+    print("pairwise agreement of top option: " + ", ".join(f"{k}: {v:.3f}" for k, v in agree_pairs.items()))
+    for m in MEMBERS:
+        print(f"  {m}: {cal_note[m]}")
+
+    # ---------------------------------------------------------------- risk-coverage
+    rc = risk_coverage(outcomes, correct_v)
+    print("\nescalation (answered when consistency = P(verdict) >= threshold; distributions at T=1 as the host sends them)")
+    print(f"{'threshold':>9} {'escalated':>10} {'answered':>9} {'errors':>7} {'err|answered':>13} {'err/all':>8}")
+    for r in rc:
+        ea = f"{r['error_among_answered']:.3f}" if r["error_among_answered"] is not None else "-"
+        print(f"{r['threshold']:9.2f} {r['escalated']:10.3f} {r['answered']:9d} {r['errors']:7d} {ea:>13} "
+              f"{r['confident_error_share_of_all_questions']:8.3f}")
+
+    # ---------------------------------------------------------------- the two checks
+    member_acc = {m: float(correct_m[m].mean()) for m in MEMBERS}
+    best = max(MEMBERS, key=lambda m: member_acc[m])
+    diff_vec = correct_v.astype(float) - correct_m[best].astype(float)
+    diff = float(diff_vec.mean())
+    se_paired = float(diff_vec.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    p_best = member_acc[best]
+    se_binom = math.sqrt(p_best * (1 - p_best) / n)
+    check1 = {
+        "best_member": best, "best_member_accuracy": round(p_best, 4), "vote_accuracy": round(float(correct_v.mean()), 4),
+        "difference": round(diff, 4), "binomial_se_of_best_accuracy": round(se_binom, 4),
+        "paired_se_of_difference": round(se_paired, 4),
+        "questions_where_vote_and_best_differ_in_correctness": int((diff_vec != 0).sum()),
+        "passes_within_2se": bool(diff >= -2 * max(se_binom, se_paired if math.isfinite(se_paired) else 0.0)),
+    }
+    t = CHECK_THRESHOLD
+    answered = consistency >= t
+    wrong = ~correct_v
+    disagree = ~unanimous
+    check2 = {
+        "threshold": t,
+        "errors_total": int(wrong.sum()),
+        "confident_errors": int((wrong & answered).sum()),
+        "share_of_wrong_answers_with_consistency_ge_threshold": round(float((wrong & answered).sum() / max(wrong.sum(), 1)), 4),
+        "share_of_right_answers_with_consistency_ge_threshold": round(float((correct_v & answered).sum() / max(correct_v.sum(), 1)), 4),
+        "escalated_share": round(float((~answered).mean()), 4),
+        "error_among_answered": round(float((wrong & answered).sum() / answered.sum()), 4) if answered.any() else None,
+        "error_without_escalation": round(float(wrong.mean()), 4),
+        "disagreeing_questions": int(disagree.sum()),
+        "disagreeing_escalated_share": round(float((~answered & disagree).sum() / disagree.sum()), 4) if disagree.any() else None,
+        "mean_consistency_wrong": round(float(consistency[wrong].mean()), 4) if wrong.any() else None,
+        "mean_consistency_right": round(float(consistency[correct_v].mean()), 4) if correct_v.any() else None,
+    }
+    print(f"\ncheck 1 (vote never worse than its best member by more than noise): best member {best} "
+          f"{p_best:.3f}, vote {correct_v.mean():.3f}, difference {diff:+.3f} "
+          f"(binomial SE of one accuracy {se_binom:.3f}; paired SE of the difference {se_paired:.3f}; "
+          f"{check1['questions_where_vote_and_best_differ_in_correctness']} questions differ) -> "
+          f"{'within noise' if check1['passes_within_2se'] else 'WORSE than 2 SE'}")
+    print(f"check 2 (weak/disagreeing models escalate rather than err confidently), threshold {t}: "
+          f"{check2['confident_errors']}/{check2['errors_total']} wrong answers have consistency >= {t} "
+          f"({check2['share_of_wrong_answers_with_consistency_ge_threshold']:.3f}; right answers: "
+          f"{check2['share_of_right_answers_with_consistency_ge_threshold']:.3f}); escalated {check2['escalated_share']:.3f}; "
+          f"error among answered {check2['error_among_answered']} vs {check2['error_without_escalation']:.3f} unescalated; "
+          f"members disagree on {check2['disagreeing_questions']} questions, "
+          f"{check2['disagreeing_escalated_share']} of those escalated")
+    host_end = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average at end: {host_end}")
+
+    result = {
+        "created_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tool": "python bench/decisions.py",
+        "machine": {**host, "load_average_at_end": host_end},
+        "data": str(args.data),
+        "data_sha256": hashlib.sha256(args.data.read_bytes()).hexdigest(),
+        "split": (f"services/model_host/calibrate.py split: sha256(prompt) odd = held out; first "
+                  f"{args.per_source or 'all'} per source in hash order"),
+        "n": n,
+        "members": MEMBERS,
+        "members_note": ("the same SmolLM2-135M-Instruct weights through three graphs (optimum fp32, fused int8, "
+                         "fused int4-exact): NOT independent models; the fleet has no second real decoder"),
+        "calibration": cal_note,
+        "ballot": "distribution = option_distribution(sums) at T=1 (as the host); weight = calibrated confidence",
+        "majority_baseline": "per source, the most frequent right answer on the whole fit half (even hashes)",
+        "runs": runs,
+        "accuracy": per_source,
+        "pairwise_top_option_agreement": agree_pairs,
+        "risk_coverage": rc,
+        "check_vote_vs_best_member": check1,
+        "check_confident_errors": check2,
+        "questions": [
+            {"source": q.source, "digest": q.digest[:16], "options": q.options, "answer": q.answer,
+             "logprob_sums": {m: scores[m][i] for m in MEMBERS},
+             "confidences": {b.model: round(b.confidence, 4) for b in ballots_all[i]},
+             "vote": outcomes[i].answer, "consistency": round(outcomes[i].consistency, 4)}
+            for i, q in enumerate(held)
+        ],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out_json}")
+
+    if not args.no_png:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return 0
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        cov = [1 - r["escalated"] for r in rc]
+        risk = [r["error_among_answered"] if r["error_among_answered"] is not None else np.nan for r in rc]
+        ax.plot(cov, risk, "o-", label="consensus vote (3 graphs of SmolLM2-135M)")
+        for r, c, k in zip(rc, cov, risk):
+            if np.isfinite(k):
+                ax.annotate(f"{r['threshold']:.2f}", (c, k), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(1 - per_source["all"]["majority"], ls="--", color="grey", label="majority-class error")
+        ax.set_xlabel("coverage (share answered)")
+        ax.set_ylabel("error among answered")
+        ax.set_title(f"decisions-dev held-out sample (n={n})", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        png = args.out / "decisions_risk_coverage.png"
+        fig.savefig(png, dpi=120)
+        print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
