@@ -2,7 +2,6 @@
 past it, a share kept for critical routes) and per-client rate limits at the router.
 Units with fake clocks, then real processes with tiny models slowed by fault injection."""
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -155,21 +154,17 @@ def mesh(tmp_path_factory):
     repository = ModelRepository(directory / "models")
     build_tiny_decoder(repository, "tiny-lm")
     build_tiny_decoder(repository, "tiny-lm-slow", seed=2)
-    saved = {k: os.environ.get(k) for k in (DELAY_ENV, "XDG_CACHE_HOME")}
-    os.environ[DELAY_ENV] = f"tiny-lm-slow={SLOW_S * 1000:.0f}"
-    os.environ["XDG_CACHE_HOME"] = str(directory / "cache")
     config = write_config(directory, body=FLEET, service_extra={
         "router": "rate_limit_per_client: 2\nrate_limit_burst: 3",
         "model_host": f"max_queue_per_model: {LIMIT}",
     })
-    mesh = Mesh(load_config(config), log_dir=directory / "logs", services=("router", "model_host"))
+    mesh = Mesh(load_config(config), log_dir=directory / "logs", services=("router", "model_host"),
+                env={DELAY_ENV: f"tiny-lm-slow={SLOW_S * 1000:.0f}", "XDG_CACHE_HOME": str(directory / "cache")})
     try:
         mesh.start(timeout_s=60)
         yield mesh
     finally:
         mesh.stop()
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 @pytest.fixture(scope="module")

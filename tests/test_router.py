@@ -2,7 +2,6 @@
 route, fallback on errors and on slowness, circuit breaker, sessions across a
 model switch, and bad input."""
 
-import os
 
 import grpc
 import pytest
@@ -47,18 +46,14 @@ def mesh(tmp_path_factory):
     build_tiny_decoder(repository, "tiny-lm-slow", seed=2)
     build_tiny_encoder(repository, "tiny-embed")
     write_corrupt_model(repository, "broken-lm")
-    saved = {k: os.environ.get(k) for k in (DELAY_ENV, "XDG_CACHE_HOME")}
-    os.environ[DELAY_ENV] = "tiny-lm-slow=2500"
-    os.environ["XDG_CACHE_HOME"] = str(directory / "cache")
     config = write_config(directory, service_extra={"router": ROUTER_SETTINGS.format(floor=0.0)}, body=ROUTES)
-    mesh = Mesh(load_config(config), log_dir=directory / "logs", services=("router", "model_host"))
+    mesh = Mesh(load_config(config), log_dir=directory / "logs", services=("router", "model_host"),
+                env={DELAY_ENV: "tiny-lm-slow=2500", "XDG_CACHE_HOME": str(directory / "cache")})
     try:
         mesh.start(timeout_s=60)
         yield mesh
     finally:
         mesh.stop()
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
 @pytest.fixture(scope="module")

@@ -132,6 +132,7 @@ class Mesh:
     services: tuple[str, ...] = SERVICE_NAMES
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     replicas: int | None = None
+    env: dict[str, str] = field(default_factory=dict)  # added to the children's environment
 
     def __post_init__(self) -> None:
         if self.replicas is not None and self.replicas != self.config.services.model_host.replicas:
@@ -188,7 +189,7 @@ class Mesh:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
             )
         return ServiceProcess(name, settings, process, log_path)
 

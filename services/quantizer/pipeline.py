@@ -24,7 +24,7 @@ from services.quantizer.sensitivity import (
     PackCache, TextSource, analyze, token_windows,
 )
 from services.quantizer.writer import (
-    ACCURACY_LEVEL, NODE_OVERHEAD_BYTES, build_model, graph_overhead_bytes, initializer_bytes, next_version,
+    ACCURACY_LEVEL, NODE_OVERHEAD_BYTES, build_model, graph_overhead_bytes, next_version,
     predicted_weight_bytes, stage_files,
 )
 
