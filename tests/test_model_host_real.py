@@ -16,6 +16,7 @@ pytestmark = pytest.mark.real_model
 FLEET = """
 fleet:
   smollm2-135m-instruct: {task: text-generation, tier: hot}
+  smollm2-135m-instruct-fused: {task: text-generation, tier: warm}
   minilm-l6: {task: embedding, tier: hot}
 routes:
   chat: {primary: smollm2-135m-instruct}
@@ -82,3 +83,21 @@ def test_embeddings_put_paraphrases_closer_than_unrelated_text(real_host):
     vectors = np.array([e.values for e in reply.embeddings])
     assert reply.dimension == 384
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.3
+
+
+def test_fused_graph_answers_exactly_like_the_optimum_export(real_host):
+    stub, _ = real_host
+    try:
+        ModelRepository().get("smollm2-135m-instruct-fused")
+    except ModelNotFoundError:
+        pytest.skip("smollm2-135m-instruct-fused is not built; run `mirador fleet build`")
+    question = "Name three primary colours."
+    reference = ask(stub, question, max_tokens=32)[1]
+    request = model_host_pb2.GenerateRequest(
+        model="smollm2-135m-instruct-fused",
+        messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=question)],
+        sampling=common_pb2.SamplingParams(max_tokens=32),
+    )
+    fused = list(stub.Generate(request, timeout=180))[-1].summary
+    assert fused.text == reference.text
+    assert fused.confidence.token_logprobs == pytest.approx(list(reference.confidence.token_logprobs), abs=1e-3)

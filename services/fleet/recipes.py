@@ -16,6 +16,7 @@ BUILD_FORMAT = 1
 SOURCE_GGUF = "gguf"            # a .gguf file inside a wheel → transformers → optimum
 SOURCE_HF_FOLDER = "hf-folder"  # a transformers folder (safetensors + config) inside a wheel
 SOURCE_TRAINED = "trained"      # labelled data inside a wheel → a classifier trained by services.fleet.specialists
+SOURCE_GGUF_FUSED = "gguf-fused"  # a llama .gguf → Mirador's fused graph (services.fleet.llama_graph), no torch
 
 
 class UnknownRecipeError(ValueError):
@@ -54,6 +55,8 @@ class Recipe:
     depends_on: tuple[str, ...] = ()
     # SOURCE_TRAINED: representation, hyperparameters, seed and the training set's fingerprint.
     training: dict[str, Any] = field(default_factory=dict)
+    # SOURCE_GGUF_FUSED: bits (32, 8 or 4) and the options of services.fleet.llama_graph.write_fused.
+    graph: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes the built artefact (and nothing that doesn't)."""
@@ -63,7 +66,8 @@ class Recipe:
         # Fields left at their default are omitted, so adding a new optional field
         # to Recipe does not make every existing build stale.
         for spec in fields(self):
-            if spec.name in data and spec.default is not MISSING and data[spec.name] == spec.default:
+            default = spec.default_factory() if spec.default_factory is not MISSING else spec.default
+            if spec.name in data and default is not MISSING and data[spec.name] == default:
                 del data[spec.name]
         data["build_format"] = BUILD_FORMAT
         return data
@@ -170,16 +174,40 @@ def _topics_specialist(name: str, representation: str, max_length: int, l2: floa
 TOPICS_MINILM = _topics_specialist("topics-minilm", "minilm-mean-l2", max_length=256, l2=1e-4)
 TOPICS_BOW = _topics_specialist("topics-bow", "wordpiece-tfidf", max_length=512, l2=3e-5)
 
+def _smollm2_fused(name: str, bits: int) -> Recipe:
+    """SmolLM2 through Mirador's fused llama graph (GroupQueryAttention, MatMulNBits): the same
+    GGUF weights, ~1.5x (fp32) to ~2.7x (int8) faster decoding than the optimum export."""
+    return Recipe(
+        name=name,
+        version="1",
+        task="text-generation",
+        package=SMOLLM2_135M_INSTRUCT.package,
+        package_version=SMOLLM2_135M_INSTRUCT.package_version,
+        source_kind=SOURCE_GGUF_FUSED,
+        source_path=SMOLLM2_135M_INSTRUCT.source_path,
+        export_task="mirador-llama-fused",
+        licence=SMOLLM2_135M_INSTRUCT.licence,
+        depends_on=(SMOLLM2_135M_INSTRUCT.name,),  # its tokenizer and chat facts
+        graph={"bits": bits},
+    )
+
+
+SMOLLM2_FUSED = _smollm2_fused("smollm2-135m-instruct-fused", 32)
+SMOLLM2_FUSED_INT8 = _smollm2_fused("smollm2-135m-instruct-fused-int8", 8)
+
 DEFAULT_FLEET: tuple[Recipe, ...] = (SMOLLM2_135M_INSTRUCT, MINILM_L6)
 OPTIONAL_FLEET: tuple[Recipe, ...] = (GEMMA3_270M,)
-# Trained from packaged data on top of DEFAULT_FLEET models; `mirador fleet build` builds them after it.
+# Built from DEFAULT_FLEET models (fused graphs of the same weights; classifiers trained from
+# packaged data); `mirador fleet build` builds them after it.
+FUSED_FLEET: tuple[Recipe, ...] = (SMOLLM2_FUSED, SMOLLM2_FUSED_INT8)
 SPECIALIST_FLEET: tuple[Recipe, ...] = (TOPICS_MINILM, TOPICS_BOW)
-ALL_RECIPES: tuple[Recipe, ...] = DEFAULT_FLEET + OPTIONAL_FLEET + SPECIALIST_FLEET
+ALL_RECIPES: tuple[Recipe, ...] = DEFAULT_FLEET + OPTIONAL_FLEET + FUSED_FLEET + SPECIALIST_FLEET
 
 
 def select_recipes(only: list[str] | str | None = None, include_optional: bool = False,
                    include_specialists: bool = False) -> list[Recipe]:
-    """The recipes to build. `only` names models explicitly (optional ones included)."""
+    """The recipes to build. `only` names models explicitly (optional ones included);
+    `include_specialists` adds everything built from the default fleet (fused graphs, classifiers)."""
     if only:
         wanted = [only] if isinstance(only, str) else list(only)
         by_name = {recipe.name: recipe for recipe in ALL_RECIPES}
@@ -191,4 +219,4 @@ def select_recipes(only: list[str] | str | None = None, include_optional: bool =
             )
         return [by_name[name] for name in wanted]
     return list(DEFAULT_FLEET + (OPTIONAL_FLEET if include_optional else ())
-                + (SPECIALIST_FLEET if include_specialists else ()))
+                + (FUSED_FLEET + SPECIALIST_FLEET if include_specialists else ()))
