@@ -81,7 +81,7 @@ def free_port_run(count: int) -> int:
 
 
 def write_replica_config(directory: Path, replicas: int = REPLICAS, router_targets: bool = False) -> Path:
-    host_port = free_port_run(replicas)
+    host_port = free_port_run(max(replicas, 2))  # room for a second replica: `up --replicas 2` adds one
     lines = [
         "services:",
         f"  model_host: {{port: {host_port}, replicas: {replicas}, shutdown_grace_s: 2s}}",
