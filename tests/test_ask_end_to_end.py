@@ -1,7 +1,6 @@
 """A request through the router to a real model host and back, as `mirador ask` sends it."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -27,13 +26,13 @@ def mesh_with_model(tmp_path_factory):
     repository = ModelRepository(directory / "models")
     build_tiny_decoder(repository, "tiny-lm")
     config_path = write_config(directory, body=FLEET)
-    env_cache = {"XDG_CACHE_HOME": str(directory / "cache")}
-    os.environ.update(env_cache)
-    mesh = Mesh(load_config(config_path), log_dir=directory / "logs", services=("router", "model_host"))
+    mesh = Mesh(load_config(config_path), log_dir=directory / "logs", services=("router", "model_host"),
+                env={"XDG_CACHE_HOME": str(directory / "cache")})  # optimised graphs stay in the test's folder
     mesh.start()
-    yield mesh, repository
-    mesh.stop()
-    os.environ.pop("XDG_CACHE_HOME")
+    try:
+        yield mesh, repository
+    finally:
+        mesh.stop()
 
 
 def test_mirador_ask_streams_the_model_answer_through_the_router(mesh_with_model):
