@@ -44,6 +44,8 @@ def write_config(directory: Path, service_extra: dict[str, str] | None = None, b
         lines += [f"  {name}:", f"    port: {free_port()}", "    shutdown_grace_s: 3s"]
         if name == "consensus" and "escalation_db" not in service_extra.get(name, ""):  # never the user's queue
             lines.append(f"    escalation_db: {directory / 'escalations.sqlite3'}")
+        if name == "router" and "rollout_state" not in service_extra.get(name, ""):  # never the user's rollouts
+            lines.append(f"    rollout_state: {directory / 'rollouts.json'}")
         lines += [f"    {extra}" for extra in service_extra.get(name, "").splitlines() if extra.strip()]
     lines.append(f"model_repository: {directory / 'models'}")
     path = directory / "mirador.yaml"

@@ -66,8 +66,9 @@ def test_every_enum_starts_with_unspecified_zero():
             assert first.number == 0 and first.name.endswith("_UNSPECIFIED"), f"{file.name}: {enum.name}"
 
 
-def test_four_services_in_package_mirador_v1():
+def test_services_in_package_mirador_v1():
     services = {s.name: s for f in _descriptor_set().file if f.package == "mirador.v1" for s in f.service}
-    assert set(services) == {"Router", "ModelHost", "Consensus", "Quantizer"}
+    # the four services, and the rollout control the router process serves beside Router
+    assert set(services) == {"Router", "ModelHost", "Consensus", "Quantizer", "Rollouts"}
     streaming = {(s, m.name) for s, d in services.items() for m in d.method if m.server_streaming}
     assert streaming == {("Router", "Ask"), ("ModelHost", "Generate"), ("Consensus", "Decide"), ("Quantizer", "Quantize")}

@@ -6,6 +6,7 @@
     mirador route "TEXT"                 which route and model, as JSON, without generating
     mirador config check FILE            validate a config
     mirador fleet build | list           build the model fleet into the repository
+    mirador rollout list | promote M | rollback M   versioned rollouts the router runs
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from services.cli.supervisor import START_ORDER, Mesh, MeshStartError, health_st
 from services.cli.quantize import add_quantize_command
 from services.cli.review import add_review_commands
 from services.cli.reload import add_reload_command
+from services.cli.rollout import ROLLOUT_HEADER, add_rollout_commands, format_rollout, list_rollouts
 
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
@@ -99,6 +101,15 @@ def cmd_status(args) -> int:
             f"{model_host_pb2.ModelTier.Name(m.tier)[11:].lower():<5} "
             f"{model_host_pb2.ModelState.Name(m.state)[12:]:<10} {m.detail}"
         )
+    if any(spec.rollout for spec in config.fleet.values()):
+        try:
+            rollouts = list_rollouts(config)
+        except grpc.RpcError as exc:
+            print(f"\nrollouts: the router did not answer ({exc.code().name})")
+            return 1
+        print(f"\n{ROLLOUT_HEADER}")
+        for rollout in rollouts:
+            print(format_rollout(rollout))
     return 0 if healthy else 1
 
 
@@ -262,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_review_commands(commands)
     add_quantize_command(commands)
     add_reload_command(commands)
+    add_rollout_commands(commands)
     return parser
 
 

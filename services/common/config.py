@@ -65,6 +65,9 @@ class RouterSettings(ServiceSettings):
     # its `x-mirador-client` metadata value, else its peer IP. Burst 0 = one second's worth.
     rate_limit_per_client: float = 0.0
     rate_limit_burst: int = 0
+    # JSON file keeping rollouts rolled back or promoted across restarts;
+    # empty = <state dir>/rollouts.json (see services/router/rollouts.py)
+    rollout_state: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,41 @@ class ModelSpec:
     keep_alive_s: float = 300.0
     quantization: str | None = None
     description: str = ""
+    rollout: "RolloutSpec | None" = None  # a candidate version tried on live traffic
+    repository_name: str | None = None  # its name in the model repository, when not `name` (rollout candidates)
+
+    @property
+    def artifact(self) -> str:
+        """The model's name in the model repository."""
+        return self.repository_name or self.name
+
+
+ROLLOUT_MODES = ("canary", "shadow")
+
+
+def candidate_name(model: str, version: str) -> str:
+    """The fleet name under which a rollout's candidate version is served: `MODEL@VERSION`."""
+    return f"{model}@{version}"
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """`fleet.NAME.rollout`: a candidate version of the model tried on live traffic. The
+    router judges it on its last `window` calls (once it has `min_calls`) and rolls back
+    to the stable version by itself when a limit is crossed; promotion is explicit
+    (`mirador rollout promote NAME`)."""
+
+    version: str  # the candidate's version in the model repository
+    mode: str = "canary"  # canary: answers `share` of requests; shadow: gets a copy of `share`, never answers
+    share: float = 0.1
+    window: int = 50
+    min_calls: int = 10
+    max_error_rate: float = 0.1  # failed calls / calls (busy and cancelled calls do not count)
+    max_latency_ratio: float = 2.0  # candidate's median time to first token / the stable version's
+    # Share of compared answers whose words differ from the stable version's (similarity
+    # below 0.5); answers are compared on every shadow call, and on canary calls the
+    # stable version also answers in the background. None = not judged, nothing mirrored.
+    max_disagreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -535,7 +573,10 @@ class _Reader:
                 values[name] = value
         return values
 
-    _MODEL_KEYS = ("task", "recipe", "version", "capabilities", "tier", "keep_alive", "quantization", "description")
+    _MODEL_KEYS = ("task", "recipe", "version", "capabilities", "tier", "keep_alive", "quantization", "description",
+                   "rollout")
+    _ROLLOUT_KEYS = ("version", "mode", "share", "window", "min_calls", "max_error_rate", "max_latency_ratio",
+                     "max_disagreement")
 
     def read_fleet(self, node: yaml.Node) -> dict[str, ModelSpec]:
         fleet: dict[str, ModelSpec] = {}
@@ -557,11 +598,58 @@ class _Reader:
                     values["capabilities"] = self.names(field_node, dotted)
                 elif field_name == "version":
                     values["version"] = str(self.value(field_node))
+                elif field_name == "rollout":
+                    values["rollout"] = self.read_rollout(field_node, dotted, values.get("version"))
                 else:
                     values[field_name] = self.string(field_node, dotted)
             values = {k: v for k, v in values.items() if v is not None}
-            fleet[name] = ModelSpec(name=name, task=values.pop("task", "text-generation"), **values)
+            if values.get("rollout") is not None and values.get("version") is None:
+                self.problem(entries["rollout"][1], f"{key}.version",
+                             "missing: a model with a rollout needs its stable `version:` pinned (\"latest\" would be "
+                             "the candidate once it is in the repository)")
+                values.pop("rollout")
+            fleet[name] = spec = ModelSpec(name=name, task=values.pop("task", "text-generation"), **values)
+            if spec.rollout is not None:
+                # the candidate is served like any model, under its own name
+                candidate = candidate_name(name, spec.rollout.version)
+                fleet[candidate] = replace(spec, name=candidate, version=spec.rollout.version, rollout=None,
+                                           recipe=None, repository_name=name)
         return fleet
+
+    def read_rollout(self, node: yaml.Node, key: str, stable_version: str | None) -> RolloutSpec | None:
+        entries = self.mapping(node, key, self._ROLLOUT_KEYS)
+        values: dict[str, Any] = {}
+        for name, (_, value_node) in entries.items():
+            dotted = f"{key}.{name}"
+            if name == "version":
+                values[name] = str(self.value(value_node))
+            elif name == "mode":
+                values[name] = self.string(value_node, dotted, choices=ROLLOUT_MODES)
+            elif name in ("share", "max_error_rate", "max_disagreement"):
+                values[name] = self.fraction(value_node, dotted)
+            elif name in ("window", "min_calls"):
+                values[name] = self.integer(value_node, dotted, minimum=1, maximum=100_000)
+            else:  # max_latency_ratio
+                value = self.value(value_node)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+                    self.problem(value_node, dotted, f"must be a number >= 1 (candidate's median time to first token "
+                                                     f"over the stable version's), got `{value_node.value}`")
+                else:
+                    values[name] = float(value)
+        if "version" not in entries:
+            self.problem(node, f"{key}.version", "missing; name the candidate's version in the model repository")
+            return None
+        if any(v is None for v in values.values()):
+            return None
+        if stable_version is not None and values["version"] == stable_version:
+            self.problem(entries["version"][1], f"{key}.version",
+                         f"is the stable version ({stable_version}) already; name the new version to try")
+            return None
+        if values.get("min_calls", RolloutSpec.min_calls) > values.get("window", RolloutSpec.window):
+            self.problem(entries.get("min_calls", entries["version"])[1], f"{key}.min_calls",
+                         "is larger than `window`; the rollout could never be judged")
+            return None
+        return RolloutSpec(**values)
 
     _ROUTE_KEYS = ("primary", "fallback", "validators", "consensus_threshold", "timeout_ms", "options", "examples", "description",
                    "priority")

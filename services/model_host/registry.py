@@ -122,7 +122,7 @@ class ModelRegistry:
             if record.state in (State.READY, State.LOADING):
                 continue
             try:
-                record.manifest = self.repository.get(record.spec.name, record.spec.version)
+                record.manifest = self.repository.get(record.spec.artifact, record.spec.version)
             except ModelNotFoundError:
                 record.manifest, record.state = None, State.NOT_BUILT
                 record.detail = "not in the model repository; build it with `mirador fleet build`"
@@ -138,6 +138,13 @@ class ModelRegistry:
 
     def record(self, name: str) -> ModelRecord:
         return self.records[name]
+
+    def add(self, spec: ModelSpec) -> ModelRecord:
+        """Serves a model added to the fleet (a reloaded config), found in the repository as usual."""
+        record = self.records[spec.name] = ModelRecord(spec, pinned=spec.tier == "hot")
+        self.fleet[spec.name] = spec
+        self.refresh()
+        return record
 
     # ------------------------------------------------------------------ loading
 

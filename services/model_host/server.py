@@ -28,7 +28,7 @@ INFERENCE_THREADS = 4
 log = logging.getLogger("mirador.model_host")
 # What a reload changes in a running host: of existing models, tier and keep_alive; of the host,
 # the memory budget and the per-model queue limit. The rest needs a restart.
-RELOADABLE_MODEL_FIELDS = ("tier", "keep_alive_s")
+RELOADABLE_MODEL_FIELDS = ("tier", "keep_alive_s", "rollout")  # the router acts on rollouts
 RELOADABLE_HOST_SETTINGS = ("memory_budget_mb", "max_queue_per_model", "reaper_interval_s")
 
 
@@ -74,9 +74,13 @@ class ModelHostService(MiradorService):
 
     async def on_config_reload(self, new_config: MiradorConfig) -> None:
         old_fleet = self.servicer.config.fleet
-        restart = [f"fleet.{name} (added)" for name in new_config.fleet if name not in old_fleet]
-        restart += [f"fleet.{name} (removed)" for name in old_fleet if name not in new_config.fleet]
+        restart = [f"fleet.{name} (removed)" for name in old_fleet if name not in new_config.fleet]
         fleet, changed = {}, []
+        for name, spec in new_config.fleet.items():
+            if name not in old_fleet:  # added models (a rollout's candidate, say) are served at once
+                self.registry.add(spec)
+                fleet[name] = spec
+                changed.append(name)
         for name, old_spec in old_fleet.items():
             new_spec = new_config.fleet.get(name)
             if new_spec is None:

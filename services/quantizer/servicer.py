@@ -47,7 +47,7 @@ class QuantizerServicer(quantizer_pb2_grpc.QuantizerServicer):
     def _manifest(self, model: str) -> ModelManifest:
         spec = self._require_decoder(model)
         try:
-            return self.repository.get(model, spec.version)
+            return self.repository.get(spec.artifact, spec.version)
         except ModelNotFoundError:
             raise FailedPrecondition(
                 f"model `{model}` is not in the model repository {self.repository.root}; "

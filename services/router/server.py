@@ -11,7 +11,8 @@ import logging
 from functools import partial
 
 import numpy as np
-from mirador.v1 import consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc, router_pb2, router_pb2_grpc
+from mirador.v1 import consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc, rollouts_pb2, rollouts_pb2_grpc
+from mirador.v1 import router_pb2, router_pb2_grpc
 
 from services.common.channels import open_channel
 from services.common.config import MiradorConfig, SecurityConfig
@@ -19,6 +20,8 @@ from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
 from services.router.fallback import Breakers
 from services.router.rate_limit import RateLimiter
+from services.router.rollout_control import RolloutControlServicer
+from services.router.rollouts import Rollouts
 from services.router.routing import RouteTable, classified_routes
 from services.router.servicer import RouterServicer
 from services.router.sessions import SessionStore
@@ -59,7 +62,8 @@ class RouterService(MiradorService):
     def __init__(self, config: MiradorConfig):
         self.config = config
         self.routes = self._route_table(config)
-        self.servicer = RouterServicer(self.routes, SessionStore(), Breakers())
+        self.rollouts = Rollouts.from_config(config)
+        self.servicer = RouterServicer(self.routes, SessionStore(), Breakers(), self.rollouts)
         self.servicer.rate_limiter = RateLimiter.from_settings(config.services.router)
         self.model_host_channel: grpc.aio.Channel | None = None
         self.consensus_channel: grpc.aio.Channel | None = None
@@ -79,10 +83,12 @@ class RouterService(MiradorService):
 
     @property
     def grpc_service_names(self) -> list[str]:
-        return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name]
+        return [router_pb2.DESCRIPTOR.services_by_name["Router"].full_name,
+                rollouts_pb2.DESCRIPTOR.services_by_name["Rollouts"].full_name]
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
+        rollouts_pb2_grpc.add_RolloutsServicer_to_server(RolloutControlServicer(self.rollouts), server)
 
     async def on_start(self) -> None:
         self.model_host_channel = model_host_channel(self.config.services.model_host_targets, self.config.security)
@@ -106,6 +112,7 @@ class RouterService(MiradorService):
             log_event(log, "config reload: restart the router to apply these changes", logging.WARNING, keys=restart)
         settings = new_config.services.router
         self.servicer.rate_limiter.configure(settings.rate_limit_per_client, settings.rate_limit_burst)
+        self.rollouts.configure(new_config)  # unchanged rollouts keep their window and state
         table = self._route_table(new_config)
         if self.relearning is not None:  # an earlier reload still learning: this one supersedes it
             self.relearning.cancel()

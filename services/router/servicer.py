@@ -18,6 +18,7 @@ from services.common.errors import DeadlineExceeded, ServiceError, Unavailable
 from services.common.validation import require_sampling, require_text
 from services.router.fallback import RETRYABLE, Breakers
 from services.router.rate_limit import RateLimiter
+from services.router.rollouts import Outcome, Plan, Rollouts
 from services.router.routing import RouteTable
 from services.router.sessions import SessionStore
 
@@ -42,10 +43,12 @@ class _AttemptFailed(Exception):
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, routes: RouteTable, sessions: SessionStore, breakers: Breakers):
+    def __init__(self, routes: RouteTable, sessions: SessionStore, breakers: Breakers, rollouts: Rollouts):
         self.routes = routes
         self.sessions = sessions
         self.breakers = breakers
+        self.rollouts = rollouts
+        self._mirrors: set[asyncio.Task] = set()  # background calls of shadow/comparison traffic
         self.model_host: model_host_pb2_grpc.ModelHostStub | None = None  # set on start
         self.consensus: consensus_pb2_grpc.ConsensusStub | None = None  # set on start
         self.rate_limiter: RateLimiter | None = None  # per-client limits (rate_limit.py); None = none
@@ -71,6 +74,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                  "mirador.reason": router_pb2.RouteReason.Name(decision.reason)})
         ROUTED.labels(decision.route, decision.model).inc()
         route = self.routes.get(decision.route)
+        # A model in a rollout may be answered by its candidate version: the decision says which.
+        plan = Plan(decision.model) if route.uses_consensus else self.rollouts.plan(decision.model)
+        if plan.answer != decision.model:
+            decision.fallbacks.insert(0, decision.model)  # the stable version answers if the candidate cannot
+            decision.model = plan.answer
         yield router_pb2.AskResponse(route=decision)
 
         budget_s = route.timeout_ms / 1000.0
@@ -79,17 +87,24 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         deadline = time.monotonic() + budget_s
         turns = [*self.sessions.history(request.session_id), ("user", request.text)] if request.session_id else [("user", request.text)]
         request_id = request.request_id or uuid.uuid4().hex
+        answered = asyncio.get_running_loop().create_future()  # (model, text) of the answer, for comparisons
+        if plan.mirror:
+            self._mirror(plan, decision.route, turns, request, deadline, answered)
         if route.uses_consensus:
             answer = self._decide(route, turns, request, request_id, deadline)
         else:
             answer = self._generate(decision, turns, request, request_id, deadline)
         summary = None
-        async for response in answer:
-            if response.HasField("summary"):
-                summary = response.summary
-                summary.session_id = request.session_id
-                summary.timings.total_ms = (time.perf_counter() - received) * 1000
-            yield response
+        try:
+            async for response in answer:
+                if response.HasField("summary"):
+                    summary = response.summary
+                    summary.session_id = request.session_id
+                    summary.timings.total_ms = (time.perf_counter() - received) * 1000
+                yield response
+        finally:
+            if not answered.done():
+                answered.set_result((summary.model, summary.text) if summary is not None else None)
         if request.session_id and summary is not None:
             self.sessions.record(request.session_id, request.text, summary.text)
 
@@ -111,6 +126,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 break
             attempted.append(model)
             has_next = position < len(models) - 1
+            started = time.perf_counter()
             call = self.model_host.Generate(
                 model_host_pb2.GenerateRequest(request_id=request_id, model=model, messages=chat(turns), sampling=request.sampling),
                 timeout=remaining, metadata=self._priority_metadata(decision.route),
@@ -123,20 +139,29 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     breaker.release()  # busy (full queue) or slow under load is not broken: fall back, keep it in rotation
                 else:
                     breaker.record_failure()
+                busy = failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                self.rollouts.record(model, Outcome.IGNORED if busy else Outcome.FAILED)
                 failures.append(failure)
                 continue
             except BaseException:
                 call.cancel()
                 breaker.release()
+                self.rollouts.record(model, Outcome.IGNORED)
                 raise
+            first_token_ms = (time.perf_counter() - started) * 1000
             # This model has begun to answer: from here on, its answer is the answer.
             try:
                 async for response in self._relay(call, first, decision, model, attempted):
                     yield response
             except grpc.aio.AioRpcError as exc:
                 breaker.record_failure()
+                self.rollouts.record(model, Outcome.FAILED)
                 raise ServiceError(f"model `{model}` on the model host failed after it began answering: {exc.details()}", exc.code()) from None
+            except BaseException:
+                self.rollouts.record(model, Outcome.IGNORED)
+                raise
             breaker.record_success()
+            self.rollouts.record(model, Outcome.OK, first_token_ms)
             return
         codes = {f.code for f in failures}
         message = f"no model of route `{decision.route}` could answer: " + "; ".join(f.reason for f in failures)
@@ -171,7 +196,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             else:
                 s = chunk.summary
                 yield router_pb2.AskResponse(summary=router_pb2.AskSummary(
-                    route=decision.route, model=s.model, fell_back=model != decision.model,
+                    route=decision.route, model=model, fell_back=model != decision.model,
                     attempted_models=attempted, finish_reason=s.finish_reason, text=s.text, usage=s.usage,
                     timings=s.timings, confidence=s.confidence,
                 ))
@@ -180,8 +205,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     # ------------------------------------------------------------------ consensus routes
 
     async def _decide(self, route: RouteSpec, turns, request, request_id: str, deadline: float):
+        members = [self.rollouts.serving(m) for m in (route.primary, *route.validators)]  # promoted versions vote
         decide = consensus_pb2.DecideRequest(
-            request_id=request_id, route=route.name, models=[route.primary, *route.validators], messages=chat(turns),
+            request_id=request_id, route=route.name, models=members, messages=chat(turns),
             options=list(route.options), consensus_threshold=route.consensus_threshold or 1.0, sampling=request.sampling,
         )
         remaining = deadline - time.monotonic()
@@ -202,6 +228,45 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise Unavailable("the consensus service ended without a verdict")
         primary = next((v for v in votes if v.primary), None)
         yield router_pb2.AskResponse(summary=router_pb2.AskSummary(
-            route=route.name, model=route.primary, attempted_models=[v.model for v in votes], text=verdict.answer,
+            route=route.name, model=members[0], attempted_models=[v.model for v in votes], text=verdict.answer,
             confidence=primary.confidence if primary else None, escalation_id=verdict.escalation_id,
         ))
+
+    # ------------------------------------------------------------------ rollouts: mirrored calls
+
+    def _mirror(self, plan: Plan, route_name: str, turns, request, deadline: float, answered: asyncio.Future) -> None:
+        """Sends the request to `plan.mirror` in the background (never to the caller) and compares
+        its answer with the one the caller got."""
+        async def run() -> None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            started, first_token_ms, text = time.perf_counter(), None, None
+            try:
+                call = self.model_host.Generate(
+                    model_host_pb2.GenerateRequest(request_id=uuid.uuid4().hex, model=plan.mirror, messages=chat(turns),
+                                                   sampling=request.sampling), timeout=remaining)
+                async for chunk in call:
+                    if first_token_ms is None:
+                        first_token_ms = (time.perf_counter() - started) * 1000
+                    if chunk.HasField("summary"):
+                        text = chunk.summary.text
+            except grpc.aio.AioRpcError as exc:
+                busy = exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
+                self.rollouts.record(plan.mirror, Outcome.IGNORED if busy else Outcome.FAILED)
+                return
+            self.rollouts.record(plan.mirror, Outcome.OK, first_token_ms)
+            try:
+                answer = await asyncio.wait_for(asyncio.shield(answered), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                return
+            if answer is None or text is None or answer[0] != plan.answer:
+                return  # the caller got no answer, or one from a fallback: nothing to compare
+            rollout = self.rollouts.owner(plan.mirror)
+            if rollout is not None:
+                stable, candidate = (text, answer[1]) if plan.mirror == rollout.model else (answer[1], text)
+                self.rollouts.compare(rollout.model, stable, candidate)
+
+        task = asyncio.create_task(run(), name=f"mirror to {plan.mirror}")
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirrors.discard)
