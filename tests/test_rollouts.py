@@ -266,3 +266,28 @@ def test_rollout_commands_say_what_to_fix(mesh, channel, capsys):
     assert mirador(["--config", str(mesh.config.path), "status"]) == 1  # consensus/quantizer are not running here
     out = capsys.readouterr().out
     assert "rollout of" in out and "shadowed" in out
+
+
+def test_a_rollout_added_by_a_reload_starts_serving(tmp_path):
+    repository = ModelRepository(tmp_path / "models")
+    build_tiny_decoder(repository, "lm", "1", seed=0)
+    build_tiny_decoder(repository, "lm", "2", seed=3)
+    body = "fleet:\n  lm: {task: text-generation, version: '1'}\nroutes:\n  chat: {primary: lm}\n"
+    path = write_config(tmp_path, body=body)
+    mesh = Mesh(load_config(path), log_dir=tmp_path / "logs", services=("router", "model_host"),
+                env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    try:
+        mesh.start(timeout_s=60)
+        with grpc.insecure_channel(mesh.config.services.router.address) as channel:
+            assert ask(channel, "chat")[1].model == "lm"
+            path.write_text(path.read_text().replace("version: '1'}", "version: '1', rollout: {version: '2', share: 1.0}}"))
+            assert mirador(["--config", str(path), "reload"]) == 0
+            for _ in range(100):  # each process applies the file on its own
+                listing = rollouts_pb2_grpc.RolloutsStub(channel).ListRollouts(rollouts_pb2.ListRolloutsRequest(), timeout=10)
+                if listing.rollouts:
+                    break
+                time.sleep(0.1)
+            decision, summary = ask(channel, "chat")
+            assert decision.model == "lm@2" and summary.model == "lm@2" and not summary.fell_back
+    finally:
+        mesh.stop()

@@ -289,6 +289,10 @@ class Rollouts:
                 return rollout
         return None
 
+    def is_candidate(self, model: str) -> bool:
+        rollout = self.owner(model)
+        return rollout is not None and model == rollout.candidate
+
     def record(self, model: str, outcome: str, first_token_ms: float | None = None) -> None:
         rollout = self.owner(model)
         if rollout is not None and rollout.record(model, outcome, first_token_ms) is not None:

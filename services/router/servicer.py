@@ -132,7 +132,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 timeout=remaining, metadata=self._priority_metadata(decision.route),
             )
             try:
-                first = await self._first_message(call, model, remaining * FIRST_TOKEN_SHARE if has_next else remaining)
+                # a rollout's candidate is never the caller's problem: whatever it fails with, the stable version answers
+                first = await self._first_message(call, model, remaining * FIRST_TOKEN_SHARE if has_next else remaining,
+                                                  any_failure_retryable=has_next and self.rollouts.is_candidate(model))
             except _AttemptFailed as failure:
                 call.cancel()
                 if failure.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -173,14 +175,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         route = self.routes.routes.get(route_name)
         return ((PRIORITY_METADATA_KEY, "critical"),) if route is not None and route.priority == "critical" else None
 
-    async def _first_message(self, call, model: str, budget_s: float):
+    async def _first_message(self, call, model: str, budget_s: float, any_failure_retryable: bool = False):
         try:
             first = await asyncio.wait_for(call.read(), budget_s)
         except asyncio.TimeoutError:
             raise _AttemptFailed(model, grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"model `{model}` on the model host: no first token within {budget_s * 1000:.0f} ms") from None
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RETRYABLE:
+            if exc.code() not in RETRYABLE and not any_failure_retryable:
                 raise ServiceError(f"model `{model}` on the model host: {exc.details()}", exc.code()) from None
             raise _AttemptFailed(model, exc.code(), f"model `{model}` on the model host: {exc.details()}") from None
         if first is grpc.aio.EOF:
