@@ -174,7 +174,7 @@ fleet:
     task: text-generation
     tier: hot
     version: "1"
-    rollout: {version: "2", mode: shadow, share: 1.0, window: 10, min_calls: 3, max_disagreement: 1.0}
+    rollout: {version: "2", mode: shadow, share: 1.0, window: 10, min_calls: 3, max_disagreement: 1.0, max_latency_ratio: 1000}
 routes:
   chat: {primary: lm, timeout_ms: 20000}
   notes: {primary: shadowed, timeout_ms: 20000}
