@@ -23,7 +23,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mirador.v1 import consensus_pb2, model_host_pb2, quantizer_pb2, router_pb2
+from mirador.v1 import consensus_pb2, model_host_pb2, quantizer_pb2, rollouts_pb2, router_pb2
 
 from conftest import REPO, write_config
 from services.cli.supervisor import Mesh
@@ -59,6 +59,8 @@ SERVICES = {  # config name → (gRPC service descriptor)
     "consensus": consensus_pb2.DESCRIPTOR.services_by_name["Consensus"],
     "quantizer": quantizer_pb2.DESCRIPTOR.services_by_name["Quantizer"],
 }
+# Other gRPC services a process serves beside its own: the router hosts rollout control.
+ALSO_SERVED = {"router": [rollouts_pb2.DESCRIPTOR.services_by_name["Rollouts"]]}
 # Statuses that say nothing to a caller: a malformed request must never get them.
 UNCLEAR = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 CALL_TIMEOUT_S = 15.0
@@ -162,7 +164,8 @@ def methods(service: _descriptor.ServiceDescriptor):
     return [(f"/{service.full_name}/{m.name}", m) for m in service.methods]
 
 
-ALL_METHODS = [(name, path, method) for name, service in SERVICES.items() for path, method in methods(service)]
+ALL_METHODS = [(name, path, method) for name, service in SERVICES.items()
+               for served in (service, *ALSO_SERVED.get(name, ())) for path, method in methods(served)]
 
 
 USER_TEXT = st.one_of(st.sampled_from(["hello there", "count to ten", "is this compliant?", "hi"]), st.text(max_size=30))
@@ -208,6 +211,8 @@ VALID = {
         messages=d(_chat()), options=d(st.sampled_from([[], OPTIONS[:3], ["yes", "no"]])),
         consensus_threshold=d(st.sampled_from([0.5, 0.8, 1.0])), sampling=d(_sampling())),
     "/mirador.v1.Consensus/ListEscalations": lambda d: consensus_pb2.ListEscalationsRequest(),
+    "/mirador.v1.Rollouts/Rollback": lambda d: rollouts_pb2.RolloutActionRequest(
+        model=d(st.sampled_from(MODELS)), reason=d(USER_TEXT)),
 }
 
 
