@@ -6,13 +6,14 @@ shadow candidate compared and then promoted from the CLI)."""
 import json
 import random
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from mirador.v1 import common_pb2, rollouts_pb2, rollouts_pb2_grpc, router_pb2, router_pb2_grpc
 
-from conftest import write_config
+from conftest import free_port, write_config
 from services.cli.main import main as mirador
 from services.cli.supervisor import Mesh
 from services.common.config import ConfigError, RolloutSpec, load_config
@@ -189,7 +190,8 @@ def mesh(tmp_path_factory):
     write_corrupt_model(repository, "lm", "2")  # a broken new version
     build_tiny_decoder(repository, "shadowed", "1", seed=1)
     build_tiny_decoder(repository, "shadowed", "2", seed=2)
-    mesh = Mesh(load_config(write_config(directory, body=MESH_FLEET)), log_dir=directory / "logs",
+    extra = {"router": f"metrics_port: {free_port()}"}
+    mesh = Mesh(load_config(write_config(directory, extra, body=MESH_FLEET)), log_dir=directory / "logs",
                 services=("router", "model_host"), env={"XDG_CACHE_HOME": str(directory / "cache")})
     try:
         mesh.start(timeout_s=60)
@@ -227,6 +229,11 @@ def test_a_broken_canary_is_answered_around_then_rolled_back_by_itself(mesh, cha
     assert decision.model == "lm" and summary.model == "lm" and not summary.fell_back
     saved = json.loads(Path(mesh.config.services.router.rollout_state).read_text())  # kept across restarts
     assert saved["lm@2"]["state"] == "rolled_back"
+    port = mesh.config.services.router.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    assert 'mirador_rollout_rollbacks_total{cause="errors",model="lm"} 1.0' in metrics
+    assert 'mirador_rollout_state{candidate="lm@2",model="lm",state="rolled_back"} 1.0' in metrics
 
 
 def test_a_shadow_is_compared_without_answering_then_promoted_from_the_cli(mesh, channel, capsys):
