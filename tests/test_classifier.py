@@ -4,7 +4,6 @@ Tiny classifiers are built here with the builder's own graph code; the real topi
 is checked when `mirador fleet build` has built it."""
 
 import json
-import os
 import time
 
 import grpc
@@ -90,9 +89,8 @@ def host(tmp_path_factory):
     directory = tmp_path_factory.mktemp("classifier-host")
     repository = ModelRepository(directory / "models")
     bow = build_tiny_classifiers(repository)
-    saved_cache = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(directory / "cache")
-    mesh = Mesh(load_config(write_config(directory, body=FLEET)), log_dir=directory / "logs", services=("model_host",))
+    mesh = Mesh(load_config(write_config(directory, body=FLEET)), log_dir=directory / "logs", services=("model_host",),
+                env={"XDG_CACHE_HOME": str(directory / "cache")})
     try:
         mesh.start()
         with grpc.insecure_channel(mesh.config.services.model_host.address) as channel:
@@ -105,10 +103,6 @@ def host(tmp_path_factory):
             yield stub, repository, bow
     finally:
         mesh.stop()
-        if saved_cache is None:
-            os.environ.pop("XDG_CACHE_HOME", None)
-        else:
-            os.environ["XDG_CACHE_HOME"] = saved_cache
 
 
 def score(stub, text, options, model="tiny-topics", messages=None):

@@ -11,7 +11,6 @@ bench/fuzz.py runs the same generators for 10,000+ cases and reports every outco
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 from pathlib import Path
 
@@ -74,17 +73,14 @@ def fuzz_mesh(directory: Path):
     build_tiny_decoder(repository, "tiny-lm-b", seed=1)
     build_tiny_decoder(repository, "tiny-lm-eos", seed=3, eos_after=3)
     build_tiny_encoder(repository, "tiny-embed")
-    saved = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(directory / "cache")
     config = write_config(directory, body=FLEET, service_extra={
         "router": "embedding_model: tiny-embed\ndefault_route: chat", "model_host": "max_queue_per_model: 64"})
-    mesh = Mesh(load_config(config), log_dir=directory / "logs")
+    mesh = Mesh(load_config(config), log_dir=directory / "logs", env={"XDG_CACHE_HOME": str(directory / "cache")})
     try:
         mesh.start(timeout_s=60)
         yield mesh
     finally:
         mesh.stop()
-        os.environ.pop("XDG_CACHE_HOME", None) if saved is None else os.environ.__setitem__("XDG_CACHE_HOME", saved)
 
 
 # --------------------------------------------------------------------------- message generators

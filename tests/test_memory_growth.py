@@ -8,7 +8,6 @@ negative control shows the check can fail, so its passing on the clean host mean
 
 from __future__ import annotations
 
-import os
 import time
 
 import grpc
@@ -46,18 +45,10 @@ def host(directory, leak_kb=0) -> Mesh:
     build_tiny_decoder(repository, "tiny-lm")
     build_tiny_decoder(repository, "tiny-lm-b", seed=1)
     build_tiny_encoder(repository, "tiny-embed")
-    saved = {k: os.environ.get(k) for k in (LEAK_ENV_VAR, "XDG_CACHE_HOME")}
-    os.environ["XDG_CACHE_HOME"] = str(directory / "cache")
-    if leak_kb:
-        os.environ[LEAK_ENV_VAR] = str(leak_kb)
-    else:
-        os.environ.pop(LEAK_ENV_VAR, None)
-    try:
-        mesh = Mesh(load_config(write_config(directory, body=FLEET)), log_dir=directory / "logs", services=("model_host",))
-        mesh.start(timeout_s=60)
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    env = {"XDG_CACHE_HOME": str(directory / "cache"), **({LEAK_ENV_VAR: str(leak_kb)} if leak_kb else {})}
+    mesh = Mesh(load_config(write_config(directory, body=FLEET)), log_dir=directory / "logs", services=("model_host",),
+                env=env)
+    mesh.start(timeout_s=60)
     return mesh
 
 

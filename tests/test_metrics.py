@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal
@@ -70,18 +69,13 @@ def metered_mesh(tmp_path_factory):
     extra = {name: f"metrics_port: {port}" for name, port in ports.items()}
     extra["model_host"] += "\nmemory_budget_mb: 4096"
     config = load_config(write_config(directory, service_extra=extra, body=FLEET))
-    mesh = Mesh(config, log_dir=directory / "logs", services=("router", "model_host"))
-    saved_cache = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(directory / "cache")
+    mesh = Mesh(config, log_dir=directory / "logs", services=("router", "model_host"),
+                env={"XDG_CACHE_HOME": str(directory / "cache")})
     try:
         mesh.start()
         yield mesh, ports, directory
     finally:
         mesh.stop()
-        if saved_cache is None:
-            os.environ.pop("XDG_CACHE_HOME", None)
-        else:
-            os.environ["XDG_CACHE_HOME"] = saved_cache
 
 
 def test_rpc_counter_moves_with_calls_and_counts_status_codes(metered_mesh):

@@ -1,7 +1,6 @@
 """The model host as a real process serving tiny real ONNX models: streaming
 generation, scoring, embeddings, control plane, cancellation, broken models."""
 
-import os
 import threading
 import time
 
@@ -46,9 +45,8 @@ def host(tmp_path_factory):
     build_tiny_decoder(repository, "tiny-lm-eos", eos_after=3)
     build_tiny_encoder(repository, "tiny-embed")
     write_corrupt_model(repository, "broken-lm")
-    saved_cache = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(directory / "cache")  # optimised graphs stay in the test's folder
-    mesh = Mesh(load_config(write_config(directory, body=FLEET)), log_dir=directory / "logs", services=("model_host",))
+    mesh = Mesh(load_config(write_config(directory, body=FLEET)), log_dir=directory / "logs", services=("model_host",),
+                env={"XDG_CACHE_HOME": str(directory / "cache")})  # optimised graphs stay in the test's folder
     try:
         mesh.start()
         with grpc.insecure_channel(mesh.config.services.model_host.address) as channel:
@@ -57,10 +55,6 @@ def host(tmp_path_factory):
             yield stub, repository, mesh
     finally:
         mesh.stop()
-        if saved_cache is None:
-            os.environ.pop("XDG_CACHE_HOME", None)
-        else:
-            os.environ["XDG_CACHE_HOME"] = saved_cache
 
 
 def models(stub):
