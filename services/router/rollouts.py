@@ -55,6 +55,7 @@ class Outcome:
     OK = "ok"
     FAILED = "failed"
     IGNORED = "ignored"  # busy (RESOURCE_EXHAUSTED) or cancelled by the caller: says nothing of the version
+    SHED = "shed"  # a mirrored call not sent because too many were in flight
 
 
 class State:
@@ -151,7 +152,7 @@ class Rollout:
         """One finished call of either version; returns the rollback reason if this call crossed a limit."""
         role = "candidate" if model == self.candidate else "stable"
         ROLLOUT_CALLS.labels(self.model, role, outcome).inc()
-        if outcome == Outcome.IGNORED or self.state != State.ACTIVE:
+        if outcome in (Outcome.IGNORED, Outcome.SHED) or self.state != State.ACTIVE:
             return None
         if role == "candidate":
             self.candidate_calls.append((outcome == Outcome.FAILED, first_token_ms))

@@ -152,6 +152,7 @@ class RouterService(MiradorService):
         self.learning = None
 
     async def on_stop(self) -> None:
+        await self.servicer.stop_mirrors()
         if self.relearning is not None:
             self.relearning.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -25,6 +25,8 @@ from services.router.sessions import SessionStore
 # With a fallback behind it, a model must start answering within this share of
 # the time left, so the fallback still has time to answer.
 FIRST_TOKEN_SHARE = 0.5
+# Shadow and comparison calls are the first traffic to shed: past this many in flight, none is sent.
+MAX_MIRRORS_IN_FLIGHT = 8
 _tracer = telemetry.tracer("mirador.router")
 ROUTED = Counter("mirador_router_requests", "Ask requests by the route chosen and its primary model", ["route", "model"])
 # Calls of `priority: critical` routes carry it; the model host keeps a share of each model's queue for them.
@@ -239,6 +241,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def _mirror(self, plan: Plan, route_name: str, turns, request, deadline: float, answered: asyncio.Future) -> None:
         """Sends the request to `plan.mirror` in the background (never to the caller) and compares
         its answer with the one the caller got."""
+        if len(self._mirrors) >= MAX_MIRRORS_IN_FLIGHT:
+            self.rollouts.record(plan.mirror, Outcome.SHED)
+            return
+
         async def run() -> None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -272,3 +278,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         task = asyncio.create_task(run(), name=f"mirror to {plan.mirror}")
         self._mirrors.add(task)
         task.add_done_callback(self._mirrors.discard)
+
+    async def stop_mirrors(self) -> None:
+        for task in list(self._mirrors):
+            task.cancel()
+        await asyncio.gather(*self._mirrors, return_exceptions=True)
