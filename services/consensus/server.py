@@ -10,10 +10,11 @@ from mirador.v1 import consensus_pb2, consensus_pb2_grpc, model_host_pb2, model_
 
 from services.common.channels import open_channel
 from services.common.config import MiradorConfig, SecurityConfig
+from services.common.faults import CrashPoints
 from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
 from services.consensus.escalations import EscalationStore, resolve_path
-from services.consensus.servicer import ConsensusServicer
+from services.consensus.servicer import CRASH_POINTS, ConsensusServicer
 
 log = logging.getLogger("mirador.consensus")
 
@@ -39,7 +40,7 @@ class ConsensusService(MiradorService):
 
     def __init__(self, config: MiradorConfig):
         self.config = config
-        self.servicer = ConsensusServicer(config)
+        self.servicer = ConsensusServicer(config, crash_points=CrashPoints.from_environment(self.name, CRASH_POINTS))
         self.channel: grpc.aio.Channel | None = None
 
     @property

@@ -14,6 +14,7 @@ from mirador.v1 import consensus_pb2 as pb
 
 from services.common.config import MiradorConfig
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from services.common.faults import CrashPoints
 from services.common.validation import require_messages, require_model, require_options, require_sampling
 from services.consensus.prompts import decision_messages
 from services.consensus import fanout, voting
@@ -38,12 +39,17 @@ MAX_EMBED_RESERVE_S = 1.0
 
 _STATE_NAMES = {pb.ESCALATION_STATE_PENDING: PENDING, pb.ESCALATION_STATE_RESOLVED: RESOLVED}
 _STATE_ENUMS = {v: k for k, v in _STATE_NAMES.items()}
+# Where MIRADOR_INJECT_CRASH may kill this service (services/common/faults.py).
+CRASH_AFTER_ESCALATION_COMMIT = "after-escalation-commit"
+CRASH_POINTS = (CRASH_AFTER_ESCALATION_COMMIT,)
 
 
 class ConsensusServicer(consensus_pb2_grpc.ConsensusServicer):
-    def __init__(self, config: MiradorConfig, store: EscalationStore | None = None):
+    def __init__(self, config: MiradorConfig, store: EscalationStore | None = None,
+                 crash_points: CrashPoints | None = None):
         self.config = config
         self.store = store  # opened on start
+        self.crash_points = crash_points or CrashPoints("consensus")
         self.model_host: model_host_pb2_grpc.ModelHostStub | None = None  # set on start
 
     @property
@@ -114,6 +120,7 @@ class ConsensusServicer(consensus_pb2_grpc.ConsensusServicer):
         record = await asyncio.to_thread(self.store.record_decision, tally, case)
         if record is not None:
             verdict.escalation_id = record.id
+            self.crash_points.reached(CRASH_AFTER_ESCALATION_COMMIT)
         yield pb.DecideResponse(verdict=verdict)
 
     async def _medoid(self, ballots: list[voting.Ballot], request_id: str, deadline: float) -> voting.Outcome:

@@ -204,6 +204,7 @@ class DataPlane:
                     finish = "stop_string"
                     break
                 if index + 1 < max_tokens:
+                    await self.faults.before_decode_step(model)
                     logits = await self._in_thread(runtime.step, state, pick.token_id)
             for token in scanner.flush():
                 yield TokenEvent(token.index, token.token_id, token.text, token.logprob, token.entropy)

@@ -13,6 +13,7 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import onnxruntime as ort
 from tokenizers import Tokenizer
@@ -37,6 +38,9 @@ class SessionSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per core)
     optimized_cache: Path | None = None  # None = do not keep optimised graphs
+    # Fault injection only (faults.py): called with the model's name once its session exists and
+    # its optimised graph is written but not yet moved into the cache.
+    during_load: Callable[[str], None] | None = None
 
 
 def usable_providers(wanted: tuple[str, ...]) -> list[str]:
@@ -76,13 +80,43 @@ def create_session(manifest: ModelManifest, settings: SessionSettings) -> ort.In
             options.log_severity_level = 3
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(cached)
+        # Written under a name of its own and renamed into place (atomic): a crash mid-write
+        # leaves only a .partial file, never a truncated graph under the cache's name.
         partial = cached.with_suffix(f".{os.getpid()}.partial")
         options.optimized_model_filepath = str(partial)
         session = ort.InferenceSession(str(model_path), options, providers=providers)
+        if settings.during_load is not None:
+            settings.during_load(manifest.name)
         if partial.exists():
             os.replace(partial, cached)
         return session
-    return ort.InferenceSession(str(model_path), options, providers=providers)
+    session = ort.InferenceSession(str(model_path), options, providers=providers)
+    if settings.during_load is not None:
+        settings.during_load(manifest.name)
+    return session
+
+
+def _remove_stale_partials(cached: Path) -> None:
+    """Deletes the .partial graphs of `cached` left by processes that died while writing them
+    (kill -9 mid-load): nothing else would, and each is as big as the model."""
+    for partial in cached.parent.glob(f"{cached.stem}.*.partial"):
+        pid = partial.name[len(cached.stem) + 1:-len(".partial")]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        partial.unlink(missing_ok=True)
+        log_event(log, "removed an optimized graph a crashed process left half-written", logging.WARNING,
+                  path=str(partial))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def load_runtime(manifest: ModelManifest, settings: SessionSettings) -> ModelRuntime:

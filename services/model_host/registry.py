@@ -129,7 +129,7 @@ class ModelRegistry:
             except ModelRepositoryError as exc:
                 record.manifest, record.state, record.detail = None, State.FAILED, str(exc)
             else:
-                if record.state != State.FAILED:
+                if record.state == State.NOT_BUILT:  # an unloaded model keeps saying why (evicted, idle, ...)
                     record.state, record.detail = State.UNLOADED, "built, not loaded"
 
     @property
@@ -180,7 +180,7 @@ class ModelRegistry:
                 record.state, record.detail = State.FAILED, f"failed to load: {exc}"
                 record.failed_at = self.clock()
                 log_event(log, "model load failed", logging.ERROR, model=record.name, error=str(exc))
-                raise Unavailable(f"model `{record.name}` failed to load: {exc}") from None
+                raise Unavailable(f"model `{record.name}` failed to load: {exc}; fix it and call LoadModel to retry") from None
             record.load_ms = (time.perf_counter() - started) * 1000
             # A reload can reuse memory the process kept after the last unload, which makes
             # the difference look small: never let a reload shrink what the first load measured.

@@ -39,10 +39,12 @@ class ModelHostService(MiradorService):
         settings = config.services.model_host
         self.settings = settings
         self.executor = ThreadPoolExecutor(INFERENCE_THREADS, thread_name_prefix="inference")
+        faults = InjectedDelays.from_environment()  # tests only; empty unless MIRADOR_INJECT_* is set
         session_settings = SessionSettings(
             providers=settings.execution_providers,
             intra_op_threads=settings.intra_op_threads,
             optimized_cache=default_optimized_cache(),
+            during_load=faults.during_load if faults.load_delays else None,
         )
         self.batching = BatchingHook(self.executor, settings.max_batch_size, settings.max_queue_delay_ms / 1000)
         self.registry = ModelRegistry(
@@ -53,7 +55,7 @@ class ModelHostService(MiradorService):
             hooks=[self.batching],
         )
         self.registry.hooks.append(ObservabilityHook(self.registry, self.batching))  # after batching
-        self.servicer = ModelHostServicer(config, self.registry, DataPlane(self.registry, self.executor, self.batching, InjectedDelays.from_environment()))
+        self.servicer = ModelHostServicer(config, self.registry, DataPlane(self.registry, self.executor, self.batching, faults))
         self._background: list[asyncio.Task] = []
 
     @property
