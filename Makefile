@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install install-dev fleet protos clean
+.PHONY: demo test install install-dev fleet protos clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ demo: fleet
 test: install-dev fleet
 	bash scripts/install-system-deps.sh
 	$(BIN)/python -m pytest -q
+
+# Run every benchmark in bench/ and write bench/results/report.md (tables, PNG plots, machine and
+# versions); long on a 2-core machine. Options through BENCH, e.g. `make bench BENCH=--quick`.
+bench: fleet
+	$(BIN)/pip install --quiet -e '.[cpu,dev,build,quantizer,bench]'
+	$(BIN)/mirador bench report $(BENCH)
 
 # Regenerate the Python stubs after editing protos/.
 protos: install-dev

@@ -1,7 +1,7 @@
 """Decode speed and greedy agreement of SmolLM2-135M graphs, in this process, through
 the model host's real DecoderRuntime (`load_runtime`, 2 intra-op threads).
 
-    python bench/decode_graphs.py [--models A,B,...] [--rounds 2] [--out bench/results]
+    python bench/decode_graphs.py [--models A,B,...] [--rounds 2] [--quick] [--out bench/results]
 
 Graphs: the optimum fp32 export (the reference) and the fused graphs written by
 `python -m services.fleet.llama_graph` (fp32, int8, int4 and int4-exact). For each: size on disk,
@@ -11,7 +11,8 @@ on three chat prompts (32 tokens each, stop tokens ignored; "equal" = the length
 the common prefix). Timings run in `--rounds` rounds, models interleaved inside each
 round, so a burst of load from other jobs hits every model alike; the table shows
 each round and the median of the rounds. Nothing is asserted: the machine is shared
-and noisy (the load average is recorded).
+and noisy (the load average is recorded). Writes decode_graphs.json and decode_graphs.md
+(the report fragment). `--quick`: one round, the reference and the fused fp32 graph only.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np
 import onnxruntime as ort
 
+import fragment
 from services.common.model_repository import ModelRepository
 from services.model_host.loader import SessionSettings, load_runtime
 
@@ -105,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repository", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--quick", action="store_true", help="one round, the reference and the fused fp32 graph")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds = 1
+        if args.models == parser.get_default("models"):
+            args.models = ",".join(MODELS[:2])
 
     repository = ModelRepository(args.repository)
     names = [n for n in args.models.split(",") if n]
@@ -153,19 +161,21 @@ def main(argv: list[str] | None = None) -> int:
             row[key] = round(statistics.median(r[key] for r in row["rounds"]), 2)
         row["decode_min_ms"] = round(min(r["decode_min_ms"] for r in row["rounds"]), 2)
 
+    lines = []
     header = (f"| graph | bits | size MiB | prefill {len(timing_ids)} tok ms (rounds) | decode ms/token (rounds) "
               f"| greedy tokens equal to {reference} | top-1 equal, teacher-forced |")
-    print(header)
-    print("|" + "---|" * 7)
+    lines += [header, "|---|---:|---:|---:|---:|---|---|"]
     for name, row in rows.items():
         pre = " / ".join(f"{r['prefill_ms']:.0f}" for r in row["rounds"])
         dec = " / ".join(f"{r['decode_ms']:.1f}" for r in row["rounds"])
         equal = ", ".join(f"{e}/{NEW_TOKENS}" for e in row["equal_tokens"])
         forced = ", ".join(str(e) for e in row["teacher_forced_top1"])
-        print(f"| {name} | {row['bits']} | {row['size_mib']:.0f} | {row['prefill_ms']:.0f} ({pre}) "
-              f"| {row['decode_ms']:.2f} ({dec}) | {equal} | {forced} |")
+        lines.append(f"| {name} | {row['bits']} | {row['size_mib']:.0f} | {row['prefill_ms']:.0f} ({pre}) "
+                     f"| {row['decode_ms']:.2f} ({dec}) | {equal} | {forced} |")
     load_after = os.getloadavg()
-    print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (2 cores; > 2 means contention)")
+    context = (f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} ({os.cpu_count()} cores; "
+               f"above the core count means contention)")
+    print("\n".join(lines) + "\n" + context)
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -183,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "decode_graphs.json"
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
+    fragment.write(args.out, "decode_graphs", [
+        f"In-process DecoderRuntime, {args.threads} intra-op threads, onnxruntime {ort.__version__}, "
+        f"{args.rounds} round(s), models interleaved within each round; prefill of a {len(timing_ids)}-token prompt "
+        f"(median of 5), decode = median of the one-token steps for tokens 2..{NEW_TOKENS}; {context}.",
+        "\n".join(lines)])
     return 0
 
 

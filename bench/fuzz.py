@@ -1,13 +1,15 @@
 """Fuzzing at scale: the generators of tests/test_fuzz.py, 10,000+ RPC cases against a real
 mesh of the four services on tiny models, plus YAML config documents against the loader.
 
-    python bench/fuzz.py [--cases 10000] [--config-cases 2000] [--workers 4] [--json FILE]
+    python bench/fuzz.py [--cases 10000] [--config-cases 2000] [--workers 4] [--json FILE] [--out DIR] [--quick]
 
 RPC cases go out in batches of 100 from `--workers` threads at once (so the services also
 see concurrent malformed calls); after each batch every process must be alive and SERVING.
 Prints, per RPC, how many cases got each status; lists every UNKNOWN/INTERNAL answer, every
 answer without a sentence, and every process that died, with the request that preceded it.
 Exit status 1 when any of those happened. Nothing is timed: this is about crashes.
+With --out, writes fuzz.json and fuzz.md (the report fragment) there. `--quick`: 300 RPC
+cases and 200 config documents.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
 import grpc  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import fragment  # noqa: E402
 import test_fuzz as fz  # noqa: E402  (the generators and the mesh)
 
 BATCH = 100
@@ -106,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-cases", type=int, default=2_000, help="YAML documents for the config loader")
     parser.add_argument("--workers", type=int, default=4, help="concurrent RPCs")
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--out", type=Path, help="write fuzz.json and fuzz.md (the report fragment) here")
+    parser.add_argument("--quick", action="store_true", help="300 RPC cases, 200 config documents")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.cases = min(args.cases, 300)
+        args.config_cases = min(args.config_cases, 200)
 
     report = {}
     with tempfile.TemporaryDirectory(prefix="mirador-fuzz-") as directory:
@@ -134,9 +143,34 @@ def main(argv: list[str] | None = None) -> int:
             print("  ", crash)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fuzz.json").write_text(json.dumps(report, indent=2))
+        write_fragment(report, args.out, args.workers)
     failed = rpc["unclear"] or rpc["without_sentence"] or rpc["deaths"] or not rpc["alive_and_serving_after"] \
         or report.get("config", {}).get("crashes")
     return 1 if failed else 0
+
+
+def write_fragment(report: dict, out: Path, workers: int) -> None:
+    rpc = report["rpc"]
+    codes = sorted({code for counter in rpc["by_rpc"].values() for code in counter})
+    parts = [f"{rpc['cases']} RPC cases from the generators of tests/test_fuzz.py in batches of {BATCH}, {workers} at "
+             f"once, against a real mesh on tiny models ({rpc['seconds']} s); after every batch each process must be "
+             "alive and SERVING. Nothing is timed.",
+             fragment.table(["rpc"] + codes, [[path] + [counter.get(c, 0) for c in codes]
+                                              for path, counter in rpc["by_rpc"].items()], title="Answers by RPC and status"),
+             fragment.table(["finding", "count"], [
+                 ["UNKNOWN / INTERNAL answers", len(rpc["unclear"])],
+                 ["error answers without a sentence", len(rpc["without_sentence"])],
+                 ["services that died or stopped serving", len(rpc["deaths"])],
+                 ["all alive and SERVING after", "yes" if rpc["alive_and_serving_after"] else "NO"]], title="Findings")]
+    if "config" in report:
+        config = report["config"]
+        parts.append(fragment.table(["outcome", "documents"], sorted(config["outcomes"].items()),
+                                    title=f"Config loader: {config['cases']} YAML documents ({config['seconds']} s), "
+                                          f"{len(config['crashes'])} crashes"))
+    fragment.write(out, "fuzz", parts)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 from mirador.v1 import common_pb2, model_host_pb2, model_host_pb2_grpc  # noqa: E402
 
+import fragment  # noqa: E402
 from services.cli.supervisor import Mesh  # noqa: E402
 from services.common.config import load_config  # noqa: E402
 from services.common.model_repository import ModelRepository, default_repository_root  # noqa: E402
@@ -105,7 +107,11 @@ def machine() -> dict:
     }
 
 
+MARKDOWN: list[str] = []  # every table, as markdown, for the report fragment
+
+
 def table(title: str, header: list[str], rows: list[list]) -> str:
+    MARKDOWN.append(fragment.table(header, rows, title=title))
     cells = [[str(h) for h in header]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = [title, "-" * len(title)]
@@ -563,6 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"model_host{suffix}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     plot(results, args.out / f"model_host_throughput{suffix}.png")
     print(f"wrote {args.out / f'model_host{suffix}.json'} and {args.out / f'model_host_throughput{suffix}.png'}")
+    fragment.write(args.out, f"model_host{suffix}", [
+        f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; onnxruntime {info['onnxruntime']}; "
+        f"load average at start {info['load_average_at_start']}; mode {info['mode']}; "
+        f"{results['elapsed_s']:.0f} s. Clients run in the bench process on the same cores as the host.",
+        *MARKDOWN, f"![throughput against clients](model_host_throughput{suffix}.png)"])
     with contextlib.suppress(Exception):
         import shutil
 

@@ -1,9 +1,12 @@
 """Routing: accuracy and calibration on the held-out part of routing-dev.jsonl, three
 classifiers compared on the same embeddings, and routing latency through a real router.
 
-    python bench/routing.py [--data PATH] [--skip-latency]
+    python bench/routing.py [--data PATH] [--skip-latency] [--quick] [--out bench/results]
 
-Needs the real fleet (`mirador fleet build`). Prints tables; writes bench/results/routing.json.
+Needs the real fleet (`mirador fleet build`). Prints tables; writes routing.json and
+routing.md (the report fragment) to --out. `--quick` sends only the first 40 held-out
+requests through the router for the latency (the classifier comparison is fast and
+always uses all of them).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fragment  # noqa: E402
 from routing_split import DEFAULT_DATA, load, split  # noqa: E402
 
 from services.common.config import load_config  # noqa: E402
@@ -94,7 +98,8 @@ def through_the_router(config_path: Path, eval_rows) -> dict:
     finally:
         mesh.stop()
     latencies.sort()
-    return {"accuracy_including_default": correct / len(eval_rows), "sent_to_default": defaulted / len(eval_rows),
+    return {"requests": len(eval_rows),
+            "accuracy_including_default": correct / len(eval_rows), "sent_to_default": defaulted / len(eval_rows),
             "p50_ms": statistics.median(latencies), "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
 
@@ -103,6 +108,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="latency through the router on 40 requests only")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     config = load_config(args.config)
     fit, held_out = split(load(args.data))
@@ -117,15 +124,35 @@ def main() -> int:
         print(f"{row['method']:<42} {row['accuracy']:>9.1%} {row['ece']:>7.3f}")
     result = {"machine": machine(), "held_out": len(held_out), "classifiers": rows}
     if not args.skip_latency:
-        router = through_the_router(config.path, held_out)
+        router = through_the_router(config.path, held_out[:40] if args.quick else held_out)
         print(f"\nthrough the router (Route RPC, embedding included, min_confidence "
               f"{config.services.router.min_confidence}): accuracy {router['accuracy_including_default']:.1%} "
               f"(requests sent to `default` count as wrong), sent to default {router['sent_to_default']:.1%}, "
               f"latency p50 {router['p50_ms']:.1f} ms, p99 {router['p99_ms']:.1f} ms")
         result["router"] = router
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "routing.json").write_text(json.dumps(result, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "routing.json").write_text(json.dumps(result, indent=2))
+    write_fragment(args.out, result, config, len(examples), "quick" if args.quick else "full")
     return 0
+
+
+def write_fragment(out: Path, result: dict, config, examples: int, mode: str) -> None:
+    parts = [f"{result['machine']}. Held-out requests: {result['held_out']} (the other part of routing-dev.jsonl "
+             f"is the {examples} route examples in the config); same MiniLM embeddings for every classifier.",
+             fragment.table(["classifier", "accuracy", "ECE"],
+                            [[r["method"], f"{r['accuracy']:.1%}", f"{r['ece']:.3f}"] for r in result["classifiers"]],
+                            title="Classifiers on the held-out split")]
+    if "router" in result:
+        r = result["router"]
+        parts.append(fragment.table(
+            ["measure", "value"],
+            [["accuracy (requests sent to `default` count as wrong)", f"{r['accuracy_including_default']:.1%}"],
+             ["sent to default (below min_confidence " f"{config.services.router.min_confidence})",
+              f"{r['sent_to_default']:.1%}"],
+             ["Route latency p50 / p99 (ms, embedding included)", f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}"],
+             ["requests", r.get("requests", result["held_out"])]],
+            title=f"Through a real router (Route RPC, one client){' — quick: first 40 requests' if mode == 'quick' else ''}"))
+    fragment.write(out, "routing", parts)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,38 @@
-"""Soak: N concurrent clients through the router for a bounded time, on the real default fleet
-(built by `mirador fleet build`; tiny models with --tiny), with a mix of explicit and
-classified routes.
+"""Soak at a stated load: first a short capacity probe, then a bounded open-loop soak
+through the router on the real default fleet (built by `mirador fleet build`; tiny models
+with --tiny), with a mix of explicit and classified routes (MIX below).
 
-    python bench/soak.py [--minutes 2] [--clients 8] [--max-tokens 16] [--tiny] [--out bench/results] [--name soak]
+    python bench/soak.py [--duration 180] [--load 0.7 | --rate R] [--arrivals poisson|uniform]
+                         [--quick] [--tiny] [--out bench/results]
 
-Reports throughput, latency percentiles (p50/p99/p999 of the whole Ask stream), errors by
-status code, every service's RSS over time, and availability (successful calls / all calls)
-next to the article's 99.9 %. Writes soak.json and soak.png to --out. Timings on a shared
-2-core machine are what they are: compare runs on the same machine.
+1. Capacity probe (closed loop): 1, 2, 4, ... concurrent clients (up to --max-clients), each
+   level for --probe-s seconds (longer, up to 3x, until 10 calls have started), every client
+   sending its next Ask when the last one ends. The ramp stops at the knee: when a level
+   adds less than 10 % throughput over the previous one, or more than 1 % of its calls
+   fail. Capacity = the OK calls/s of the level before (the knee: about the same
+   throughput at lower latency).
+2. Soak (open loop): Poisson arrivals (evenly spaced with --arrivals uniform) at --load x
+   capacity (or --rate calls/s) for --duration seconds, each call started at its arrival
+   time whether or not earlier ones finished, so a slow mesh builds a queue instead of
+   slowing the clients down, and each latency is measured from the call's scheduled
+   arrival (no coordinated omission).
+
+Reports throughput, latency percentiles (p50/p99/p999 of the whole Ask stream, and of the
+first token), errors by status code and by route, every service's RSS over time, and
+availability (OK calls / all calls of the soak) next to the article's 99.9 %. The soak of
+an earlier version (8 closed-loop clients, 2 minutes) drove this 2-core machine past
+capacity, so calls queued past their routes' timeouts: 79 % availability measured the
+overload, not the mesh. Writes NAME.json, NAME.png and NAME.md (the report fragment) to
+--out; NAME is `soak` (`soak-quick` with --quick). The clients run in this process on the
+same cores as the mesh; compare runs on the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -29,6 +48,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,6 +56,7 @@ import psutil  # noqa: E402
 import yaml  # noqa: E402
 from mirador.v1 import common_pb2, router_pb2, router_pb2_grpc  # noqa: E402
 
+import fragment  # noqa: E402
 from services.cli.supervisor import Mesh  # noqa: E402
 from services.common.config import DEFAULT_CONFIG_PATH, load_config  # noqa: E402
 
@@ -87,6 +108,11 @@ def soak_config(directory: Path, tiny: bool) -> Path:
     return path
 
 
+KNEE_GAIN = 0.10      # a level adding less throughput than this over the best so far is past the knee
+MAX_ERROR_SHARE = 0.01
+PROBE_MIN_CALLS = 10  # a probe level runs until this many calls started (at most 3x --probe-s)
+
+
 def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="mirador-soak-") as tmp:
         directory = Path(tmp)
@@ -104,13 +130,15 @@ def run(args) -> dict:
 
 
 def warm_up(router, deadline_s: float = 180) -> None:
-    """Waits until the router classifies (it learns its routes after the embedding model loads)."""
+    """Waits until the router classifies (it learns its routes after the embedding model
+    loads), then sends one short Ask per route so that no first-call cost lands in the probe."""
     deadline = time.monotonic() + deadline_s
     while True:
         try:
             router.Route(router_pb2.RouteRequest(text="hello there"), timeout=30)
-            list(router.Ask(router_pb2.AskRequest(text="hello", route=MIX[0][0],
-                                                  sampling=common_pb2.SamplingParams(max_tokens=2)), timeout=60))
+            for route in dict(MIX):
+                list(router.Ask(router_pb2.AskRequest(text=TEXTS[route][0], route=route,
+                                                      sampling=common_pb2.SamplingParams(max_tokens=2)), timeout=60))
             return
         except grpc.RpcError:
             if time.monotonic() > deadline:
@@ -118,163 +146,361 @@ def warm_up(router, deadline_s: float = 180) -> None:
             time.sleep(1)
 
 
+@dataclasses.dataclass
+class Call:
+    at_s: float                  # scheduled start, seconds from the phase's start
+    latency_s: float             # scheduled start to the end of the stream (or the error)
+    first_token_s: float | None  # scheduled start to the first token
+    route: str                   # the route asked for, or "classified:<chosen>"
+    code: str                    # "OK" or the gRPC status name
+
+
+class Load:
+    """Sends Asks with the route mix over one aio channel; records every call."""
+
+    def __init__(self, address: str, args, seed: int):
+        self.address, self.args = address, args
+        self.rng = random.Random(seed)
+        self.routes, self.weights = zip(*MIX)
+        self.calls: list[Call] = []
+
+    async def ask(self, stub, client: str, t0: float, scheduled: float) -> None:
+        route = self.rng.choices(self.routes, self.weights)[0]
+        request = router_pb2.AskRequest(text=self.rng.choice(TEXTS[route]), route=route,
+                                        sampling=common_pb2.SamplingParams(max_tokens=self.args.max_tokens))
+        code, chosen, first = "OK", "?", None
+        try:
+            async for response in stub.Ask(request, timeout=self.args.deadline_s,
+                                           metadata=(("x-mirador-client", client),)):
+                kind = response.WhichOneof("event")
+                if kind == "route":
+                    chosen = response.route.route
+                elif kind == "token" and first is None:
+                    first = time.monotonic() - scheduled
+        except grpc.RpcError as exc:
+            code = exc.code().name
+        self.calls.append(Call(scheduled - t0, time.monotonic() - scheduled, first,
+                               route or f"classified:{chosen}", code))
+
+    async def closed(self, clients: int, seconds: float, min_calls: int = PROBE_MIN_CALLS) -> float:
+        """`clients` callers, each sending its next call when the last ends, for `seconds`
+        (longer, up to 3x, until `min_calls` calls have started: a slow level still gets a sample)."""
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            t0 = time.monotonic()
+            started = 0
+
+            def more() -> bool:
+                elapsed = time.monotonic() - t0
+                return elapsed < seconds or (started < min_calls and elapsed < 3 * seconds)
+
+            async def caller(index: int) -> None:
+                nonlocal started
+                while more():
+                    started += 1
+                    await self.ask(stub, f"soak-{index}", t0, time.monotonic())
+
+            await asyncio.gather(*(caller(i) for i in range(clients)))
+            return time.monotonic() - t0
+
+    async def open(self, rate: float, seconds: float, poisson: bool = True) -> float:
+        """Arrivals at `rate` per second (Poisson, or evenly spaced) for `seconds`; every call
+        starts on time."""
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            t0 = time.monotonic()
+            tasks, next_at, index = [], t0, 0
+            while True:
+                next_at += self.rng.expovariate(rate) if poisson else 1 / rate
+                if next_at >= t0 + seconds:
+                    break
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                tasks.append(asyncio.create_task(self.ask(stub, f"soak-{index % 8}", t0, next_at)))
+                index += 1
+            await asyncio.gather(*tasks)
+            return time.monotonic() - t0
+
+
+def percentiles(values_s: list[float]) -> dict:
+    if not values_s:
+        return {"p50": None, "p99": None, "p999": None, "max": None}
+    ms = np.array(values_s) * 1000
+    return {"p50": round(float(np.percentile(ms, 50)), 1), "p99": round(float(np.percentile(ms, 99)), 1),
+            "p999": round(float(np.percentile(ms, 99.9)), 1), "max": round(float(ms.max()), 1)}
+
+
+def level_stats(calls: list[Call], window_s: float) -> dict:
+    ok = [c for c in calls if c.code == "OK"]
+    return {"calls": len(calls), "ok": len(ok), "errors": len(calls) - len(ok),
+            "ok_per_s": round(len(ok) / window_s, 3), "window_s": round(window_s, 1),
+            "latency_ms": percentiles([c.latency_s for c in ok]),
+            "codes": dict(collections.Counter(c.code for c in calls))}
+
+
+def probe(address: str, args) -> dict:
+    """Closed-loop ramp 1, 2, 4, ... clients; stops at the knee (see the module doc)."""
+    levels, best, clients = [], None, 1
+    while clients <= args.max_clients:
+        load = Load(address, args, seed=clients)
+        elapsed = asyncio.run(load.closed(clients, args.probe_s))
+        stats = {"clients": clients, **level_stats(load.calls, elapsed)}
+        failing = stats["errors"] > MAX_ERROR_SHARE * max(1, stats["calls"])
+        levels.append(stats)
+        print(f"  probe: {clients} client(s): {stats['ok_per_s']:.2f} OK calls/s, p50 {stats['latency_ms']['p50']} ms, "
+              f"errors {stats['errors']}/{stats['calls']}", flush=True)
+        if failing:
+            break
+        if best is not None and stats["ok_per_s"] < best["ok_per_s"] * (1 + KNEE_GAIN):
+            break  # past the knee: the previous level had (nearly) this throughput at lower latency
+        best = stats
+        clients *= 2
+    if best is None:
+        raise SystemExit("capacity probe: even one client saw more than 1 % failed calls; "
+                         f"levels: {json.dumps(levels)}")
+    return {"levels": levels, "capacity_ok_per_s": best["ok_per_s"], "knee_clients": best["clients"],
+            "probe_s": args.probe_s, "rule": f"stop when a level adds < {KNEE_GAIN:.0%} throughput "
+                                            f"or > {MAX_ERROR_SHARE:.0%} of its calls fail; capacity = the level before"}
+
+
+class RssSampler(threading.Thread):
+    """Every `period_s`, each service's RSS (MB), from `t0` on."""
+
+    def __init__(self, pids: dict[str, int], period_s: float, t0: float):
+        super().__init__(daemon=True)
+        self.pids, self.period_s, self.t0 = pids, period_s, t0
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self.done = threading.Event()
+
+    def sample(self) -> None:
+        point = {}
+        for name, pid in self.pids.items():
+            try:
+                point[name] = psutil.Process(pid).memory_info().rss / 2**20
+            except psutil.Error:
+                point[name] = 0.0
+        self.samples.append((time.monotonic() - self.t0, point))
+
+    def run(self) -> None:
+        while not self.done.wait(self.period_s):
+            self.sample()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(self.period_s + 5)
+        self.sample()
+
+
 def soak(mesh: Mesh, args) -> dict:
     address = mesh.config.services.router.address
     pids = {name: s.process.pid for name, s in mesh.processes.items()}
+    began = time.monotonic()
+    load_average_start = os.getloadavg()
     with grpc.insecure_channel(address) as channel:
         warm_up(router_pb2_grpc.RouterStub(channel))
-    print(f"soaking: {args.clients} clients for {args.minutes:g} min ...", flush=True)
-    routes, weights = zip(*MIX)
-    results = []  # (start offset s, latency s, route, code, fell_back)
-    lock = threading.Lock()
-    started = time.monotonic()
-    stop_at = started + args.minutes * 60
-    rss = []  # (offset s, {service: MB})
-
-    def client(index: int) -> None:
-        rng = random.Random(index)
-        with grpc.insecure_channel(address) as channel:
-            router = router_pb2_grpc.RouterStub(channel)
-            while time.monotonic() < stop_at:
-                route = rng.choices(routes, weights)[0]
-                request = router_pb2.AskRequest(text=rng.choice(TEXTS[route]), route=route,
-                                                sampling=common_pb2.SamplingParams(max_tokens=args.max_tokens))
-                t0 = time.monotonic()
-                code, chosen = "OK", route or "?"
-                try:
-                    for response in router.Ask(request, timeout=args.deadline_s,
-                                               metadata=(("x-mirador-client", f"soak-{index}"),)):
-                        if response.HasField("route"):
-                            chosen = response.route.route
-                except grpc.RpcError as exc:
-                    code = exc.code().name
-                with lock:
-                    results.append((t0 - started, time.monotonic() - t0, route or f"classified:{chosen}", code))
-
-    def sample_rss() -> None:
-        while time.monotonic() < stop_at + 1:
-            point = {}
-            for name, pid in pids.items():
-                try:
-                    point[name] = psutil.Process(pid).memory_info().rss / 2**20
-                except psutil.Error:
-                    point[name] = 0.0
-            rss.append((time.monotonic() - started, point))
-            time.sleep(args.sample_s)
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
-    sampler = threading.Thread(target=sample_rss, daemon=True)
-    sampler.start()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    sampler.join(args.sample_s + 5)
-    elapsed = time.monotonic() - started
+    rss = RssSampler(pids, args.sample_s, began)
+    rss.sample()
+    rss.start()
+    if args.rate:
+        capacity = None
+        rate = args.rate
+        print(f"soak at the given rate {rate:g} calls/s (no capacity probe)", flush=True)
+    else:
+        print(f"capacity probe: closed loop, {args.probe_s:g} s per level ...", flush=True)
+        capacity = probe(address, args)
+        rate = args.load * capacity["capacity_ok_per_s"]
+        print(f"capacity ~{capacity['capacity_ok_per_s']:.2f} OK calls/s at {capacity['knee_clients']} client(s); "
+              f"soak at {args.load:.0%} of it: {rate:.2f} calls/s", flush=True)
+    soak_began = time.monotonic() - began
+    print(f"soaking: open loop, {args.arrivals} arrivals at {rate:.2f} calls/s for {args.duration:g} s ...", flush=True)
+    load = Load(address, args, seed=12345)
+    elapsed = asyncio.run(load.open(rate, args.duration, poisson=args.arrivals == "poisson"))
+    rss.stop()
     alive = {name: s.process.poll() is None for name, s in mesh.processes.items()}
-    return summarise(results, rss, elapsed, alive, args)
+    return summarise(load.calls, rss.samples, soak_began, elapsed, rate, capacity, alive, load_average_start, args)
 
 
-def summarise(results, rss, elapsed, alive, args) -> dict:
-    codes = collections.Counter(r[3] for r in results)
-    ok = [r[1] for r in results if r[3] == "OK"]
-    lat = np.array(ok) * 1000 if ok else np.array([0.0])
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
+
+
+def summarise(calls: list[Call], rss, soak_began: float, elapsed: float, rate: float, capacity: dict | None,
+              alive: dict, load_average_start, args) -> dict:
+    stats = level_stats(calls, elapsed)
+    ok = [c for c in calls if c.code == "OK"]
     by_route = collections.defaultdict(collections.Counter)
-    for r in results:
-        by_route[r[2].split(":")[0] if r[2].startswith("classified") else r[2]][r[3]] += 1
-    availability = codes["OK"] / max(1, len(results))
+    for c in calls:
+        by_route[c.route.split(":")[0]][c.code] += 1
+    availability = stats["ok"] / max(1, len(calls))
     first, last = rss[0][1], rss[-1][1]
-    # RSS settling: the second half's trend, per service
-    half = [p for p in rss if p[0] >= elapsed / 2]
+    # RSS settling: the trend over the soak's second half, per service (MB per minute)
+    half = [p for p in rss if p[0] >= soak_began + elapsed / 2]
     trend = {}
     for name in first:
-        xs = np.array([p[0] for p in half])
-        ys = np.array([p[1][name] for p in half])
-        trend[name] = float(np.polyfit(xs, ys, 1)[0] * 60) if len(half) > 2 else 0.0  # MB per minute
+        xs, ys = np.array([p[0] for p in half]), np.array([p[1][name] for p in half])
+        trend[name] = float(np.polyfit(xs, ys, 1)[0] * 60) if len(half) > 2 else 0.0
     return {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), {platform.python_version()}",
-        "fleet": "tiny test models" if args.tiny else "default fleet (smollm2-135m-instruct, minilm-l6)",
-        "clients": args.clients, "minutes": args.minutes, "max_tokens": args.max_tokens, "deadline_s": args.deadline_s,
-        "requests": len(results), "elapsed_s": round(elapsed, 1),
-        "throughput_rps": round(len(results) / elapsed, 3),
-        "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 1), "p99": round(float(np.percentile(lat, 99)), 1),
-                       "p999": round(float(np.percentile(lat, 99.9)), 1), "max": round(float(lat.max()), 1)},
-        "codes": dict(codes), "by_route": {k: dict(v) for k, v in sorted(by_route.items())},
+        "machine": machine(), "load_average_start": [round(x, 2) for x in load_average_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "fleet": "tiny test models" if args.tiny else "default fleet (smollm2-135m-instruct-fused, minilm-l6, ...)",
+        "mode": "quick" if args.quick else "full", "max_tokens": args.max_tokens, "deadline_s": args.deadline_s,
+        "mix": {r or "classified": w for r, w in MIX},
+        "capacity": capacity,
+        "load": {"arrivals": f"{'Poisson' if args.arrivals == 'poisson' else 'evenly spaced'} arrivals (open loop)",
+                 "rate_per_s": round(rate, 3),
+                 "share_of_capacity": None if capacity is None else args.load, "duration_s": args.duration},
+        "requests": len(calls), "elapsed_s": round(elapsed, 1),
+        "throughput_ok_per_s": stats["ok_per_s"], "offered_per_s": round(len(calls) / args.duration, 3),
+        "latency_ms": stats["latency_ms"],
+        "first_token_ms": percentiles([c.first_token_s for c in ok if c.first_token_s is not None]),
+        "codes": stats["codes"], "by_route": {k: dict(v) for k, v in sorted(by_route.items())},
         "availability": round(availability, 5), "article_availability": ARTICLE_AVAILABILITY,
         "meets_article": availability >= ARTICLE_AVAILABILITY,
         "rss_mb": {"first": {k: round(v, 1) for k, v in first.items()}, "last": {k: round(v, 1) for k, v in last.items()},
-                   "second_half_trend_mb_per_min": {k: round(v, 2) for k, v in trend.items()},
+                   "peak": {k: round(max(p[k] for _, p in rss), 1) for k in first},
+                   "soak_second_half_trend_mb_per_min": {k: round(v, 2) for k, v in trend.items()},
+                   "soak_began_s": round(soak_began, 1),
                    "samples": [(round(t, 1), {k: round(v, 1) for k, v in p.items()}) for t, p in rss]},
         "services_alive_after": alive,
-        "latencies": [(round(r[0], 2), round(r[1] * 1000, 1), r[3]) for r in results],
+        "calls": [(round(c.at_s, 2), round(c.latency_s * 1000, 1), c.code) for c in calls],
     }
 
 
-def report(result: dict, out: Path, name: str = "soak") -> None:
-    print(f"\n{result['fleet']}: {result['clients']} clients, {result['elapsed_s']} s, max_tokens {result['max_tokens']}")
-    print(f"{'requests':<24}{result['requests']}")
-    print(f"{'throughput':<24}{result['throughput_rps']} req/s")
-    lat = result["latency_ms"]
-    print(f"{'latency p50/p99/p999':<24}{lat['p50']} / {lat['p99']} / {lat['p999']} ms (max {lat['max']})")
-    print(f"{'status codes':<24}{result['codes']}")
-    print(f"{'availability':<24}{result['availability'] * 100:.3f} % (article: {ARTICLE_AVAILABILITY * 100:.1f} %) "
-          f"{'meets it' if result['meets_article'] else 'BELOW it'}")
-    print(f"{'services alive after':<24}{result['services_alive_after']}")
-    print("\nRSS (MB) over time:")
-    names = list(result["rss_mb"]["first"])
-    print(f"{'t (s)':>7}" + "".join(f"{n:>13}" for n in names))
-    samples = result["rss_mb"]["samples"]
-    step = max(1, len(samples) // 12)
-    for t, point in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else []):
-        print(f"{t:>7.0f}" + "".join(f"{point[n]:>13.1f}" for n in names))
-    print(f"second-half RSS trend (MB/min): {result['rss_mb']['second_half_trend_mb_per_min']}")
-    print("\nby route:", json.dumps(result["by_route"]))
+def markdown(result: dict, name: str) -> list[str]:
+    lat, ftl, load = result["latency_ms"], result["first_token_ms"], result["load"]
+    parts = [f"{result['fleet']}; {result['machine']}; load average at start {result['load_average_start'][0]}, "
+             f"at end {result['load_average_end'][0]}; max_tokens {result['max_tokens']}, client deadline "
+             f"{result['deadline_s']:g} s; route mix {json.dumps(result['mix'])}."]
+    capacity = result["capacity"]
+    if capacity:
+        parts.append(fragment.table(
+            ["clients", "calls", "OK calls/s", "p50 ms", "p99 ms", "errors"],
+            [[lv["clients"], lv["calls"], lv["ok_per_s"], lv["latency_ms"]["p50"], lv["latency_ms"]["p99"], lv["errors"]]
+             for lv in capacity["levels"]],
+            title=f"Capacity probe: closed loop, {capacity['probe_s']:g} s per level ({capacity['rule']}): "
+                  f"capacity {capacity['capacity_ok_per_s']:.2f} OK calls/s at {capacity['knee_clients']} client(s)"))
+    share = f" = {load['share_of_capacity']:.0%} of capacity" if load["share_of_capacity"] else " (given)"
+    few = " (fewer than 1000 calls: p999 is the maximum in all but name)" if result["requests"] < 1000 else ""
+    parts.append(fragment.table(["measure", "value"], [
+        ["offered load", f"{load['rate_per_s']:.2f} calls/s{share}, {load['arrivals']}, {load['duration_s']:g} s"],
+        ["calls (arrivals)", f"{result['requests']} ({result['offered_per_s']:.2f}/s over {load['duration_s']:g} s)"],
+        ["throughput (OK calls/s, to the end of the last call)", result["throughput_ok_per_s"]],
+        ["latency p50 / p99 / p999 (ms, whole stream)", f"{lat['p50']} / {lat['p99']} / {lat['p999']} (max {lat['max']}){few}"],
+        ["first token p50 / p99 / p999 (ms)", f"{ftl['p50']} / {ftl['p99']} / {ftl['p999']}"],
+        ["status codes", ", ".join(f"{k} {v}" for k, v in sorted(result["codes"].items()))],
+        ["availability (OK / all calls)", f"{result['availability'] * 100:.2f} % (article: "
+                                          f"{result['article_availability'] * 100:.1f} %: "
+                                          f"{'meets it' if result['meets_article'] else 'below it'})"],
+        ["services alive after", ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in result["services_alive_after"].items())],
+    ], title="Soak (open loop)"))
+    codes = sorted({c for v in result["by_route"].values() for c in v})
+    parts.append(fragment.table(["route"] + codes, [[route] + [counts.get(c, 0) for c in codes]
+                                                    for route, counts in result["by_route"].items()],
+                                title="Calls by route and status"))
+    rss = result["rss_mb"]
+    names = list(rss["first"])
+    parts.append(fragment.table(["service", "RSS first MB", "RSS last MB", "peak MB", "soak 2nd-half trend MB/min"],
+                                [[n, rss["first"][n], rss["last"][n], rss["peak"][n],
+                                  rss["soak_second_half_trend_mb_per_min"][n]] for n in names],
+                                title=f"RSS of each service (every sample in {name}.json)"))
+    samples = rss["samples"]
+    step = max(1, len(samples) // 10)
+    shown = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
+    parts.append(fragment.table(["t (s)", "phase"] + [f"{n} MB" for n in names],
+                                [[t, "soak" if t >= rss["soak_began_s"] else "probe / warm"] + [p[n] for n in names]
+                                 for t, p in shown],
+                                title="RSS over time (seconds since the mesh answered)"))
+    if result["load"]["duration_s"] < 120:
+        parts.append(f"A {result['load']['duration_s']:g} s soak is too short for the RSS trend to mean much "
+                     "(the full run soaks for minutes).")
+    parts.append(f"![soak: capacity probe, latency over time, RSS over time]({name}.png)")
+    return parts
 
+
+def report(result: dict, out: Path, name: str = "soak") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    summary = {k: v for k, v in result.items() if k != "latencies"}
+    parts = markdown(result, name)
+    print("\n" + "\n\n".join(parts[1:-1]))
+    summary = {k: v for k, v in result.items() if k != "calls"}
     (out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    plot(result, out / f"{name}.png")
+    fragment.write(out, name, parts)
+
+
+def plot(result: dict, path: Path) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is missing (pip install -e '.[bench]'): no soak.png")
+        print(f"matplotlib is missing (pip install -e '.[bench]'): no {path.name}")
         return
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
-    ok = [(t, ms) for t, ms, code in result["latencies"] if code == "OK"]
-    bad = [(t, ms) for t, ms, code in result["latencies"] if code != "OK"]
+    capacity = result["capacity"]
+    fig, axes = plt.subplots(3 if capacity else 2, 1, figsize=(9, 10 if capacity else 7))
+    if capacity:
+        top = axes[0]
+        levels = capacity["levels"]
+        top.plot([lv["clients"] for lv in levels], [lv["ok_per_s"] for lv in levels], "o-", label="OK calls/s")
+        top.axhline(result["load"]["rate_per_s"], color="grey", linestyle=":", label="soak rate")
+        top.set_xscale("log", base=2)
+        top.set_xlabel("closed-loop clients")
+        top.set_ylabel("OK calls/s")
+        twin = top.twinx()
+        twin.plot([lv["clients"] for lv in levels], [lv["latency_ms"]["p50"] or 0 for lv in levels], "s--",
+                  color="tab:orange", label="p50 ms")
+        twin.set_ylabel("p50 latency (ms)")
+        top.set_title(f"Capacity probe: {capacity['capacity_ok_per_s']:.2f} OK calls/s at {capacity['knee_clients']} client(s)")
+        top.legend(loc="upper left")
+        twin.legend(loc="lower right")
+    middle, bottom = axes[-2], axes[-1]
+    ok = [(t, ms) for t, ms, code in result["calls"] if code == "OK"]
+    bad = [(t, ms) for t, ms, code in result["calls"] if code != "OK"]
     if ok:
-        top.scatter(*zip(*ok), s=4, alpha=0.5, label="OK")
+        middle.scatter(*zip(*ok), s=6, alpha=0.6, label="OK")
     if bad:
-        top.scatter(*zip(*bad), s=12, color="red", marker="x", label="error")
-    top.set_yscale("log")
-    top.set_ylabel("Ask latency (ms)")
-    top.set_title(f"Soak: {result['clients']} clients, {result['throughput_rps']} req/s, "
-                  f"availability {result['availability'] * 100:.2f} %, p99 {lat['p99']:.0f} ms")
-    top.legend(loc="upper right")
-    for name in names:
+        middle.scatter(*zip(*bad), s=14, color="red", marker="x", label="error")
+    middle.set_yscale("log")
+    middle.set_xlabel("soak time (s)")
+    middle.set_ylabel("Ask latency (ms)")
+    lat = result["latency_ms"]
+    middle.set_title(f"Soak: {result['load']['rate_per_s']:.2f} calls/s offered, "
+                     f"availability {result['availability'] * 100:.2f} %, p50 {lat['p50']} ms, p99 {lat['p99']} ms")
+    middle.legend(loc="upper right")
+    samples = result["rss_mb"]["samples"]
+    for name in result["rss_mb"]["first"]:
         bottom.plot([t for t, _ in samples], [p[name] for _, p in samples], label=name)
-    bottom.set_xlabel("time (s)")
+    bottom.axvline(result["rss_mb"]["soak_began_s"], color="grey", linestyle=":", label="soak begins")
+    bottom.set_xlabel("time since the mesh answered (s)")
     bottom.set_ylabel("RSS (MB)")
     bottom.legend(loc="center right")
     fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=110)
-    print(f"wrote {out / f'{name}.json'} and {out / f'{name}.png'}")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=2.0)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--duration", type=float, default=None, help="soak seconds (default 180; 30 with --quick)")
+    parser.add_argument("--load", type=float, default=0.7, help="soak rate as a share of the probed capacity")
+    parser.add_argument("--rate", type=float, default=None, help="soak at this many calls/s; skips the probe")
+    parser.add_argument("--arrivals", choices=("poisson", "uniform"), default="poisson",
+                        help="Poisson arrivals (bursty, as independent clients are), or evenly spaced")
+    parser.add_argument("--probe-s", type=float, default=None, help="seconds per probe level (default 20; 8 with --quick)")
+    parser.add_argument("--max-clients", type=int, default=16, help="the probe's last level at most")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--deadline-s", type=float, default=30.0, help="each Ask's deadline")
+    parser.add_argument("--deadline-s", type=float, default=30.0, help="each Ask's client deadline")
     parser.add_argument("--sample-s", type=float, default=2.0, help="RSS sampling interval")
+    parser.add_argument("--quick", action="store_true", help="short run: 8 s probe levels, 30 s soak")
     parser.add_argument("--tiny", action="store_true", help="tiny test models instead of the default fleet")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument("--name", default="soak", help="output files: NAME.json and NAME.png")
+    parser.add_argument("--name", default=None, help="output files NAME.json/.png/.md (default soak, soak-quick with --quick)")
     args = parser.parse_args(argv)
+    args.duration = args.duration or (30.0 if args.quick else 180.0)
+    args.probe_s = args.probe_s or (8.0 if args.quick else 20.0)
+    args.name = args.name or ("soak-quick" if args.quick else "soak")
     result = run(args)
     report(result, args.out, args.name)
     return 0 if all(result["services_alive_after"].values()) else 1

@@ -1,7 +1,7 @@
 """Topic specialists vs a generalist: accuracy, the confidence-weighted vote, and the
 risk-coverage curve of escalation, on topics-dev.jsonl (BBC news, 5 topics).
 
-    python bench/topics.py [--data /work/shared/eval/topics-dev.jsonl] [--smollm-n 150] [--out bench/results]
+    python bench/topics.py [--data /work/shared/eval/topics-dev.jsonl] [--smollm-n 150] [--quick] [--out bench/results]
 
 Held-out protocol: the specialists are evaluated by the same 5-fold stratified
 cross-validation (seed 0) the builder uses: every text is predicted by a head trained
@@ -12,8 +12,9 @@ score calibration (config/calibration/), on a stratified subsample (it is slow o
 
 The vote is the consensus service's own (services.consensus.voting.label_vote):
 P(o) = sum_i w_i p_i(o) / sum_i w_i with w_i = model i's calibrated confidence; a case
-is answered when P(verdict) >= threshold, else escalated. Writes topics.json and
-topics_risk_coverage.png.
+is answered when P(verdict) >= threshold, else escalated. Writes topics.json,
+topics_risk_coverage.png and topics.md (the report fragment). `--quick` asks SmolLM2 about
+10 texts instead of 150 (its rows then say little; the specialists' rows are unchanged).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
 
+import fragment  # noqa: E402
 from services.common.model_repository import ModelRepository  # noqa: E402
 from services.consensus import voting  # noqa: E402
 from services.consensus.prompts import OPTIONS_JOINER, SYSTEM, USER  # noqa: E402
@@ -130,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smollm-n", type=int, default=150, help="texts SmolLM2 answers (stratified, seed 0)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mirador" / "bench")
+    parser.add_argument("--quick", action="store_true", help="SmolLM2 on 10 texts (unless --smollm-n says otherwise)")
     args = parser.parse_args(argv)
+    if args.quick and args.smollm_n == parser.get_default("smollm_n"):
+        args.smollm_n = 10
 
     repository = ModelRepository()
     examples = sp.load_examples(args.data)
@@ -201,7 +207,30 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "topics.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out / "topics_risk_coverage.png")
     print(f"wrote {args.out / 'topics.json'} and {args.out / 'topics_risk_coverage.png'}")
+    write_fragment(results, args.out)
     return 0
+
+
+def write_fragment(results: dict, out: Path) -> None:
+    rows = []
+    for name, entry in {**results["single_models"], **results["votes"]}.items():
+        at, widest = entry["at_80_coverage"], entry["widest_within_goal"]
+        rows.append([name, entry["n"], f"{entry['accuracy']:.2%}", f"{at['risk']:.2%}", f"{at['threshold']:.4f}",
+                     f"{widest['coverage']:.1%}" if widest else "none"])
+    goals = results["goals"]
+    parts = [f"{results['data']}, created {results['created_at']}. Specialists: 5-fold CV on all texts; "
+             f"{SMOLLM}: zero-shot Score on a stratified subsample of {results[SMOLLM]['n']} "
+             f"({results[SMOLLM]['seconds_per_text']} s per text).",
+             fragment.table(["model / vote", "n", "accuracy", "risk at 80 % coverage", "threshold there",
+                             f"widest coverage with risk <= {RISK_GOAL:.1%}"], rows,
+                            title="Single models and votes"),
+             fragment.table(["goal", "measured", "target"],
+                            [["vote error / best single model's error", goals["vote_error_vs_best_single"],
+                              goals["vote_error_goal"]],
+                             ["risk at 80 % coverage (specialists' vote)", f"{goals['risk_at_80_coverage']:.2%}",
+                              goals["risk_goal"]]], title="Goals"),
+             "![risk-coverage of escalation](topics_risk_coverage.png)"]
+    fragment.write(out, "topics", parts)
 
 
 def print_tables(results: dict) -> None:

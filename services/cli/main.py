@@ -7,6 +7,7 @@
     mirador config check FILE            validate a config
     mirador fleet build | list           build the model fleet into the repository
     mirador rollout list | promote M | rollback M   versioned rollouts the router runs
+    mirador bench report [--only N ...] [--quick] [--reuse]   run bench/, write bench/results/report.md
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from services.cli.supervisor import START_ORDER, Mesh, MeshStartError, health_st
 from services.cli.quantize import add_quantize_command
 from services.cli.review import add_review_commands
 from services.cli.reload import add_reload_command
+from services.cli.bench import add_bench_command
 from services.cli.rollout import ROLLOUT_HEADER, add_rollout_commands, format_rollout, list_rollouts
 
 EXIT_RPC_ERROR = 1
@@ -174,6 +176,7 @@ def cmd_ask(args) -> int:
     request.sampling.temperature = args.temperature
     channel, router = _router(config)
     events: list[dict] = []
+    decided = primary_failed = False  # consensus routes: a verdict arrived; the primary's vote failed
     with channel, _traced("mirador ask") as metadata:
         call = router.Ask(request, timeout=args.timeout, metadata=metadata)
         for response in _naming_trace_on_error(call):
@@ -186,15 +189,28 @@ def cmd_ask(args) -> int:
                 print(f"[route {r.route} → {r.model}, confidence {r.confidence:.2f}]", flush=True)
             elif kind == "token":
                 print(response.token.text, end="", flush=True)
+            elif kind == "vote":
+                primary_failed |= response.vote.primary and bool(response.vote.error)
+                print(_vote_line(response.vote), flush=True)
             elif kind == "summary":
                 s = response.summary
                 c = s.confidence
-                print(f"\n[answered by {s.model}; mean logprob {c.mean_logprob:.3f}, "
-                      f"confidence {c.calibrated_confidence:.2f} ({c.calibration_source or 'uncalibrated'})]")
+                if decided:  # consensus route: the verdict said it all; the summary names the primary's part
+                    print(f"[decided by {len(s.attempted_models)} models; primary {s.model}"
+                          + (f" confidence {c.calibrated_confidence:.2f} ({c.calibration_source or 'uncalibrated'})]"
+                             if not primary_failed else " did not answer]"))
+                else:
+                    print(f"\n[answered by {s.model}; mean logprob {c.mean_logprob:.3f}, "
+                          f"confidence {c.calibrated_confidence:.2f} ({c.calibration_source or 'uncalibrated'})]")
             elif kind == "verdict":
+                decided = True
                 v = response.verdict
-                print(f"[consensus: {v.answer!r}, consistency {v.consistency:.2f}"
-                      + (f", escalated as {v.escalation_id}" if v.escalated else "") + "]")
+                print(f"[consensus: {v.answer!r}, consistency {v.consistency:.2f} "
+                      f"{'<' if v.consistency < v.consensus_threshold else '>='} threshold {v.consensus_threshold:.2f}"
+                      + (f"; escalated for human review as {v.escalation_id} "
+                         f"(mirador review show {v.escalation_id})" if v.escalated else "; answered") + "]")
+                if v.method:
+                    print(f"[method: {v.method}]")
     trace_id = _trace_id(call)
     if args.json:
         events += [{"trace": {"trace_id": trace_id}}] if trace_id else []
@@ -202,6 +218,18 @@ def cmd_ask(args) -> int:
     elif trace_id:
         print(f"[trace {trace_id}]")
     return 0
+
+
+def _vote_line(vote) -> str:
+    """One consensus vote as `mirador ask` prints it: the model's answer, its confidence and weight."""
+    tag = " (primary)" if vote.primary else ""
+    if vote.error:
+        return f"[vote {vote.model}{tag}: FAILED after {vote.latency_ms:.0f} ms: {vote.error}]"
+    c = vote.confidence
+    calibrated = "uncalibrated" if not c.calibration_source or "not calibrated" in c.calibration_source else "calibrated"
+    options = ", ".join(f"{p.label} {p.probability:.2f}" for p in c.label_distribution)
+    return (f"[vote {vote.model}{tag}: {vote.answer!r}, confidence {c.calibrated_confidence:.2f} ({calibrated}), "
+            f"weight {vote.weight:.2f}, {vote.latency_ms:.0f} ms" + (f"; raw (T=1) {options}" if options else "") + "]")
 
 
 def cmd_config_check(args) -> int:
@@ -273,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_review_commands(commands)
     add_quantize_command(commands)
     add_reload_command(commands)
+    add_bench_command(commands)
     add_rollout_commands(commands)
     return parser
 
