@@ -2,6 +2,7 @@
 and the risk-coverage curve of escalation, on the calibration tool's held-out half.
 
     python bench/decisions.py [--data /work/shared/eval/decisions-dev.jsonl] [--per-source 40]
+                              [--config config/mirador.yaml] [--route compliance]
                               [--threads 2] [--out bench/results] [--reuse]
 
 Split: exactly services/model_host/calibrate.py's (sha256(prompt) parity: even = fit,
@@ -9,26 +10,43 @@ odd = held out; within each source, hash order). Only held-out questions are sco
 the first `--per-source` per source (default 40 -> 120 questions, a subset of the 150
 the calibration report was evaluated on).
 
-Members: `smollm2-135m-instruct` (optimum fp32 graph), `smollm2-135m-instruct-fused-int8`
-and `smollm2-135m-instruct-fused-int4-exact`. These are THE SAME SmolLM2-135M-Instruct
-weights run through other graphs / quantisations, NOT independent models: the fleet has no
-second real decoder, so this vote measures what quantisation noise does to a vote of
-one model with itself, not the benefit of diverse models.
+Members: the primary and validators of `--route` in `--config` (default: the shipped
+config's `compliance` route: `smollm2-135m-instruct-fused` (fused fp32 graph, primary),
+`smollm2-135m-instruct` (optimum fp32 export) and `smollm2-135m-instruct-fused-int8`).
+These are THE SAME SmolLM2-135M-Instruct weights run through other graphs / quantisations,
+NOT independent models: the fleet has no second real decoder, so this vote measures what
+graph and quantisation noise does to a vote of one model with itself, not the benefit of
+diverse models (the two fp32 graphs give the same logits within 1e-4).
 
 Each member is run in-process as the model host scores (`load_runtime`,
 `render_chat` / `encode` / `score_options`), asked in the consensus service's wording
 (`services.consensus.prompts.decision_messages`, ChatMessage protos converted to
 (role, content) pairs with the host's own role map). As in the host's data plane
-(services/model_host/dataplane.py), the ballot's distribution is
-`option_distribution(sums)` at T = 1 and its weight is the calibrated confidence
-`score_confidence(model, sums, calibration)`. Only the fp32 model has a fitted
-calibration file; the int8 / int4 graphs get the fp32 calibration (same temperature)
-here, which the host would NOT do (it would report them uncalibrated, T = 1).
+(services/model_host/dataplane.py), the host's distribution is `option_distribution(sums)`
+at T = 1 and the ballot's weight is the calibrated confidence
+`score_confidence(model, sums, calibration)` with the member's own
+config/calibration/<model>.json, exactly as the host does (a member without one gets the
+uncalibrated option probability, T = 1, as the host would report it); as in the consensus
+service (services/consensus/servicer.py `_ballot`), the ballot's distribution is that
+distribution tempered to the calibrated confidence (`voting.calibrated_distribution`).
+
+The route's own requests (`--route-requests`: the texts of routing-dev.jsonl labelled with
+`--route`; no right answers) are scored by every member too, to see where the vote's
+consistency lies on the requests the route really gets, as opposed to decisions-dev.
 
 The vote is the consensus service's `services.consensus.voting.label_vote`; a question
-is answered when consistency = P(verdict) >= threshold, else escalated.
-Writes <out>/decisions.json (raw option log-likelihoods included; `--reuse` recomputes
-the tables from it without running the models) and <out>/decisions_risk_coverage.png.
+is answered when consistency = P(verdict) >= threshold, else escalated. The same curve is
+drawn for the best single member alone (its own T=1 P(top option), what a one-model
+route would threshold on).
+
+The threshold is chosen by a stated rule (`choose_threshold`): the widest coverage whose
+error among answered questions is at most `--risk-target` (default 10%) with at least
+`--min-answered` answered; when no threshold answers anything at that risk (models at
+chance), the lowest threshold on the grid at which NO held-out question is answered, i.e.
+every decision escalates to a human, rounded up to the next 0.05 and raised above the
+highest consistency seen on the route's own requests as well. Writes <out>/decisions.json (raw option
+log-likelihoods included; `--reuse` recomputes the tables from it without running the
+models) and <out>/decisions_risk_coverage.png.
 """
 
 from __future__ import annotations
@@ -45,6 +63,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,10 +76,12 @@ from services.consensus.prompts import decision_messages  # noqa: E402
 from services.model_host.calibrate import DEFAULT_DATA, load_questions, split  # noqa: E402
 from services.model_host.calibration import load_score_calibration, option_distribution, score_confidence  # noqa: E402
 
-PRIMARY = "smollm2-135m-instruct"
-MEMBERS = [PRIMARY, "smollm2-135m-instruct-fused-int8", "smollm2-135m-instruct-fused-int4-exact"]
-THRESHOLDS = [round(0.5 + 0.05 * k, 2) for k in range(10)]  # 0.50 .. 0.95
-CHECK_THRESHOLD = 0.8
+DEFAULT_CONFIG = REPO / "config" / "mirador.yaml"
+DEFAULT_ROUTE = "compliance"
+ROUTING_DATA = Path("/work/shared/eval/routing-dev.jsonl")
+THRESHOLDS = [round(0.34 + 0.01 * k, 2) for k in range(66)]  # 0.34 .. 0.99: the curve
+TABLE_THRESHOLDS = [round(0.5 + 0.05 * k, 2) for k in range(10)]  # 0.50 .. 0.95: the printed table
+MARGIN_STEP = 0.05  # an "escalate everything" threshold: this far above every consistency seen, on this grid
 # The host's role map (services/model_host/servicer.py ROLES), copied to avoid importing grpc servicers.
 ROLES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}
 
@@ -119,7 +140,6 @@ def score_member(model: str, questions, threads: int) -> tuple[list[list[float]]
 
 
 def risk_coverage(outcomes, correct: np.ndarray) -> list[dict]:
-    consistency = np.array([o.consistency for o in outcomes])
     rows = []
     for t in THRESHOLDS:
         answered = np.array([not o.escalates(t) for o in outcomes])
@@ -128,14 +148,39 @@ def risk_coverage(outcomes, correct: np.ndarray) -> list[dict]:
         rows.append({"threshold": t, "escalated": round(1 - n_ans / len(outcomes), 4), "answered": n_ans,
                      "errors": errors, "error_among_answered": round(errors / n_ans, 4) if n_ans else None,
                      "confident_error_share_of_all_questions": round(errors / len(outcomes), 4)})
-    del consistency
     return rows
+
+
+def choose_threshold(rc: list[dict], risk_target: float, min_answered: int,
+                     highest_seen: float) -> tuple[float, str]:
+    """The widest coverage with error among answered <= risk_target (>= min_answered answered);
+    else escalate everything: MARGIN above `highest_seen` (the highest consistency of the vote on
+    the labelled sample and on the route's own requests), rounded up to the MARGIN grid."""
+    ok = [r for r in rc if r["answered"] >= min_answered and r["error_among_answered"] <= risk_target]
+    if ok:
+        best = max(ok, key=lambda r: (r["answered"], -r["threshold"]))
+        return best["threshold"], (f"widest coverage with error among answered <= {risk_target:.0%} "
+                                   f"(>= {min_answered} answered): {best['answered']} answered, "
+                                   f"{best['errors']} errors")
+    t = round(math.ceil(round((highest_seen + MARGIN_STEP) / MARGIN_STEP, 6)) * MARGIN_STEP, 2)
+    return min(t, 1.0), (f"no threshold answers >= {min_answered} questions with error <= {risk_target:.0%}, so "
+                         f"everything escalates: the highest consistency seen (held-out sample and the route's own "
+                         f"requests) is {highest_seen:.3f}; + {MARGIN_STEP:.2f} margin, rounded up to the "
+                         f"{MARGIN_STEP:.2f} grid")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--per-source", type=int, default=40, help="held-out questions per source, hash order (0 = all)")
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="config whose route's members vote")
+    parser.add_argument("--route", default=DEFAULT_ROUTE, help="a consensus route of --config (default compliance)")
+    parser.add_argument("--risk-target", type=float, default=0.10,
+                        help="threshold rule: highest acceptable error among answered questions")
+    parser.add_argument("--min-answered", type=int, default=10,
+                        help="threshold rule: a risk measured on fewer answered questions does not count")
+    parser.add_argument("--route-requests", type=Path, default=ROUTING_DATA,
+                        help="JSONL with {text, route}: the route's own requests, scored unlabelled ('' = skip)")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--reuse", action="store_true", help="reuse the raw scores in <out>/decisions.json")
@@ -144,6 +189,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.data.exists():
         parser.error(f"--data {args.data} does not exist")
+    from services.common.config import load_config
+
+    route = load_config(args.config).routes.get(args.route)
+    if route is None or not route.uses_consensus:
+        parser.error(f"--route {args.route} is not a consensus route of {args.config}")
+    members = [route.primary, *route.validators]
+    print(f"route {args.route} of {args.config}: primary {route.primary}, validators {', '.join(route.validators)}, "
+          f"consensus_threshold {route.consensus_threshold}")
     host = machine()
     print(f"machine: {host['cpu']}, {host['cores']} cores, load average {host['load_average']} "
           f"(python {host['python']}, onnxruntime {host['onnxruntime']})")
@@ -159,41 +212,73 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(out_json.read_text())
         if [r["digest"] for r in saved["questions"]] != [q.digest[:16] for q in held]:
             raise SystemExit(f"{out_json}: its questions differ from this sample; run without --reuse")
-        scores = {m: [r["logprob_sums"][m] for r in saved["questions"]] for m in MEMBERS}
+        missing = [m for m in members if m not in saved["questions"][0]["logprob_sums"]]
+        if missing:
+            raise SystemExit(f"{out_json} has no scores for {', '.join(missing)}; run without --reuse")
+        scores = {m: [r["logprob_sums"][m] for r in saved["questions"]] for m in members}
         runs = saved.get("runs", {})
         print(f"scores reused from {out_json}")
     else:
-        for model in MEMBERS:
+        started = time.perf_counter()
+        for model in members:
             scores[model], runs[model] = score_member(model, held, args.threads)
+        runs["total_s"] = round(time.perf_counter() - started, 1)
+        print(f"scored {len(members)} members x {len(held)} questions in {runs['total_s']:.0f} s", file=sys.stderr)
 
-    fp32_cal = load_score_calibration(PRIMARY)
-    if fp32_cal is None:
-        raise SystemExit(f"no calibration file for {PRIMARY}")
+    # The route's own requests (unlabelled): scored once, reused when the saved ones match.
+    requests: list[SimpleNamespace] = []
+    request_scores: dict[str, list[list[float]]] = {}
+    if str(args.route_requests) and args.route_requests.is_file():
+        texts = [row["text"] for row in map(json.loads, args.route_requests.read_text().splitlines())
+                 if row.get("route") == args.route]
+        requests = [SimpleNamespace(prompt=t, options=list(route.options)) for t in texts]
+        saved_requests = (json.loads(out_json.read_text()).get("route_requests", {}) if out_json.exists() else {})
+        if ([r["text"] for r in saved_requests.get("requests", [])] == texts
+                and saved_requests.get("options") == list(route.options)
+                and all(m in saved_requests["requests"][0]["logprob_sums"] for m in members)):
+            request_scores = {m: [r["logprob_sums"][m] for r in saved_requests["requests"]] for m in members}
+            print(f"route requests: scores of {len(texts)} reused from {out_json}")
+        else:
+            started = time.perf_counter()
+            for model in members:
+                request_scores[model], _ = score_member(model, requests, args.threads)
+            runs["route_requests_s"] = round(time.perf_counter() - started, 1)
+
     cal_note = {}
     calibrations = {}
-    for m in MEMBERS:
+    for m in members:
         own = load_score_calibration(m)
-        calibrations[m] = own or fp32_cal
+        calibrations[m] = own
         cal_note[m] = (f"own calibration T={own.temperature:.3f}" if own else
-                       f"no calibration of its own: fp32's T={fp32_cal.temperature:.3f} applied (the host would use T=1)")
+                       "no calibration file: uncalibrated option probability (T=1), as the host reports it")
 
     answers = np.array([q.answer for q in held])
-    picks = {m: np.array([int(np.argmax(s)) for s in scores[m]]) for m in MEMBERS}
-    correct_m = {m: picks[m] == answers for m in MEMBERS}
+    picks = {m: np.array([int(np.argmax(s)) for s in scores[m]]) for m in members}
+    correct_m = {m: picks[m] == answers for m in members}
     majority = majority_labels(fit_all)
     correct_maj = np.array([q.options[q.answer] == majority[q.source] for q in held])
 
+    def ballots_for(sums_by_member: dict[str, list[float]], options: list[str]) -> list[voting.Ballot]:
+        """As the host answers and the consensus service turns the answers into ballots."""
+        ballots = []
+        for k, m in enumerate(members):
+            sums = sums_by_member[m]
+            dist = option_distribution(sums)  # T = 1, the host's label_distribution
+            conf, _ = score_confidence(m, sums, calibrations[m])
+            log_p = [math.log(max(float(p), 1e-45)) for p in dist]
+            ballots.append(voting.Ballot(m, primary=k == 0, answer=options[int(np.argmax(dist))], confidence=conf,
+                                         distribution=dict(zip(options, voting.calibrated_distribution(log_p, conf)))))
+        return ballots
+
     outcomes, ballots_all = [], []
     for i, q in enumerate(held):
-        ballots = []
-        for k, m in enumerate(MEMBERS):
-            sums = scores[m][i]
-            dist = option_distribution(sums)  # T = 1, as the host's label_distribution
-            conf, _ = score_confidence(m, sums, calibrations[m])
-            ballots.append(voting.Ballot(m, primary=k == 0, answer=q.options[int(np.argmax(dist))], confidence=conf,
-                                         distribution={o: float(p) for o, p in zip(q.options, dist)}))
+        ballots = ballots_for({m: scores[m][i] for m in members}, q.options)
         ballots_all.append(ballots)
         outcomes.append(voting.label_vote(ballots, q.options))
+    request_outcomes = [voting.label_vote(ballots_for({m: request_scores[m][i] for m in members}, r.options), r.options)
+                        for i, r in enumerate(requests)]
+    request_consistency = np.array([o.consistency for o in request_outcomes])
+    route_max = float(request_consistency.max()) if len(request_outcomes) else None
     vote_pick = np.array([q.options.index(o.answer) for q, o in zip(held, outcomes)])
     correct_v = vote_pick == answers
     consistency = np.array([o.consistency for o in outcomes])
@@ -205,10 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         sel = np.ones(n, bool) if sel is None else sel
         return float(mask[sel].mean()) if sel.any() else float("nan")
 
-    cols = [("fp32", correct_m[MEMBERS[0]]), ("int8", correct_m[MEMBERS[1]]), ("int4-exact", correct_m[MEMBERS[2]]),
-            ("vote", correct_v), ("majority", correct_maj)]
-    print("\naccuracy on the held-out sample (members = the same SmolLM2-135M weights through 3 graphs)")
-    header = f"{'source':<38} {'n':>4} " + " ".join(f"{c:>10}" for c, _ in cols) + f" {'unanimous':>10}"
+    short = {m: _short(m, route.primary) for m in members}
+    cols = [(short[m], correct_m[m]) for m in members] + [("vote", correct_v), ("majority", correct_maj)]
+    print(f"\naccuracy on the held-out sample (members = the same SmolLM2-135M weights through {len(members)} graphs)")
+    width = max(10, *(len(c) for c, _ in cols))
+    header = f"{'source':<38} {'n':>4} " + " ".join(f"{c:>{width}}" for c, _ in cols) + f" {'unanimous':>10}"
     print(header)
     per_source = {}
     for name, sel in [("all", None)] + [(s, np.array([q.source == s for q in held])) for s in sources]:
@@ -217,26 +303,59 @@ def main(argv: list[str] | None = None) -> int:
         row["n"] = int(sel_mask.sum())
         row["unanimous_share"] = round(float(unanimous[sel_mask].mean()), 4)
         per_source[name] = row
-        print(f"{name:<38} {row['n']:>4} " + " ".join(f"{row[c]:10.3f}" for c, _ in cols)
+        print(f"{name:<38} {row['n']:>4} " + " ".join(f"{row[c]:{width}.3f}" for c, _ in cols)
               + f" {row['unanimous_share']:10.3f}")
     agree_pairs = {f"{a} vs {b}": round(float((picks[a] == picks[b]).mean()), 4)
-                   for ai, a in enumerate(MEMBERS) for b in MEMBERS[ai + 1:]}
+                   for ai, a in enumerate(members) for b in members[ai + 1:]}
     print("pairwise agreement of top option: " + ", ".join(f"{k}: {v:.3f}" for k, v in agree_pairs.items()))
-    for m in MEMBERS:
+    for m in members:
         print(f"  {m}: {cal_note[m]}")
 
     # ---------------------------------------------------------------- risk-coverage
+    member_acc = {m: float(correct_m[m].mean()) for m in members}
+    best = max(members, key=lambda m: (member_acc[m], m == route.primary))
     rc = risk_coverage(outcomes, correct_v)
-    print("\nescalation (answered when consistency = P(verdict) >= threshold; distributions at T=1 as the host sends them)")
-    print(f"{'threshold':>9} {'escalated':>10} {'answered':>9} {'errors':>7} {'err|answered':>13} {'err/all':>8}")
-    for r in rc:
+    # The best member alone, thresholded the same way (a one-ballot vote: consistency = its P(top option)).
+    alone = [voting.label_vote([b for b in ballots if b.model == best], q.options) for q, ballots in zip(held, ballots_all)]
+    rc_best = risk_coverage(alone, correct_m[best])
+    highest_seen = max(float(np.max([o.consistency for o in outcomes])), route_max if route_max is not None else 0.0)
+    chosen, rule = choose_threshold(rc, args.risk_target, args.min_answered, highest_seen)
+    print("\nescalation (answered when consistency = P(verdict) >= threshold; calibrated distributions, as the "
+          "consensus service combines them)")
+    print(f"{'threshold':>9} {'escalated':>10} {'answered':>9} {'errors':>7} {'err|answered':>13} {'err/all':>8}"
+          f"   | best member alone: {'answered':>8} {'err|answered':>13}")
+    for r, rb in zip(rc, rc_best):
+        if r["threshold"] not in TABLE_THRESHOLDS and r["threshold"] not in (chosen, route.consensus_threshold):
+            continue
         ea = f"{r['error_among_answered']:.3f}" if r["error_among_answered"] is not None else "-"
+        eb = f"{rb['error_among_answered']:.3f}" if rb["error_among_answered"] is not None else "-"
+        mark = " <- chosen" if r["threshold"] == chosen else ""
+        mark += " <- configured" if r["threshold"] == route.consensus_threshold else ""
         print(f"{r['threshold']:9.2f} {r['escalated']:10.3f} {r['answered']:9d} {r['errors']:7d} {ea:>13} "
-              f"{r['confident_error_share_of_all_questions']:8.3f}")
+              f"{r['confident_error_share_of_all_questions']:8.3f}   | {'':>19} {rb['answered']:>8} {eb:>13}{mark}")
+    print(f"consistency of the vote: max {consistency.max():.3f}, median {float(np.median(consistency)):.3f}; "
+          f"best member alone: max P(top) {max(o.consistency for o in alone):.3f}")
+    request_summary = {}
+    if request_outcomes:
+        verdicts = Counter(o.answer for o in request_outcomes)
+        raw_top = [max(option_distribution(request_scores[route.primary][i])) for i in range(len(requests))]
+        request_summary = {
+            "n": len(requests), "verdicts": dict(verdicts),
+            "max_consistency": round(route_max, 4), "median_consistency": round(float(np.median(request_consistency)), 4),
+            "answered_at_chosen": int((request_consistency >= chosen).sum()),
+            "answered_at_configured": int((request_consistency >= (route.consensus_threshold or chosen)).sum()),
+            "primary_raw_top_probability_median": round(float(np.median(raw_top)), 4),
+            "primary_raw_top_probability_share_ge_0.8": round(float(np.mean(np.array(raw_top) >= 0.8)), 4),
+        }
+        print(f"the route's own requests ({args.route_requests.name}, route {args.route}, unlabelled): n={len(requests)}, "
+              f"verdicts {dict(verdicts)}; consistency max {route_max:.3f}, median {request_summary['median_consistency']:.3f}; "
+              f"answered at {chosen:.2f}: {request_summary['answered_at_chosen']}. (The primary's raw T=1 top "
+              f"probability: median {request_summary['primary_raw_top_probability_median']:.3f}, "
+              f"{request_summary['primary_raw_top_probability_share_ge_0.8']:.0%} >= 0.8: what a vote of raw "
+              "distributions would have called consistent)")
+    print(f"threshold rule: {rule} -> {chosen:.2f} (configured: {route.consensus_threshold})")
 
     # ---------------------------------------------------------------- the two checks
-    member_acc = {m: float(correct_m[m].mean()) for m in MEMBERS}
-    best = max(MEMBERS, key=lambda m: member_acc[m])
     diff_vec = correct_v.astype(float) - correct_m[best].astype(float)
     diff = float(diff_vec.mean())
     se_paired = float(diff_vec.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
@@ -249,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         "questions_where_vote_and_best_differ_in_correctness": int((diff_vec != 0).sum()),
         "passes_within_2se": bool(diff >= -2 * max(se_binom, se_paired if math.isfinite(se_paired) else 0.0)),
     }
-    t = CHECK_THRESHOLD
+    t = route.consensus_threshold or chosen
     answered = consistency >= t
     wrong = ~correct_v
     disagree = ~unanimous
@@ -291,21 +410,35 @@ def main(argv: list[str] | None = None) -> int:
         "split": (f"services/model_host/calibrate.py split: sha256(prompt) odd = held out; first "
                   f"{args.per_source or 'all'} per source in hash order"),
         "n": n,
-        "members": MEMBERS,
-        "members_note": ("the same SmolLM2-135M-Instruct weights through three graphs (optimum fp32, fused int8, "
-                         "fused int4-exact): NOT independent models; the fleet has no second real decoder"),
+        "config": str(args.config),
+        "route": args.route,
+        "members": members,
+        "members_note": ("the same SmolLM2-135M-Instruct weights through other graphs (fused fp32, optimum fp32, fused "
+                         "int8): NOT independent models; the fleet has no second real decoder"),
         "calibration": cal_note,
-        "ballot": "distribution = option_distribution(sums) at T=1 (as the host); weight = calibrated confidence",
+        "ballot": ("distribution = the host's option_distribution(sums) at T=1 tempered to the calibrated confidence "
+                   "(voting.calibrated_distribution, as the consensus service); weight = calibrated confidence"),
         "majority_baseline": "per source, the most frequent right answer on the whole fit half (even hashes)",
         "runs": runs,
         "accuracy": per_source,
         "pairwise_top_option_agreement": agree_pairs,
         "risk_coverage": rc,
+        "risk_coverage_best_member_alone": {"model": best, "rows": rc_best},
+        "route_requests": {
+            "data": str(args.route_requests), "options": list(route.options), **request_summary,
+            "requests": [{"text": r.prompt, "logprob_sums": {m: request_scores[m][i] for m in members},
+                          "vote": o.answer, "consistency": round(o.consistency, 4)}
+                         for i, (r, o) in enumerate(zip(requests, request_outcomes))],
+        },
+        "threshold_rule": {"risk_target": args.risk_target, "min_answered": args.min_answered,
+                           "chosen": chosen, "why": rule, "configured": route.consensus_threshold,
+                           "max_vote_consistency": round(float(consistency.max()), 4),
+                           "median_vote_consistency": round(float(np.median(consistency)), 4)},
         "check_vote_vs_best_member": check1,
         "check_confident_errors": check2,
         "questions": [
             {"source": q.source, "digest": q.digest[:16], "options": q.options, "answer": q.answer,
-             "logprob_sums": {m: scores[m][i] for m in MEMBERS},
+             "logprob_sums": {m: scores[m][i] for m in members},
              "confidences": {b.model: round(b.confidence, 4) for b in ballots_all[i]},
              "vote": outcomes[i].answer, "consistency": round(outcomes[i].consistency, 4)}
             for i, q in enumerate(held)
@@ -325,20 +458,33 @@ def main(argv: list[str] | None = None) -> int:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         cov = [1 - r["escalated"] for r in rc]
         risk = [r["error_among_answered"] if r["error_among_answered"] is not None else np.nan for r in rc]
-        ax.plot(cov, risk, "o-", label="consensus vote (3 graphs of SmolLM2-135M)")
+        ax.plot(cov, risk, ".-", label=f"consensus vote ({len(members)} graphs of SmolLM2-135M)")
+        cov_b = [1 - r["escalated"] for r in rc_best]
+        risk_b = [r["error_among_answered"] if r["error_among_answered"] is not None else np.nan for r in rc_best]
+        ax.plot(cov_b, risk_b, ".:", color="tab:orange", label=f"best member alone ({short[best]})")
         for r, c, k in zip(rc, cov, risk):
-            if np.isfinite(k):
+            if np.isfinite(k) and (r["threshold"] in TABLE_THRESHOLDS or r["threshold"] == chosen):
                 ax.annotate(f"{r['threshold']:.2f}", (c, k), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(1 - per_source["all"]["majority"], ls="--", color="grey", label="majority-class error")
+        ax.axhline(args.risk_target, ls=":", color="red", lw=0.8, label=f"risk target {args.risk_target:.0%}")
+        ax.text(0.02, 0.02, f"chosen threshold {chosen:.2f}: {int((consistency >= chosen).sum())}/{n} answered",
+                transform=ax.transAxes, fontsize=7)
         ax.set_xlabel("coverage (share answered)")
         ax.set_ylabel("error among answered")
-        ax.set_title(f"decisions-dev held-out sample (n={n})", fontsize=9)
+        ax.set_title(f"route {args.route}: decisions-dev held-out sample (n={n})", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         png = args.out / "decisions_risk_coverage.png"
         fig.savefig(png, dpi=120)
         print(f"wrote {png}")
     return 0
+
+
+def _short(model: str, primary: str) -> str:
+    """A column name: the part after the common SmolLM2 prefix ("fp32" for the optimum export)."""
+    base = "smollm2-135m-instruct"
+    name = model.removeprefix(base).lstrip("-") or "optimum"
+    return f"{name}*" if model == primary else name
 
 
 if __name__ == "__main__":

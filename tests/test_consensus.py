@@ -4,6 +4,7 @@ embedding model): streaming votes, the weighted verdict, escalation into SQLite 
 survives kill -9, the review queue over gRPC and the `mirador review` CLI, statistics."""
 
 import asyncio
+import math
 import os
 import signal
 import sqlite3
@@ -162,13 +163,20 @@ def decide(stub, text="Is this request compliant?", *, models=VOTERS, options=OP
     return votes, responses[-1].verdict
 
 
+def calibrated(confidence) -> dict[str, float]:
+    """A vote's distribution as the consensus combines it: tempered to its calibrated confidence."""
+    labels = [p.label for p in confidence.label_distribution]
+    log_p = [math.log(max(p.probability, 1e-45)) for p in confidence.label_distribution]
+    return dict(zip(labels, voting.calibrated_distribution(log_p, confidence.calibrated_confidence)))
+
+
 def ballots_of(votes, models, options):
     """The votes as the vote maths sees them, in request order."""
     by_model = {v.model: v for v in votes}
     ballots = []
     for i, model in enumerate(models):
         v = by_model[model]
-        dist = {p.label: p.probability for p in v.confidence.label_distribution} if options else None
+        dist = calibrated(v.confidence) if options else None
         ballots.append(voting.Ballot(model, primary=i == 0, answer=v.answer, error=v.error,
                                      confidence=v.confidence.calibrated_confidence, distribution=dist))
     return ballots
@@ -389,7 +397,7 @@ def label_outcome(host, text, models):
                                                        options=OPTIONS), timeout=10)
         ballots.append(voting.Ballot(model, primary=i == 0, answer=reply.best_option,
                                      confidence=reply.confidence.calibrated_confidence,
-                                     distribution={p.label: p.probability for p in reply.confidence.label_distribution}))
+                                     distribution=calibrated(reply.confidence)))
     return voting.label_vote(ballots, OPTIONS)
 
 

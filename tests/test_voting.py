@@ -6,6 +6,7 @@ import pytest
 
 from services.consensus.voting import (
     Ballot,
+    calibrated_distribution,
     cosine,
     label_vote,
     medoid_vote,
@@ -31,6 +32,44 @@ def three_ballots(c_error=""):
         ballot("b", (0.2, 0.7, 0.1), 0.7),
         ballot("c", (0.1, 0.8, 0.1), 0.8, error=c_error),
     ]
+
+
+# --------------------------------------------------------------------------- calibrated distributions
+
+
+def softmax(z, t=1.0):
+    e = [math.exp((x - max(z)) / t) for x in z]
+    return [x / sum(e) for x in e]
+
+
+def test_calibrated_distribution_recovers_the_hosts_temperature():
+    # The host reports calibrated confidence = max softmax(z / T); the vote's distribution is softmax(z / T).
+    z = [-3.86, -6.62, -8.24]  # SmolLM2 on a compliance question: "compliant" 0.93 at T = 1
+    for t in (0.5, 1.0, 3.2204, 20.0):
+        expected = softmax(z, t)
+        assert calibrated_distribution(z, max(expected)) == pytest.approx(expected, abs=1e-9)
+    assert max(softmax(z)) > 0.9 and max(calibrated_distribution(z, max(softmax(z, 3.2204)))) < 0.6
+
+
+def test_calibrated_distribution_edges():
+    assert calibrated_distribution([-1.0, -2.0, -3.0], 1 / 3) == pytest.approx([1 / 3] * 3)  # no better than chance
+    assert calibrated_distribution([-1.0, -2.0, -3.0], 0.1) == pytest.approx([1 / 3] * 3)
+    assert calibrated_distribution([-1.0, -1.0], 0.9) == pytest.approx([0.5, 0.5])  # a tie stays a tie
+    assert calibrated_distribution([-1.0, -50.0], 1.0) == pytest.approx([1.0, 0.0])
+    assert calibrated_distribution([-1.0, -2.0], float("nan")) == pytest.approx(softmax([-1.0, -2.0]))
+    assert calibrated_distribution([-1.0, float("-inf")], 0.7) == pytest.approx([0.5, 0.5])
+    assert calibrated_distribution([], 0.5) == []
+
+
+def test_agreeing_overconfident_raw_distributions_do_not_pass_a_threshold_once_calibrated():
+    z = [-3.64, -7.77, -8.84]  # raw P(top) 0.98, calibrated (T = 3.22) 0.68
+    calibrated_confidence = max(softmax(z, 3.2204))
+    ballots = [Ballot(m, primary=m == "a", answer="yes", confidence=calibrated_confidence,
+                      distribution=dict(zip(OPTIONS, calibrated_distribution(z, calibrated_confidence))))
+               for m in ("a", "b", "c")]
+    outcome = label_vote(ballots, OPTIONS)
+    assert outcome.answer == "yes" and outcome.consistency == pytest.approx(calibrated_confidence)
+    assert outcome.escalates(0.8)
 
 
 # --------------------------------------------------------------------------- label vote

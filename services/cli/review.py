@@ -114,7 +114,7 @@ def cmd_review_show(args) -> int:
     print(f"  verdict     {v.answer!r}  consistency {v.consistency:.3f} < threshold {v.consensus_threshold:.3f}")
     print(f"  method      {v.method}")
     if v.combined_distribution:
-        print("  combined    " + ", ".join(f"{p.label}: {p.probability:.3f}" for p in v.combined_distribution))
+        print("  combined    (calibrated) " + ", ".join(f"{p.label}: {p.probability:.3f}" for p in v.combined_distribution))
     if v.primary_overturned:
         print("  the validators overturned the primary's answer")
     print("  votes:")
@@ -127,7 +127,7 @@ def cmd_review_show(args) -> int:
         print(f"    {vote.model}{tag}: {vote.answer!r}  weight {vote.weight:.3f}  "
               f"confidence {c.calibrated_confidence:.3f} ({c.calibration_source or 'no source'})  {vote.latency_ms:.0f} ms")
         if c.label_distribution:
-            print("      " + ", ".join(f"{p.label}: {p.probability:.3f}" for p in c.label_distribution))
+            print("      raw (T=1) " + ", ".join(f"{p.label}: {p.probability:.3f}" for p in c.label_distribution))
     if e.state == consensus_pb2.ESCALATION_STATE_RESOLVED:
         print(f"  resolved    {e.resolution!r} by {e.reviewer} at {_when(e.resolved_at)}")
         if e.note:

@@ -5,6 +5,7 @@ plain values of `fanout` (asking the models), `voting` (the maths) and `escalati
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 
@@ -247,10 +248,15 @@ def _ballot(answer: fanout.Answer, options: list[str]) -> voting.Ballot:
     reply = answer.value
     confidence = reply.confidence
     if options:
+        # The host's distribution is softmax(log-likelihoods) at T = 1; the vote uses the model's
+        # calibrated one (voting.calibrated_distribution: tempered to the calibrated confidence).
+        labels = [p.label for p in confidence.label_distribution]
+        log_p = [math.log(max(float(p.probability), 1e-45)) for p in confidence.label_distribution]
+        calibrated = voting.calibrated_distribution(log_p, confidence.calibrated_confidence)
         return voting.Ballot(
             answer.model, primary=answer.index == 0, answer=reply.best_option,
             confidence=confidence.calibrated_confidence,
-            distribution={p.label: p.probability for p in confidence.label_distribution},
+            distribution=dict(zip(labels, calibrated)),
         )
     return voting.Ballot(answer.model, primary=answer.index == 0, answer=reply.text,
                          confidence=confidence.calibrated_confidence)

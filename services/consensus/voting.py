@@ -4,7 +4,12 @@ With w_i the weight of model i (its calibrated confidence, clamped to [0, 1]; 0 
 model that failed) and W = sum of w_i over the models that answered:
 
 * label decisions: P(o) = sum_i w_i * p_i(o) / W (equal weights when W = 0); the verdict
-  is argmax_o P(o), ties going to the earlier option; consistency = P(verdict).
+  is argmax_o P(o), ties going to the earlier option; consistency = P(verdict). p_i is
+  model i's calibrated distribution (`calibrated_distribution`): its option
+  log-likelihoods tempered so that its top option's probability is its calibrated
+  confidence. The host's raw distribution (T = 1) of a small decoder is far sharper than
+  its accuracy (SmolLM2 puts ~0.9 on "compliant" for most compliance questions, right or
+  wrong), and a vote of raw distributions would call that agreement "consistent".
 * free text: s_ij = max(0, cos(e_i, e_j)); the verdict is the confidence-weighted medoid
   m = argmin_i sum_j w_j * (1 - s_ij), ties going to the earlier model (primary first);
   consistency = sum_j w_j * s_mj / W.
@@ -64,6 +69,42 @@ class Outcome:
 
     def escalates(self, threshold: float) -> bool:
         return self.answered == 0 or self.consistency < threshold
+
+
+def calibrated_distribution(logprobs: Sequence[float], confidence: float,
+                            options: Sequence[str] | None = None) -> list[float]:
+    """softmax(logprobs / T), with the T > 0 at which the top option's probability equals
+    `confidence` (the model host's calibrated confidence is exactly that for a temperature-
+    calibrated Score, and T = 1 for an uncalibrated one). A confidence at or below 1/n gives
+    the uniform distribution; at or above what T = 0.01 reaches, T = 0.01. Non-finite
+    inputs give softmax(logprobs) unchanged (or uniform if that is not finite either)."""
+    z = [float(x) for x in logprobs]
+    n = len(z)
+    if n == 0:
+        return []
+
+    def softmax(temperature: float) -> list[float]:
+        top = max(z)
+        e = [math.exp((x - top) / temperature) for x in z]
+        total = sum(e)
+        return [x / total for x in e]
+
+    if not all(math.isfinite(x) for x in z):
+        return [1.0 / n] * n
+    if not math.isfinite(confidence):
+        return softmax(1.0)
+    lo, hi = math.log(0.01), math.log(1e4)  # log T; max softmax falls as T grows
+    if confidence >= max(softmax(math.exp(lo))):
+        return softmax(math.exp(lo))
+    if confidence <= 1.0 / n or confidence <= max(softmax(math.exp(hi))):
+        return [1.0 / n] * n
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if max(softmax(math.exp(mid))) > confidence:
+            lo = mid
+        else:
+            hi = mid
+    return softmax(math.exp((lo + hi) / 2))
 
 
 def weight_of(ballot: Ballot) -> float:
