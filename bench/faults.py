@@ -176,11 +176,11 @@ def consensus_rows(directory, repeats):
     finally:
         env.stop()
     missing = sum(r.stored is None or [v.model for v in r.stored.votes] != fs.VOTERS for r in results)
-    duplicates = sum(r.retry_code == "OK" for r in results)
+    duplicates = sum(r.count_after_retry > 1 for r in results)
     return row("consensus killed after committing an escalation, before answering", repeats,
                counts(r.code for r in results),
                f"client retry of the same request: {counts(r.retry_code for r in results)} "
-               f"(a second case in the queue {duplicates}/{repeats}: Decide is not idempotent)",
+               f"(replays the stored case; a second case in the queue {duplicates}/{repeats})",
                missing, "escalations committed but missing (or missing a vote) after the restart", "",
                f"process exit {sorted({r.exit_code for r in results})}")
 

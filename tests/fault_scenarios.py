@@ -609,6 +609,7 @@ class CrashResult:
     decisions_counted: int  # GetStats decisions for the route, after the restart
     retry_code: str  # the same Decide again, on the restarted service
     retry_verdict: object | None
+    count_after_retry: int  # escalations with this request id after the retry (1: it replayed the case)
 
 
 def consensus_crash_after_commit(env: ConsensusEnv, question: str, request_id: str) -> CrashResult:
@@ -644,6 +645,8 @@ def consensus_crash_after_commit(env: ConsensusEnv, question: str, request_id: s
             retry_code, retry_verdict = "OK", retry[-1].verdict
         except grpc.RpcError as exc:
             retry_code, retry_verdict = exc.code().name, None
+        count_after_retry = sum(e.request_id == request_id for e in stub.ListEscalations(
+            consensus_pb2.ListEscalationsRequest(limit=1000), timeout=10).escalations)
     env.consensus.stop()
     return CrashResult(code, details, votes, exit_code, cases[-1] if cases else None, len(cases), stats.decisions,
-                       retry_code, retry_verdict)
+                       retry_code, retry_verdict, count_after_retry)

@@ -162,8 +162,9 @@ def test_consensus_killed_after_committing_an_escalation_keeps_the_case(consensu
     assert all(v.answer in fs.OPTIONS and v.confidence.label_distribution for v in case.votes)
     assert case.verdict.escalated and case.verdict.escalation_id == case.id and case.verdict.consistency < 1.0
     assert result.decisions_counted == 1  # counted once, in the same transaction as the case
-    # the caller's retry gets its verdict from the restarted service
-    assert result.retry_code == "OK" and result.retry_verdict.escalated
+    # the caller's retry (same request_id) replays the stored case instead of queueing a second one
+    assert result.retry_code == "OK" and result.retry_verdict.escalation_id == case.id
+    assert result.count_after_retry == 1
 
 
 def test_a_mistyped_crash_point_stops_the_service_from_starting():

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS escalations (
     resolved_at REAL
 );
 CREATE INDEX IF NOT EXISTS escalations_by_state ON escalations (state, seq);
+CREATE INDEX IF NOT EXISTS escalations_by_request ON escalations (route, request_id);
 CREATE TABLE IF NOT EXISTS route_stats (
     route              TEXT PRIMARY KEY,
     decisions          INTEGER NOT NULL DEFAULT 0,
@@ -294,6 +295,13 @@ class EscalationStore:
         with self._lock:
             rows = self._db.execute(query, (*params, int(limit))).fetchall()
         return [_record(row) for row in rows]
+
+    def find_request(self, route: str, request_id: str) -> EscalationRecord | None:
+        """The case a request already escalated on this route, if any (retries replay it)."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM escalations WHERE route = ? AND request_id = ? ORDER BY seq LIMIT 1",
+                                   (route, request_id)).fetchone()
+        return _record(row) if row is not None else None
 
     def get(self, escalation_id: str) -> EscalationRecord:
         with self._lock:

@@ -61,6 +61,14 @@ class ConsensusServicer(consensus_pb2_grpc.ConsensusServicer):
 
     async def Decide(self, request: pb.DecideRequest, context):
         self._validate_decide(request)
+        if request.request_id:
+            stored = await asyncio.to_thread(self.store.find_request, request.route, request.request_id)
+            if stored is not None:  # a retry of a request that escalated (its caller may never have heard)
+                escalation = _escalation(stored)
+                for vote in escalation.votes:
+                    yield pb.DecideResponse(vote=vote)
+                yield pb.DecideResponse(verdict=escalation.verdict)
+                return
         request_id = request.request_id or uuid.uuid4().hex
         models = list(request.models)
         options = list(request.options)
