@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import sys
 import threading
@@ -30,6 +29,7 @@ from mirador.v1 import model_host_pb2, model_host_pb2_grpc, router_pb2, router_p
 from services.common import telemetry
 from services.common.channels import open_channel
 from services.common.config import ConfigError, MiradorConfig, load_config
+from services.common.paths import state_dir
 from services.cli.supervisor import START_ORDER, Mesh, MeshStartError, health_status
 from services.cli.quantize import add_quantize_command
 from services.cli.review import add_review_commands
@@ -39,11 +39,6 @@ from services.cli.rollout import ROLLOUT_HEADER, add_rollout_commands, format_ro
 
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2
-
-
-def state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "mirador"
 
 
 def _config(args) -> MiradorConfig:

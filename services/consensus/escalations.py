@@ -164,23 +164,6 @@ class Stats:
         return self.primary_overturned / self.primary_answered if self.primary_answered else 0.0
 
 
-def default_path() -> Path:
-    """$XDG_STATE_HOME/mirador/escalations.sqlite3 (~/.local/state/mirador/... without it)."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "mirador" / "escalations.sqlite3"
-
-
-def resolve_path(configured: str, config_dir: Path | None = None) -> Path:
-    """services.consensus.escalation_db: empty = default_path(); `~` expands; a relative
-    path is read from the config file's folder."""
-    if not configured:
-        return default_path()
-    path = Path(os.path.expanduser(configured))
-    if not path.is_absolute() and config_dir is not None:
-        path = config_dir / path
-    return path
-
-
 class EscalationStore:
     """Thread-safe: one connection behind a lock (calls are short; the servicer runs them
     in a worker thread so the event loop never waits on the disk)."""

@@ -13,7 +13,8 @@ from services.common.config import MiradorConfig, SecurityConfig
 from services.common.faults import CrashPoints
 from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
-from services.consensus.escalations import EscalationStore, resolve_path
+from services.common.paths import state_file
+from services.consensus.escalations import EscalationStore
 from services.consensus.servicer import CRASH_POINTS, ConsensusServicer
 
 log = logging.getLogger("mirador.consensus")
@@ -51,7 +52,7 @@ class ConsensusService(MiradorService):
         consensus_pb2_grpc.add_ConsensusServicer_to_server(self.servicer, server)
 
     async def on_start(self) -> None:
-        path = resolve_path(self.config.services.consensus.escalation_db, self.config.path.parent)
+        path = state_file(self.config.services.consensus.escalation_db, "escalations.sqlite3", self.config.path.parent)
         self.servicer.store = EscalationStore(path)
         log_event(log, "escalation store open", path=str(path))
         self.channel = model_host_channel(self.config.services.model_host_targets, self.config.security)

@@ -37,6 +37,7 @@ from prometheus_client import Counter, Gauge
 from services.common.config import MiradorConfig, RolloutSpec, candidate_name
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.logs import log_event
+from services.common.paths import state_file
 
 log = logging.getLogger("mirador.router.rollouts")
 
@@ -81,12 +82,6 @@ class Plan:
 def answers_disagree(a: str, b: str) -> bool:
     """Word-level similarity (difflib's ratio) below AGREEMENT_SIMILARITY."""
     return difflib.SequenceMatcher(None, a.split(), b.split(), autojunk=False).ratio() < AGREEMENT_SIMILARITY
-
-
-def default_state_path() -> Path:
-    """$XDG_STATE_HOME/mirador/rollouts.json (~/.local/state/mirador/... without it)."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return Path(base) / "mirador" / "rollouts.json"
 
 
 class RolloutStateFile:
@@ -254,10 +249,7 @@ class Rollouts:
 
     @classmethod
     def from_config(cls, config: MiradorConfig) -> "Rollouts":
-        configured = config.services.router.rollout_state
-        path = Path(os.path.expanduser(configured)) if configured else default_state_path()
-        if not path.is_absolute():
-            path = config.path.parent / path
+        path = state_file(config.services.router.rollout_state, "rollouts.json", config.path.parent)
         return cls(config, RolloutStateFile(path))
 
     def configure(self, config: MiradorConfig) -> None:
