@@ -3,7 +3,9 @@ a tiny real decoder, bad inputs, interruption, and the Quantize RPC on a real pr
 
 from __future__ import annotations
 
+import itertools
 import random
+import shutil
 
 import grpc
 import numpy as np
@@ -23,7 +25,7 @@ from services.quantizer.allocation import BudgetError, Option
 from services.quantizer.model import DecoderGraph, NotADecoderError, decoder_feeds, log_softmax
 from services.quantizer.pipeline import Cancelled, QuantizeOptions, Quantizer
 from services.quantizer.sensitivity import PackCache, Prober, TextSource
-from services.quantizer.writer import build_model, initializer_bytes
+from services.quantizer.writer import build_model, initializer_bytes, item_bytes
 from tiny_models import build_tiny_decoder, build_tiny_encoder, decoder_forward, open_session
 
 FAST = dict(windows=2, window_tokens=32, eval_windows=2, eval_tokens=32, search_steps=2, sweep_points=1)
@@ -105,7 +107,74 @@ def test_packing_matches_what_matmulnbits_computes(bits, K, N, block):
     assert error < {8: 0.01, 4: 0.15, 2: 0.7}[bits]
 
 
+@pytest.mark.parametrize("bits, block", [(8, 16), (8, 32), (4, 32), (4, 64), (2, 32), (2, 128)])
+def test_gather_block_quantized_reads_the_transposed_packing(bits, block):
+    """GatherBlockQuantized (uint8, 3-D [V, H/b, b] form) over the MatMulNBits packing of E^T returns
+    exactly the dequantized rows; its bytes are `gather_bytes`; a MatMulNBits can share its data."""
+    rng = np.random.default_rng(bits * block)
+    V, H = 40, 256
+    table = rng.standard_normal((V, H)).astype(np.float32)
+    packed = quant.pack(np.ascontiguousarray(table.T), bits, block)
+    data, scales, zero_points = quant.gather_arrays(packed)
+    assert data.nbytes + scales.nbytes + zero_points.nbytes == quant.gather_bytes(H, V, bits, block)
+    assert scales.nbytes + zero_points.nbytes == quant.gather_bytes(H, V, bits, block, share_data=True)
+    nodes = [
+        helper.make_node("GatherBlockQuantized", ["D", "I", "S", "Z"], ["G"], domain="com.microsoft",
+                         bits=bits, block_size=block, gather_axis=0, quantize_axis=2),
+        helper.make_node("Shape", ["I"], ["shape_i"]),
+        helper.make_node("Constant", [], ["width"], value=numpy_helper.from_array(np.array([H], np.int64))),
+        helper.make_node("Concat", ["shape_i", "width"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["G", "shape"], ["X"]),
+        helper.make_node("MatMulNBits", ["X", "D", "MS", "MZ"], ["Y"], domain="com.microsoft",
+                         K=H, N=V, bits=bits, block_size=block, accuracy_level=0),  # shares D with the Gather
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("I", TensorProto.INT64, [None, None])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, None), helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(data, "D"), numpy_helper.from_array(scales, "S"),
+                     numpy_helper.from_array(zero_points, "Z"), numpy_helper.from_array(packed.scales, "MS"),
+                     numpy_helper.from_array(packed.zero_points, "MZ")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    indices = rng.integers(0, V, size=(3, 5)).astype(np.int64)
+    x, y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"I": indices})
+    reference = quant.dequantize(packed).T  # [V, H]
+    np.testing.assert_array_equal(x, reference[indices])
+    np.testing.assert_allclose(y, reference[indices] @ reference.T, rtol=1e-4, atol=1e-3)
+
+
 # --------------------------------------------------------------------------- tiny decoder
+
+
+def _tie_head(repository: ModelRepository, source, name: str):
+    """The tiny decoder with its lm_head replaced by the transpose of the embedding table (tied, as in SmolLM2)."""
+    model = onnx.load(str(source.path_of("model")))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    gather = next(n for n in graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    head = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits][-1]
+    table = gather.input[0]
+    transpose = helper.make_node("Transpose", [table], ["tied_head_weight"], name="/lm_head/Transpose", perm=[1, 0])
+    old_weight, head.input[1] = head.input[1], "tied_head_weight"
+    graph.node.insert(list(graph.node).index(head), transpose)
+    graph.initializer.remove(inits[old_weight])
+
+    def build(folder):
+        onnx.save(model, str(folder / "model.onnx"))
+        shutil.copyfile(source.path_of("tokenizer"), folder / "tokenizer.json")
+        return type(source)(name=name, version="1", task=source.task, files=dict(source.files),
+                            architecture=source.architecture, source=source.source, licence=source.licence,
+                            generation=source.generation, extra=source.extra)
+
+    return repository.write_version(name, "1", build)
+
+
+@pytest.fixture(scope="module")
+def tied(tiny):
+    repository, manifest = tiny
+    return repository, _tie_head(repository, manifest, "tiny-tied")
+
+
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +239,123 @@ def test_budget_in_mb_is_respected_on_disk(tiny):
     assert size <= 0.70e6
     bits = result.manifest.extra["quantization"]["layer_bits"]
     assert len(set(bits.values())) > 1  # mixed
+
+
+def test_tied_head_is_untied_and_every_embedding_head_choice_is_written_exactly(tied):
+    """Embedding (Gather) x tied lm_head at fp32/8/4/2: exact initializer bytes, fp32/fp32 written tied
+    (the source's size, the source's logits), same bits share the packed data, and the probe (tables
+    fed as graph inputs) computes what the written model computes."""
+    _, manifest = tied
+    decoder = DecoderGraph.load(manifest.path_of("model"))
+    emb = next(layer for layer in decoder.layers if layer.kind == "gather")
+    head = next(layer for layer in decoder.layers if layer.tied_to)
+    assert head.tied_to == emb.name and head.shape == emb.shape and (emb, head) in decoder.items()
+    assert len(decoder.items()) == len(decoder.layers) - 1
+    packs = PackCache(decoder, 32)
+    windows = np.random.default_rng(1).integers(3, 200, size=(2, 16))
+    prober = Prober(decoder, windows)
+    source = open_session(manifest)
+    reference = source.run(["logits"], decoder_feeds(source, windows))[0]
+    np.testing.assert_allclose(prober.logits({}), reference, rtol=1e-5, atol=1e-4)
+    for e, h in itertools.product((0, 8, 4, 2), repeat=2):
+        bits = {emb.name: e, head.name: h}
+        model = build_model(decoder, packs, bits, accuracy_level=0)
+        assert initializer_bytes(model) == quantizer_bytes(decoder, bits), (e, h)
+        assert quantizer_bytes(decoder, bits) - quantizer_bytes(decoder, {}) == (
+            item_bytes(decoder, (emb, head), (e, h), 32) - 4 * emb.numel)
+        ops = [n.op_type for n in model.graph.node]
+        retied = any(n.op_type == "Transpose" and n.input[0] == emb.name for n in model.graph.node)
+        assert ("GatherBlockQuantized" in ops) == (e != 0) and retied == (h == 0)
+        if e == h == 0:
+            assert initializer_bytes(model) == decoder.source_initializer_bytes
+        if e == h != 0:
+            gbq = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+            mm = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+            assert gbq.input[0] == mm.input[1]  # one packed copy of the table
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        logits = session.run(["logits"], decoder_feeds(session, windows))[0]
+        replacements = {layer.name: packs.fake(layer, b) for layer, b in ((emb, e), (head, h)) if b}
+        np.testing.assert_allclose(prober.logits(replacements), logits, atol=2e-3, rtol=1e-4)
+        if e == h == 0:
+            np.testing.assert_allclose(logits, reference, rtol=1e-5, atol=1e-4)
+        if e == h == 8:
+            assert np.abs(logits - reference).max() < 0.05 * np.abs(reference).max()
+    assert prober.kl({emb.name: packs.fake(emb, 2)}) > prober.kl({emb.name: packs.fake(emb, 4)}) > 0
+
+
+def quantizer_bytes(decoder, bits):
+    from services.quantizer.writer import predicted_weight_bytes
+
+    return predicted_weight_bytes(decoder, bits, 32)
+
+
+def test_tied_eight_bit_run_quantizes_the_embedding_and_loads_in_the_model_host(tied):
+    repository, manifest = tied
+    quantizer = Quantizer(manifest)
+    result = quantizer.run(repository, QuantizeOptions(budget_bits=8.0, output_name="tiny-tied-q8", **FAST))
+    layer_bits = result.manifest.extra["quantization"]["layer_bits"]
+    assert set(layer_bits.values()) == {8} and len(layer_bits) == len(quantizer.decoder.layers)
+    model = onnx.load(str(result.manifest.path_of("model")))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"GatherBlockQuantized", "MatMulNBits"} <= ops and "Gather" not in {
+        n.op_type for n in model.graph.node if "input_ids" in n.input}
+    assert initializer_bytes(model) == quantizer.weight_bytes(layer_bits)
+    source_bytes = initializer_bytes(onnx.load(str(manifest.path_of("model"))))
+    assert quantizer.decoder.source_initializer_bytes == source_bytes
+    assert result.variants[0].weight_bytes == source_bytes  # the fp32 baseline is the tied source
+    runtime = load_runtime(result.manifest, SessionSettings())
+    prompt = [1, 40, 50, 60, 70, 80, 90]
+    _, logits = runtime.prefill(prompt)
+    reference, _ = decoder_forward(open_session(manifest), [prompt])
+    assert np.abs(logits - reference[0, -1]).max() < 0.05 * np.abs(reference[0, -1]).max()
+    assert int(np.argmax(logits)) == int(np.argmax(reference[0, -1]))
+    names = [v.name for v in result.variants]
+    assert names[:7] == ["fp32", "uniform-8", "uniform-4", "mixed@uniform-4-size", "uniform-8-all",
+                         "uniform-4-all", "mixed@uniform-4-all-size"]
+
+
+def test_byte_budgets_with_the_embedding_and_tied_head_are_exact(tied, tmp_path):
+    _, manifest = tied
+    quantizer = Quantizer(manifest)
+    windows = quantizer.windows(TextSource.packaged("calibration.txt"), 2, 32)
+    quantizer.analyze(windows)
+    decoder = quantizer.decoder
+    smallest = quantizer.weight_bytes(quantizer.uniform_all_bits(2))
+    largest = decoder.source_initializer_bytes
+    assert quantizer.weight_bytes({layer.name: 0 for layer in decoder.layers}) == largest
+    fixed = decoder.initializer_bytes(exclude=decoder.weight_names())
+    for fraction in (0.0, 0.1, 0.25, 0.4, 0.6, 1.0):
+        budget = smallest + fraction * (largest - smallest)
+        bits = quantizer.allocate_bytes(budget)
+        assert quantizer.weight_bytes(bits) <= budget
+        model = build_model(decoder, quantizer.packs, bits)
+        assert initializer_bytes(model) == quantizer.weight_bytes(bits)
+        path = tmp_path / f"m{fraction}.onnx"
+        onnx.save(model, str(path))
+        assert path.stat().st_size <= quantizer.size_on_disk(quantizer.weight_bytes(bits), len(decoder.layers))
+    assert set(quantizer.allocate_bytes(largest + 1024 * len(decoder.items())).values()) == {0}  # unit slack
+    with pytest.raises(BudgetError):
+        quantizer.allocate_bytes(smallest - 1)
+    # The measured-interaction re-solve: within budget, never worse than round 0 by its own measure.
+    budget = smallest + 0.15 * (largest - smallest)
+    log: list = []
+    calibrated = quantizer.allocate_calibrated(budget, rounds=2, log=log)
+    assert quantizer.weight_bytes(calibrated) <= budget and log and log[0]["applied"] == {}
+    assert quantizer.joint_kl(calibrated) == pytest.approx(min(r["joint"] for r in log))
+    assert log[0]["predicted"] == pytest.approx(quantizer.predicted_kl(quantizer.allocate_bytes(budget)))
+    assert quantizer.interaction == {}
+    # Optimal among fp32/4-bit choices: brute force over the same items (the pair as one item).
+    items = [options for _, options in quantizer._items((0, 4), lambda item, combo: item_bytes(
+        decoder, item, combo, 32))]
+    smallest = quantizer.weight_bytes(quantizer.uniform_all_bits(4))
+    for fraction in (0.05, 0.3, 0.7):
+        budget = smallest + fraction * (largest - smallest)
+        solved = allocation.solve(items, budget - fixed, unit=1024.0)
+        best = allocation.brute_force(items, budget - fixed)
+        assert best is not None and solved.penalty >= best[0] - 1e-12
+        tighter = allocation.brute_force(items, budget - fixed - 1024.0 * len(items))
+        if tighter is not None:
+            assert solved.penalty <= tighter[0] + 1e-12
 
 
 def test_a_second_run_gets_the_next_version(tiny):
@@ -248,15 +434,15 @@ def test_quantize_rpc_streams_progress_then_a_report(quantizer_process):
                                             calibration_path="calibration/text.txt")
     events = list(stub.Quantize(request, timeout=120))
     kinds = [e.WhichOneof("event") for e in events]
-    assert kinds[-1] == "report" and kinds.count("report") == 1 and kinds.count("progress") >= 13
+    assert kinds[-1] == "report" and kinds.count("report") == 1 and kinds.count("progress") >= 14
     phases = [e.progress.phase for e in events[:-1]]
     assert phases[0] == "sensitivity" and "allocation" in phases and phases[-1] == "writing"
     sensitivity = [e.progress for e in events[:-1] if e.progress.phase == "sensitivity"]
-    assert sensitivity[-1].step == sensitivity[-1].total == 13 and all(p.elapsed_s >= 0 for p in sensitivity)
+    assert sensitivity[-1].step == sensitivity[-1].total == 14 and all(p.elapsed_s >= 0 for p in sensitivity)
     report = events[-1].report
     assert (report.output_model, report.output_version) == ("tiny-lm-mixed", "1")
     assert repository.get("tiny-lm-mixed").extra["quantization"]["source_model"] == "tiny-lm:1"
-    assert len(report.layers) == 13 and all({s.bits for s in layer.sensitivities} == {8, 4, 2} for layer in report.layers)
+    assert len(report.layers) == 14 and all({s.bits for s in layer.sensitivities} == {8, 4, 2} for layer in report.layers)
     assert {v.name for v in report.variants} >= {"fp32", "uniform-8", "uniform-4", "mixed@uniform-4-size"}
     assert "calibration/text.txt" in report.calibration and report.report_path.endswith("report.md")
 
@@ -265,7 +451,7 @@ def test_analyze_rpc_returns_sensitivities_only(quantizer_process):
     stub, repository, _ = quantizer_process
     before = repository.model_names()
     reply = stub.Analyze(quantizer_pb2.AnalyzeRequest(model="tiny-lm", bits=[4, 2]), timeout=60)
-    assert len(reply.layers) == 13 and all(layer.bits == 0 for layer in reply.layers)
+    assert len(reply.layers) == 14 and all(layer.bits == 0 for layer in reply.layers)
     assert all([s.bits for s in layer.sensitivities] == [4, 2] for layer in reply.layers)
     assert all(layer.sensitivities[0].kl < layer.sensitivities[1].kl for layer in reply.layers)
     assert repository.model_names() == before

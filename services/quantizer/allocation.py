@@ -34,7 +34,7 @@ class BudgetError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    label: int        # bits (0 = fp32)
+    label: object     # what the option stands for (e.g. a tuple of bits, 0 = fp32)
     cost: float       # bytes or bits, real
     penalty: float    # sensitivity (>= 0)
 
@@ -42,7 +42,7 @@ class Option:
 @dataclass(frozen=True)
 class Allocation:
     choice: list[int]      # index of the chosen option, per item
-    labels: list[int]      # chosen label (bits), per item
+    labels: list           # chosen label, per item
     cost: float            # real total cost of the choice
     penalty: float         # total sensitivity
     budget: float

@@ -1,10 +1,18 @@
-"""An ONNX decoder as the quantizer sees it: its MatMul weights, and forward passes.
+"""An ONNX decoder as the quantizer sees it: its weights, and forward passes.
 
 `DecoderGraph.load` reads an optimum-style decoder (input_ids, attention_mask,
 position_ids, past_key_values.*, logits), rewrites Gemm nodes with a constant
-weight as MatMul (+ Add), and lists every MatMul whose right operand is a 2-D
-float initializer, or the Transpose of one (a tied lm_head). Those are the layers
-the quantizer measures and gives bits to.
+weight as MatMul (+ Add), and lists the layers the quantizer measures and gives
+bits to:
+
+- every MatMul whose right operand is a 2-D float initializer;
+- the token embedding: a Gather (axis 0) of a 2-D float initializer by `input_ids`.
+  It is packed as its transpose (K = hidden, N = vocab), see quant.py;
+- an lm_head tied to the embedding (MatMul over Transpose(table)) is *untied* here:
+  it gets its own initializer `<table>.T` (the transposed table) and is a plain
+  MatMul layer like any other. `ties` remembers the pair, so a model whose embedding
+  and head both stay fp32 is written tied again (no bigger than the source), and a
+  head quantized at the embedding's bits shares its packed data with the Gather.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ class Layer:
     name: str                 # weight initializer name (for a tied lm_head, the table's name + ".T")
     node: str                 # MatMul node name
     shape: tuple[int, int]    # (K, N): the weight as the MatMul multiplies by it
-    tied_to: str | None = None  # initializer this weight is the transpose of (shared with a Gather)
+    tied_to: str | None = None  # the embedding table this (untied) lm_head was the transpose of in the source
+    kind: str = "matmul"        # "matmul", or "gather" (the token embedding; `name` is its table)
 
     @property
     def numel(self) -> int:
@@ -41,7 +50,10 @@ class Layer:
     def label(self) -> str:
         """A readable name: the node's path without the op suffix."""
         node = self.node.strip("/")
-        return node[: -len("/MatMul")] if node.endswith("/MatMul") else node
+        for suffix in ("/MatMul", "/Gather"):
+            if node.endswith(suffix):
+                return node[: -len(suffix)]
+        return node
 
 
 def _rewrite_gemm(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto]) -> int:
@@ -98,36 +110,70 @@ class DecoderGraph:
         self.inits = {t.name: t for t in graph.initializer}
         self.gemms_rewritten = _rewrite_gemm(graph, self.inits)
         self.inits = {t.name: t for t in graph.initializer}
+        self.source_initializer_bytes = self.initializer_bytes()  # before untying: the fp32 baseline
+        self.ties: dict[str, str] = {}               # untied lm_head layer name -> embedding table
+        self._retie: dict[str, onnx.NodeProto] = {}  # untied lm_head layer name -> its source Transpose
+        self._untie()
         producers = {o: n for n in graph.node for o in n.output}
         self.layers: list[Layer] = []
         self._node_index: dict[str, int] = {}
+        input_names = {i.name for i in graph.input}
         for index, node in enumerate(graph.node):
+            if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids" \
+                    and node.input[1] in input_names and node.input[0] in self.inits:
+                axis = [a.i for a in node.attribute if a.name == "axis"]
+                tensor = self.inits[node.input[0]]
+                if (axis and axis[0] != 0) or len(tensor.dims) != 2 or tensor.data_type != TensorProto.FLOAT:
+                    continue
+                if not node.name:
+                    node.name = f"Gather_{index}"
+                V, H = int(tensor.dims[0]), int(tensor.dims[1])
+                self.layers.append(Layer(tensor.name, node.name, (H, V), None, "gather"))
+                self._node_index[node.name] = index
+                continue
             if node.op_type != "MatMul" or len(node.input) != 2:
                 continue
             if not node.name:
                 node.name = f"MatMul_{index}"
             weight = node.input[1]
-            tied = None
-            if weight in self.inits:
-                tensor = self.inits[weight]
-            else:
-                producer = producers.get(weight)
-                if producer is None or producer.op_type != "Transpose" or producer.input[0] not in self.inits:
-                    continue
-                perm = [a.ints for a in producer.attribute if a.name == "perm"]
-                if perm and list(perm[0]) != [1, 0]:
-                    continue
-                tensor = self.inits[producer.input[0]]
-                tied = tensor.name
+            if weight not in self.inits:
+                continue
+            tensor = self.inits[weight]
             if len(tensor.dims) != 2 or tensor.data_type != TensorProto.FLOAT:
                 continue
-            K, N = (tensor.dims[1], tensor.dims[0]) if tied else (tensor.dims[0], tensor.dims[1])
-            name = f"{tied}.T" if tied else weight
-            self.layers.append(Layer(name, node.name, (int(K), int(N)), tied))
+            K, N = tensor.dims[0], tensor.dims[1]
+            self.layers.append(Layer(weight, node.name, (int(K), int(N)), self.ties.get(weight)))
             self._node_index[node.name] = index
-        if not self.layers:
+        if not any(layer.kind == "matmul" for layer in self.layers):
             raise NotADecoderError(f"{source} has no MatMul with a constant float weight to quantize")
         self._weights: dict[str, np.ndarray] = {}
+
+    def _untie(self) -> None:
+        """MatMul(x, Transpose(table)) -> MatMul(x, `<table>.T`), a new initializer."""
+        graph = self.model.graph
+        producers = {o: n for n in graph.node for o in n.output}
+        for node in graph.node:
+            if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] in self.inits:
+                continue
+            producer = producers.get(node.input[1])
+            if producer is None or producer.op_type != "Transpose" or producer.input[0] not in self.inits:
+                continue
+            perm = [a.ints for a in producer.attribute if a.name == "perm"]
+            table = self.inits[producer.input[0]]
+            if (perm and list(perm[0]) != [1, 0]) or len(table.dims) != 2 or table.data_type != TensorProto.FLOAT:
+                continue
+            name = f"{table.name}.T"
+            if name not in self.inits:
+                array = numpy_helper.to_array(table).astype(np.float32, copy=False)
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.T), name))
+                self.inits[name] = graph.initializer[-1]
+            self._retie[name] = copy.deepcopy(producer)
+            self._retie[name].input[0] = table.name
+            self.ties[name] = table.name
+            node.input[1] = name
+        if self.ties:
+            _prune_dead_nodes(graph)
+            self.inits = {t.name: t for t in graph.initializer}
 
     @classmethod
     def load(cls, path: str | Path) -> "DecoderGraph":
@@ -146,12 +192,52 @@ class DecoderGraph:
         return self.model.graph.node[self._node_index[layer.node]]
 
     def weight(self, layer: Layer) -> np.ndarray:
-        """The float32 [K, N] weight (cached)."""
-        if layer.name not in self._weights:
-            source = layer.tied_to or layer.name
-            array = numpy_helper.to_array(self.inits[source]).astype(np.float32, copy=False)
-            self._weights[layer.name] = np.ascontiguousarray(array.T if layer.tied_to else array)
-        return self._weights[layer.name]
+        """The float32 [K, N] weight as packed (an embedding's: its transposed table; cached)."""
+        key = self.pack_key(layer)
+        if key not in self._weights:
+            if layer.kind == "gather" and key == layer.name:
+                self._weights[key] = np.ascontiguousarray(self.table(layer).T)
+            else:
+                self._weights[key] = numpy_helper.to_array(self.inits[key]).astype(np.float32, copy=False)
+        return self._weights[key]
+
+    def table(self, layer: Layer) -> np.ndarray:
+        """An embedding layer's [V, H] table as the Gather reads it."""
+        return numpy_helper.to_array(self.inits[layer.name]).astype(np.float32, copy=False)
+
+    def graph_array(self, layer: Layer, weight: np.ndarray) -> np.ndarray:
+        """A [K, N] weight in the orientation its node reads it (a Gather reads the transpose)."""
+        return np.ascontiguousarray(weight.T) if layer.kind == "gather" else weight
+
+    def pack_key(self, layer: Layer) -> str:
+        """Layers with the same key have the same packed form: an embedding and its untied head."""
+        if layer.kind == "gather":
+            return next((head for head, table in self.ties.items() if table == layer.name), layer.name)
+        return layer.name
+
+    def paired_head(self, layer: Layer) -> Layer | None:
+        """The untied lm_head of an embedding layer, if the source tied them."""
+        head = next((h for h, table in self.ties.items() if table == layer.name), None)
+        return self.layer(head) if head else None
+
+    def items(self) -> list[tuple[Layer, ...]]:
+        """Allocation items: each layer alone, except an embedding and its tied head, which are one
+        item (their sizes depend on each other: both fp32 share one table, same bits share data)."""
+        gathers = {layer.name for layer in self.layers if layer.kind == "gather"}
+        heads = {table: head for head, table in self.ties.items() if table in gathers}
+        paired = set(heads.values())
+        out = []
+        for layer in self.layers:
+            if layer.name in paired:
+                continue
+            if layer.kind == "gather" and layer.name in heads:
+                out.append((layer, self.layer(heads[layer.name])))
+            else:
+                out.append((layer,))
+        return out
+
+    def retie_transpose(self, head: str) -> onnx.NodeProto:
+        return self._retie[head]
 
     def initializer_bytes(self, exclude: set[str] = frozenset()) -> int:
         """Bytes of the raw data of every initializer not in `exclude`."""
@@ -163,11 +249,9 @@ class DecoderGraph:
             total += count * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         return total
 
-    def tied_tables(self) -> set[str]:
-        return {layer.tied_to for layer in self.layers if layer.tied_to}
-
-    def untied_weight_names(self) -> set[str]:
-        return {layer.name for layer in self.layers if not layer.tied_to}
+    def weight_names(self) -> set[str]:
+        """Initializers that are layer weights (MatMul weights, embedding tables, untied heads)."""
+        return {layer.name for layer in self.layers}
 
     def kv_shape(self) -> dict[str, list]:
         """Past-cache inputs and their (batch, heads, 0, head_dim) shapes."""
@@ -184,14 +268,14 @@ class DecoderGraph:
         """The same graph with every layer's weight as a graph input (named PROBE_PREFIX + name)."""
         model = _shallow_copy_without_initializers(self.model)  # never copies 500 MB of weights
         graph = model.graph
-        untied = self.untied_weight_names()
-        keep = [t for t in self.model.graph.initializer if t.name not in untied]
-        graph.initializer.extend(keep)
+        weights = self.weight_names()
+        graph.initializer.extend(t for t in self.model.graph.initializer if t.name not in weights)
         for layer in self.layers:
             node = graph.node[self._node_index[layer.node]]
-            node.input[1] = PROBE_PREFIX + layer.name
-            graph.input.append(helper.make_tensor_value_info(PROBE_PREFIX + layer.name, TensorProto.FLOAT,
-                                                             list(layer.shape)))
+            slot = 0 if layer.kind == "gather" else 1
+            node.input[slot] = PROBE_PREFIX + layer.name
+            shape = [layer.shape[1], layer.shape[0]] if layer.kind == "gather" else list(layer.shape)
+            graph.input.append(helper.make_tensor_value_info(PROBE_PREFIX + layer.name, TensorProto.FLOAT, shape))
         _prune_dead_nodes(graph)
         return model
 

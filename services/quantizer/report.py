@@ -88,10 +88,13 @@ def plot(path: Path, sweep: Sequence[Variant], uniform: Sequence[Variant], fp32:
 
 
 def markdown(*, model: str, output: str, calibration: str, heldout: str, block_size: int, variants: Sequence[Variant],
-             fp32: Variant, layers: Sequence[dict], notes: Sequence[str], timings: dict) -> str:
+             fp32: Variant, layers: Sequence[dict], notes: Sequence[str], timings: dict,
+             allocation_log: dict | None = None) -> str:
     lines = [f"# Mixed-precision quantization of `{model}`", "",
              f"- result: `{output}`", f"- calibration: {calibration}", f"- held-out evaluation: {heldout}",
-             f"- MatMulNBits, block {block_size}, accuracy_level 4, asymmetric RTN with integer zero points", ""]
+             f"- MatMulNBits (and GatherBlockQuantized for the embedding), block {block_size}, accuracy_level 4, "
+             "asymmetric RTN with integer zero points",
+             "- sizes: the file on disk; fp32 is the source file (embedding and lm_head tied, one table)", ""]
     lines += ["## Variants", "",
               "| variant | size (MB) | size vs fp32 | perplexity | ppl change | KL vs fp32 | top-1 agreement |",
               "|---|---:|---:|---:|---:|---:|---:|"]
@@ -104,6 +107,18 @@ def markdown(*, model: str, output: str, calibration: str, heldout: str, block_s
         lines += ["", "## Timings", ""] + [f"- {k}: {v}" for k, v in timings.items()]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    if allocation_log:
+        lines += ["", "## Allocation: measured interaction", "",
+                  "Each round solves the exact knapsack, then measures on the calibration windows the joint KL of "
+                  "the whole allocation and of each bit-width's layers together; the next round scales that "
+                  "bit-width's single-layer KLs by joint/sum. The round with the least joint KL is kept.", "",
+                  "| variant | round | factors applied | sum of single KLs | joint KL | measured factors |",
+                  "|---|---:|---|---:|---:|---|"]
+        for name, rounds in allocation_log.items():
+            for r in rounds:
+                fmt = lambda d: ", ".join(f"{b}b x{f:.2f}" for b, f in sorted(d.items(), reverse=True)) or "-"
+                lines.append(f"| {name} | {r['round']} | {fmt(r['applied'])} | {r['predicted']:.4f} | "
+                             f"{r['joint']:.4f} | {fmt(r['factors'])} |")
     bit_names = [b for b in (8, 4, 2)]
     lines += ["", "## Layers", "",
               "| layer | weight | shape | " + " | ".join(f"KL@{b}" for b in bit_names) + " | bits |",
@@ -113,6 +128,8 @@ def markdown(*, model: str, output: str, calibration: str, heldout: str, block_s
             (f"{row['kl'][b]:.2e}" + ("*" if b in row.get("estimated", ()) else "")) if b in row["kl"] else "-"
             for b in bit_names)
         bits = row["bits"] or "fp32"
+        if row.get("kind") == "gather":
+            row = dict(row, label=row["label"] + " (Gather)")
         lines.append(f"| {row['label']} | `{row['name']}` | {row['shape'][0]}x{row['shape'][1]} | {kls} | {bits} |")
     if any(row.get("estimated") for row in layers):
         lines += ["", "\\* estimated from the 4-bit probe (KL scales with the squared weight error; "

@@ -1,6 +1,8 @@
 """Per-layer sensitivity: how far the next-token distribution moves (mean KL against
 fp32, over every position of the calibration windows) when only one layer is
-quantized to 8, 4 or 2 bits.
+quantized to 8, 4 or 2 bits. Layers are the MatMuls and the token embedding's
+Gather (its table fed as a graph input too, fake-quantized as GatherBlockQuantized
+stores it).
 
 Fast path: ONE ONNX Runtime session of the decoder in which every layer's weight
 is a graph input. Each probe is one forward pass that feeds the original weights
@@ -75,7 +77,7 @@ class PackCache:
         self._packs: dict[tuple[str, int], quant.Packed] = {}
 
     def get(self, layer: Layer, bits: int) -> quant.Packed:
-        key = (layer.name, bits)
+        key = (self.decoder.pack_key(layer), bits)  # an embedding and its untied head share one packing
         if key not in self._packs:
             self._packs[key] = quant.pack(self.decoder.weight(layer), bits, self.block_size)
         return self._packs[key]
@@ -96,16 +98,18 @@ class Prober:
                                             providers=["CPUExecutionProvider"])
         self.feeds = decoder_feeds(self.session, windows)
         for layer in decoder.layers:
-            self.feeds[PROBE_PREFIX + layer.name] = decoder.weight(layer)
+            self.feeds[PROBE_PREFIX + layer.name] = (decoder.table(layer) if layer.kind == "gather"
+                                                     else decoder.weight(layer))
         logits = self.logits({})
         self.ref_logp = log_softmax(logits)
         self.ref_p = np.exp(self.ref_logp)
         self.ref_top1 = logits.argmax(-1)
 
     def logits(self, replacements: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits with some layers' [K, N] weights (as packed) replaced."""
         feeds = dict(self.feeds)
         for name, weight in replacements.items():
-            feeds[PROBE_PREFIX + name] = weight
+            feeds[PROBE_PREFIX + name] = self.decoder.graph_array(self.decoder.layer(name), weight)
         return self.session.run(["logits"], feeds)[0]
 
     def kl(self, replacements: dict[str, np.ndarray]) -> float:
@@ -123,6 +127,7 @@ def analyze(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     threads: int = 0,
+    prober: "Prober | None" = None,
 ) -> list[LayerSensitivity]:
     """Measure every layer at every bit-width in `bits` (one forward pass per probe).
 
@@ -135,7 +140,7 @@ def analyze(
     estimate = tuple(b for b in sorted(set(estimate), reverse=True) if b not in bits)
     if estimate and not bits:
         raise ValueError("estimating needs at least one measured bit-width")
-    prober = Prober(decoder, windows, threads)
+    prober = prober or Prober(decoder, windows, threads)
     results = []
     total = len(decoder.layers)
     for i, layer in enumerate(decoder.layers):
@@ -144,6 +149,9 @@ def analyze(
         if progress:
             progress("sensitivity", i, total, layer.name)
         entry = LayerSensitivity(layer)
+        if layer.kind == "gather" and layer.shape[0] % packs.block_size:
+            results.append(entry)  # GatherBlockQuantized needs whole blocks along the table's width: fp32 only
+            continue
         for b in bits:
             entry.kl[b] = max(0.0, prober.kl({layer.name: packs.fake(layer, b)}))
         weight = decoder.weight(layer)

@@ -1,14 +1,23 @@
 """Writes a mixed-precision model: each chosen layer's MatMul becomes a MatMulNBits
 node (com.microsoft, accuracy_level=4, the configured block size) holding that
-layer's bits; fp32 layers stay MatMul. Same graph inputs and outputs as the source,
-so the model host serves the result unchanged.
+layer's bits; fp32 layers stay MatMul. The token embedding's Gather, when it gets
+bits, becomes GatherBlockQuantized (uint8 data, 3-D [V, H/b, b] form, quantize_axis 2)
+followed by a Reshape to [..., H]. Same graph inputs and outputs as the source, so the
+model host serves the result unchanged.
 
-A tied lm_head (MatMul over Transpose(embedding table)) that gets bits receives its
-own quantized copy; the fp32 table stays for the embedding Gather.
+An lm_head tied to the embedding in the source (untied by model.DecoderGraph):
+- both fp32: written tied again (MatMul over Transpose(table)), as small as the source;
+- one quantized: each has its own weight (the fp32 one keeps a full fp32 table);
+- both at the same bits: the Gather reads the head's packed MatMulNBits data
+  (one copy; each keeps its own scales and zero points, whose layouts differ).
+
+`item_bytes` gives the exact initializer bytes of each choice; `predicted_weight_bytes`
+sums them, and the tests check it equals the written model's initializer bytes.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +29,7 @@ from onnx import helper, numpy_helper
 
 from services.common.model_repository import ModelManifest, ModelRepository
 from services.quantizer import quant
-from services.quantizer.model import DecoderGraph, _prune_dead_nodes, _shallow_copy_without_initializers
+from services.quantizer.model import DecoderGraph, Layer, _prune_dead_nodes, _shallow_copy_without_initializers
 from services.quantizer.sensitivity import PackCache
 
 ACCURACY_LEVEL = 4
@@ -28,14 +37,29 @@ MS_DOMAIN = "com.microsoft"
 NODE_OVERHEAD_BYTES = 512  # allowance per MatMulNBits node for its names and attributes on disk
 
 
+def item_bytes(decoder: DecoderGraph, item: tuple[Layer, ...], labels: tuple[int, ...], block_size: int) -> int:
+    """Exact initializer bytes of one allocation item (a layer, or an embedding + its tied head) at `labels`."""
+    if len(item) == 1:
+        layer, b = item[0], labels[0]
+        K, N = layer.shape
+        if layer.kind == "gather":
+            return quant.gather_bytes(K, N, b, block_size)
+        if b == quant.FP32 and layer.tied_to:  # written tied again: the table (a fixed initializer) serves it
+            return 0
+        return quant.quantized_bytes(K, N, b, block_size)
+    (emb, head), (e, h) = item, labels
+    K, N = emb.shape
+    if e == h == quant.FP32:
+        return 4 * K * N  # one shared fp32 table, as in the source
+    shared = e == h
+    return quant.gather_bytes(K, N, e, block_size, share_data=shared) + quant.quantized_bytes(K, N, h, block_size)
+
+
 def predicted_weight_bytes(decoder: DecoderGraph, bits: Mapping[str, int], block_size: int) -> int:
     """Exact bytes of every initializer of the written model (see `build_model`)."""
-    replaced = {name for name, b in bits.items() if b != quant.FP32 and not decoder.layer(name).tied_to}
-    total = decoder.initializer_bytes(exclude=replaced)
-    for name, b in bits.items():
-        if b != quant.FP32:
-            K, N = decoder.layer(name).shape
-            total += quant.quantized_bytes(K, N, b, block_size)
+    total = decoder.initializer_bytes(exclude=decoder.weight_names())
+    for item in decoder.items():
+        total += item_bytes(decoder, item, tuple(bits.get(layer.name, quant.FP32) for layer in item), block_size)
     return total
 
 
@@ -44,33 +68,75 @@ def graph_overhead_bytes(decoder: DecoderGraph) -> int:
     return len(_shallow_copy_without_initializers(decoder.model).SerializeToString())
 
 
+def _safe(name: str) -> str:
+    return name.replace(":", "_").replace("/", "_")
+
+
 def build_model(
     decoder: DecoderGraph, packs: PackCache, bits: Mapping[str, int], accuracy_level: int = ACCURACY_LEVEL
 ) -> onnx.ModelProto:
-    """The source graph with MatMulNBits for every layer whose bits are not FP32."""
+    """The source graph with MatMulNBits / GatherBlockQuantized for every layer whose bits are not FP32."""
     model = _shallow_copy_without_initializers(decoder.model)
     graph = model.graph
     replaced: set[str] = set()
     new_inits: list[onnx.TensorProto] = []
     by_node = {n.name: i for i, n in enumerate(graph.node)}
-    for layer in decoder.layers:
+    replacement: dict[int, list[onnx.NodeProto]] = {}  # node index -> the nodes written in its place
+    data_names: dict[tuple[str, int], str] = {}       # (pack key, bits) -> MatMulNBits data written
+    order = sorted(decoder.layers, key=lambda layer: layer.kind == "gather")  # heads first: the Gather may share
+    for layer in order:
         b = bits.get(layer.name, quant.FP32)
-        if b == quant.FP32:
-            continue
-        packed = packs.get(layer, b)
         index = by_node[layer.node]
         old = graph.node[index]
-        base = layer.name.replace(":", "_").replace("/", "_")
-        names = [f"{base}_Q{b}", f"{base}_scales", f"{base}_zero_points"]
-        new_inits += [numpy_helper.from_array(packed.data, names[0]), numpy_helper.from_array(packed.scales, names[1]),
-                      numpy_helper.from_array(packed.zero_points, names[2])]
-        node = helper.make_node(
-            "MatMulNBits", [old.input[0], *names], list(old.output), name=f"{old.name}_Q{b}", domain=MS_DOMAIN,
-            K=layer.shape[0], N=layer.shape[1], bits=b, block_size=packs.block_size, accuracy_level=accuracy_level,
-        )
-        graph.node[index].CopyFrom(node)
-        if not layer.tied_to:
+        if b == quant.FP32:
+            if layer.tied_to:  # retie: MatMul(x, Transpose(table)); the untied copy is dropped
+                transpose = copy.deepcopy(decoder.retie_transpose(layer.name))
+                node = copy.deepcopy(old)
+                node.input[1] = transpose.output[0]
+                replacement[index] = [transpose, node]
+                replaced.add(layer.name)
+            continue
+        packed = packs.get(layer, b)
+        base = _safe(layer.name)
+        head = decoder.paired_head(layer) if layer.kind == "gather" else None
+        if head is None or bits.get(head.name, quant.FP32) != quant.FP32:  # else the retied head reads the table
             replaced.add(layer.name)
+        if layer.kind == "matmul":
+            names = [f"{base}_Q{b}", f"{base}_scales", f"{base}_zero_points"]
+            new_inits += [numpy_helper.from_array(packed.data, names[0]),
+                          numpy_helper.from_array(packed.scales, names[1]),
+                          numpy_helper.from_array(packed.zero_points, names[2])]
+            data_names[(decoder.pack_key(layer), b)] = names[0]
+            replacement[index] = [helper.make_node(
+                "MatMulNBits", [old.input[0], *names], list(old.output), name=f"{old.name}_Q{b}", domain=MS_DOMAIN,
+                K=layer.shape[0], N=layer.shape[1], bits=b, block_size=packs.block_size,
+                accuracy_level=accuracy_level)]
+            continue
+        data, scales, zero_points = quant.gather_arrays(packed)
+        names = [f"{base}_gather_Q{b}", f"{base}_gather_scales", f"{base}_gather_zero_points"]
+        shared = data_names.get((decoder.pack_key(layer), b))
+        if shared:
+            names[0] = shared
+        else:
+            new_inits.append(numpy_helper.from_array(data, names[0]))
+        new_inits += [numpy_helper.from_array(scales, names[1]), numpy_helper.from_array(zero_points, names[2])]
+        out, indices, stem = old.output[0], old.input[1], f"{old.name}_Q{b}"
+        replacement[index] = [
+            helper.make_node("GatherBlockQuantized", [names[0], indices, names[1], names[2]], [f"{stem}/blocks"],
+                             name=stem, domain=MS_DOMAIN, bits=b, block_size=packs.block_size, gather_axis=0,
+                             quantize_axis=2),
+            helper.make_node("Shape", [indices], [f"{stem}/indices_shape"], name=f"{stem}/Shape"),
+            helper.make_node("Constant", [], [f"{stem}/width"], name=f"{stem}/width",
+                             value=numpy_helper.from_array(np.array([layer.shape[0]], np.int64))),
+            helper.make_node("Concat", [f"{stem}/indices_shape", f"{stem}/width"], [f"{stem}/shape"],
+                             name=f"{stem}/Concat", axis=0),
+            helper.make_node("Reshape", [f"{stem}/blocks", f"{stem}/shape"], [out], name=f"{stem}/Reshape"),
+        ]
+    nodes = []
+    for i, node in enumerate(graph.node):
+        nodes.extend(replacement.get(i, [node]))
+    del graph.node[:]
+    graph.node.extend(nodes)
     graph.initializer.extend(t for t in decoder.model.graph.initializer if t.name not in replaced)
     graph.initializer.extend(new_inits)
     _prune_dead_nodes(graph)
@@ -101,7 +167,7 @@ def stage_files(
         files["tokenizer"] = "tokenizer.json"
     extra = {k: v for k, v in source.extra.items() if k not in ("quantization",)}
     extra["quantization"] = {
-        "method": "mixed-precision MatMulNBits (blockwise RTN, asymmetric, integer zero point)",
+        "method": "mixed-precision MatMulNBits + GatherBlockQuantized (blockwise RTN, asymmetric, integer zero point)",
         "source_model": source.reference,
         "layer_bits": dict(layer_bits),
         **facts,
