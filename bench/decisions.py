@@ -46,7 +46,9 @@ chance), the lowest threshold on the grid at which NO held-out question is answe
 every decision escalates to a human, rounded up to the next 0.05 and raised above the
 highest consistency seen on the route's own requests as well. Writes <out>/decisions.json (raw option
 log-likelihoods included; `--reuse` recomputes the tables from it without running the
-models) and <out>/decisions_risk_coverage.png.
+models), <out>/decisions_risk_coverage.png and <out>/decisions.md (the report fragment,
+bench/fragment.py: the tables printed here, from the JSON; `--fragment-only` rewrites just
+it from an existing <out>/decisions.json, touching nothing else).
 """
 
 from __future__ import annotations
@@ -67,9 +69,11 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 import numpy as np  # noqa: E402
 
+import fragment  # noqa: E402
 from mirador.v1 import common_pb2  # noqa: E402
 from services.consensus import voting  # noqa: E402
 from services.consensus.prompts import decision_messages  # noqa: E402
@@ -185,7 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--reuse", action="store_true", help="reuse the raw scores in <out>/decisions.json")
     parser.add_argument("--no-png", action="store_true")
+    parser.add_argument("--fragment-only", action="store_true",
+                        help="only rewrite <out>/decisions.md from the existing <out>/decisions.json (no scoring, "
+                             "no recomputation; the JSON and PNG are left as they are)")
     args = parser.parse_args(argv)
+    if args.fragment_only:
+        saved = args.out / "decisions.json"
+        if not saved.is_file():
+            parser.error(f"--fragment-only: {saved} does not exist; run the bench first")
+        write_fragment(json.loads(saved.read_text()), args.out)
+        return 0
 
     if not args.data.exists():
         parser.error(f"--data {args.data} does not exist")
@@ -454,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
+            print("matplotlib not installed (pip install -e '.[bench]'): no PNG", file=sys.stderr)
+            write_fragment(result, args.out)
             return 0
         fig, ax = plt.subplots(figsize=(5.5, 4))
         cov = [1 - r["escalated"] for r in rc]
@@ -477,7 +492,94 @@ def main(argv: list[str] | None = None) -> int:
         png = args.out / "decisions_risk_coverage.png"
         fig.savefig(png, dpi=120)
         print(f"wrote {png}")
+    write_fragment(result, args.out)
     return 0
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def write_fragment(result: dict, out: Path) -> Path:
+    """<out>/decisions.md from the bench's result (the dict written to decisions.json): the tables
+    main() prints, and the risk-coverage PNG when it is there."""
+    members = result["members"]
+    accuracy = result["accuracy"]
+    columns = [c for c in accuracy["all"] if c not in ("n", "unanimous_share")]  # members (short), vote, majority
+    short = dict(zip(members, columns))
+    runs = result.get("runs", {})
+    rule = result["threshold_rule"]
+    chosen, configured = rule["chosen"], rule["configured"]
+    machine_info = result.get("machine", {})
+    parts = [
+        f"{result['n']} held-out questions of `{Path(result['data']).name}` ({result['split']}); route "
+        f"`{result['route']}` of `{Path(result['config']).name}`; created {result['created_at']} on "
+        f"{machine_info.get('cpu', '?')}, {machine_info.get('cores', '?')} cores (load average "
+        f"{machine_info.get('load_average', '?')}). Members: {result['members_note']}. Ballot: {result['ballot']}. "
+        f"A question is answered when the vote's consistency = P(verdict) >= threshold, else escalated.",
+        fragment.table(
+            ["member", "column", "role", "accuracy", "calibration", "load s", "score s"],
+            [[m, short[m], "primary" if k == 0 else "validator", _pct(accuracy["all"][short[m]]),
+              result["calibration"][m], runs.get(m, {}).get("load_s"), runs.get(m, {}).get("score_s")]
+             for k, m in enumerate(members)],
+            title="Members"),
+        fragment.table(
+            ["source", "n", *columns, "unanimous"],
+            [[name, row["n"], *(f"{row[c]:.3f}" for c in columns), f"{row['unanimous_share']:.3f}"]
+             for name, row in accuracy.items()],
+            title=f"Accuracy on the held-out sample (vote = the consensus vote; majority = {result['majority_baseline']})"),
+    ]
+    agree = result.get("pairwise_top_option_agreement", {})
+    if agree:
+        parts.append("Pairwise agreement of the top option: "
+                     + ", ".join(f"{k}: {v:.3f}" for k, v in agree.items()) + ".")
+    best = result["risk_coverage_best_member_alone"]
+    rows = []
+    for r, rb in zip(result["risk_coverage"], best["rows"]):
+        if r["threshold"] not in TABLE_THRESHOLDS and r["threshold"] not in (chosen, configured):
+            continue
+        mark = ", ".join(label for label, t in (("chosen", chosen), ("configured", configured)) if r["threshold"] == t)
+        rows.append([f"{r['threshold']:.2f}", _pct(r["escalated"]), r["answered"], r["errors"],
+                     _pct(r["error_among_answered"]), _pct(r["confident_error_share_of_all_questions"]),
+                     rb["answered"], _pct(rb["error_among_answered"]), mark])
+    parts.append(fragment.table(
+        ["threshold", "escalated", "answered", "errors", "error among answered", "errors / all",
+         f"{best['model']} alone: answered", "its error among answered", ""], rows,
+        title="Escalation: risk-coverage of the vote (calibrated distributions, as the consensus service combines them)"))
+    parts.append(fragment.table(
+        ["rule", "chosen", "configured", "vote consistency max", "median", "why"],
+        [[f"widest coverage with error among answered <= {rule['risk_target']:.0%} (>= {rule['min_answered']} "
+          "answered), else escalate everything", f"{chosen:.2f}", configured, f"{rule['max_vote_consistency']:.3f}",
+          f"{rule['median_vote_consistency']:.3f}", rule["why"]]],
+        title="Threshold rule"))
+    requests = result.get("route_requests", {})
+    if requests.get("n"):
+        parts.append(fragment.table(
+            ["requests", "n", "verdicts", "consistency max", "median", "answered at chosen", "at configured",
+             "primary's raw T=1 top probability: median", "share >= 0.8"],
+            [[f"`{Path(requests['data']).name}`, route {result['route']} (unlabelled)", requests["n"],
+              ", ".join(f"{k}: {v}" for k, v in requests["verdicts"].items()), f"{requests['max_consistency']:.3f}",
+              f"{requests['median_consistency']:.3f}", requests["answered_at_chosen"], requests["answered_at_configured"],
+              f"{requests['primary_raw_top_probability_median']:.3f}",
+              _pct(requests["primary_raw_top_probability_share_ge_0.8"])]],
+            title="The route's own requests"))
+    c1, c2 = result["check_vote_vs_best_member"], result["check_confident_errors"]
+    parts.append(fragment.table(
+        ["check", "measured", "result"],
+        [["vote never worse than its best member by more than noise",
+          f"{c1['best_member']} {c1['best_member_accuracy']:.3f}, vote {c1['vote_accuracy']:.3f}, difference "
+          f"{c1['difference']:+.3f} (binomial SE {c1['binomial_se_of_best_accuracy']:.3f}, paired SE "
+          f"{c1['paired_se_of_difference']:.3f})", "within noise" if c1["passes_within_2se"] else "WORSE than 2 SE"],
+         [f"weak/disagreeing models escalate rather than err confidently (threshold {c2['threshold']})",
+          f"{c2['confident_errors']}/{c2['errors_total']} wrong answers have consistency >= threshold; escalated "
+          f"{_pct(c2['escalated_share'])}; error among answered {_pct(c2['error_among_answered'])} vs "
+          f"{_pct(c2['error_without_escalation'])} unescalated; members disagree on {c2['disagreeing_questions']} "
+          f"questions, {_pct(c2['disagreeing_escalated_share'])} of those escalated",
+          "no confident errors" if c2["confident_errors"] == 0 else f"{c2['confident_errors']} confident errors"]],
+        title="Checks"))
+    if (out / "decisions_risk_coverage.png").exists():
+        parts.append("![risk-coverage of the consensus vote](decisions_risk_coverage.png)")
+    return fragment.write(out, "decisions", parts)
 
 
 def _short(model: str, primary: str) -> str:

@@ -10,11 +10,24 @@ build). SmolLM2-135M-Instruct answers zero-shot with Score over the five labels,
 asked in the consensus service's wording (services/consensus/prompts.py) with its
 score calibration (config/calibration/), on a stratified subsample (it is slow on CPU).
 
-The vote is the consensus service's own (services.consensus.voting.label_vote):
-P(o) = sum_i w_i p_i(o) / sum_i w_i with w_i = model i's calibrated confidence; a case
-is answered when P(verdict) >= threshold, else escalated. Writes topics.json,
-topics_risk_coverage.png and topics.md (the report fragment). `--quick` asks SmolLM2 about
-10 texts instead of 150 (its rows then say little; the specialists' rows are unchanged).
+Each vote is built exactly as the route's request would be: every model's answer is put
+into the model host's ScoreResponse (`confidence_pb`: a classifier's label_distribution is
+its temperature-calibrated distribution over the options, renormalised over them, with
+calibrated_confidence = its top probability, as dataplane `_classify`; SmolLM2's is
+option_distribution(sums) at T = 1, with calibrated_confidence = score_confidence(sums)
+under config/calibration/smollm2-135m-instruct.json, as dataplane `score`), the consensus
+service turns that reply into its ballot with its own `servicer._ballot` (distribution =
+`voting.calibrated_distribution`: the host's distribution tempered until its top
+probability equals the calibrated confidence; weight = `voting.weight_of`, the calibrated
+confidence), and `voting.label_vote` combines them: P(o) = sum_i w_i p_i(o) / sum_i w_i.
+A case is answered when P(verdict) >= threshold, else escalated.
+
+The route's threshold rule (config/mirador.yaml, topics route): the widest coverage of the
+route vote (topics-minilm + topics-bow + smollm2) whose error among answered texts is
+<= 0.3%, written as the shortest rounding down of that curve point's consistency that still
+answers exactly those texts. Writes topics.json, topics_risk_coverage.png and topics.md
+(the report fragment). `--quick` asks SmolLM2 about 10 texts instead of 150 (its rows then
+say little; the specialists' rows are unchanged).
 """
 
 from __future__ import annotations
@@ -35,7 +48,11 @@ import numpy as np  # noqa: E402
 
 import fragment  # noqa: E402
 from services.common.model_repository import ModelRepository  # noqa: E402
-from services.consensus import voting  # noqa: E402
+from services.consensus import fanout, voting  # noqa: E402
+from services.consensus.servicer import _ballot  # noqa: E402  (the service's own answer -> ballot)
+from mirador.v1 import model_host_pb2  # noqa: E402
+from services.model_host.dataplane import Confidence  # noqa: E402
+from services.model_host.servicer import confidence_pb  # noqa: E402
 from services.consensus.prompts import OPTIONS_JOINER, SYSTEM, USER  # noqa: E402
 from services.fleet import specialists as sp  # noqa: E402
 from services.fleet.recipes import TOPICS_BOW, TOPICS_MINILM  # noqa: E402
@@ -46,6 +63,7 @@ QUESTION = "What is the topic of this BBC news article?\n\n{article}"
 ARTICLE_CHARS = 1000  # SmolLM2 reads the headline and the first paragraphs
 THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
 RISK_GOAL, COVERAGE_GOAL = 0.003, 0.80
+ROUTE_VOTE = "route vote (topics-minilm + topics-bow + smollm2), subsample"
 
 
 def specialist_oof(recipe, examples, labels, base_dir: Path, cache: Path) -> sp.CrossValidation:
@@ -64,40 +82,101 @@ def specialist_oof(recipe, examples, labels, base_dir: Path, cache: Path) -> sp.
     return specialist.cross_validate(raw, labels)
 
 
-def smollm_scores(examples, rows, repository) -> tuple[np.ndarray, np.ndarray, str, float]:
-    """(distributions [n, 5], calibrated confidences [n], calibration source, seconds per text),
-    computed as the model host's Score computes them."""
+def smollm_scores(examples, rows, repository) -> tuple[np.ndarray, np.ndarray, str, float, np.ndarray]:
+    """(distributions [n, 5], calibrated confidences [n], calibration source, seconds per text,
+    option log-likelihood sums [n, 5]), computed as the model host's Score computes them."""
     from services.model_host.calibration import load_score_calibration, option_distribution, score_confidence
     from services.model_host.loader import SessionSettings, load_runtime
 
     runtime = load_runtime(repository.get(SMOLLM), SessionSettings())
     calibration = load_score_calibration(SMOLLM)
-    distributions, confidences, source = [], [], ""
+    distributions, confidences, source, all_sums = [], [], "", []
     started = time.perf_counter()
     for count, row in enumerate(rows):
         question = QUESTION.format(article=examples[row].text[:ARTICLE_CHARS])
         asked = USER.format(prompt=question, options=OPTIONS_JOINER.join(LABELS))
         ids = runtime.encode(runtime.render_chat([("system", SYSTEM), ("user", asked)]))
         sums, _ = runtime.score_options(ids, LABELS)
+        all_sums.append([float(x) for x in sums])
         distributions.append(option_distribution(sums))
         confidence, source = score_confidence(SMOLLM, sums, calibration)
         confidences.append(confidence)
         if count % 25 == 0:
             print(f"  smollm2 {count + 1}/{len(rows)} ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-    return np.array(distributions), np.array(confidences), source, (time.perf_counter() - started) / len(rows)
+    return (np.array(distributions), np.array(confidences), source, (time.perf_counter() - started) / len(rows),
+            np.array(all_sums))
 
 
-def vote(members: list[tuple[str, np.ndarray, np.ndarray]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def classifier_reply(name: str, probabilities: np.ndarray) -> model_host_pb2.ScoreResponse:
+    """A classifier's Score reply as the model host sends it (dataplane `_classify` with every
+    label as an option: the distribution renormalised over the options, calibrated confidence =
+    its top probability, logprob = log p)."""
+    chosen = np.asarray(probabilities, dtype=np.float64)
+    chosen = chosen / chosen.sum() if chosen.sum() > 0 else np.full(len(LABELS), 1.0 / len(LABELS))
+    confidence = Confidence(labels=[(o, float(p), float(np.log(max(p, 1e-45)))) for o, p in zip(LABELS, chosen)],
+                            calibrated=float(chosen.max()), source="temperature-scaled head")
+    return model_host_pb2.ScoreResponse(model=name, best_option=LABELS[int(np.argmax(chosen))],
+                                        confidence=confidence_pb(confidence))
+
+
+def decoder_reply(name: str, sums: np.ndarray, calibration) -> model_host_pb2.ScoreResponse:
+    """A decoder's Score reply as the model host sends it (dataplane `score`: T = 1 option
+    distribution, calibrated confidence from the model's own score calibration)."""
+    from services.model_host.calibration import option_distribution, score_confidence
+
+    sums = [float(x) for x in sums]
+    probabilities = option_distribution(sums)
+    calibrated, source = score_confidence(name, sums, calibration)
+    confidence = Confidence(labels=[(o, float(p), s) for o, p, s in zip(LABELS, probabilities, sums)],
+                            calibrated=calibrated, source=source)
+    return model_host_pb2.ScoreResponse(model=name, best_option=LABELS[int(np.argmax(probabilities))],
+                                        confidence=confidence_pb(confidence))
+
+
+def ballots(members: list[tuple[str, list]], row: int) -> list[voting.Ballot]:
+    """The consensus service's ballots for one text: each member's reply (members[i][1][row],
+    a ScoreResponse) through the service's own `_ballot` (member 0 = the primary)."""
+    return [_ballot(fanout.Answer(index=i, model=name, value=replies[row]), LABELS)
+            for i, (name, replies) in enumerate(members)]
+
+
+def vote(members: list[tuple[str, list]], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The consensus service's label vote for each row: (verdict index, consistency)."""
     verdicts, consistencies = [], []
     for row in rows:
-        ballots = [voting.Ballot(name, primary=i == 0, confidence=float(conf[row]),
-                                 distribution=dict(zip(LABELS, map(float, dist[row]))))
-                   for i, (name, dist, conf) in enumerate(members)]
-        outcome = voting.label_vote(ballots, LABELS)
+        outcome = voting.label_vote(ballots(members, row), LABELS)
         verdicts.append(LABELS.index(outcome.answer))
         consistencies.append(outcome.consistency)
     return np.array(verdicts), np.array(consistencies)
+
+
+def choose_threshold(scores: np.ndarray, correct: np.ndarray) -> dict | None:
+    """The route's rule: the widest coverage with risk <= RISK_GOAL (answering at or above a
+    distinct consistency), that consistency rounded DOWN to the fewest decimals that still
+    answer exactly the same texts (no lower consistency reaches it); None if no point qualifies."""
+    distinct = np.unique(scores)[::-1]  # descending
+    best = None
+    for t in distinct:
+        kept = scores >= t
+        if (~correct[kept]).mean() <= RISK_GOAL:
+            best = float(t)  # coverage only grows as t falls: the last one that qualifies is the widest
+    if best is None:
+        return None
+    below = scores[scores < best]
+    next_lower = float(below.max()) if below.size else -np.inf
+    chosen = best
+    for decimals in range(2, 7):
+        rounded = float(np.floor(best * 10 ** decimals) / 10 ** decimals)
+        if rounded > next_lower:
+            chosen = rounded
+            break
+    kept = scores >= chosen
+    return {"threshold": round(chosen, 6), "coverage": round(float(kept.mean()), 4), "answered": int(kept.sum()),
+            "errors": int((~correct[kept]).sum()), "risk": round(float((~correct[kept]).mean()), 4),
+            "widest_point_consistency": round(best, 6),
+            "next_lower_consistency": round(next_lower, 6) if below.size else None,
+            "rule": (f"widest coverage of the route vote with risk <= {RISK_GOAL:.1%}; its consistency rounded down "
+                     "to the fewest decimals that answer the same texts")}
 
 
 def risk_coverage(correct: np.ndarray, scores: np.ndarray) -> dict:
@@ -158,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     subsample = np.sort(np.concatenate([  # stratified, proportional
         rng.choice(np.flatnonzero(labels == k), round(args.smollm_n * (labels == k).mean()), replace=False)
         for k in range(len(LABELS))]))
-    distributions, confidences, source, per_text = smollm_scores(examples, subsample, repository)
+    distributions, confidences, source, per_text, sums = smollm_scores(examples, subsample, repository)
     smollm_dist = np.full((len(examples), len(LABELS)), np.nan)
     smollm_conf = np.full(len(examples), np.nan)
     smollm_dist[subsample], smollm_conf[subsample] = distributions, confidences
@@ -167,17 +246,32 @@ def main(argv: list[str] | None = None) -> int:
                        "accuracy": round(float((distributions.argmax(axis=1) == labels[subsample]).mean()), 4),
                        "predicted_label_counts": np.bincount(distributions.argmax(axis=1), minlength=5).tolist(),
                        "mean_calibrated_confidence": round(float(confidences.mean()), 4),
+                       "mean_raw_top_probability": round(float(distributions.max(axis=1).mean()), 4),
                        "calibration_source": source,
+                       "rows": subsample.tolist(), "option_logprob_sums": sums.round(5).tolist(),
                        "prompt": {"system": SYSTEM, "user": USER, "question": QUESTION,
                                   "article_chars": ARTICLE_CHARS}}
     print(f"{SMOLLM}: zero-shot accuracy {results[SMOLLM]['accuracy']:.4f} on {len(subsample)} texts", flush=True)
 
+    # What the model host replies to each Score, per model and text (None: SmolLM2 was not asked).
+    from services.model_host.calibration import load_score_calibration
+
+    smollm_calibration = load_score_calibration(SMOLLM)
+    replies = {name: [classifier_reply(name, p) for p in members[name][0]] for name in ("topics-minilm", "topics-bow")}
+    replies[SMOLLM] = [None] * len(examples)
+    for row, row_sums in zip(subsample, sums):
+        replies[SMOLLM][row] = decoder_reply(SMOLLM, row_sums, smollm_calibration)
+    results["ballot"] = ("each model's Score reply as the model host sends it, turned into a ballot by the consensus "
+                         "service's own servicer._ballot: distribution = voting.calibrated_distribution (the host's "
+                         "T = 1 distribution tempered until its top probability = the calibrated confidence), weight "
+                         "= voting.weight_of (the calibrated confidence); combined by voting.label_vote")
+
     def member(name):
-        return (name, *members[name])
+        return (name, replies[name])
 
     configurations = {
         "specialists (topics-minilm + topics-bow), all texts": ([member("topics-minilm"), member("topics-bow")], everyone),
-        "route vote (topics-minilm + topics-bow + smollm2), subsample": (
+        ROUTE_VOTE: (
             [member("topics-minilm"), member("topics-bow"), member(SMOLLM)], subsample),
         "specialists (topics-minilm + topics-bow), same subsample": (
             [member("topics-minilm"), member("topics-bow")], subsample),
@@ -191,8 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     for title, (voters, rows) in configurations.items():
         verdicts, consistency = vote(voters, rows)
         votes[title] = risk_coverage(verdicts == labels[rows], consistency)
+        if title == ROUTE_VOTE:
+            route_threshold = choose_threshold(consistency, verdicts == labels[rows])
     results["single_models"] = singles
     results["votes"] = votes
+    results["route_threshold"] = route_threshold
 
     best_single = max(singles["topics-minilm"]["accuracy"], singles["topics-bow"]["accuracy"])
     full_vote = votes["specialists (topics-minilm + topics-bow), all texts"]
@@ -229,8 +326,20 @@ def write_fragment(results: dict, out: Path) -> None:
                               goals["vote_error_goal"]],
                              ["risk at 80 % coverage (specialists' vote)", f"{goals['risk_at_80_coverage']:.2%}",
                               goals["risk_goal"]]], title="Goals"),
+             route_threshold_table(results),
              "![risk-coverage of escalation](topics_risk_coverage.png)"]
     fragment.write(out, "topics", parts)
+
+
+def route_threshold_table(results: dict) -> str:
+    chosen = results["route_threshold"]
+    if not chosen:
+        return f"**topics route threshold**: no threshold answers anything with risk <= {RISK_GOAL:.1%}."
+    return fragment.table(
+        ["rule", "threshold", "answered", "coverage", "errors", "risk"],
+        [[chosen["rule"], f"{chosen['threshold']:g}", f"{chosen['answered']} of {results['votes'][ROUTE_VOTE]['n']}",
+          f"{chosen['coverage']:.1%}", chosen["errors"], f"{chosen['risk']:.2%}"]],
+        title="topics route threshold (route vote, consensus_threshold in config/mirador.yaml)")
 
 
 def print_tables(results: dict) -> None:
@@ -247,6 +356,14 @@ def print_tables(results: dict) -> None:
                   f"{row['answered']:>9}")
         print(f"widest coverage with risk <= {RISK_GOAL:.1%}: {entry['widest_within_goal']}")
     print(f"\nGoals: {results['goals']}")
+    chosen = results["route_threshold"]
+    if chosen:
+        print(f"topics route threshold ({chosen['rule']}): {chosen['threshold']} -> {chosen['answered']} of "
+              f"{results['votes'][ROUTE_VOTE]['n']} answered ({chosen['coverage']:.1%}), {chosen['errors']} errors "
+              f"(risk {chosen['risk']:.2%}); curve point {chosen['widest_point_consistency']}, next lower consistency "
+              f"{chosen['next_lower_consistency']}")
+    else:
+        print(f"topics route threshold: no threshold answers anything with risk <= {RISK_GOAL:.1%}")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -265,6 +382,12 @@ def plot(results: dict, path: Path) -> None:
         axis.plot(curve["coverage"], np.array(curve["risk"]) * 100, style, label=f"{name} (n={entry['n']})")
     axis.axhline(RISK_GOAL * 100, color="grey", linewidth=0.8)
     axis.axvline(COVERAGE_GOAL, color="grey", linewidth=0.8)
+    chosen = results.get("route_threshold")
+    if chosen:
+        axis.plot([chosen["coverage"]], [chosen["risk"] * 100], "o", color="black", markersize=5)
+        axis.annotate(f"route threshold {chosen['threshold']:g}", (chosen["coverage"], chosen["risk"] * 100),
+                      fontsize=7, xytext=(-130, 30), textcoords="offset points",
+                      arrowprops={"arrowstyle": "->", "linewidth": 0.6})
     axis.set_xlabel("coverage (share answered without escalation)")
     axis.set_ylabel("risk: error among answered cases (%)")
     axis.set_ylim(0, 6)
