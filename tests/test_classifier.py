@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from mirador.v1 import common_pb2, model_host_pb2, model_host_pb2_grpc
+from mirador.v1 import common_pb2, consensus_pb2, consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc
 
 from conftest import write_config
 from services.cli.supervisor import Mesh
@@ -89,7 +89,8 @@ def host(tmp_path_factory):
     directory = tmp_path_factory.mktemp("classifier-host")
     repository = ModelRepository(directory / "models")
     bow = build_tiny_classifiers(repository)
-    mesh = Mesh(load_config(write_config(directory, body=FLEET)), log_dir=directory / "logs", services=("model_host",),
+    mesh = Mesh(load_config(write_config(directory, body=FLEET)), log_dir=directory / "logs",
+                services=("model_host", "consensus"),
                 env={"XDG_CACHE_HOME": str(directory / "cache")})
     try:
         mesh.start()
@@ -100,7 +101,7 @@ def host(tmp_path_factory):
                           if m.name == "tiny-topics"):
                 assert time.monotonic() < deadline, "tiny-topics did not load"
                 time.sleep(0.1)
-            yield stub, repository, bow
+            yield stub, repository, bow, mesh
     finally:
         mesh.stop()
 
@@ -133,7 +134,7 @@ TEXT = "the cat sat on the mat, said the model"
 
 
 def test_score_over_all_labels_is_the_graph_distribution(host):
-    stub, repository, _ = host
+    stub, repository, _, _ = host
     reply = score(stub, TEXT, LABELS)
     probabilities = distribution(reply)
     assert list(probabilities) == LABELS
@@ -149,7 +150,7 @@ def test_score_over_all_labels_is_the_graph_distribution(host):
 
 
 def test_a_subset_of_labels_is_renormalised(host):
-    stub, _, _ = host
+    stub, _, _, _ = host
     full = distribution(score(stub, TEXT, LABELS))
     subset = ["tech", "business", "sports"]
     reply = score(stub, TEXT, subset)
@@ -162,7 +163,7 @@ def test_a_subset_of_labels_is_renormalised(host):
 
 
 def test_an_unknown_label_is_refused_with_the_model_labels(host):
-    stub, _, _ = host
+    stub, _, _, _ = host
     with pytest.raises(grpc.RpcError) as caught:
         score(stub, TEXT, ["business", "weather"])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -171,7 +172,7 @@ def test_an_unknown_label_is_refused_with_the_model_labels(host):
 
 
 def test_consensus_wording_is_classified_as_the_bare_question(host):
-    stub, _, _ = host
+    stub, _, _, _ = host
     options = ["business", "politics", "tech"]
     asked = decision_messages([common_pb2.ChatMessage(role=USER, content=TEXT)], options)
     assert asked[-1].content != TEXT  # the consensus service adds its option list and instruction
@@ -181,7 +182,7 @@ def test_consensus_wording_is_classified_as_the_bare_question(host):
 
 
 def test_bag_of_ids_graph_counts_tokens_as_the_builder_does(host):
-    stub, repository, (bag, weights, bias) = host
+    stub, repository, (bag, weights, bias), _ = host
     texts = ["the dog sat on the mat the mat", "hello world, hello model"]
     for text in texts:
         served = distribution(score(stub, text, LABELS, model="tiny-bow"))
@@ -191,8 +192,31 @@ def test_bag_of_ids_graph_counts_tokens_as_the_builder_does(host):
         assert [served[l] for l in LABELS] == pytest.approx(expected, abs=1e-5)
 
 
+def test_classifiers_vote_in_a_consensus_on_label_decisions(host):
+    """The `topics` route's path: the consensus service asks each classifier through Score."""
+    stub, _, _, mesh = host
+    options = ["business", "entertainment", "politics", "sports", "tech"]
+    request = consensus_pb2.DecideRequest(
+        request_id="topics-1", route="topics", models=["tiny-topics", "tiny-bow"], options=options,
+        messages=[common_pb2.ChatMessage(role=USER, content=TEXT)], consensus_threshold=0.9)
+    with grpc.insecure_channel(mesh.config.services.consensus.address) as channel:
+        consensus = consensus_pb2_grpc.ConsensusStub(channel)
+        events = list(consensus.Decide(request, timeout=30))
+        votes, verdict = [e.vote for e in events[:-1]], events[-1].verdict
+        assert sorted(v.model for v in votes) == ["tiny-bow", "tiny-topics"]  # in the order they answered
+        for vote in votes:  # each classifier's distribution over the options, as Score gives it
+            expected = distribution(score(stub, TEXT, options, model=vote.model))
+            assert not vote.error and vote.answer == max(expected, key=expected.get)
+        assert verdict.answer in options and 0 < verdict.consistency <= 1
+        with pytest.raises(grpc.RpcError) as caught:  # no options: a classifier cannot vote on free text
+            list(consensus.Decide(consensus_pb2.DecideRequest(
+                route="topics", models=["tiny-topics", "tiny-bow"], consensus_threshold=0.9,
+                messages=[common_pb2.ChatMessage(role=USER, content=TEXT)]), timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "votes only on label decisions" in caught.value.details()
+
+
 def test_embed_and_generate_still_refuse_a_classifier(host):
-    stub, _, _ = host
+    stub, _, _, _ = host
     with pytest.raises(grpc.RpcError) as caught:
         stub.Embed(model_host_pb2.EmbedRequest(model="tiny-topics", texts=["x"]), timeout=5)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -160,9 +160,12 @@ class ConsensusServicer(consensus_pb2_grpc.ConsensusServicer):
             raise InvalidArgument("`models` names a model twice; list each model once, primary first")
         for i, model in enumerate(request.models):
             spec = require_model(self.config, model, f"models[{i}]")
-            if spec.task != "text-generation":
-                raise InvalidArgument(f"`models[{i}]` is `{model}`, a {spec.task} model; "
-                                      "consensus asks text-generation models")
+            if spec.task not in ("text-generation", "classification"):
+                raise InvalidArgument(f"`models[{i}]` is `{model}`, a {spec.task} model; consensus asks "
+                                      "text-generation models, and classifiers on label decisions")
+            if spec.task == "classification" and not request.options:
+                raise InvalidArgument(f"`models[{i}]` is `{model}`, a classifier: it votes only on label decisions; "
+                                      "send `options` (some of its labels)")
         require_messages(request.messages, allow_prompt=False)
         if request.options:
             require_options(request.options)
