@@ -91,10 +91,11 @@ def cmd_status(args) -> int:
         except grpc.RpcError as exc:
             print(f"\nmodels: the model host at {address} did not answer ({exc.code().name})")
             return 1
-    print(f"\n{'model':<24} {'task':<16} {'tier':<5} {'state':<10} detail")
+    width = max([24, *(len(m.name) for m in listing.models)])
+    print(f"\n{'model':<{width}} {'task':<16} {'tier':<5} {'state':<10} detail")
     for m in listing.models:
         print(
-            f"{m.name:<24} {model_host_pb2.ModelTask.Name(m.task)[11:].lower():<16} "
+            f"{m.name:<{width}} {model_host_pb2.ModelTask.Name(m.task)[11:].lower():<16} "
             f"{model_host_pb2.ModelTier.Name(m.tier)[11:].lower():<5} "
             f"{model_host_pb2.ModelState.Name(m.state)[12:]:<10} {m.detail}"
         )
@@ -201,7 +202,7 @@ def cmd_ask(args) -> int:
                 decided = True
                 v = response.verdict
                 print(f"[consensus: {v.answer!r}, consistency {v.consistency:.2f} "
-                      f"{'<' if v.consistency < v.consensus_threshold else '>='} threshold {v.consensus_threshold:.2f}"
+                      f"{'<' if v.consistency < v.consensus_threshold else '>='} threshold {v.consensus_threshold:.3g}"
                       + (f"; escalated for human review as {v.escalation_id} "
                          f"(mirador review show {v.escalation_id})" if v.escalated else "; answered") + "]")
                 if v.method:
