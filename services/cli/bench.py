@@ -74,6 +74,7 @@ BENCHES = [
     Bench("fuzz", "malformed RPCs and config documents against a real mesh on tiny models (crashes, not timings)"),
     Bench("faults", "fault injection: slow, hung and corrupt models, model hosts and consensus killed mid-call, "
                     "a full memory budget; what the clients saw", quick_args=("--repeats", "1")),
+    Bench("memory_growth", "model-host RSS over load/unload/stream rounds, clean and with a leaking control"),
     Bench("soak", "capacity probe, then an open-loop soak at a stated load through the router: "
                   "throughput, latency, errors, RSS, availability"),
 ]
