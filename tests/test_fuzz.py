@@ -422,3 +422,21 @@ def test_an_undefined_role_number_gets_invalid_argument(channels):
     method = SERVICES["model_host"].methods_by_name["Score"]
     code, details = call(channels["model_host"], "/mirador.v1.ModelHost/Score", method, request.SerializeToString())
     assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"
+
+
+def test_an_oversized_option_gets_invalid_argument_not_an_allocation_failure(channels):
+    """Found by bench/fuzz.py: a 40 KB option made ONNX Runtime's arena fail (INTERNAL)."""
+    from mirador.v1 import common_pb2
+
+    method = SERVICES["model_host"].methods_by_name["Score"]
+
+    def score(options, content="is this compliant?"):
+        request = model_host_pb2.ScoreRequest(model="tiny-lm-b", options=options, messages=[
+            common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=content)])
+        return call(channels["model_host"], "/mirador.v1.ModelHost/Score", method, request.SerializeToString())
+
+    code, details = score(["compliant", "a" * 40_000])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 1024 bytes" in details, (code, details)
+    # within the byte limit, but the prompt and the option together exceed what the model reads
+    code, details = score(["compliant", "ab " * 330], content="word " * 900)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "longer than this model reads" in details, (code, details)

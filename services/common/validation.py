@@ -11,6 +11,7 @@ from services.common.errors import InvalidArgument, NotFound
 MAX_TEXT_BYTES = 32 * 1024
 MAX_TOKENS_LIMIT = 4096
 MAX_STOP_STRINGS = 8
+MAX_OPTION_BYTES = 1024  # an option is a label or a short answer
 
 
 def require_text(value: str, field: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
@@ -69,5 +70,9 @@ def require_options(options, field: str = "options", minimum: int = 2, maximum: 
         raise InvalidArgument(f"{len(options)} `{field}` given; send between {minimum} and {maximum}")
     if any(not o.strip() for o in options):
         raise InvalidArgument(f"`{field}` holds an empty option; every option needs text")
+    longest = max(len(o.encode("utf-8")) for o in options)
+    if longest > MAX_OPTION_BYTES:
+        raise InvalidArgument(f"`{field}` holds an option of {longest} bytes; an option is a label or a short answer "
+                              f"of at most {MAX_OPTION_BYTES} bytes")
     if len(set(options)) != len(options):
         raise InvalidArgument(f"`{field}` repeats an option; options must be distinct")

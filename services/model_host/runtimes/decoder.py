@@ -97,11 +97,15 @@ class DecoderRuntime(ModelRuntime):
         cache; pads come after the real tokens, so they never influence them.
         Returns the summed log-probabilities and each option's token count.
         """
-        state, first_logits = self.prefill(prompt_ids)
-        first_logprobs = log_softmax(first_logits)
         option_ids = [self.encode(option) for option in options]
         if any(not ids for ids in option_ids):
             raise ValueError("an option encodes to no tokens; give every option visible text")
+        longest = max(len(ids) for ids in option_ids)
+        if len(prompt_ids) + longest > self.max_length:
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) and its longest option ({longest} tokens) are "
+                             f"longer than this model reads ({self.max_length} tokens); shorten them")
+        state, first_logits = self.prefill(prompt_ids)
+        first_logprobs = log_softmax(first_logits)
         if self.batched_continuation:
             logprobs = self._continuation_logprobs(state, option_ids)
         else:
