@@ -315,6 +315,7 @@ def config_documents(draw) -> str:
         lines = DEFAULT_CONFIG_TEXT.splitlines()
         rng = random.Random(draw(st.integers(0, 2**32)))
         for _ in range(draw(st.integers(1, 4))):
+            lines = lines or [""]  # an earlier truncation and deletion may have emptied it
             index = rng.randrange(len(lines))
             action = rng.randrange(5)
             if action == 0:
@@ -330,8 +331,6 @@ def config_documents(draw) -> str:
                     lines[index] = f"{key}: {draw(ODD_YAML)}"
             else:
                 lines = lines[:index]
-                if not lines:
-                    lines = [""]
         return "\n".join(lines) + "\n"
     if kind == 3:
         fragment = draw(ODD_YAML)
@@ -440,3 +439,11 @@ def test_an_oversized_option_gets_invalid_argument_not_an_allocation_failure(cha
     # within the byte limit, but the prompt and the option together exceed what the model reads
     code, details = score(["compliant", "ab " * 330], content="word " * 900)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "longer than this model reads" in details, (code, details)
+
+
+def test_a_nul_byte_in_a_calibration_path_gets_invalid_argument(channels):
+    """Found by bench/fuzz.py: Path operations raise ValueError on NUL bytes (was INTERNAL)."""
+    request = quantizer_pb2.AnalyzeRequest(model="tiny-lm", calibration_path="\x00")
+    method = SERVICES["quantizer"].methods_by_name["Analyze"]
+    code, details = call(channels["quantizer"], "/mirador.v1.Quantizer/Analyze", method, request.SerializeToString())
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "calibration_path" in details, (code, details)

@@ -61,6 +61,9 @@ class QuantizerServicer(quantizer_pb2_grpc.QuantizerServicer):
 
         if not path:
             return None
+        if "\x00" in path or len(path) > 4096:
+            raise InvalidArgument("`calibration_path` is not a usable path (a NUL byte, or over 4096 characters); "
+                                  "name a packaged file or a file inside the model repository")
         packaged = resources.files("services.quantizer").joinpath("data", path)
         if "/" not in path and packaged.is_file():
             return TextSource.packaged(path)
