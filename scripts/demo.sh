@@ -21,4 +21,8 @@ step mirador route "Is a prior authorization required for an MRI of the lumbar s
 step mirador route "Extract the member id from: MEMBER ID QA0000TEST GROUP 00-FAKE-77"
 step mirador ask "What is the capital of France?"
 step mirador ask "Write a Python function that adds two numbers." --max-tokens 64
+# the consensus routes: three models vote; compliance escalates to the review queue
+step mirador ask "Is it a HIPAA violation to leave a voicemail that mentions a member's diagnosis?"
+step mirador ask --route topics "Manchester United beat Arsenal 3-1 on Saturday, with two goals from Rooney."
+step mirador review list --limit 3
 step mirador status
