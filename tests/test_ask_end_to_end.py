@@ -127,7 +127,7 @@ def test_mirador_ask_on_a_consensus_route_prints_every_vote_the_verdict_and_the_
         (line,) = [v for v in votes if v.startswith(f"[vote {model}: ")]
         assert "confidence " in line and "weight " in line and "compliant " in line and "needs review " in line
     (verdict,) = [line for line in lines if line.startswith("[consensus: ")]
-    assert "threshold 1.00; escalated for human review as " in verdict
+    assert "threshold 1; escalated for human review as " in verdict
     case_id = verdict.split("escalated for human review as ")[1].split()[0]
     assert any("1 of 3 models failed: broken-lm: " in line for line in lines if line.startswith("[method: "))
     assert lines[-1] == "[decided by 3 models; primary broken-lm did not answer]"

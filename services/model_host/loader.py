@@ -62,39 +62,52 @@ def _optimized_path(manifest: ModelManifest, settings: SessionSettings, provider
 
 def create_session(manifest: ModelManifest, settings: SessionSettings) -> ort.InferenceSession:
     providers = usable_providers(settings.providers)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
-    options.log_severity_level = 3  # warnings about optimised-graph portability are handled by the cache key
     model_path = manifest.path_of("model")
     external_data = any(p.suffix == ".onnx_data" or p.name.endswith(".data") for p in model_path.parent.iterdir())
     cached = None if external_data else _optimized_path(manifest, settings, providers)
-    if cached is not None and cached.exists():
+    for _ in range(2 if cached is not None else 0):  # a bad cache entry is written again, once
+        if not cached.exists():
+            _write_optimized(manifest, model_path, cached, settings, providers)
+        if not cached.exists():
+            break  # ORT could not write it (too big for one protobuf, say): serve the original
+        options = _options(settings)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             return ort.InferenceSession(str(cached), options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - a bad cache entry must never block a load
             log_event(log, "optimized graph unusable, rebuilding", logging.WARNING, path=str(cached), error=repr(exc))
             cached.unlink(missing_ok=True)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = settings.intra_op_threads
-            options.log_severity_level = 3
-    if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(cached)
-        # Written under a name of its own and renamed into place (atomic): a crash mid-write
-        # leaves only a .partial file, never a truncated graph under the cache's name.
-        partial = cached.with_suffix(f".{os.getpid()}.partial")
-        options.optimized_model_filepath = str(partial)
-        session = ort.InferenceSession(str(model_path), options, providers=providers)
-        if settings.during_load is not None:
-            settings.during_load(manifest.name)
-        if partial.exists():
-            os.replace(partial, cached)
-        return session
-    session = ort.InferenceSession(str(model_path), options, providers=providers)
+    session = ort.InferenceSession(str(model_path), _options(settings), providers=providers)
     if settings.during_load is not None:
         settings.during_load(manifest.name)
     return session
+
+
+def _options(settings: SessionSettings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.log_severity_level = 3  # warnings about optimised-graph portability are handled by the cache key
+    return options
+
+
+def _write_optimized(manifest: ModelManifest, model_path: Path, cached: Path, settings: SessionSettings,
+                     providers: list[str]) -> None:
+    """Optimises the graph once and writes it to the cache. The optimising session is dropped,
+    not served: it holds scratch memory a session opened from the written graph does not,
+    and the model's measured size must be what every later load will hold."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(cached)
+    # Written under a name of its own and renamed into place (atomic): a crash mid-write
+    # leaves only a .partial file, never a truncated graph under the cache's name.
+    partial = cached.with_suffix(f".{os.getpid()}.partial")
+    options = _options(settings)
+    options.optimized_model_filepath = str(partial)
+    session = ort.InferenceSession(str(model_path), options, providers=providers)
+    if settings.during_load is not None:
+        settings.during_load(manifest.name)
+    del session
+    if partial.exists():
+        os.replace(partial, cached)
 
 
 def _remove_stale_partials(cached: Path) -> None:

@@ -94,9 +94,29 @@ MemoryMeter = Callable[[], int]  # resident bytes of this process now
 
 
 def process_rss_bytes() -> int:
+    """Resident bytes, after handing freed heap back to the OS: a first load optimises the graph
+    in scratch memory that glibc would otherwise keep, and counting it would make the model
+    look hundreds of MB bigger than it stays."""
     import psutil
 
+    _trim_heap()
     return psutil.Process().memory_info().rss
+
+
+def _trim_heap() -> None:
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to trim
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 @dataclass
