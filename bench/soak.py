@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import random
+import signal
 import socket
 import sys
 import tempfile
@@ -482,6 +483,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (a `kill`, a runner's timeout) unwinds like Ctrl-C, so the mesh's services are stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=None, help="soak seconds (default 180; 30 with --quick)")
     parser.add_argument("--load", type=float, default=0.7, help="soak rate as a share of the probed capacity")
