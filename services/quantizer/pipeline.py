@@ -307,20 +307,18 @@ class Quantizer:
         evaluator = Evaluator(fp32_path, held, self.threads)
         fp32_size = self.manifest.path_of("model").stat().st_size
         fp32 = evaluator.evaluate("fp32", fp32_path, fp32_size, self.decoder.source_initializer_bytes)
-        step("uniform-8")
-        v_u8 = self.evaluate(evaluator, "uniform-8", u8)
-        step("uniform-4")
-        v_u4 = self.evaluate(evaluator, "uniform-4", u4)
-        step("mixed@uniform-4-size")
-        v_at_u4 = self.evaluate(evaluator, "mixed@uniform-4-size", at_u4)
-        step("uniform-8-all")
-        v_u8_all = self.evaluate(evaluator, "uniform-8-all", u8_all)
-        step("uniform-4-all")
-        v_u4_all = self.evaluate(evaluator, "uniform-4-all", u4_all)
-        step("mixed@uniform-4-all-size")
-        v_at_u4_all = self.evaluate(evaluator, "mixed@uniform-4-all-size", at_u4_all)
-        step(requested_name)
-        v_req = self.evaluate(evaluator, requested_name, requested)
+
+        def variant(label, allocation):
+            step(label)
+            return self.evaluate(evaluator, label, allocation)
+
+        v_u8 = variant("uniform-8", u8)
+        v_u4 = variant("uniform-4", u4)
+        v_at_u4 = variant("mixed@uniform-4-size", at_u4)
+        v_u8_all = variant("uniform-8-all", u8_all)
+        v_u4_all = variant("uniform-4-all", u4_all)
+        v_at_u4_all = variant("mixed@uniform-4-all-size", at_u4_all)
+        v_req = variant(requested_name, requested)
 
         limit = fp32.perplexity * (1 + options.ppl_tolerance)
         smallest = {layer.name: min(self.packs_bits_available(layer), default=quant.FP32)

@@ -126,10 +126,6 @@ class Rollout:
         self.comparisons: deque[bool] = deque(maxlen=spec.window)  # True = disagreed
         self._publish_state()
 
-    @property
-    def key(self) -> str:
-        return self.candidate
-
     # ------------------------------------------------------------------ routing
 
     def plan(self) -> Plan:
@@ -320,7 +316,7 @@ class Rollouts:
 
     def _save(self, rollout: Rollout) -> None:
         try:
-            self.state_file.save(rollout.key, rollout.saved())
+            self.state_file.save(rollout.candidate, rollout.saved())
         except OSError as exc:  # the decision holds in memory; say loudly that it will not survive a restart
             log_event(log, "cannot write the rollout state file; the decision is kept in memory only", logging.ERROR,
                       path=str(self.state_file.path), error=str(exc))
