@@ -38,3 +38,22 @@ def write(out: Path, name: str, parts: list[str]) -> Path:
     path.write_text("\n\n".join(p.strip("\n") for p in parts if p) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     return path
+
+
+def machine() -> dict:
+    """The machine a bench ran on: CPU model, cores, load average at start, versions."""
+    import os
+    import platform
+
+    import onnxruntime as ort
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(), "onnxruntime": ort.__version__, "platform": platform.platform()}

@@ -158,7 +158,7 @@ def default_mesh(tmp_path_factory):
     text = shipped.read_text()
     body = text[text.index("\nfleet:") + 1:]
     config_path = write_config(directory, {"router": "default_route: default",
-                                           "model_host": "memory_budget_mb: 2048\nmax_batch_size: 1"}, body=body)
+                                           "model_host": "memory_budget_mb: 3072\nmax_batch_size: 1"}, body=body)
     config_path.write_text(config_path.read_text().replace(f"model_repository: {directory / 'models'}",
                                                            f"model_repository: {repository.root}"))
     config = load_config(config_path)

@@ -105,7 +105,8 @@ def _empty_past(batch: int = 1) -> dict[str, np.ndarray]:
 
 def _run(session, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray]):
     names = [o.name for o in session.get_outputs()]
-    outputs = session.run(names, {"input_ids": ids, "attention_mask": mask, **past})
+    keep = np.asarray([ids.shape[1]], np.int64)  # every position's logits
+    outputs = session.run(names, {"input_ids": ids, "attention_mask": mask, "logits_to_keep": keep, **past})
     presents = {name.replace("present.", "past_key_values."): value for name, value in zip(names[1:], outputs[1:])}
     return outputs[0], presents
 
@@ -152,12 +153,13 @@ def _padded_options(prefix_len: int, options: list[list[int]]):
     return batch_ids, mask
 
 
-def test_right_padded_rows_after_shared_prefill(tiny, fp32_session):
-    """score_options' inputs: right-padded option rows on the prompt's cache, mask zeros on pads.
+def test_option_rows_after_shared_prefill(tiny, fp32_session):
+    """score_options' inputs: option rows on the prompt's cache.
 
     GroupQueryAttention (onnxruntime 1.31 CPU) refuses batch > 1 with several new
-    tokens on a non-empty cache, so such a batch must run one row at a time; each
-    right-padded row is exact (the graph reads only the mask's length)."""
+    tokens on a non-empty cache, so such rows run one at a time, unpadded (the graph
+    reads each row's length from its mask's sum: padding after new tokens would be
+    taken for part of the past)."""
     prefix, options = IDS[:5], [[40, 41, 42, 43], [50], [60, 61]]
     ids = np.asarray([prefix], np.int64)
     _, past = _run(fp32_session, ids, np.ones_like(ids), _empty_past())
@@ -165,10 +167,11 @@ def test_right_padded_rows_after_shared_prefill(tiny, fp32_session):
     batch_past = {name: np.repeat(value, len(options), 0) for name, value in past.items()}
     with pytest.raises(Exception, match="batch_size must be 1"):
         _run(fp32_session, batch_ids, mask, batch_past)
-    for row, option in enumerate(options):
-        logits, _ = _run(fp32_session, batch_ids[row: row + 1], mask[row: row + 1], past)
+    for option in options:
+        row = np.asarray([option], np.int64)
+        logits, _ = _run(fp32_session, row, np.ones((1, len(prefix) + len(option)), np.int64), past)
         expected = _reference_logits(tiny[0], prefix + option)[len(prefix):]
-        np.testing.assert_allclose(logits[0, : len(option)], expected, atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(logits[0], expected, atol=2e-4, rtol=1e-4)
 
 
 def test_batched_prefill_right_padded_and_batched_step(tiny, fp32_session):
@@ -254,7 +257,8 @@ def test_q8_0_embedding_is_exact_in_the_8bit_graph(tiny):
     zero_layers = LlamaHParams(**{**HP.__dict__, "num_layers": 0})
     session = _session(build_llama_model(zero_layers, gguf, 8))
     ids = np.asarray([[3, 50, 7]], np.int64)
-    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    logits = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                      "logits_to_keep": np.asarray([ids.shape[1]], np.int64)})[0]
     x = hf["embed"][ids[0]].astype(np.float64)
     x = x / np.sqrt((x * x).mean(-1, keepdims=True) + HP.rms_norm_eps) * hf["final_norm"]
     np.testing.assert_allclose(logits[0], x @ hf["embed"].T, rtol=0.02, atol=0.05)

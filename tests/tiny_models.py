@@ -510,3 +510,67 @@ def chatml(messages: Sequence[tuple[str, str]], system: str | None = SYSTEM_PROM
         messages = [("system", system), *messages]
     return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages) + \
         "<|im_start|>assistant\n"
+
+
+# -------------------------------------------------------------------------- fused decoder
+
+
+def build_tiny_fused_decoder(
+    repository: ModelRepository,
+    name: str = "tiny-fused-lm",
+    version: str = "1",
+    *,
+    num_layers: int = 2,
+    max_positions: int = 256,
+    seed: int = 0,
+    replace: bool = False,
+) -> ModelManifest:
+    """A tiny random llama written by Mirador's own fused-graph builder (GroupQueryAttention,
+    shared-buffer KV cache, `logits_to_keep`), with the ChatML tokenizer: the graph the model
+    host's batched engine runs. Its greedy text is random but deterministic."""
+    from services.fleet.llama_graph import GRAPH_FORMAT, LlamaHParams, build_llama_model, save_model
+
+    tokenizer = chat_tokenizer()
+    vocab = tokenizer.get_vocab_size()
+    hp = LlamaHParams(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_layers=num_layers, num_heads=4,
+                      num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=max_positions)
+    rng = np.random.default_rng(seed)
+    d, f = hp.hidden_size, hp.intermediate_size
+    weights = {"token_embd.weight": rng.normal(0, 0.5, (vocab, d)).astype(np.float32),
+               "output_norm.weight": np.ones(d, np.float32)}
+    for i in range(num_layers):
+        w = lambda *shape: rng.normal(0, 0.15, shape).astype(np.float32)  # noqa: E731
+        p = f"blk.{i}"
+        weights.update({
+            f"{p}.attn_q.weight": w(hp.q_size, d), f"{p}.attn_k.weight": w(hp.kv_size, d),
+            f"{p}.attn_v.weight": w(hp.kv_size, d), f"{p}.attn_output.weight": w(d, hp.q_size),
+            f"{p}.ffn_gate.weight": w(f, d), f"{p}.ffn_up.weight": w(f, d), f"{p}.ffn_down.weight": w(d, f),
+            f"{p}.attn_norm.weight": np.ones(d, np.float32), f"{p}.ffn_norm.weight": np.ones(d, np.float32),
+        })
+    generation = {
+        "input_names": ["input_ids", "attention_mask", "logits_to_keep"],
+        "output_names": ["logits"],
+        "past_key_values": {"input_pattern": "past_key_values.{layer}.{kind}", "output_pattern": "present.{layer}.{kind}",
+                            "kinds": ["key", "value"], "num_layers": num_layers,
+                            "layout": ["batch", "num_kv_heads", "sequence", "head_dim"]},
+        "num_layers": num_layers, "num_attention_heads": hp.num_heads, "num_kv_heads": hp.num_kv_heads,
+        "head_dim": hp.head_dim, "hidden_size": d, "vocab_size": vocab, "max_position_embeddings": max_positions,
+        "bos_token_id": IM_START, "eos_token_ids": [IM_END], "dtype": "float32", "chat_format": "chatml",
+        "chat_markers": {"message": "<|im_start|>{role}\n{content}<|im_end|>\n",
+                         "generation_prompt": "<|im_start|>assistant\n"},
+        "default_system_prompt": SYSTEM_PROMPT, "add_special_tokens": False, "batched_continuation": False,
+        "kv_cache": "shared-buffer",
+    }
+
+    def build(folder: Path) -> ModelManifest:
+        save_model(build_llama_model(hp, weights, 32, unpermute_qk=False), folder / "model.onnx")
+        tokenizer.save(str(folder / "tokenizer.json"))
+        return ModelManifest(
+            name=name, version=version, task="text-generation", architecture="llama",
+            files={"model": "model.onnx", "tokenizer": "tokenizer.json"},
+            source={"kind": "test", "builder": "tests/tiny_models.py"}, licence="Apache-2.0",
+            generation=generation, extra={"graph_format": GRAPH_FORMAT, "seed": seed},
+        )
+
+    return repository.write_version(name, version, build, replace=replace)

@@ -44,7 +44,7 @@ services:
   model_host:
     host: 0.0.0.0
     port: 50061
-    memory_budget_mb: 2048     # the Deployment's memory request/limit are sized from this
+    memory_budget_mb: 3072     # the Deployment's memory request/limit are sized from this
     execution_providers: [CPUExecutionProvider]
     shutdown_grace_s: 20s
 

@@ -82,6 +82,9 @@ class ModelHostSettings(ServiceSettings):
     # Calls waiting for or running on one model; more get RESOURCE_EXHAUSTED at once
     # (a share is kept for routes with `priority: critical`, see services/model_host/admission.py).
     max_queue_per_model: int = 32
+    # Prompt tokens a decoder's engine prefills per iteration while other sequences decode: smaller
+    # keeps their tokens flowing while a long prompt joins, larger prefills it sooner.
+    prefill_chunk_tokens: int = 32
 
     def replica(self, index: int) -> "ModelHostSettings":
         """The settings of replica `index` (0 = this one): the same, listening on port + index."""
@@ -136,6 +139,10 @@ class ModelSpec:
     description: str = ""
     rollout: "RolloutSpec | None" = None  # a candidate version tried on live traffic
     repository_name: str | None = None  # its name in the model repository, when not `name` (rollout candidates)
+    # Decoders: sequences generated together (continuous batching), each with a KV slot of
+    # `max_context` tokens (prompt + answer); the slots' KV memory counts in the model's size.
+    max_num_seqs: int = 8
+    max_context: int = 1024
 
     @property
     def artifact(self) -> str:
@@ -537,7 +544,8 @@ class _Reader:
             elif name == "metrics_port":
                 value = self.integer(value_node, dotted, minimum=0, maximum=65535)
                 self._metrics_port_nodes[key.split(".")[-1]] = value_node
-            elif name in ("max_concurrent_rpcs", "block_size", "max_batch_size", "max_queue_per_model"):
+            elif name in ("max_concurrent_rpcs", "block_size", "max_batch_size", "max_queue_per_model",
+                          "prefill_chunk_tokens"):
                 value = self.integer(value_node, dotted, minimum=1)
             elif name in ("intra_op_threads", "max_queue_delay_ms", "rate_limit_burst"):
                 value = self.integer(value_node, dotted, minimum=0)
@@ -574,7 +582,7 @@ class _Reader:
         return values
 
     _MODEL_KEYS = ("task", "recipe", "version", "capabilities", "tier", "keep_alive", "quantization", "description",
-                   "rollout")
+                   "rollout", "max_num_seqs", "max_context")
     _ROLLOUT_KEYS = ("version", "mode", "share", "window", "min_calls", "max_error_rate", "max_latency_ratio",
                      "max_disagreement")
 
@@ -600,6 +608,10 @@ class _Reader:
                     values["version"] = str(self.value(field_node))
                 elif field_name == "rollout":
                     values["rollout"] = self.read_rollout(field_node, dotted, values.get("version"))
+                elif field_name == "max_num_seqs":
+                    values[field_name] = self.integer(field_node, dotted, minimum=1, maximum=256)
+                elif field_name == "max_context":
+                    values[field_name] = self.integer(field_node, dotted, minimum=16, maximum=1 << 20)
                 else:
                     values[field_name] = self.string(field_node, dotted)
             values = {k: v for k, v in values.items() if v is not None}

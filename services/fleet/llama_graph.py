@@ -12,21 +12,22 @@ contrib ops (com.microsoft):
   `MatMul` for float32.
 
 Interface (what `DecoderRuntime` feeds and reads, like optimum's export):
-``input_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, past+seq],
+``input_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, past+seq], ``logits_to_keep``
+int64 [1] (logits are computed for the last k positions only),
 ``past_key_values.{i}.key|value`` float32 [batch, kv_heads, past, head_dim] →
-``logits`` [batch, seq, vocab], ``present.{i}.key|value`` [batch, kv_heads, past+seq,
+``logits`` [batch, k, vocab], ``present.{i}.key|value`` [batch, kv_heads, past+seq,
 head_dim]. There is no ``position_ids`` input: positions are the cache length plus
 the token's index (GroupQueryAttention derives them itself).
 
-Attention mask semantics: the graph uses only the mask's *length* (the total
-sequence length), not its values. Every row is treated as ``past + seq`` real
-tokens with a causal mask. That is exact for unpadded batches and for right-padded
-rows (pads come after the real tokens, so causality already keeps them out of every
-real token's attention; the pads' own logits and cache entries are garbage and must
-be ignored, as `DecoderRuntime.score_options` does). Left padding or holes in the
-mask are NOT supported. (GroupQueryAttention reading per-row lengths from the
-mask's sum would be wrong for right-padded new tokens: it takes a shorter row's
-padding to be in its past and overwrites cache entries.)
+Attention mask semantics: rows are left-aligned; each row's length is the sum of its
+mask (GroupQueryAttention's per-row ``seqlens_k`` = sum - 1) and the mask's width is
+the batch's longest row (``total_sequence_length``). So a batch of decode steps on
+sequences of different lengths is one call: each row's mask holds ones for its own
+past + 1 and zeros after (a ragged batch on a shared, preallocated cache; see
+`services/model_host/engine/`). Right padding is fine in a first prompt (empty
+cache), where the pads' logits and cache entries are garbage to ignore; a row with a
+past must carry no padding after its new tokens (it would be taken for past), and
+left padding or holes are NOT supported.
 
 Batch limits (GroupQueryAttention, onnxruntime 1.31 CPU): batch > 1 works for a
 prefill on an empty cache and for one-token steps, but a call with batch > 1, several
@@ -80,6 +81,9 @@ from typing import Any
 import numpy as np
 
 GRAPH_KIND = "mirador-llama-fused"
+# Version of the graph's interface; 3: per-row lengths from the mask's sum (ragged batched decode on a
+# shared KV buffer) and the `logits_to_keep` input. The fleet's recipes carry it, so graphs written by an older builder are rebuilt.
+GRAPH_FORMAT = 3
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations: essential for MatMulNBits speed on this CPU
 IR_VERSION = 10     # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
@@ -417,13 +421,15 @@ def build_llama_model(hp: LlamaHParams, weights: Mapping[str, Any], bits: int, *
     eps = float(hp.rms_norm_eps)
     d, h = hp.hidden_size, hp.head_dim
 
-    # -- lengths for GroupQueryAttention, from the mask's shape (see the module docstring)
+    # -- lengths for GroupQueryAttention (see the module docstring): each row's own length from
+    # the mask's sum, the batch's longest from the mask's width
     total = g.node("Shape", ["attention_mask"], name="mask_shape", start=1, end=2)[0]        # [1] int64
     total_i32 = g.node("Cast", [total], name="total_len_i32", to=TensorProto.INT32)[0]
     total_scalar = g.node("Squeeze", [total_i32], name="total_sequence_length")[0]              # int32 scalar
-    batch = g.node("Shape", ["input_ids"], name="batch_shape", start=0, end=1)[0]              # [1]
-    last = g.node("Sub", [total_i32, g.init("one_i32", np.asarray([1], np.int32))], name="last_index")[0]
-    seqlens_k = g.node("Expand", [last, batch], name="seqlens_k")[0]                           # [batch] int32
+    lengths = g.node("ReduceSum", ["attention_mask", g.const_i64("mask_sum_axis", [1])], name="row_lengths",
+                     keepdims=0)[0]                                                             # [batch] int64
+    lengths_i32 = g.node("Cast", [lengths], name="row_lengths_i32", to=TensorProto.INT32)[0]
+    seqlens_k = g.node("Sub", [lengths_i32, g.init("one_i32", np.asarray([1], np.int32))], name="seqlens_k")[0]
 
     cos, sin = rope_caches(hp, positions)
     cos_name, sin_name = g.init("cos_cache", cos), g.init("sin_cache", sin)
@@ -520,6 +526,11 @@ def build_llama_model(hp: LlamaHParams, weights: Mapping[str, Any], bits: int, *
     else:
         normed = g.node("SkipSimplifiedLayerNormalization", [hidden, residual, out_norm],
                         ["final_norm/out"], name="final_norm", domain=MS_DOMAIN, epsilon=eps)[0]
+    # Only the last `logits_to_keep` positions reach the head: a prefill needs one row of logits, not
+    # one per prompt token (the head is a fifth of SmolLM2's weights, and 200 KB of logits per token).
+    keep_from = g.node("Neg", ["logits_to_keep"], name="logits_keep_from")[0]
+    normed = g.node("Slice", [normed, keep_from, g.const_i64("logits_keep_until", [2**62]),
+                              g.const_i64("logits_keep_axis", [1])], name="logits_keep")[0]
     head = embed if tied else weights["output.weight"]
     if lm_head_bits == 32 and bits == 32 and tied:
         g.node("MatMul", [normed, "lm_head.weight"], ["logits"], name="lm_head")
@@ -532,8 +543,9 @@ def build_llama_model(hp: LlamaHParams, weights: Mapping[str, Any], bits: int, *
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+        helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence", hp.vocab_size])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "kept_sequence", hp.vocab_size])]
     for i in range(hp.num_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(
@@ -593,7 +605,7 @@ def write_fused(folder: Path, gguf_path: Path, base, bits: int, *, lm_head_bits:
     shutil.copyfile(base.path_of("tokenizer"), folder / "tokenizer.json")
     generation = dict(base.generation)
     generation.update({
-        "input_names": ["input_ids", "attention_mask"],
+        "input_names": ["input_ids", "attention_mask", "logits_to_keep"],
         "output_names": ["logits"],
         # GroupQueryAttention refuses batch > 1 with several new tokens on a non-empty cache.
         "batched_continuation": False,
@@ -612,16 +624,20 @@ def write_fused(folder: Path, gguf_path: Path, base, bits: int, *, lm_head_bits:
         "vocab_size": hp.vocab_size,
         "max_position_embeddings": hp.max_position_embeddings,
         "dtype": "float32",
+        # GroupQueryAttention takes one preallocated buffer as both past and present (IO binding)
+        # and per-row lengths: the model host's engine decodes its sequences as one ragged batch.
+        "kv_cache": "shared-buffer",
     })
     extra = {
         "graph": GRAPH_KIND,
+        "graph_format": GRAPH_FORMAT,
         "bits": bits,
         "lm_head_bits": lm_head_bits or bits,
         "exact_q4_1": exact_q4_1 and bits == 4,
         "zero_points": None if bits == 32 else ("default (symmetric)" if symmetric else "uint8 per block"),
         "block_size": BLOCK_SIZE if bits != 32 else None,
         "accuracy_level": ACCURACY_LEVEL if bits != 32 else None,
-        "attention_mask": "length only: right padding ok, left padding not supported",
+        "attention_mask": "per-row lengths from its sum: left-aligned rows, no left padding",
         "batch_limits": "batch > 1 with several new tokens on a non-empty cache is refused by "
                         "GroupQueryAttention (score_options' option rows): run such rows one at a time",
         "tokenizer_from": base.reference,

@@ -8,6 +8,8 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from services.fleet.llama_graph import GRAPH_FORMAT, GRAPH_KIND
+
 # Bump when the builder's output changes for an unchanged recipe (new manifest
 # facts, different export options), so existing builds count as stale.
 BUILD_FORMAT = 1
@@ -185,7 +187,7 @@ def _smollm2_fused(name: str, bits: int) -> Recipe:
         package_version=SMOLLM2_135M_INSTRUCT.package_version,
         source_kind=SOURCE_GGUF_FUSED,
         source_path=SMOLLM2_135M_INSTRUCT.source_path,
-        export_task="mirador-llama-fused",
+        export_task=f"{GRAPH_KIND}/{GRAPH_FORMAT}",
         licence=SMOLLM2_135M_INSTRUCT.licence,
         depends_on=(SMOLLM2_135M_INSTRUCT.name,),  # its tokenizer and chat facts
         graph={"bits": bits},

@@ -1,9 +1,9 @@
 """The model host's data plane, independent of any transport: generate, score, embed.
 
 The gRPC servicer converts messages to these calls and back; nothing here knows
-about protobuf. Model work runs in worker threads (ONNX Runtime releases the
-GIL); generation awaits each decode step, so a cancelled caller stops the loop
-within one token and its KV cache is dropped.
+about protobuf. Decoder work (generation, scoring, tokenizing, chat rendering) runs
+on the model's engine thread (services/model_host/engine/); encoders and classifiers
+run in worker threads. The event loop only moves messages.
 """
 
 from __future__ import annotations
@@ -11,81 +11,36 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import numpy as np
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unavailable
 from services.model_host import observability
+from services.model_host.answers import (
+    Confidence,
+    GenerationSummary,
+    SamplingSettings,
+    Timings,
+    TokenEvent,
+)
 from services.model_host.batching import DynamicBatcher
 from services.model_host.calibration import (
     ScoreCalibration,
-    generation_confidence,
     load_score_calibration,
     option_distribution,
     score_confidence,
 )
+from services.model_host.engine import DecoderEngine, EngineHook
+from services.model_host.engine.sequence import GenerationRequest, Messages
 from services.model_host.faults import InjectedDelays
 from services.model_host.registry import ModelRecord, ModelRegistry, State
 from services.model_host.runtimes.classifier import ClassifierRuntime, request_text
 from services.model_host.runtimes.decoder import DecoderRuntime
 from services.model_host.runtimes.encoder import EncoderRuntime
-from services.model_host.runtimes.sampling import Sampler
-from services.model_host.runtimes.text import HeldToken, IncrementalDetokenizer, StopStringScanner
 
-DEFAULT_MAX_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class Timings:
-    queue_ms: float = 0.0
-    load_ms: float = 0.0
-    prefill_ms: float = 0.0
-    decode_ms: float = 0.0
-    total_ms: float = 0.0
-    first_token_ms: float = 0.0
-
-
-@dataclass
-class Confidence:
-    token_logprobs: list[float] = field(default_factory=list)
-    mean_logprob: float = 0.0
-    min_logprob: float = 0.0
-    mean_entropy: float = 0.0
-    labels: list[tuple[str, float, float]] = field(default_factory=list)  # (label, probability, logprob)
-    calibrated: float = 0.0
-    source: str = ""
-
-
-@dataclass
-class TokenEvent:
-    index: int
-    token_id: int
-    text: str
-    logprob: float
-    entropy: float
-
-
-@dataclass
-class GenerationSummary:
-    model: str
-    version: str
-    finish_reason: str  # "stop", "length", "stop_string"
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    timings: Timings
-    confidence: Confidence
+__all__ = ["Confidence", "DataPlane", "GenerationSummary", "SamplingSettings", "Timings", "TokenEvent"]
 
 
 @dataclass
@@ -104,9 +59,6 @@ class EmbedResult:
     version: str
     vectors: np.ndarray
     timings: Timings
-
-
-Messages = list[tuple[str, str]]  # (role, content)
 
 
 class BatchingHook:
@@ -131,10 +83,11 @@ class BatchingHook:
 
 class DataPlane:
     def __init__(self, registry: ModelRegistry, executor: ThreadPoolExecutor, batching: BatchingHook | None = None,
-                 faults: InjectedDelays | None = None):
+                 faults: InjectedDelays | None = None, engines: EngineHook | None = None):
         self.registry = registry
         self.executor = executor
         self.batching = batching
+        self.engines = engines
         self.faults = faults or InjectedDelays({})
         self._calibrations: dict[str, ScoreCalibration | None] = {}
 
@@ -150,6 +103,12 @@ class DataPlane:
     def _entry_timings(received: float, needs_load: bool) -> Timings:
         waited_ms = (time.perf_counter() - received) * 1000
         return Timings(load_ms=waited_ms) if needs_load else Timings(queue_ms=waited_ms)
+
+    def _engine(self, record: ModelRecord) -> DecoderEngine:
+        engine = self.engines.engines.get(record.name) if self.engines is not None else None
+        if engine is None:
+            raise Unavailable(f"model `{record.name}` has no engine running; retry")
+        return engine
 
     @staticmethod
     def _prompt_ids(runtime: DecoderRuntime, messages: Messages, prompt: str) -> list[int]:
@@ -168,59 +127,30 @@ class DataPlane:
     # ------------------------------------------------------------------ generate
 
     async def generate(self, model: str, messages: Messages, prompt: str, sampling: SamplingSettings) -> AsyncIterator[TokenEvent | GenerationSummary]:
+        """Streams a generation from the model's engine (continuous batching on its own thread).
+        Leaving the iteration early (a cancelled caller) frees the sequence's slot within one step."""
         received = time.perf_counter()
         needs_load = self.registry.record(model).state != State.READY
         async with self.registry.use(model) as record:
-            runtime: DecoderRuntime = record.runtime
             timings = self._entry_timings(received, needs_load)
             observability.waited(model, received, "generate")
-            prompt_ids = self._prompt_ids(runtime, messages, prompt)
-            max_tokens = min(sampling.max_tokens or DEFAULT_MAX_TOKENS, runtime.max_length - len(prompt_ids))
-            sampler = Sampler(sampling.temperature, sampling.top_p, sampling.seed)
-            detokenizer = IncrementalDetokenizer(runtime.tokenizer)
-            scanner = StopStringScanner(tuple(sampling.stop))
-            logprobs, entropies = [], []
-            finish = "length"
-
             await self.faults.before_prefill(model)
-            started = time.perf_counter()
-            state, logits = await self._in_thread(runtime.prefill, prompt_ids)
-            timings.prefill_ms = (time.perf_counter() - started) * 1000
-            observability.prefilled(model, started, len(prompt_ids))
-            decode_started = time.perf_counter()
-            for index in range(max_tokens):
-                pick = sampler.pick(logits)
-                if pick.token_id in runtime.eos_token_ids:
-                    finish = "stop"
-                    break
-                logprobs.append(pick.logprob)
-                entropies.append(pick.entropy)
-                held = HeldToken(index, pick.token_id, detokenizer.add(pick.token_id), pick.logprob, pick.entropy)
-                for token in scanner.push(held):
-                    if not timings.first_token_ms:
-                        timings.first_token_ms = (time.perf_counter() - received) * 1000
-                    yield TokenEvent(token.index, token.token_id, token.text, token.logprob, token.entropy)
-                if scanner.stopped:
-                    finish = "stop_string"
-                    break
-                if index + 1 < max_tokens:
-                    await self.faults.before_decode_step(model)
-                    logits = await self._in_thread(runtime.step, state, pick.token_id)
-            for token in scanner.flush():
-                yield TokenEvent(token.index, token.token_id, token.text, token.logprob, token.entropy)
-            timings.decode_ms = (time.perf_counter() - decode_started) * 1000
-            observability.decoded(model, decode_started, len(logprobs), timings.first_token_ms, finish)
-            timings.total_ms = (time.perf_counter() - received) * 1000
-            confidence = Confidence(token_logprobs=logprobs)
-            if logprobs:
-                confidence.mean_logprob = float(np.mean(logprobs))
-                confidence.min_logprob = float(np.min(logprobs))
-                confidence.mean_entropy = float(np.mean(entropies))
-            confidence.calibrated, confidence.source = generation_confidence(confidence.mean_logprob)
-            yield GenerationSummary(
-                model=model, version=record.manifest.version, finish_reason=finish, text=scanner.text,
-                prompt_tokens=len(prompt_ids), completion_tokens=len(logprobs), timings=timings, confidence=confidence,
-            )
+            engine = self._engine(record)
+            request = GenerationRequest(model, record.manifest.version, messages, prompt, sampling, received, timings)
+            async for event in engine.generate(request):
+                if isinstance(event, GenerationSummary):
+                    self._report_generation(model, event)
+                yield event
+
+    @staticmethod
+    def _report_generation(model: str, summary: GenerationSummary) -> None:
+        now = time.perf_counter()
+        timings = summary.timings
+        decode_started = now - timings.decode_ms / 1000
+        observability.prefilled(model, decode_started - timings.prefill_ms / 1000, summary.prompt_tokens,
+                                ended=decode_started)
+        observability.decoded(model, decode_started, summary.completion_tokens, timings.first_token_ms,
+                              summary.finish_reason)
 
     # ------------------------------------------------------------------ score
 
@@ -233,12 +163,8 @@ class DataPlane:
             runtime: DecoderRuntime = record.runtime
             timings = self._entry_timings(received, needs_load)
             observability.waited(model, received, "score")
-            prompt_ids = self._prompt_ids(runtime, messages, prompt)
             started = time.perf_counter()
-            try:
-                sums, _ = await self._in_thread(runtime.score_options, prompt_ids, options)
-            except ValueError as exc:
-                raise InvalidArgument(str(exc)) from None
+            prompt_ids, sums = await self._engine(record).call(self._score_options, runtime, messages, prompt, options)
             timings.prefill_ms = (time.perf_counter() - started) * 1000
             observability.scored(model, started, len(prompt_ids), len(options))
             timings.total_ms = (time.perf_counter() - received) * 1000
@@ -251,6 +177,17 @@ class DataPlane:
             )
             return ScoreResult(model, record.manifest.version, options[int(np.argmax(probabilities))],
                                len(prompt_ids), timings, confidence)
+
+    @classmethod
+    def _score_options(cls, runtime: DecoderRuntime, messages: Messages, prompt: str,
+                       options: list[str]) -> tuple[list[int], list[float]]:
+        """On the engine's thread: the prompt's tokens and each option's summed log-probability."""
+        prompt_ids = cls._prompt_ids(runtime, messages, prompt)
+        try:
+            sums, _ = runtime.score_options(prompt_ids, options)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return prompt_ids, sums
 
     async def _classify(self, model: str, record: ModelRecord, messages: Messages, prompt: str, options: list[str],
                         received: float, needs_load: bool) -> ScoreResult:

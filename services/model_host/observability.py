@@ -47,6 +47,8 @@ TIME_TO_FIRST_TOKEN = Histogram("mirador_model_time_to_first_token_seconds",
                                 buckets=_SECONDS)
 DECODE_TOKEN_SECONDS = Histogram("mirador_model_decode_seconds_per_token", "Mean decode time per generated token "
                                  "of one call, seconds", ["model"], buckets=_TOKEN_SECONDS)
+DECODE_BATCH_SIZE = Histogram("mirador_model_decode_batch_size", "Sequences in one batched decode step (continuous "
+                              "batching)", ["model"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
 BATCH_SIZE = Histogram("mirador_model_batch_size", "Items per dynamic batch (Embed)", ["model"],
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
@@ -130,8 +132,8 @@ REGISTRY.register(_COLLECTOR)
 # --------------------------------------------------------------------------- data plane stages
 
 
-def _span(name: str, started: float, **attributes) -> None:
-    telemetry.record_span(_tracer, name, started, {f"mirador.{k}": v for k, v in attributes.items()})
+def _span(name: str, started: float, ended: float | None = None, **attributes) -> None:
+    telemetry.record_span(_tracer, name, started, {f"mirador.{k}": v for k, v in attributes.items()}, ended)
 
 
 def waited(model: str, received: float, operation: str) -> None:
@@ -140,10 +142,16 @@ def waited(model: str, received: float, operation: str) -> None:
     _span("queue", received, model=model, operation=operation)
 
 
-def prefilled(model: str, started: float, tokens: int) -> None:
-    PREFILL_SECONDS.labels(model, "generate").observe(time.perf_counter() - started)
+def prefilled(model: str, started: float, tokens: int, ended: float | None = None) -> None:
+    ended = time.perf_counter() if ended is None else ended
+    PREFILL_SECONDS.labels(model, "generate").observe(ended - started)
     PROMPT_TOKENS.labels(model, "generate").inc(tokens)
-    _span("prefill", started, model=model, tokens=tokens)
+    _span("prefill", started, ended, model=model, tokens=tokens)
+
+
+def decode_step(model: str, batch_size: int) -> None:
+    """One batched decode step of a decoder's engine, over `batch_size` sequences (engine thread)."""
+    DECODE_BATCH_SIZE.labels(model).observe(batch_size)
 
 
 def decoded(model: str, started: float, tokens: int, first_token_ms: float, finish_reason: str) -> None:

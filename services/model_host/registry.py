@@ -88,6 +88,10 @@ class RegistryHook(Protocol):
 
     def on_model_unload(self, record: ModelRecord) -> None: ...
 
+    # Optional: memory a hook holds for a loaded model outside what its load measures (a decoder
+    # engine's KV slots), known before the load: counted in the model's size against the budget.
+    # def reserved_bytes(self, record: ModelRecord) -> int: ...
+
 
 Loader = Callable[[ModelManifest], ModelRuntime]
 MemoryMeter = Callable[[], int]  # resident bytes of this process now
@@ -152,6 +156,14 @@ class ModelRegistry:
                 if record.state == State.NOT_BUILT:  # an unloaded model keeps saying why (evicted, idle, ...)
                     record.state, record.detail = State.UNLOADED, "built, not loaded"
 
+    def reserved_bytes(self, record: ModelRecord) -> int:
+        return sum(hook.reserved_bytes(record) for hook in self.hooks if hasattr(hook, "reserved_bytes"))
+
+    def needed_bytes(self, record: ModelRecord) -> int:
+        """What loading `record` will take: measured at its last load, else estimated from its files
+        plus what the hooks reserve for it."""
+        return record.measured_bytes or record.needed_bytes + self.reserved_bytes(record)
+
     @property
     def used_bytes(self) -> int:
         return sum(r.loaded_bytes for r in self.records.values())
@@ -204,7 +216,8 @@ class ModelRegistry:
             record.load_ms = (time.perf_counter() - started) * 1000
             # A reload can reuse memory the process kept after the last unload, which makes
             # the difference look small: never let a reload shrink what the first load measured.
-            record.measured_bytes = max(self.memory_meter() - before, record.measured_bytes, 1)
+            measured = self.memory_meter() - before + self.reserved_bytes(record)
+            record.measured_bytes = max(measured, record.measured_bytes, 1)
             record.runtime, record.state, record.failed_at = runtime, State.READY, None
             record.detail = f"loaded in {record.load_ms:.0f} ms"
             record.last_used = self.clock()
@@ -217,7 +230,7 @@ class ModelRegistry:
         """Evicts idle unpinned models until `record` fits, or refuses."""
         if not self.budget_bytes:
             return
-        needed = record.needed_bytes
+        needed = self.needed_bytes(record)
         free = self.budget_bytes - self.used_bytes
         if needed <= free:
             return

@@ -16,14 +16,17 @@ from services.common.config import MiradorConfig
 from services.common.logs import log_event
 from services.common.model_repository import ModelRepository
 from services.common.server import MiradorService, run_service_main
+from services.model_host import observability
 from services.model_host.dataplane import BatchingHook, DataPlane
+from services.model_host.engine import EngineHook, EngineSettings
 from services.model_host.faults import InjectedDelays
 from services.model_host.loader import SessionSettings, default_optimized_cache, load_runtime
 from services.model_host.observability import ObservabilityHook
 from services.model_host.registry import MB, ModelRegistry
 from services.model_host.servicer import ModelHostServicer
 
-# Model work runs in these threads; ONNX Runtime releases the GIL while it runs.
+# Encoder and classifier work runs in these threads (ONNX Runtime releases the GIL while it runs);
+# each decoder runs on its own engine thread.
 INFERENCE_THREADS = 4
 log = logging.getLogger("mirador.model_host")
 # What a reload changes in a running host: of existing models, tier and keep_alive; of the host,
@@ -47,15 +50,23 @@ class ModelHostService(MiradorService):
             during_load=faults.during_load if faults.load_delays else None,
         )
         self.batching = BatchingHook(self.executor, settings.max_batch_size, settings.max_queue_delay_ms / 1000)
+
+        def engine_settings(record) -> EngineSettings:
+            return EngineSettings(max_num_seqs=record.spec.max_num_seqs, max_context=record.spec.max_context,
+                                  prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
+                                  step_delay_s=faults.token_delays.get(record.name, 0.0))
+
+        self.engines = EngineHook(engine_settings, on_step=observability.decode_step)
         self.registry = ModelRegistry(
             fleet=config.fleet,
             repository=ModelRepository(config.model_repository),
             loader=partial(load_runtime, settings=session_settings),
             budget_bytes=settings.memory_budget_mb * MB,
-            hooks=[self.batching],
+            hooks=[self.batching, self.engines],
         )
         self.registry.hooks.append(ObservabilityHook(self.registry, self.batching))  # after batching
-        self.servicer = ModelHostServicer(config, self.registry, DataPlane(self.registry, self.executor, self.batching, faults))
+        dataplane = DataPlane(self.registry, self.executor, self.batching, faults, self.engines)
+        self.servicer = ModelHostServicer(config, self.registry, dataplane)
         self._background: list[asyncio.Task] = []
 
     @property

@@ -32,6 +32,7 @@ FINISH_REASONS = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,
     "stop_string": common_pb2.FINISH_REASON_STOP_STRING,
+    "context_length": common_pb2.FINISH_REASON_CONTEXT_LENGTH,
 }
 TASKS = {
     "text-generation": pb.MODEL_TASK_TEXT_GENERATION,

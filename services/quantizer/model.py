@@ -320,6 +320,8 @@ def decoder_feeds(session, input_ids: np.ndarray) -> dict[str, np.ndarray]:
             feeds[name] = np.ones((batch, steps), np.int64)
         elif name == "position_ids":
             feeds[name] = np.ascontiguousarray(np.broadcast_to(np.arange(steps, dtype=np.int64), (batch, steps)))
+        elif name == "logits_to_keep":  # Mirador's fused graph: every position's logits
+            feeds[name] = np.asarray([steps], np.int64)
         elif name.startswith("past_key_values."):
             dims = [d if isinstance(d, int) else 0 for d in value.shape]
             dims[0], dims[2] = batch, 0

@@ -14,6 +14,9 @@ from services.model_host.runtimes import ModelRuntime
 from services.model_host.runtimes.sampling import log_softmax
 from services.model_host.runtimes.text import ChatTemplate
 
+# Score's option rows per forward pass on graphs that take them as one batch.
+OPTION_ROWS_PER_CALL = 4
+
 
 @dataclass
 class DecodeState:
@@ -43,7 +46,13 @@ class DecoderRuntime(ModelRuntime):
         self.kv_heads = int(generation["num_kv_heads"])
         self.head_dim = int(generation["head_dim"])
         self.output_names = ["logits", *self.present_outputs]
-        self.takes_position_ids = "position_ids" in {i.name for i in session.get_inputs()}
+        input_names = {i.name for i in session.get_inputs()}
+        self.takes_position_ids = "position_ids" in input_names
+        # Mirador's fused graph computes logits for the last `logits_to_keep` positions only.
+        self.takes_logits_to_keep = "logits_to_keep" in input_names
+        # Whether past and present can be one preallocated buffer with per-row lengths (a ragged
+        # batch of decode steps in one call; services/model_host/engine/kv_slots.py).
+        self.shared_kv_buffer = generation.get("kv_cache") == "shared-buffer"
         self.max_length = int(generation.get("max_position_embeddings", 2048))
         # Whether option rows can run as one batch on a shared cache (fused attention ops may refuse).
         self.batched_continuation = bool(generation.get("batched_continuation", True))
@@ -62,8 +71,16 @@ class DecoderRuntime(ModelRuntime):
         shape = (batch, self.kv_heads, 0, self.head_dim)
         return {name: np.zeros(shape, dtype=np.float32) for name in self.past_inputs}
 
-    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray], past_length: int):
+    def kv_bytes_per_token(self) -> int:
+        return len(self.past_inputs) * self.kv_heads * self.head_dim * 4  # float32 keys and values, every layer
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray], past_length: int,
+             keep: int | None = None):
+        """One forward pass; `keep` = how many last positions need logits (None: all; graphs without
+        `logits_to_keep` always return all)."""
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **past}
+        if self.takes_logits_to_keep:
+            feeds["logits_to_keep"] = np.asarray([keep or input_ids.shape[1]], dtype=np.int64)
         if self.takes_position_ids:
             steps = input_ids.shape[1]
             feeds["position_ids"] = np.broadcast_to(
@@ -78,14 +95,14 @@ class DecoderRuntime(ModelRuntime):
         if len(prompt_ids) >= self.max_length:
             raise ValueError(f"the prompt is {len(prompt_ids)} tokens; this model takes at most {self.max_length - 1}")
         ids = np.asarray([prompt_ids], dtype=np.int64)
-        logits, past = self._run(ids, np.ones_like(ids), self._empty_past(1), 0)
+        logits, past = self._run(ids, np.ones_like(ids), self._empty_past(1), 0, keep=1)
         return DecodeState(past=past, length=len(prompt_ids), token_ids=list(prompt_ids)), logits[0, -1]
 
     def step(self, state: DecodeState, token_id: int) -> np.ndarray:
         """Appends one token; returns the logits for the next."""
         ids = np.asarray([[token_id]], dtype=np.int64)
         mask = np.ones((1, state.length + 1), dtype=np.int64)
-        logits, state.past = self._run(ids, mask, state.past, state.length)
+        logits, state.past = self._run(ids, mask, state.past, state.length, keep=1)
         state.length += 1
         state.token_ids.append(token_id)
         return logits[0, -1]
@@ -106,19 +123,20 @@ class DecoderRuntime(ModelRuntime):
                              f"longer than this model reads ({self.max_length} tokens); shorten them")
         state, first_logits = self.prefill(prompt_ids)
         first_logprobs = log_softmax(first_logits)
-        if self.batched_continuation:
-            logprobs = self._continuation_logprobs(state, option_ids)
-        else:
-            logprobs = [self._continuation_logprobs(state, [ids])[0] for ids in option_ids]
+        # Option rows run in small groups (one at a time where the graph needs it), and of each group's
+        # logits only the option tokens' log-probabilities are kept: memory stays bounded by the group,
+        # not by the number of options (a 32-option Score asked for gigabytes when run as one batch).
+        group = OPTION_ROWS_PER_CALL if self.batched_continuation else 1
         totals = []
-        for row, ids in enumerate(option_ids):
-            total = first_logprobs[ids[0]]
-            total += sum(logprobs[row][j - 1, ids[j]] for j in range(1, len(ids)))
-            totals.append(float(total))
+        for first in range(0, len(option_ids), group):
+            rows = option_ids[first : first + group]
+            for ids, row_logprobs in zip(rows, self._continuation_logprobs(state, rows)):
+                total = first_logprobs[ids[0]] + sum(row_logprobs[j - 1, ids[j]] for j in range(1, len(ids)))
+                totals.append(float(total))
         return totals, [len(ids) for ids in option_ids]
 
     def _continuation_logprobs(self, state: DecodeState, option_ids: list[list[int]]) -> np.ndarray:
-        """Log-probabilities after each option token, all options as one right-padded batch."""
+        """Log-probabilities after each option token, the options as one right-padded batch."""
         width = max(len(ids) for ids in option_ids)
         batch = len(option_ids)
         input_ids = np.zeros((batch, width), dtype=np.int64)

@@ -1,0 +1,163 @@
+"""Where each running sequence's KV cache lives, and the two calls the engine makes on it:
+`prefill` (a chunk of one sequence's prompt) and `decode` (one new token for each of several
+sequences, in one forward pass).
+
+`SharedKVSlots` is the fast path, for graphs that take one buffer as both past and present
+(`generation.kv_cache: shared-buffer`, Mirador's fused llama graph): per layer one
+preallocated [slots, kv_heads, max_context, head_dim] buffer, bound by IO binding as both
+GroupQueryAttention's past and present, so nothing is copied per step and a step costs the
+same at token 10 and token 1,000. Row i is slot i. A decode step runs the rows 0..n-1 that
+cover every active slot (a free row in between runs a dummy token at position 0, which the
+next sequence's prefill overwrites); each row's length comes from its mask's sum.
+
+`PerSequenceSlots` serves graphs without that interface (the optimum export): each slot
+keeps its own growing cache and a decode step runs the slots one after another. Same
+results, no batching gain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from services.model_host.runtimes.decoder import DecodeState, DecoderRuntime
+
+
+class KVSlots:
+    """The interface the engine drives."""
+
+    slots: int
+    max_context: int  # tokens a sequence may hold (prompt + answer)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Memory held for the slots' caches (counted in the model's size by the registry)."""
+        return 0
+
+    def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
+        """Writes `token_ids` at positions start.. of `slot`'s cache; returns the last token's logits."""
+        raise NotImplementedError
+
+    def decode(self, slots: list[int], token_ids: list[int], lengths: list[int]) -> np.ndarray:
+        """Appends one token to each slot (whose cache holds `lengths[i]` tokens); returns logits [len(slots), vocab]."""
+        raise NotImplementedError
+
+    def release(self, slot: int) -> None:
+        """The slot's sequence left; its cache may be reused."""
+
+
+def slots_for(runtime: DecoderRuntime, slots: int, max_context: int) -> KVSlots:
+    max_context = min(max_context, runtime.max_length)
+    if runtime.shared_kv_buffer:
+        return SharedKVSlots(runtime, slots, max_context)
+    return PerSequenceSlots(runtime, slots, max_context)
+
+
+def reserved_bytes_for(runtime_facts: dict, slots: int, max_context: int) -> int:
+    """The KV memory `slots` full sequences hold, from a manifest's `generation` facts (known
+    before a load): preallocated by `SharedKVSlots`, the bound that `PerSequenceSlots` grows to."""
+    past = runtime_facts["past_key_values"]
+    per_token = int(past["num_layers"]) * len(past["kinds"]) * int(runtime_facts["num_kv_heads"]) * int(
+        runtime_facts["head_dim"]) * 4
+    return per_token * slots * min(max_context, int(runtime_facts.get("max_position_embeddings", max_context)))
+
+
+def runtime_kv_bytes(runtime: DecoderRuntime, slots: int, max_context: int) -> int:
+    return reserved_bytes_for(runtime.manifest.generation, slots, max_context)
+
+
+class SharedKVSlots(KVSlots):
+    def __init__(self, runtime: DecoderRuntime, slots: int, max_context: int):
+        self.runtime = runtime
+        self.slots = slots
+        self.max_context = max_context
+        self.session: ort.InferenceSession = runtime.session
+        shape = (slots, runtime.kv_heads, max_context, runtime.head_dim)
+        # np.zeros maps fresh pages: untouched slots cost no resident memory until used, but the
+        # budget counts them all (reserved_bytes), so a full house never overruns it.
+        self.buffers = {name: np.zeros(shape, np.float32) for name in runtime.past_inputs}
+        self.vocab = int(runtime.manifest.generation.get("vocab_size") or self.session.get_outputs()[0].shape[-1])
+        self.logits = np.zeros((slots, 1, self.vocab), np.float32)
+        self._bound_rows: dict[tuple[int, int], list[ort.OrtValue]] = {}
+        self._logit_rows: dict[int, ort.OrtValue] = {}
+
+    @property
+    def reserved_bytes(self) -> int:
+        return runtime_kv_bytes(self.runtime, self.slots, self.max_context)
+
+    def _kv_values(self, first: int, stop: int) -> list[ort.OrtValue]:
+        """OrtValues over rows first..stop-1 of every buffer (views, no copy), made once per range."""
+        key = (first, stop)
+        if key not in self._bound_rows:
+            self._bound_rows[key] = [ort.OrtValue.ortvalue_from_numpy(self.buffers[name][first:stop])
+                                     for name in self.runtime.past_inputs]
+        return self._bound_rows[key]
+
+    def _logits_rows(self, rows: int) -> ort.OrtValue:
+        """Where the logits of `rows` rows are written (a view of one preallocated buffer)."""
+        if rows not in self._logit_rows:
+            self._logit_rows[rows] = ort.OrtValue.ortvalue_from_numpy(self.logits[:rows])
+        return self._logit_rows[rows]
+
+    def _run(self, first: int, stop: int, input_ids: np.ndarray, mask: np.ndarray) -> None:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        if self.runtime.takes_logits_to_keep:
+            binding.bind_cpu_input("logits_to_keep", np.asarray([1], np.int64))
+        for past, present, value in zip(self.runtime.past_inputs, self.runtime.present_outputs,
+                                        self._kv_values(first, stop)):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # the same buffer: GQA appends in place
+        binding.bind_ortvalue_output("logits", self._logits_rows(stop - first))
+        self.session.run_with_iobinding(binding)
+
+    def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
+        end = start + len(token_ids)
+        if end > self.max_context:
+            raise ValueError(f"{end} tokens do not fit a slot of {self.max_context}")
+        ids = np.asarray([token_ids], np.int64)
+        self._run(slot, slot + 1, ids, np.ones((1, end), np.int64))
+        return self.logits[0, 0].copy()
+
+    def decode(self, slots: list[int], token_ids: list[int], lengths: list[int]) -> np.ndarray:
+        rows = max(slots) + 1
+        ids = np.zeros((rows, 1), np.int64)
+        row_lengths = np.ones(rows, np.int64)  # a free row: one dummy token at position 0
+        for slot, token, length in zip(slots, token_ids, lengths):
+            ids[slot, 0] = token
+            row_lengths[slot] = length + 1
+        width = int(row_lengths.max())
+        if width > self.max_context:
+            raise ValueError(f"{width} tokens do not fit a slot of {self.max_context}")
+        mask = (np.arange(width)[None, :] < row_lengths[:, None]).astype(np.int64)
+        self._run(0, rows, ids, mask)
+        return self.logits[slots, 0]
+
+
+class PerSequenceSlots(KVSlots):
+    def __init__(self, runtime: DecoderRuntime, slots: int, max_context: int):
+        self.runtime = runtime
+        self.slots = slots
+        self.max_context = max_context
+        self.states: dict[int, DecodeState] = {}
+
+    @property
+    def reserved_bytes(self) -> int:
+        return runtime_kv_bytes(self.runtime, self.slots, self.max_context)
+
+    def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
+        state = self.states.get(slot) if start else None
+        if state is None:
+            state = self.states[slot] = DecodeState(past=self.runtime._empty_past(1))
+        ids = np.asarray([token_ids], np.int64)
+        mask = np.ones((1, state.length + len(token_ids)), np.int64)
+        logits, state.past = self.runtime._run(ids, mask, state.past, state.length, keep=1)
+        state.length += len(token_ids)
+        return logits[0, -1]
+
+    def decode(self, slots: list[int], token_ids: list[int], lengths: list[int]) -> np.ndarray:
+        return np.stack([self.prefill(slot, [token], length) for slot, token, length in zip(slots, token_ids, lengths)])
+
+    def release(self, slot: int) -> None:
+        self.states.pop(slot, None)
