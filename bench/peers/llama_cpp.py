@@ -20,18 +20,23 @@ import tempfile
 from pathlib import Path
 
 VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp is what gets built
+BUILD = 2  # bump when the build flags change: a new cache folder
 TARGETS = ("llama-server", "llama-bench", "llama-quantize")
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_SERVER=ON",
     # The web UI is downloaded at build time by default: off, offline.
     "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+    # Native code, but no AMX tiles: a CPU can advertise AMX while the (virtual) machine traps its
+    # instructions (seen here: SIGILL on `tilezero` in a Xeon VM). AVX-512/VNNI stay on where present.
+    "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
 )
 
 
 def cache_dir() -> Path:
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "mirador" / "peers" / f"llama.cpp-{VERSION}"
+    return root / "mirador" / "peers" / f"llama.cpp-{VERSION}-b{BUILD}"
 
 
 def binary(name: str) -> Path:

@@ -68,6 +68,8 @@ BENCHES = [
           quick_args=("--per-source", "4")),
     Bench("model_host", "the model host against a bare ONNX Runtime loop: decode, loading, switching, throughput, memory"),
     Bench("decode_graphs", "decode speed and greedy agreement of the SmolLM2 graphs (optimum, fused fp32/int8/int4)"),
+    Bench("serving", "streaming throughput at 1-16 concurrent clients, Mirador (router and host) against llama.cpp's "
+                     "llama-server built from source, same weights, same run"),
     Bench("quantizer", "mixed-precision quantization of SmolLM2: size, perplexity, KL, decode speed",
           quick_args=None, no_quick_reason="no short mode: its per-layer sensitivity pass alone takes ~10 minutes "
                                            "here (run it with `--only quantizer`)"),

@@ -2,7 +2,8 @@
 slow its load, leak memory.
 
     MIRADOR_INJECT_DELAY="model-a=1500,model-b=hang"   # milliseconds before prefill; `hang` = never answers
-    MIRADOR_INJECT_TOKEN_DELAY="model-a=50"            # milliseconds before every decode step (a slow stream)
+    MIRADOR_INJECT_TOKEN_DELAY="model-a=50"            # milliseconds before every decode step, spent on the
+                                                       # model's engine thread (a slow model, for every stream on it)
     MIRADOR_INJECT_LOAD_DELAY="model-a=3000"           # milliseconds a load of the model takes longer, spent
                                                        # after its optimised graph is written, before it is
                                                        # moved into the cache (where a crash hurts most)
@@ -100,10 +101,6 @@ class InjectedDelays:
             await asyncio.get_running_loop().create_future()  # never set: only the caller's cancel ends it
             return
         await asyncio.sleep(delay)
-
-    async def before_decode_step(self, model: str) -> None:
-        if model in self.token_delays:
-            await asyncio.sleep(self.token_delays[model])
 
     def during_load(self, model: str) -> None:
         """Called in the loader's worker thread, with the optimised graph written but not yet committed."""
