@@ -284,9 +284,15 @@ def run_service_main(name: str, build: "callable[[MiradorConfig], MiradorService
         print(f"mirador {name}: invalid config:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     settings = getattr(config.services, name)
+    try:
+        service = build(config)  # a service may refuse settings this machine cannot honour
+    except ConfigError as exc:
+        log_event(log, "invalid config for this machine", logging.ERROR, problems=[str(p) for p in exc.problems])
+        print(f"mirador {name}: invalid config:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     telemetry.setup(name)  # before any server or channel exists
     try:
-        asyncio.run(serve(build(config), settings, security=config.security, config_path=config.path))
+        asyncio.run(serve(service, settings, security=config.security, config_path=config.path))
     except PortInUseError as exc:
         log_event(log, "port in use", logging.ERROR, address=settings.address)
         print(f"mirador {name}: {exc}", file=sys.stderr)

@@ -12,7 +12,7 @@ from functools import partial
 import grpc
 from mirador.v1 import model_host_pb2, model_host_pb2_grpc
 
-from services.common.config import MiradorConfig
+from services.common.config import ConfigError, ConfigProblem, MiradorConfig
 from services.common.logs import log_event
 from services.common.model_repository import ModelRepository
 from services.common.server import MiradorService, run_service_main
@@ -40,6 +40,7 @@ class ModelHostService(MiradorService):
 
     def __init__(self, config: MiradorConfig):
         settings = config.services.model_host
+        require_available_providers(config)
         self.settings = settings
         self.executor = ThreadPoolExecutor(INFERENCE_THREADS, thread_name_prefix="inference")
         faults = InjectedDelays.from_environment()  # tests only; empty unless MIRADOR_INJECT_* is set
@@ -138,6 +139,20 @@ class ModelHostService(MiradorService):
                 await task
         await self.registry.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def require_available_providers(config: MiradorConfig) -> None:
+    """A provider named in the config that this onnxruntime build lacks is an error at start, not a
+    silent fall back to the CPU (a GPU host serving at CPU speed looks healthy and is not)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [p for p in config.services.model_host.execution_providers if p not in available]
+    if missing:
+        raise ConfigError([ConfigProblem(
+            str(config.path), 0, "services.model_host.execution_providers",
+            f"{', '.join(missing)} not available in this onnxruntime build (it has {', '.join(available)}): install "
+            "the [gpu] extra on a machine with the GPU and its drivers, or remove them from the list")])
 
 
 def main(argv: list[str] | None = None) -> int:
