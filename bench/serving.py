@@ -129,8 +129,7 @@ async def _grpc_window(target: str, clients: int, seconds: float, call) -> Windo
 
 def router_call(channel, text):
     stub = router_pb2_grpc.RouterStub(channel)
-    request = router_pb2.AskRequest(route="chat", messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=text)],
-                                    sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS))
+    request = router_pb2.AskRequest(route="chat", text=text, sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS))
 
     async def tokens():
         async for response in stub.Ask(request, timeout=120):
