@@ -5,8 +5,8 @@ The peer is built here from source (bench/peers/llama_cpp.py: the llama.cpp vend
 llama-cpp-python's sdist, cached outside the repo) and serves SmolLM2-135M-Instruct at Q8_0
 and Q4_1 (`-t <cores> -np 8 -c 8192 -cb`: 8 slots of 1024 tokens, like Mirador's chat model).
 Mirador runs the default config (router, model host, consensus as processes) and is called
-through the router (`Ask` on the `chat` route) and straight to the host (`Generate` on the
-chat route's fused fp32 model, and on the fused int8 one).
+through the router (`Ask` on the `chat` route, the fused int8 graph) and straight to the host
+(`Generate` on the fused int8 and fused fp32 graphs).
 
 For each server and each client count (1/4/8/16 by default), that many clients stream
 chat requests back to back for a fixed window: greedy, `max_tokens` 64, prompts varied per
@@ -53,6 +53,8 @@ TOPICS = ["octopuses", "the moon", "bread", "volcanoes", "chess", "rainbows", "b
           "owls", "tea", "bridges", "comets", "deserts", "kites", "coral", "clocks", "lighthouses", "salt"]
 MAX_TOKENS = 64
 SLOTS = 8
+# Models measured straight on the host besides the chat route's own: the fused graphs in int8 and fp32.
+HOST_MODELS = ("smollm2-135m-instruct-fused-int8", "smollm2-135m-instruct-fused")
 
 
 def prompts():
@@ -233,8 +235,8 @@ def mirador_config(directory: Path) -> Path:
         service.update(port=free_port(), metrics_port=0)
         data["services"][name] = service
     data["services"]["consensus"]["escalation_db"] = str(directory / "escalations.sqlite3")
-    data["fleet"]["smollm2-135m-instruct-fused-int8"]["tier"] = "hot"  # measured straight on the host
-    data["fleet"]["smollm2-135m-instruct-fused-int8"]["max_num_seqs"] = SLOTS
+    for name in HOST_MODELS:  # measured straight on the host too, with as many slots as the peer
+        data["fleet"][name].update(tier="hot", max_num_seqs=SLOTS)
     path = directory / "serving.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -253,6 +255,7 @@ def source_gguf() -> Path:
 
 
 def run(args) -> dict:
+    machine = fragment.machine()  # the load average before anything starts
     llama_cpp.ensure_binaries()
     source = source_gguf()
     ggufs = {kind: llama_cpp.ensure_gguf(kind, source) for kind in args.quants}
@@ -273,10 +276,8 @@ def run(args) -> dict:
             servers = {
                 f"Mirador router, chat route ({chat_model})": lambda n, s: asyncio.run(
                     _grpc_window(router, n, s, router_call)),
-                f"Mirador host, {chat_model}": lambda n, s: asyncio.run(
-                    _grpc_window(host, n, s, host_call(chat_model))),
-                "Mirador host, smollm2-135m-instruct-fused-int8": lambda n, s: asyncio.run(
-                    _grpc_window(host, n, s, host_call("smollm2-135m-instruct-fused-int8"))),
+                **{f"Mirador host, {model}": (lambda n, s, m=model: asyncio.run(_grpc_window(host, n, s, host_call(m))))
+                   for model in dict.fromkeys([chat_model, *HOST_MODELS])},
                 **{name: (lambda n, s, p=peer.port: llama_window(p, n, s)) for name, peer in peers.items()},
             }
             for name, measure in servers.items():  # warm-up: loads, arenas, first-call costs
@@ -292,7 +293,7 @@ def run(args) -> dict:
             for peer in peers.values():
                 peer.stop()
             mesh.stop()
-    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": fragment.machine(),
+    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
             "load_average_end": [round(x, 2) for x in os.getloadavg()], "clients": args.clients,
             "seconds": args.seconds, "max_tokens": MAX_TOKENS, "llama_cpp": llama_cpp.VERSION, "results": results}
 
