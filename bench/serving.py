@@ -26,8 +26,6 @@ import datetime as dt
 import http.client
 import json
 import os
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,8 +44,9 @@ from mirador.v1 import common_pb2, model_host_pb2, model_host_pb2_grpc, router_p
 
 import fragment  # noqa: E402
 from peers import llama_cpp  # noqa: E402
+from soak import free_port, soak_config  # noqa: E402  (the same default config with free ports)
 from services.cli.supervisor import Mesh  # noqa: E402
-from services.common.config import DEFAULT_CONFIG_PATH, load_config  # noqa: E402
+from services.common.config import load_config  # noqa: E402
 
 TOPICS = ["octopuses", "the moon", "bread", "volcanoes", "chess", "rainbows", "bees", "glaciers", "jazz", "maps",
           "owls", "tea", "bridges", "comets", "deserts", "kites", "coral", "clocks", "lighthouses", "salt"]
@@ -63,12 +62,6 @@ def prompts():
     while True:
         yield f"Tell me one interesting fact about {TOPICS[i % len(TOPICS)]} (#{i})."
         i += 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -229,15 +222,12 @@ class LlamaServer:
 
 
 def mirador_config(directory: Path) -> Path:
-    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
-    for name in ("router", "consensus", "quantizer", "model_host"):
-        service = data["services"].setdefault(name, {}) or {}
-        service.update(port=free_port(), metrics_port=0)
-        data["services"][name] = service
-    data["services"]["consensus"]["escalation_db"] = str(directory / "escalations.sqlite3")
-    for name in HOST_MODELS:  # measured straight on the host too, with as many slots as the peer
+    """The soak bench's copy of the default config (free ports, no metrics), with the host models
+    measured straight on the host hot and given as many slots as the peer."""
+    path = soak_config(directory, tiny=False)
+    data = yaml.safe_load(path.read_text())
+    for name in HOST_MODELS:
         data["fleet"][name].update(tier="hot", max_num_seqs=SLOTS)
-    path = directory / "serving.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
