@@ -179,3 +179,23 @@ def test_seeded_sampling_is_reproducible_inside_a_batch(fused):
         assert together[1][0] == alone[0]
     finally:
         engine.stop()
+
+
+def test_a_decode_step_leaves_a_slot_that_is_still_prefilling_untouched(fused):
+    """Row 0 is mid-prefill (chunked) while row 1 decodes: the step must not write into row 0's cache."""
+    import numpy as np
+
+    prompt = fused.encode(chatml([("user", PROMPTS[5])]))
+    other = fused.encode(chatml([("user", PROMPTS[1])]))
+    alone = SharedKVSlots(fused, 2, 128)
+    for start in range(0, len(prompt), 4):
+        expected = alone.prefill(0, prompt[start:start + 4], start)
+
+    slots = SharedKVSlots(fused, 2, 128)
+    logits = slots.prefill(1, other, 0)
+    length = len(other)
+    for start in range(0, len(prompt), 4):
+        actual = slots.prefill(0, prompt[start:start + 4], start)
+        logits = slots.decode([1], [int(np.argmax(logits))], [length])[0]  # row 0 is not decoding
+        length += 1
+    np.testing.assert_array_equal(actual, expected)

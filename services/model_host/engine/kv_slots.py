@@ -7,8 +7,10 @@ sequences, in one forward pass).
 preallocated [slots, kv_heads, max_context, head_dim] buffer, bound by IO binding as both
 GroupQueryAttention's past and present, so nothing is copied per step and a step costs the
 same at token 10 and token 1,000. Row i is slot i. A decode step runs the rows 0..n-1 that
-cover every active slot (a free row in between runs a dummy token at position 0, which the
-next sequence's prefill overwrites); each row's length comes from its mask's sum.
+cover every active slot; each row's length comes from its mask's sum. A row in between that
+is not decoding (a free slot, or a sequence whose prompt is still being prefilled in chunks)
+runs a dummy token written just past what its slot holds, where its next write lands anyway:
+it never touches a cache entry in use.
 
 `PerSequenceSlots` serves graphs without that interface (the optimum export): each slot
 keeps its own growing cache and a decode step runs the slots one after another. Same
@@ -78,6 +80,7 @@ class SharedKVSlots(KVSlots):
         self.buffers = {name: np.zeros(shape, np.float32) for name in runtime.past_inputs}
         self.vocab = int(runtime.manifest.generation.get("vocab_size") or self.session.get_outputs()[0].shape[-1])
         self.logits = np.zeros((slots, 1, self.vocab), np.float32)
+        self.filled = np.zeros(slots, np.int64)  # tokens each slot's cache holds
         self._bound_rows: dict[tuple[int, int], list[ort.OrtValue]] = {}
         self._logit_rows: dict[int, ort.OrtValue] = {}
 
@@ -118,12 +121,13 @@ class SharedKVSlots(KVSlots):
             raise ValueError(f"{end} tokens do not fit a slot of {self.max_context}")
         ids = np.asarray([token_ids], np.int64)
         self._run(slot, slot + 1, ids, np.ones((1, end), np.int64))
+        self.filled[slot] = end
         return self.logits[0, 0].copy()
 
     def decode(self, slots: list[int], token_ids: list[int], lengths: list[int]) -> np.ndarray:
         rows = max(slots) + 1
         ids = np.zeros((rows, 1), np.int64)
-        row_lengths = np.ones(rows, np.int64)  # a free row: one dummy token at position 0
+        row_lengths = self.filled[:rows] + 1  # rows not decoding: a dummy token just past their cache
         for slot, token, length in zip(slots, token_ids, lengths):
             ids[slot, 0] = token
             row_lengths[slot] = length + 1
@@ -132,7 +136,11 @@ class SharedKVSlots(KVSlots):
             raise ValueError(f"{width} tokens do not fit a slot of {self.max_context}")
         mask = (np.arange(width)[None, :] < row_lengths[:, None]).astype(np.int64)
         self._run(0, rows, ids, mask)
+        self.filled[slots] = np.asarray(lengths) + 1
         return self.logits[slots, 0]
+
+    def release(self, slot: int) -> None:
+        self.filled[slot] = 0
 
 
 class PerSequenceSlots(KVSlots):
