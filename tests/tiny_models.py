@@ -273,38 +273,20 @@ def _write_decoder_onnx(
     g.save(path, inputs, outputs)
 
 
-def build_tiny_decoder(
-    repository: ModelRepository,
-    name: str = "tiny-lm",
-    version: str = "1",
-    *,
-    num_layers: int = 2,
-    kv_heads: int = 1,
-    head_dim: int = 8,
-    max_positions: int = 2048,
-    seed: int = 0,
-    eos_after: int | None = None,
-    replace: bool = False,
-) -> ModelManifest:
-    """Publish a tiny ChatML decoder; returns the published manifest (with `.directory`)."""
-    tokenizer = chat_tokenizer()
-    vocab = tokenizer.get_vocab_size()
-    past = {
-        "input_pattern": "past_key_values.{layer}.{kind}",
-        "output_pattern": "present.{layer}.{kind}",
-        "kinds": ["key", "value"],
-        "num_layers": num_layers,
-        "layout": ["batch", "num_kv_heads", "sequence", "head_dim"],
-    }
-    generation = {
+def _chat_generation(*, num_layers: int, heads: int, kv_heads: int, head_dim: int, vocab: int,
+                     max_positions: int, **overrides) -> dict:
+    """The manifest's `generation` facts of a tiny ChatML decoder (what the real builds write)."""
+    return {
         "input_names": ["input_ids", "attention_mask", "position_ids"],
         "output_names": ["logits"],
-        "past_key_values": past,
+        "past_key_values": {"input_pattern": "past_key_values.{layer}.{kind}",
+                            "output_pattern": "present.{layer}.{kind}", "kinds": ["key", "value"],
+                            "num_layers": num_layers, "layout": ["batch", "num_kv_heads", "sequence", "head_dim"]},
         "num_layers": num_layers,
-        "num_attention_heads": kv_heads,  # no grouped-query sharing in the tiny model
+        "num_attention_heads": heads,
         "num_kv_heads": kv_heads,
         "head_dim": head_dim,
-        "hidden_size": kv_heads * head_dim,
+        "hidden_size": heads * head_dim,
         "vocab_size": vocab,
         "max_position_embeddings": max_positions,
         "bos_token_id": IM_START,
@@ -323,7 +305,28 @@ def build_tiny_decoder(
         "default_system_prompt": SYSTEM_PROMPT,
         "add_special_tokens": False,
         "stop_tokens": ["<|im_end|>"],
+        **overrides,
     }
+
+
+def build_tiny_decoder(
+    repository: ModelRepository,
+    name: str = "tiny-lm",
+    version: str = "1",
+    *,
+    num_layers: int = 2,
+    kv_heads: int = 1,
+    head_dim: int = 8,
+    max_positions: int = 2048,
+    seed: int = 0,
+    eos_after: int | None = None,
+    replace: bool = False,
+) -> ModelManifest:
+    """Publish a tiny ChatML decoder; returns the published manifest (with `.directory`)."""
+    tokenizer = chat_tokenizer()
+    vocab = tokenizer.get_vocab_size()
+    generation = _chat_generation(num_layers=num_layers, heads=kv_heads, kv_heads=kv_heads, head_dim=head_dim,
+                                  vocab=vocab, max_positions=max_positions)  # no grouped-query sharing here
 
     def build(folder: Path) -> ModelManifest:
         _write_decoder_onnx(
@@ -548,20 +551,10 @@ def build_tiny_fused_decoder(
             f"{p}.ffn_gate.weight": w(f, d), f"{p}.ffn_up.weight": w(f, d), f"{p}.ffn_down.weight": w(d, f),
             f"{p}.attn_norm.weight": np.ones(d, np.float32), f"{p}.ffn_norm.weight": np.ones(d, np.float32),
         })
-    generation = {
-        "input_names": ["input_ids", "attention_mask", "logits_to_keep"],
-        "output_names": ["logits"],
-        "past_key_values": {"input_pattern": "past_key_values.{layer}.{kind}", "output_pattern": "present.{layer}.{kind}",
-                            "kinds": ["key", "value"], "num_layers": num_layers,
-                            "layout": ["batch", "num_kv_heads", "sequence", "head_dim"]},
-        "num_layers": num_layers, "num_attention_heads": hp.num_heads, "num_kv_heads": hp.num_kv_heads,
-        "head_dim": hp.head_dim, "hidden_size": d, "vocab_size": vocab, "max_position_embeddings": max_positions,
-        "bos_token_id": IM_START, "eos_token_ids": [IM_END], "dtype": "float32", "chat_format": "chatml",
-        "chat_markers": {"message": "<|im_start|>{role}\n{content}<|im_end|>\n",
-                         "generation_prompt": "<|im_start|>assistant\n"},
-        "default_system_prompt": SYSTEM_PROMPT, "add_special_tokens": False, "batched_continuation": False,
-        "kv_cache": "shared-buffer",
-    }
+    generation = _chat_generation(
+        num_layers=num_layers, heads=hp.num_heads, kv_heads=hp.num_kv_heads, head_dim=hp.head_dim, vocab=vocab,
+        max_positions=max_positions, input_names=["input_ids", "attention_mask", "logits_to_keep"],
+        batched_continuation=False, kv_cache="shared-buffer")
 
     def build(folder: Path) -> ModelManifest:
         save_model(build_llama_model(hp, weights, 32, unpermute_qk=False), folder / "model.onnx")
