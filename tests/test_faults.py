@@ -152,13 +152,16 @@ def test_consensus_killed_after_committing_an_escalation_keeps_the_case(consensu
     result = fs.consensus_crash_after_commit(consensus_env, consensus_env.disputed[0], request_id="fault-esc-1")
     assert result.exit_code == -9  # the crash point fired: SIGKILL, no graceful stop
     assert result.code == "UNAVAILABLE", (result.code, result.details)  # the caller never saw a verdict
-    assert sorted(v.model for v in result.votes_seen) == sorted(fs.VOTERS)
+    # SIGKILL can drop votes still in gRPC's send buffers (CI saw one of three arrive), so the caller
+    # may have seen fewer than all; whatever it saw must be exactly what was stored
+    assert len({v.model for v in result.votes_seen}) == len(result.votes_seen)
     # the restarted service has the case, with every model's answer as it was streamed
     case = result.stored
     assert case is not None and result.stored_count == 1
     assert case.state == consensus_pb2.ESCALATION_STATE_PENDING and case.route == "compliance"
     assert [v.model for v in case.votes] == fs.VOTERS
-    assert list(case.votes) == sorted(result.votes_seen, key=lambda v: fs.VOTERS.index(v.model))
+    stored_by_model = {v.model: v for v in case.votes}
+    assert all(v == stored_by_model[v.model] for v in result.votes_seen)
     assert all(v.answer in fs.OPTIONS and v.confidence.label_distribution for v in case.votes)
     assert case.verdict.escalated and case.verdict.escalation_id == case.id and case.verdict.consistency < 1.0
     assert result.decisions_counted == 1  # counted once, in the same transaction as the case
