@@ -173,3 +173,71 @@ def test_router_model_host_targets():
     for bad in ("['host-a:1', 'host-b:2']", "['127.0.0.1:1', '[::1]:2']", "'no port'", "['127.0.0.1:1', '127.0.0.1:1']"):
         problem = only_problem(f"services:\n  router: {{model_host_targets: {bad}}}\n" + FLEET)
         assert problem.key == "services.router.model_host_targets", bad
+
+
+# --------------------------------------------------------------------------- route examples
+
+EXAMPLES = """
+services:
+  router: {embedding_model: embedder}
+fleet:
+  lm: {task: text-generation}
+  embedder: {task: embedding}
+routes:
+  greetings:
+    primary: lm
+    examples:
+      - hello there
+      - good morning
+      - hi friend
+  numbers:
+    primary: lm
+    examples:
+      - count to ten
+      - one two three
+      - the sum of 4 and 5
+"""
+
+
+def test_route_examples_that_teach_well_load():
+    assert parse_config(EXAMPLES, "test.yaml").routes["numbers"].examples == (
+        "count to ten", "one two three", "the sum of 4 and 5")
+
+
+def test_an_empty_example_is_refused_on_its_own_line():
+    problem = only_problem(EXAMPLES.replace("      - good morning", '      - "  "'))
+    assert (problem.key, problem.line) == ("routes.greetings.examples", 12)
+    assert "empty example" in problem.message
+
+
+def test_an_empty_examples_list_is_refused():
+    problem = only_problem(EXAMPLES.replace("      - count to ten\n      - one two three\n      - the sum of 4 and 5\n",
+                                            "      []\n"))
+    assert (problem.key, problem.line) == ("routes.numbers.examples", 17)
+    assert "is empty" in problem.message
+
+
+def test_an_example_listed_by_two_routes_is_refused_naming_both_lines():
+    # the same request up to case and spacing
+    problem = only_problem(EXAMPLES.replace("      - one two three", "      - Hello   There"))
+    assert (problem.key, problem.line) == ("routes.numbers.examples", 18)
+    assert "route `greetings` (line 11)" in problem.message
+
+
+def test_fewer_than_three_examples_are_refused():
+    problem = only_problem(EXAMPLES.replace("      - the sum of 4 and 5\n", ""))
+    assert (problem.key, problem.line) == ("routes.numbers.examples", 17)
+    assert "has 2 examples" in problem.message and "at least 3" in problem.message
+    problem = only_problem(EXAMPLES.replace("    examples:\n      - count to ten\n      - one two three\n"
+                                            "      - the sum of 4 and 5\n", "    examples: count to ten\n"))
+    assert "lists 1 request" in problem.message
+
+
+def test_cli_config_check_names_the_duplicated_example(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXAMPLES.replace("      - one two three", "      - good morning"))
+    failed = subprocess.run([sys.executable, "-m", "services.cli", "config", "check", str(bad)],
+                            capture_output=True, text=True)
+    assert failed.returncode == 2
+    assert f"{bad}:18: routes.numbers.examples: `good morning` is already an example of route `greetings`" \
+        in failed.stderr

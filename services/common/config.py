@@ -668,6 +668,7 @@ class _Reader:
 
     def read_routes(self, node: yaml.Node, section: str, fleet: dict[str, ModelSpec]) -> dict[str, RouteSpec]:
         routes: dict[str, RouteSpec] = {}
+        seen_examples: dict[str, tuple[str, int]] = {}  # normalised example -> (route, line)
         for name, (_, value_node) in self.mapping(node, section, None).items():
             key = f"{section}.{name}"
             entries = self.mapping(value_node, key, self._ROUTE_KEYS)
@@ -678,7 +679,9 @@ class _Reader:
                     values[field_name] = self.string(field_node, dotted)
                 elif field_name == "priority":
                     values[field_name] = self.string(field_node, dotted, choices=PRIORITIES)
-                elif field_name in ("fallback", "validators", "options", "examples"):
+                elif field_name == "examples":
+                    values[field_name] = self.examples(field_node, dotted, name, seen_examples)
+                elif field_name in ("fallback", "validators", "options"):
                     values[field_name] = self.names(field_node, dotted)
                 elif field_name == "consensus_threshold":
                     values[field_name] = self.fraction(field_node, dotted)
@@ -700,6 +703,48 @@ class _Reader:
                              f"`{values['primary']}` is the primary already; validators must be other models")
             routes[name] = RouteSpec(name=name, **values)
         return routes
+
+    MIN_EXAMPLES = 3
+
+    def examples(self, node: yaml.Node, key: str, route: str,
+                 seen: dict[str, tuple[str, int]]) -> tuple[str, ...] | None:
+        """A route's example requests, each problem on its own line: an empty list or entry, fewer
+        than MIN_EXAMPLES, or a request that another route (or this one) already lists: the router
+        learns routes from these, and one text taught as two routes only blurs both."""
+        items = node.value if isinstance(node, yaml.SequenceNode) else None
+        if items is None or not all(isinstance(item, yaml.ScalarNode) for item in items):
+            names = self.names(node, key)  # a single string, or not a list of strings at all
+            if names is not None:
+                self.problem(node, key, f"lists {len(names)} request; give at least {self.MIN_EXAMPLES} "
+                                        "examples as a list, or remove `examples:`")
+            return None
+        if not items:
+            self.problem(node, key, f"is empty; list at least {self.MIN_EXAMPLES} example requests, or remove "
+                                    "`examples:` (a route without examples is chosen by name only)")
+            return None
+        texts, ok = [], True
+        for item in items:
+            text = self.value(item)
+            if not isinstance(text, str) or not text.strip():
+                self.problem(item, key, "has an empty example; write the request or delete the line")
+                ok = False
+                continue
+            normalised = " ".join(text.casefold().split())
+            line = item.start_mark.line + 1
+            if normalised in seen:
+                other, first = seen[normalised]
+                where = "this route" if other == route else f"route `{other}`"
+                self.problem(item, key, f"`{text[:60]}` is already an example of {where} (line {first}); "
+                                        "an example must teach one route only: keep it once")
+                ok = False
+                continue
+            seen[normalised] = (route, line)
+            texts.append(text)
+        if ok and len(texts) < self.MIN_EXAMPLES:
+            self.problem(node, key, f"has {len(texts)} example{'s' if len(texts) != 1 else ''}; the router needs at "
+                                    f"least {self.MIN_EXAMPLES} per route to learn it (and to cross-validate)")
+            return None
+        return tuple(texts) if ok else None
 
     def check_models_exist(self, node: yaml.Node, key: str, value: str | tuple[str, ...] | None, fleet: dict[str, ModelSpec]) -> None:
         names = (value,) if isinstance(value, str) else (value or ())
