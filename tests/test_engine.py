@@ -15,10 +15,15 @@ from services.model_host.engine import DecoderEngine, EngineSettings
 from services.model_host.engine.kv_slots import PerSequenceSlots, SharedKVSlots
 from services.model_host.engine.sequence import GenerationRequest
 from services.model_host.loader import SessionSettings, load_runtime
-from tests.tiny_models import build_tiny_decoder, build_tiny_fused_decoder, chatml, greedy_reference
+from tests.tiny_models import build_tiny_decoder, build_tiny_fused_decoder, chat_tokenizer, chatml, greedy_reference
 
 PROMPTS = ["hi", "tell me a story about the sea", "a", "what is two plus two and why", "ok then",
            "the quick brown fox jumps over the lazy dog again and again", "yes", "one more question please"]
+
+
+def chat_ids(text: str) -> list[int]:
+    """The prompt's ids the old way (markers split out of one formatted string): equal for ordinary text."""
+    return chat_tokenizer().encode(chatml([("user", text)]), add_special_tokens=False).ids
 
 
 def _runtime(manifest):
@@ -85,9 +90,9 @@ def test_the_engine_matches_a_cache_free_reference(optimum_style):
     engine = _engine(optimum_style)
     try:
         tokens, summary = asyncio.run(_collect(engine, _request("hello there", max_tokens=8)))
-        expected = greedy_reference(optimum_style.session, optimum_style.encode(chatml([("user", "hello there")])), 8)
+        expected = greedy_reference(optimum_style.session, chat_ids("hello there"), 8)
         assert tokens == expected
-        assert summary.prompt_tokens == len(optimum_style.encode(chatml([("user", "hello there")])))
+        assert summary.prompt_tokens == len(chat_ids("hello there"))
     finally:
         engine.stop()
 
@@ -133,7 +138,7 @@ def test_a_cancelled_stream_frees_its_slot_and_leaves_the_others_untouched(fused
 def test_a_sequence_that_fills_its_context_says_so(fused):
     engine = _engine(fused, max_context=48)
     try:
-        prompt_tokens = len(fused.encode(chatml([("user", "hi")])))
+        prompt_tokens = len(chat_ids("hi"))
         tokens, summary = asyncio.run(_collect(engine, _request("hi", max_tokens=500)))
         assert summary.finish_reason == "context_length"
         assert len(tokens) == 48 - prompt_tokens
@@ -185,8 +190,8 @@ def test_a_decode_step_leaves_a_slot_that_is_still_prefilling_untouched(fused):
     """Row 0 is mid-prefill (chunked) while row 1 decodes: the step must not write into row 0's cache."""
     import numpy as np
 
-    prompt = fused.encode(chatml([("user", PROMPTS[5])]))
-    other = fused.encode(chatml([("user", PROMPTS[1])]))
+    prompt = chat_ids(PROMPTS[5])
+    other = chat_ids(PROMPTS[1])
     alone = SharedKVSlots(fused, 2, 128)
     for start in range(0, len(prompt), 4):
         expected = alone.prefill(0, prompt[start:start + 4], start)

@@ -112,12 +112,10 @@ class DataPlane:
 
     @staticmethod
     def _prompt_ids(runtime: DecoderRuntime, messages: Messages, prompt: str) -> list[int]:
-        if messages:
-            try:
-                prompt = runtime.render_chat(messages)
-            except ValueError as exc:
-                raise InvalidArgument(str(exc)) from None
-        ids = runtime.encode(prompt)
+        try:
+            ids = runtime.prompt_ids(messages, prompt)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         if not ids:
             raise InvalidArgument("the prompt encodes to no tokens; send some text")
         if len(ids) >= runtime.max_length:

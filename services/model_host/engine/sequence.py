@@ -64,13 +64,10 @@ class Sequence:
     def start(self, runtime: DecoderRuntime, max_context: int) -> None:
         """Renders and tokenizes the prompt (raises InvalidArgument with what to change)."""
         request = self.request
-        prompt = request.prompt
-        if request.messages:
-            try:
-                prompt = runtime.render_chat(request.messages)
-            except ValueError as exc:
-                raise InvalidArgument(str(exc)) from None
-        ids = runtime.encode(prompt)
+        try:
+            ids = runtime.prompt_ids(request.messages, request.prompt)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
         if not ids:
             raise InvalidArgument("the prompt encodes to no tokens; send some text")
         if len(ids) >= max_context:

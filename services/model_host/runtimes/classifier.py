@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from services.common.model_repository import ModelManifest
 from services.model_host.runtimes import ModelRuntime
+from services.model_host.runtimes.text import plain_text_tokenizer
 
 BATCH_SIZE = 16
 
@@ -54,7 +55,8 @@ class ClassifierRuntime(ModelRuntime):
         calibration = generation.get("calibration") or {}
         self.temperature = calibration.get("temperature")
         self.calibration_fit_on = calibration.get("fit_on")
-        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())  # own copy: padding settings are per instance
+        # Own copy (padding settings are per instance) that reads client text as text, never as [SEP]/[CLS].
+        self.tokenizer = plain_text_tokenizer(tokenizer)
         self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer.no_padding()
 

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from services.common.model_repository import ModelManifest
 from services.model_host.runtimes import ModelRuntime
 from services.model_host.runtimes.sampling import log_softmax
-from services.model_host.runtimes.text import ChatTemplate
+from services.model_host.runtimes.text import ChatTemplate, Prompt, PromptEncoder
 
 # Score's option rows per forward pass on graphs that take them as one batch.
 OPTION_ROWS_PER_CALL = 4
@@ -32,8 +32,9 @@ class DecoderRuntime(ModelRuntime):
         super().__init__(manifest, session)
         self.tokenizer = tokenizer
         generation = manifest.generation
-        self.chat = ChatTemplate(generation)
-        self.add_special_tokens = bool(generation.get("add_special_tokens", False))
+        # Client text is encoded as text; only the template's markers become control tokens.
+        self.prompts = PromptEncoder(tokenizer, bool(generation.get("add_special_tokens", False)))
+        self.chat = ChatTemplate(generation, self.prompts.markers)
         self.eos_token_ids = frozenset(generation.get("eos_token_ids") or [])
         past = generation["past_key_values"]
         self.num_layers = int(past["num_layers"])
@@ -59,11 +60,17 @@ class DecoderRuntime(ModelRuntime):
 
     # -- text
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids
+    def encode(self, prompt: str | Prompt) -> list[int]:
+        """Token ids of raw text (a prompt, an option) or of a rendered chat; text is always text."""
+        return self.prompts.encode(prompt)
 
-    def render_chat(self, messages: list[tuple[str, str]]) -> str:
+    def render_chat(self, messages: list[tuple[str, str]]) -> Prompt:
         return self.chat.render(messages)
+
+    def prompt_ids(self, messages: list[tuple[str, str]], prompt: str) -> list[int]:
+        """The ids a request's messages (or, without messages, its raw prompt) are answered from.
+        Raises ValueError with what to change."""
+        return self.encode(self.render_chat(messages) if messages else prompt)
 
     # -- model
 

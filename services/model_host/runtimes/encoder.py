@@ -8,6 +8,7 @@ from tokenizers import Tokenizer
 
 from services.common.model_repository import ModelManifest
 from services.model_host.runtimes import ModelRuntime
+from services.model_host.runtimes.text import plain_text_tokenizer
 
 
 class EncoderRuntime(ModelRuntime):
@@ -21,7 +22,8 @@ class EncoderRuntime(ModelRuntime):
             raise ValueError(f"{manifest.reference}: pooling {self.pooling!r} is not supported; use mean or cls")
         self.output_name = generation.get("hidden_output") or session.get_outputs()[0].name
         self.input_names = {i.name for i in session.get_inputs()}
-        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())  # own copy: padding settings are per instance
+        # Own copy (padding settings are per instance) that reads client text as text, never as [SEP]/[CLS].
+        self.tokenizer = plain_text_tokenizer(tokenizer)
         self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer.no_padding()
 

@@ -2,38 +2,157 @@
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 ROLE_NAMES = ("system", "user", "assistant")
+UNREADABLE = "\ufffd"  # what a character the vocabulary cannot spell is read as
+
+
+def plain_text_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` that encodes text as text: a special token's spelling in it
+    (`<|im_start|>`, `[SEP]`, `<start_of_turn>`) becomes the ordinary tokens of those characters,
+    never the control token. Every runtime encodes client text with such a copy only; the
+    post-processor's own tokens (BOS, [CLS] ... [SEP]) are still added where the model wants them.
+    """
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.encode_special_tokens = True
+    return copy
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """The tokenizer's special (control) tokens: spelling -> id."""
+    return {token.content: index for index, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt as the host built it: text (always encoded as text) and the chat template's
+    markers, which are token ids placed by the host, never parsed out of text."""
+
+    pieces: tuple[str | int, ...]
+
+
+class PromptEncoder:
+    """Token ids of prompts, options and raw text, one path for every model family.
+
+    Text pieces go through `plain_text_tokenizer`, marker pieces are appended as the ids
+    the template named, and the tokenizer's post-processor (Gemma's BOS) runs once over the
+    whole sequence when the manifest says `add_special_tokens`. For text without special
+    spellings the ids equal those of the old way (format one string, let the tokenizer split
+    out the markers), since that split happens at exactly the markers' places.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, add_special_tokens: bool):
+        self.tokenizer = plain_text_tokenizer(tokenizer)
+        self.add_special_tokens = add_special_tokens
+        self._markers: dict[int, Encoding] = {}  # marker id -> an Encoding holding just that id
+        self.markers: dict[str, int] = {}  # what a chat template may place: spelling -> id
+        for spelling, index in special_token_ids(tokenizer).items():
+            marker = tokenizer.encode(spelling, add_special_tokens=False)
+            if marker.ids == [index]:
+                self._markers[index] = marker
+                self.markers[spelling] = index
+        # A character the vocabulary cannot spell becomes the model's unknown token, and some
+        # tokenizers name a control token as such (SmolLM2's GGUF vocabulary: `<|endoftext|>`,
+        # for bytes such as 0x04 that it lacks). Such characters are read as U+FFFD instead,
+        # where the vocabulary spells that.
+        unk = getattr(self.tokenizer.model, "unk_token", None)
+        unk_id = self.tokenizer.token_to_id(unk) if unk else None
+        replacement = self.tokenizer.encode(UNREADABLE, add_special_tokens=False).ids
+        self._control_unk = unk_id if unk_id in self._markers and unk_id not in replacement else None
+
+    def _encode_text(self, text: str) -> Encoding:
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        if self._control_unk is None or self._control_unk not in encoding.ids:
+            return encoding
+        chars = list(text)
+        for token, (start, end) in zip(encoding.ids, encoding.offsets):
+            if token == self._control_unk:
+                chars[start:end] = [UNREADABLE] * (end - start)
+        return self.tokenizer.encode("".join(chars), add_special_tokens=False)
+
+    def encode(self, prompt: str | Prompt) -> list[int]:
+        pieces = prompt.pieces if isinstance(prompt, Prompt) else (prompt,)
+        encodings = [self._markers[piece] if isinstance(piece, int) else self._encode_text(piece) for piece in pieces]
+        if not encodings:
+            encodings = [self.tokenizer.encode("", add_special_tokens=False)]
+        merged = encodings[0] if len(encodings) == 1 else Encoding.merge(encodings, growing_offsets=True)
+        if not self.add_special_tokens:
+            return list(merged.ids)
+        return self.tokenizer.post_process(merged, add_special_tokens=True).ids
 
 
 class ChatTemplate:
     """Renders a conversation with the markers in the manifest (`generation.chat_markers`).
 
-    Only marker-based formats (ChatML and friends) are supported: they need no
-    Jinja, and a manifest without markers is served with raw prompts only.
+    Only marker-based formats (ChatML, Gemma's turns and friends) are supported: they need no
+    Jinja, and a manifest without markers is served with raw prompts only. The markers'
+    special-token spellings in the manifest's format strings become token ids here, once;
+    roles and contents are filled in as text, so a content that spells a marker stays text.
     """
 
-    def __init__(self, generation: dict):
+    FIELDS = ("role", "content")
+
+    def __init__(self, generation: dict, specials: dict[str, int]):
+        """`specials`: the tokenizer's marker spellings and ids (`PromptEncoder.markers`)."""
         markers = generation.get("chat_markers") or {}
         self.message_format: str | None = markers.get("message")
-        self.generation_prompt: str = markers.get("generation_prompt", "")
         self.default_system_prompt: str = generation.get("default_system_prompt", "")
+        self._message = self._parse(self.message_format, specials) if self.message_format is not None else ()
+        self._generation_prompt = self._parse(markers.get("generation_prompt", ""), specials)
+
+    @classmethod
+    def _parse(cls, fmt: str, specials: dict[str, int]) -> tuple[str | int | tuple[str], ...]:
+        """A format string as pieces: marker ids (int), literal text (str), fields (1-tuples)."""
+        pieces: list[str | int | tuple[str]] = []
+        spellings = sorted(specials, key=len, reverse=True)
+        for literal, name, spec, conversion in string.Formatter().parse(fmt):
+            while literal:
+                found = [(literal.find(s), s) for s in spellings if s in literal]
+                if not found:
+                    pieces.append(literal)
+                    break
+                at, spelling = min(found, key=lambda f: (f[0], -len(f[1])))
+                if at:
+                    pieces.append(literal[:at])
+                pieces.append(specials[spelling])
+                literal = literal[at + len(spelling):]
+            if name is not None:
+                if name not in cls.FIELDS or spec or conversion:
+                    raise ValueError(f"chat_markers: {fmt!r} may only use {{role}} and {{content}}, not {{{name}}}")
+                pieces.append((name,))
+        return tuple(pieces)
 
     @property
     def available(self) -> bool:
         return self.message_format is not None
 
-    def render(self, messages: list[tuple[str, str]]) -> str:
+    def render(self, messages: list[tuple[str, str]]) -> Prompt:
         """`messages` are (role, content) pairs; returns the prompt ending with the assistant's turn."""
         if not self.available:
             raise ValueError("this model has no chat template; send a raw `prompt` instead of `messages`")
         if self.default_system_prompt and (not messages or messages[0][0] != "system"):
             messages = [("system", self.default_system_prompt), *messages]
-        body = "".join(self.message_format.format(role=role, content=content) for role, content in messages)
-        return body + self.generation_prompt
+        pieces: list[str | int] = []
+        for role, content in messages:
+            if role not in ROLE_NAMES:
+                raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLE_NAMES)}")
+            pieces += self._fill(self._message, {"role": role, "content": content})
+        pieces += self._fill(self._generation_prompt, {})
+        merged: list[str | int] = []  # adjacent text is one piece, encoded as the old whole string was
+        for piece in pieces:
+            if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += piece
+            elif piece != "":
+                merged.append(piece)
+        return Prompt(tuple(merged))
+
+    @staticmethod
+    def _fill(template: tuple, values: dict[str, str]) -> list[str | int]:
+        return [values[piece[0]] if isinstance(piece, tuple) else piece for piece in template]
 
 
 class IncrementalDetokenizer:
