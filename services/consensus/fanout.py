@@ -40,8 +40,14 @@ def downstream_budget(remaining_s: float | None, route_timeout_s: float | None =
     return budget - min(MAX_RESERVE_S, RESERVE_FRACTION * max(budget, 0.0))
 
 
+class NoVote(Exception):
+    """A model answered with nothing to vote for (a generation without tokens)."""
+
+
 def describe_error(exc: BaseException, timeout_s: float) -> str:
     """A short reason for a vote's `error`, naming the status a model host gave."""
+    if isinstance(exc, NoVote):
+        return str(exc)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return f"timed out after {timeout_s * 1000:.0f} ms"
     if isinstance(exc, grpc.aio.AioRpcError):
@@ -94,7 +100,8 @@ async def score(stub: model_host_pb2_grpc.ModelHostStub, request_id: str, model:
 async def generate(stub: model_host_pb2_grpc.ModelHostStub, request_id: str, model: str,
                    messages: Sequence[common_pb2.ChatMessage], sampling: common_pb2.SamplingParams,
                    timeout_s: float) -> model_host_pb2.GenerateSummary:
-    """The whole answer (the stream's summary)."""
+    """The whole answer (the stream's summary). An answer without tokens is no vote (NoVote):
+    it says nothing, and the confidence it carries is not a judgement of any text."""
     request = model_host_pb2.GenerateRequest(request_id=request_id, model=model, messages=messages, sampling=sampling)
     summary = None
     async for response in stub.Generate(request, timeout=timeout_s):
@@ -102,6 +109,8 @@ async def generate(stub: model_host_pb2_grpc.ModelHostStub, request_id: str, mod
             summary = response.summary
     if summary is None:
         raise RuntimeError("the model host ended the stream without a summary")
+    if summary.usage.completion_tokens == 0:
+        raise NoVote("no vote: the model ended its turn before its first token (an empty answer)")
     return summary
 
 

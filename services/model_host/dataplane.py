@@ -30,6 +30,7 @@ from services.model_host.calibration import (
     ScoreCalibration,
     load_score_calibration,
     option_distribution,
+    options_share,
     score_confidence,
 )
 from services.model_host.engine import DecoderEngine, EngineHook
@@ -203,8 +204,7 @@ class DataPlane:
         started = time.perf_counter()
         distribution = (await self._in_thread(runtime.classify, [text]))[0]
         timings.prefill_ms = (time.perf_counter() - started) * 1000
-        chosen = np.array([distribution[runtime.labels.index(option)] for option in options], dtype=np.float64)
-        chosen = chosen / chosen.sum() if chosen.sum() > 0 else np.full(len(options), 1.0 / len(options))
+        chosen = options_share([distribution[runtime.labels.index(option)] for option in options])
         timings.total_ms = (time.perf_counter() - received) * 1000
         confidence = Confidence(
             labels=[(o, float(p), float(np.log(max(p, 1e-45)))) for o, p in zip(options, chosen)],

@@ -125,7 +125,7 @@ class Sequence:
             confidence.mean_logprob = float(np.mean(self.logprobs))
             confidence.min_logprob = float(np.min(self.logprobs))
             confidence.mean_entropy = float(np.mean(self.entropies))
-        confidence.calibrated, confidence.source = generation_confidence(confidence.mean_logprob)
+        confidence.calibrated, confidence.source = generation_confidence(self.logprobs, self.scanner.text)
         return GenerationSummary(
             model=request.model, version=request.version, finish_reason=self.finish_reason, text=self.scanner.text,
             prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.logprobs), timings=timings,
