@@ -5,8 +5,9 @@ The peer is built here from source (bench/peers/llama_cpp.py: the llama.cpp vend
 llama-cpp-python's sdist, cached outside the repo) and serves SmolLM2-135M-Instruct at Q8_0
 and Q4_1 (`-t <cores> -np 8 -c 8192 -cb`: 8 slots of 1024 tokens, like Mirador's chat model).
 Mirador runs the default config (router, model host, consensus as processes) and is called
-through the router (`Ask` on the `chat` route, the fused int8 graph) and straight to the host
-(`Generate` on the fused int8 and fused fp32 graphs).
+through the router (`Ask` on the `chat` route: the per-layer quantized default,
+smollm2-135m-instruct-fused-mixed) and straight to the host (`Generate` on that model and on the
+fused int8 and fused fp32 graphs).
 
 For each server and each client count (1/4/8/16 by default), that many clients stream
 chat requests back to back for a fixed window: greedy, `max_tokens` 64, prompts varied per

@@ -37,9 +37,9 @@ def render_chat(messages: list[dict[str, str]], facts: dict) -> str:
     return text + markers["generation_prompt"]
 
 
-def greedy_generate(manifest, prompt: str, max_new_tokens: int = 24) -> str:
+def greedy_generate(manifest, prompt: str, max_new_tokens: int = 24, session=None) -> str:
     facts = manifest.generation
-    session = new_session(manifest.path_of("model"))
+    session = session or new_session(manifest.path_of("model"))
     tokenizer = tokenizers.Tokenizer.from_file(str(manifest.path_of("tokenizer")))
     ids = tokenizer.encode(prompt, add_special_tokens=facts["add_special_tokens"]).ids
     cache = facts["past_key_values"]
@@ -61,6 +61,7 @@ def greedy_generate(manifest, prompt: str, max_new_tokens: int = 24) -> str:
             "position_ids": np.arange(seen, total, dtype=np.int64)[None, :],
             **past,
         }
+        feeds["logits_to_keep"] = np.array([1], dtype=np.int64)  # the fused graph: the last position only
         feeds = {name: feeds[name] for name in input_names}  # not every export takes position_ids
         outputs = dict(zip(output_names, session.run(output_names, feeds)))
         past = {present_to_past[name]: value for name, value in outputs.items() if name in present_to_past}
@@ -79,6 +80,43 @@ def test_smollm2_answers_through_chat_template_with_kv_cache():
     prompt = render_chat([{"role": "user", "content": "What is the capital of France?"}], facts)
     answer = greedy_generate(manifest, prompt)
     assert "Paris" in answer, answer
+
+
+# Short factual questions with the word a right answer contains (a regular expression, lower case).
+FACTUAL = [
+    ("What is the capital of France?", r"paris"), ("What is the capital of Japan?", r"tokyo"),
+    ("How many days are in a week?", r"seven|7"), ("What color is the sky on a clear day?", r"blue"),
+    ("What is the largest planet in our solar system?", r"jupiter"), ("Who wrote Romeo and Juliet?", r"shakespeare"),
+    ("What is the boiling point of water in Celsius?", r"100"), ("What is the chemical symbol for gold?", r"\bau\b"),
+    ("How many legs does a spider have?", r"eight|8"), ("What is the opposite of hot?", r"cold"),
+    ("What language is spoken in Spain?", r"spanish"), ("What is 2 plus 2?", r"four|4"),
+    ("What gas do plants absorb from the air?", r"carbon dioxide|co2"),
+    ("What is the freezing point of water in Fahrenheit?", r"32"), ("Which ocean is the largest?", r"pacific"),
+    ("What is the capital of Italy?", r"rome"),
+]
+
+
+def test_the_default_routes_quantized_model_answers_about_as_well_as_fp32():
+    """The shipped config's chat route answers with the per-layer quantized graph and falls back to the
+    fp32 graph it was quantized from. Greedy, 32 tokens, on FACTUAL: the quantized one gets at least as
+    many right as fp32, less one. Measured when the default became quantized (2026-12-05): fp32 12/16,
+    quantized 11/16, the uniform int8 graph 10/16. The one lost is "capital of France", a near-tie in
+    fp32 itself (first token 'The' 0.152 against 'L' 0.140): a 135M model's answers are that fragile."""
+    import re
+    from pathlib import Path
+
+    from services.common.config import load_config
+
+    route = load_config(Path(__file__).resolve().parents[1] / "config" / "mirador.yaml").routes["chat"]
+    quantized, fp32 = built(route.primary), built(route.fallback[0])
+    assert quantized.extra["quantization"]["source_model"] == fp32.reference
+    right = {}
+    for manifest in (quantized, fp32):
+        session = new_session(manifest.path_of("model"))
+        answers = [greedy_generate(manifest, render_chat([{"role": "user", "content": q}], manifest.generation), 32,
+                                   session) for q, _ in FACTUAL]
+        right[manifest.name] = [q for (q, word), a in zip(FACTUAL, answers) if re.search(word, a.lower())]
+    assert len(right[quantized.name]) >= len(right[fp32.name]) - 1, right
 
 
 def embed(manifest, sentences: list[str]) -> np.ndarray:

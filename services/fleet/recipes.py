@@ -19,6 +19,10 @@ SOURCE_GGUF = "gguf"            # a .gguf file inside a wheel → transformers �
 SOURCE_HF_FOLDER = "hf-folder"  # a transformers folder (safetensors + config) inside a wheel
 SOURCE_TRAINED = "trained"      # labelled data inside a wheel → a classifier trained by services.fleet.specialists
 SOURCE_GGUF_FUSED = "gguf-fused"  # a llama .gguf → Mirador's fused graph (services.fleet.llama_graph), no torch
+SOURCE_QUANTIZED = "quantized"    # a repository model → services.quantizer's per-layer mix (depends_on[0])
+
+# Bump when services.quantizer's choice changes for unchanged options, so quantized builds count as stale.
+QUANTIZER_FORMAT = 1
 
 
 class UnknownRecipeError(ValueError):
@@ -59,6 +63,9 @@ class Recipe:
     training: dict[str, Any] = field(default_factory=dict)
     # SOURCE_GGUF_FUSED: bits (32, 8 or 4) and the options of services.fleet.llama_graph.write_fused.
     graph: dict[str, Any] = field(default_factory=dict)
+    # SOURCE_QUANTIZED: services.quantizer.pipeline.QuantizeOptions fields (no budget: the smallest mix
+    # within `ppl_tolerance` of the source's held-out perplexity).
+    quantize: dict[str, Any] = field(default_factory=dict)
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes the built artefact (and nothing that doesn't)."""
@@ -197,11 +204,28 @@ def _smollm2_fused(name: str, bits: int) -> Recipe:
 SMOLLM2_FUSED = _smollm2_fused("smollm2-135m-instruct-fused", 32)
 SMOLLM2_FUSED_INT8 = _smollm2_fused("smollm2-135m-instruct-fused-int8", 8)
 
+# What the default routes answer with: the fused fp32 graph with a bit-width per layer (8/4/2, or fp32)
+# from the quantizer's measured sensitivities, the smallest mix within 2 % of its held-out perplexity.
+SMOLLM2_FUSED_MIXED = Recipe(
+    name="smollm2-135m-instruct-fused-mixed",
+    version="1",
+    task="text-generation",
+    package=SMOLLM2_135M_INSTRUCT.package,
+    package_version=SMOLLM2_135M_INSTRUCT.package_version,
+    source_kind=SOURCE_QUANTIZED,
+    source_path=SMOLLM2_135M_INSTRUCT.source_path,
+    export_task=f"mirador-quantizer/{QUANTIZER_FORMAT}",
+    licence=SMOLLM2_135M_INSTRUCT.licence,
+    depends_on=(SMOLLM2_FUSED.name,),
+    # 4 bisection steps and no plot sweep keep the build to a few minutes on 2 cores.
+    quantize={"ppl_tolerance": 0.02, "search_steps": 4, "sweep_points": 0},
+)
+
 DEFAULT_FLEET: tuple[Recipe, ...] = (SMOLLM2_135M_INSTRUCT, MINILM_L6)
 OPTIONAL_FLEET: tuple[Recipe, ...] = (GEMMA3_270M,)
 # Built from DEFAULT_FLEET models (fused graphs of the same weights; classifiers trained from
 # packaged data); `mirador fleet build` builds them after it.
-FUSED_FLEET: tuple[Recipe, ...] = (SMOLLM2_FUSED, SMOLLM2_FUSED_INT8)
+FUSED_FLEET: tuple[Recipe, ...] = (SMOLLM2_FUSED, SMOLLM2_FUSED_INT8, SMOLLM2_FUSED_MIXED)
 SPECIALIST_FLEET: tuple[Recipe, ...] = (TOPICS_MINILM, TOPICS_BOW)
 ALL_RECIPES: tuple[Recipe, ...] = DEFAULT_FLEET + OPTIONAL_FLEET + FUSED_FLEET + SPECIALIST_FLEET
 

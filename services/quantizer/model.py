@@ -113,6 +113,7 @@ class DecoderGraph:
         self.source_initializer_bytes = self.initializer_bytes()  # before untying: the fp32 baseline
         self.ties: dict[str, str] = {}               # untied lm_head layer name -> embedding table
         self._retie: dict[str, onnx.NodeProto] = {}  # untied lm_head layer name -> its source Transpose
+        self._split_transposed_embedding()
         self._untie()
         producers = {o: n for n in graph.node for o in n.output}
         self.layers: list[Layer] = []
@@ -147,6 +148,46 @@ class DecoderGraph:
         if not any(layer.kind == "matmul" for layer in self.layers):
             raise NotADecoderError(f"{source} has no MatMul with a constant float weight to quantize")
         self._weights: dict[str, np.ndarray] = {}
+
+    def _split_transposed_embedding(self) -> None:
+        """Mirador's fused graph keeps ONE fp32 table, [hidden, vocab]: the lm_head's MatMul weight, from
+        which the embedding gathers columns (Gather axis 1, then Transpose to [batch, seq, hidden]). Here
+        the embedding gets its own [vocab, hidden] table read by a plain Gather (axis 0), the form every
+        layer rule below knows, and the head is recorded as tied to it: both fp32 are written tied again
+        (one table), both at the same bits share one packed copy."""
+        graph = self.model.graph
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        for gather in graph.node:
+            axis = [a.i for a in gather.attribute if a.name == "axis"]
+            if gather.op_type != "Gather" or list(gather.input[1:]) != ["input_ids"] or axis != [1] \
+                    or gather.input[0] not in self.inits:
+                continue
+            table_t = self.inits[gather.input[0]]
+            after = consumers.get(gather.output[0], [])
+            if len(table_t.dims) != 2 or table_t.data_type != TensorProto.FLOAT or len(after) != 1 \
+                    or after[0].op_type != "Transpose" \
+                    or [list(a.ints) for a in after[0].attribute if a.name == "perm"] != [[1, 2, 0]]:
+                continue
+            transpose = after[0]
+            rows = f"{table_t.name}.rows"
+            array = numpy_helper.to_array(table_t).astype(np.float32, copy=False)
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.T), rows))
+            self.inits[rows] = graph.initializer[-1]
+            gather.input[0] = rows
+            del gather.attribute[:]
+            gather.output[0] = transpose.output[0]
+            graph.node.remove(transpose)
+            heads = [n for n in consumers.get(table_t.name, []) if n.op_type == "MatMul" and n.input[1] == table_t.name]
+            if heads:
+                self.ties[table_t.name] = rows
+                self._retie[table_t.name] = helper.make_node(
+                    "Transpose", [rows], [f"{rows}/transposed"], name=f"{rows}/Transpose", perm=[1, 0])
+            _prune_dead_nodes(graph)
+            self.inits = {t.name: t for t in graph.initializer}
+            return
 
     def _untie(self) -> None:
         """MatMul(x, Transpose(table)) -> MatMul(x, `<table>.T`), a new initializer."""

@@ -48,11 +48,31 @@ class QuantizeOptions:
     measure_bits: tuple[int, ...] = (4, 2)
     estimate_bits: tuple[int, ...] = (8,)
     output_name: str | None = None
+    # Neither budget_bits nor budget_mb: the model written is the smallest mix within ppl_tolerance of fp32.
     search_steps: int = 5       # budgets tried when searching the smallest size within 2% of fp32
     sweep_points: int = 3       # extra budgets for the size/perplexity plot
     threads: int = 0
     ppl_tolerance: float = 0.02
     calibrate_rounds: int = 2   # measured-interaction re-solves per byte budget (0: the plain additive knapsack)
+
+
+@dataclass
+class QuantizePlan:
+    """Everything a quantize run decided and measured, before anything is written."""
+
+    chosen_name: str
+    chosen: dict[str, int]          # layer -> bits of the model to write
+    variants: list[Variant]         # the report's comparison rows
+    sweep: list[Variant]            # mixed variants for the size/perplexity plot
+    uniform: list[Variant]
+    fp32: Variant
+    calibration: str
+    heldout: str
+    budget: dict
+    layers: list[dict]
+    notes: list[str]
+    timings: dict
+    allocation_log: dict
 
 
 @dataclass
@@ -241,6 +261,27 @@ class Quantizer:
 
     def run(self, repository: ModelRepository, options: QuantizeOptions, progress: Progress | None = None,
             should_stop: Callable[[], bool] | None = None) -> QuantizeResult:
+        """Plan, then write and register `<source>-mixed` (or options.output_name) as a new version."""
+        plan = self.plan(options, progress, should_stop)
+        output_name = options.output_name or f"{self.manifest.name}-mixed"
+        version = next_version(repository, output_name)
+        if progress:
+            progress("writing", 0, 1, output_name)
+        with repository.staging(output_name, version) as staged:
+            staged.manifest = self.write(staged.path, plan, output_name, version)
+            if should_stop and should_stop():
+                raise Cancelled("the quantize call was cancelled")
+        published = staged.published
+        assert published is not None and published.directory is not None
+        if progress:
+            progress("writing", 1, 1, output_name)
+        return QuantizeResult(published, plan.layers, plan.variants, plan.calibration,
+                              published.directory / "report.md", published.directory / "size_vs_perplexity.png",
+                              plan.timings, plan.allocation_log)
+
+    def plan(self, options: QuantizeOptions, progress: Progress | None = None,
+             should_stop: Callable[[], bool] | None = None) -> QuantizePlan:
+        """Analyse, allocate and evaluate: the bits of the model to write and the report's rows."""
         started = time.perf_counter()
         stop = should_stop or (lambda: False)
 
@@ -273,16 +314,18 @@ class Quantizer:
             log = allocation_log.setdefault(label, [])
             return self.allocate_calibrated(weight_budget, options.calibrate_rounds, log=log)
 
+        requested, requested_name = None, None
         if options.budget_mb is not None:
             requested = allocate(self.budget_to_weight_bytes(options.budget_mb), f"mixed@{options.budget_mb:g}MB")
             requested_name = f"mixed@{options.budget_mb:g}MB"
-        else:
+        elif options.budget_bits is not None:
             requested = self.allocate_mean_bits(float(options.budget_bits))
             requested_name = f"mixed@{options.budget_bits:g}bits"
         u4, u8 = self.uniform_bits(4), self.uniform_bits(8)
         u4_all, u8_all = self.uniform_all_bits(4), self.uniform_all_bits(8)
         at_u4 = allocate(self.weight_bytes(u4), "mixed@uniform-4-size")
         at_u4_all = allocate(self.weight_bytes(u4_all), "mixed@uniform-4-all-size")
+        at_u8_all = allocate(self.weight_bytes(u8_all), "mixed@uniform-8-all-size")
         t_allocation = time.perf_counter() - t0
         if progress:
             progress("allocation", 1, 1, "")
@@ -293,7 +336,7 @@ class Quantizer:
         # that size, the requested budget, then the smallest budget within tolerance of fp32 (bisection),
         # and a sweep.
         t0 = time.perf_counter()
-        planned = 8 + options.search_steps + options.sweep_points
+        planned = 8 + (requested is not None) + options.search_steps + options.sweep_points
         done = [0]
 
         def step(label: str):
@@ -318,15 +361,17 @@ class Quantizer:
         v_u8_all = variant("uniform-8-all", u8_all)
         v_u4_all = variant("uniform-4-all", u4_all)
         v_at_u4_all = variant("mixed@uniform-4-all-size", at_u4_all)
-        v_req = variant(requested_name, requested)
+        v_at_u8_all = variant("mixed@uniform-8-all-size", at_u8_all)
+        v_req = variant(requested_name, requested) if requested is not None else None
 
         limit = fp32.perplexity * (1 + options.ppl_tolerance)
         smallest = {layer.name: min(self.packs_bits_available(layer), default=quant.FP32)
                     for layer in self.decoder.layers}
         lo = float(self.weight_bytes(smallest))
-        within = [v for v in (v_u8, v_u8_all, v_at_u4, v_at_u4_all, v_req) if v.perplexity <= limit]
+        measured = [v for v in (v_u8, v_u8_all, v_at_u4, v_at_u4_all, v_at_u8_all, v_req) if v is not None]
+        within = [v for v in measured if v.perplexity <= limit]
         hi = float(min((v.weight_bytes for v in within), default=fp32.weight_bytes))
-        sweep: list[Variant] = [v_at_u4, v_at_u4_all, v_req]
+        sweep: list[Variant] = [v for v in (v_at_u4, v_at_u4_all, v_at_u8_all, v_req) if v is not None]
         mixed_within = [v for v in within if v.name.startswith("mixed")]
         best: Variant | None = min(mixed_within, key=lambda v: v.weight_bytes) if mixed_within else None
         for i in range(options.search_steps):
@@ -344,6 +389,13 @@ class Quantizer:
             best = self.evaluate(evaluator, "mixed@upper", allocate(hi, "mixed@upper"))
             sweep.append(best)
         best = Variant(**{**best.__dict__, "name": f"mixed@smallest-within-{100 * options.ppl_tolerance:g}%"})
+        uniform_rows = [v_u8, v_u4, v_u8_all, v_u4_all]
+        if requested is None:
+            # The smallest model within tolerance, mixed or not: a uniform allocation that is smaller (or as
+            # small and better) than every mix tried is what gets written, and the report says so.
+            pick = min([best] + [v for v in uniform_rows if v.perplexity <= limit],
+                       key=lambda v: (v.weight_bytes, v.perplexity))
+            requested, requested_name = dict(pick.bits), pick.name
         top = self.weight_bytes(u8_all)
         for i in range(options.sweep_points):
             target = lo + (top - lo) * (i + 0.5) / options.sweep_points
@@ -351,48 +403,38 @@ class Quantizer:
             name = f"sweep@{target / 1e6:.1f}MB-weights"
             sweep.append(self.evaluate(evaluator, name, allocate(target, name)))
         t_eval = time.perf_counter() - t0
-        variants = [fp32, v_u8, v_u4, v_at_u4, v_u8_all, v_u4_all, v_at_u4_all, best]
-        if requested_name not in {v.name for v in variants}:
+        variants = [fp32, v_u8, v_u4, v_at_u4, v_u8_all, v_u4_all, v_at_u4_all, v_at_u8_all, best]
+        if v_req is not None:
             variants.append(v_req)
+        budget = ({"mb": options.budget_mb} if options.budget_mb is not None else
+                  {"bits": options.budget_bits} if options.budget_bits is not None else
+                  {"smallest_within_perplexity": options.ppl_tolerance})
+        return QuantizePlan(requested_name, requested, variants, sweep, uniform_rows, fp32,
+                            calibration_desc, heldout_desc, budget, self.layer_rows(requested), self.notes(),
+                            {"sensitivity analysis (s)": round(t_analysis, 1), "allocation (s)": round(t_allocation, 2),
+                             "evaluation (s)": round(t_eval, 1), "total (s)": round(time.perf_counter() - started, 1)},
+                            allocation_log)
 
-        # Write and register.
-        output_name = options.output_name or f"{self.manifest.name}-mixed"
-        version = next_version(repository, output_name)
-        layers = self.layer_rows(requested)
-        if progress:
-            progress("writing", 0, 1, output_name)
-        check()
-        timings = {"sensitivity analysis (s)": round(t_analysis, 1), "allocation (s)": round(t_allocation, 2),
-                   "evaluation (s)": round(t_eval, 1)}
-        notes = self.notes()
-        with repository.staging(output_name, version) as staged:
-            model = build_model(self.decoder, self.packs, requested, ACCURACY_LEVEL)
-            report_path, plot_path = staged.path / "report.md", staged.path / "size_vs_perplexity.png"
-            plot(plot_path, sweep, [v_u8, v_u4, v_u8_all, v_u4_all], fp32,
-                 f"{self.manifest.name}: size vs perplexity")
-            timings["total (s)"] = round(time.perf_counter() - started, 1)
-            facts = {
-                "block_size": self.block_size, "accuracy_level": ACCURACY_LEVEL,
-                "budget": {"mb": options.budget_mb} if options.budget_mb is not None else {"bits": options.budget_bits},
-                "weight_bytes": self.weight_bytes(requested), "calibration": calibration_desc,
-                "heldout": heldout_desc, "variants": [v.row() for v in variants],
-            }
-            staged.manifest = stage_files(staged.path, model, self.manifest,
-                                          {k: v for k, v in requested.items()}, facts, output_name, version)
-            staged.manifest.files["report"] = "report.md"
-            staged.manifest.files["plot"] = "size_vs_perplexity.png"
-            report_path.write_text(markdown(
-                model=self.manifest.reference, output=f"{output_name}:{version}", calibration=calibration_desc,
-                heldout=heldout_desc, block_size=self.block_size, variants=variants, fp32=fp32, layers=layers,
-                notes=notes, timings=timings, allocation_log=allocation_log))
-            check()
-        published = staged.published
-        assert published is not None and published.directory is not None
-        if progress:
-            progress("writing", 1, 1, output_name)
-        return QuantizeResult(published, layers, variants, calibration_desc,
-                              published.directory / "report.md", published.directory / "size_vs_perplexity.png",
-                              timings, allocation_log)
+    def write(self, folder: Path, plan: QuantizePlan, output_name: str, version: str) -> ModelManifest:
+        """Writes the planned model, its tokenizer, report.md and the size/perplexity plot into `folder`;
+        returns the manifest to publish."""
+        model = build_model(self.decoder, self.packs, plan.chosen, ACCURACY_LEVEL)
+        plot(folder / "size_vs_perplexity.png", plan.sweep, plan.uniform, plan.fp32,
+             f"{self.manifest.name}: size vs perplexity")
+        facts = {
+            "block_size": self.block_size, "accuracy_level": ACCURACY_LEVEL, "budget": plan.budget,
+            "chosen": plan.chosen_name, "weight_bytes": self.weight_bytes(plan.chosen),
+            "calibration": plan.calibration, "heldout": plan.heldout, "variants": [v.row() for v in plan.variants],
+        }
+        manifest = stage_files(folder, model, self.manifest, dict(plan.chosen), facts, output_name, version)
+        manifest.files["report"] = "report.md"
+        manifest.files["plot"] = "size_vs_perplexity.png"
+        (folder / "report.md").write_text(markdown(
+            model=self.manifest.reference, output=f"{output_name}:{version}", calibration=plan.calibration,
+            heldout=plan.heldout, block_size=self.block_size, variants=plan.variants, fp32=plan.fp32,
+            layers=plan.layers, notes=plan.notes, timings=plan.timings, allocation_log=plan.allocation_log,
+            chosen=plan.chosen_name))
+        return manifest
 
     def packs_bits_available(self, layer) -> list[int]:
         s = next(s for s in self._sensitivity_by_layer() if s.layer.name == layer.name)

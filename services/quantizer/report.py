@@ -89,9 +89,9 @@ def plot(path: Path, sweep: Sequence[Variant], uniform: Sequence[Variant], fp32:
 
 def markdown(*, model: str, output: str, calibration: str, heldout: str, block_size: int, variants: Sequence[Variant],
              fp32: Variant, layers: Sequence[dict], notes: Sequence[str], timings: dict,
-             allocation_log: dict | None = None) -> str:
+             allocation_log: dict | None = None, chosen: str | None = None) -> str:
     lines = [f"# Mixed-precision quantization of `{model}`", "",
-             f"- result: `{output}`", f"- calibration: {calibration}", f"- held-out evaluation: {heldout}",
+             f"- result: `{output}`" + (f", the `{chosen}` row below" if chosen else ""), f"- calibration: {calibration}", f"- held-out evaluation: {heldout}",
              f"- MatMulNBits (and GatherBlockQuantized for the embedding), block {block_size}, accuracy_level 4, "
              "asymmetric RTN with integer zero points",
              "- sizes: the file on disk; fp32 is the source file (embedding and lm_head tied, one table)", ""]
