@@ -373,21 +373,9 @@ class Quantizer:
         hi = float(min((v.weight_bytes for v in within), default=fp32.weight_bytes))
         sweep: list[Variant] = [v for v in (v_at_u4, v_at_u4_all, v_at_u8_all, v_req) if v is not None]
         mixed_within = [v for v in within if v.name.startswith("mixed")]
-        best: Variant | None = min(mixed_within, key=lambda v: v.weight_bytes) if mixed_within else None
-        for i in range(options.search_steps):
-            mid = (lo + hi) / 2
-            step(f"search {i + 1}/{options.search_steps}")
-            name = f"mixed@{mid / 1e6:.1f}MB-weights"
-            v = self.evaluate(evaluator, name, allocate(mid, name))
-            sweep.append(v)
-            if v.perplexity <= limit:
-                hi, best = mid, v
-            else:
-                lo = mid
-        if best is None:  # the upper end itself
-            step("search upper end")
-            best = self.evaluate(evaluator, "mixed@upper", allocate(hi, "mixed@upper"))
-            sweep.append(best)
+        best = self._bisect_smallest_within(
+            evaluator, limit, lo, hi, min(mixed_within, key=lambda v: v.weight_bytes) if mixed_within else None,
+            options.search_steps, allocate, step, sweep)
         best = Variant(**{**best.__dict__, "name": f"mixed@smallest-within-{100 * options.ppl_tolerance:g}%"})
         uniform_rows = [v_u8, v_u4, v_u8_all, v_u4_all]
         if requested is None:
@@ -414,6 +402,27 @@ class Quantizer:
                             {"sensitivity analysis (s)": round(t_analysis, 1), "allocation (s)": round(t_allocation, 2),
                              "evaluation (s)": round(t_eval, 1), "total (s)": round(time.perf_counter() - started, 1)},
                             allocation_log)
+
+    def _bisect_smallest_within(self, evaluator: Evaluator, limit: float, lo: float, hi: float,
+                                best: Variant | None, steps: int, allocate, step, sweep: list[Variant]) -> Variant:
+        """Bisects the weight budget between `lo` (every layer at its fewest bits) and `hi` (the smallest
+        size already measured within `limit`) for the smallest mix whose held-out perplexity is within it;
+        each evaluated mix is appended to `sweep`."""
+        for i in range(steps):
+            mid = (lo + hi) / 2
+            step(f"search {i + 1}/{steps}")
+            name = f"mixed@{mid / 1e6:.1f}MB-weights"
+            v = self.evaluate(evaluator, name, allocate(mid, name))
+            sweep.append(v)
+            if v.perplexity <= limit:
+                hi, best = mid, v
+            else:
+                lo = mid
+        if best is None:  # the upper end itself
+            step("search upper end")
+            best = self.evaluate(evaluator, "mixed@upper", allocate(hi, "mixed@upper"))
+            sweep.append(best)
+        return best
 
     def write(self, folder: Path, plan: QuantizePlan, output_name: str, version: str) -> ModelManifest:
         """Writes the planned model, its tokenizer, report.md and the size/perplexity plot into `folder`;
