@@ -74,8 +74,10 @@ def test_a_sequence_cancelled_while_waiting_never_takes_a_slot():
     scheduler.add(a)
     scheduler.add(b)
     scheduler.plan()
-    scheduler.finish(b)
-    scheduler.finish(a)
+    assert (a.slot, b.slot) == (0, None)
+    scheduler.finish(b)  # cancelled while waiting
+    scheduler.finish(a)  # the slot b waited for is free now
+    assert scheduler.plan().empty and b.slot is None
     assert not scheduler.has_work()
     assert scheduler.free_slots == [0]
 
