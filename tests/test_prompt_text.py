@@ -22,7 +22,7 @@ from services.model_host.runtimes.text import (
     plain_text_tokenizer,
     special_token_ids,
 )
-from tiny_models import CHAT_SPECIALS, SYSTEM_PROMPT, chat_tokenizer, chatml, embedding_tokenizer
+from tiny_models import SYSTEM_PROMPT, chat_tokenizer, chatml, embedding_tokenizer
 
 CHATML = {"message": "<|im_start|>{role}\n{content}<|im_end|>\n", "generation_prompt": "<|im_start|>assistant\n"}
 # Gemma's special tokens (a subset of gemma-3's: the turn markers, BOS/EOS and friends).
