@@ -1,5 +1,7 @@
-"""The fixed split of the labelled routing requests: a fit part (whose texts are the
-routes' `examples:` in config/mirador.yaml) and a held-out part that only bench/routing.py reads.
+"""The fixed split of the labelled routing requests: a fit part and a held-out part.
+config/mirador.yaml's route examples hold both (the router serves with all it has);
+bench/routing.py takes the held-out part out of a copy of the config to measure a real
+router on requests it never learned (its classifier comparison cross-validates instead).
 
 Deterministic and stratified: within each route, requests are ordered by the SHA-256 of
 their text and the first 60% are for fitting.

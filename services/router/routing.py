@@ -34,7 +34,8 @@ async def learn_routes(config: MiradorConfig, embed_many: EmbedMany) -> RouteCla
         texts += route.examples
         labels += [name] * len(route.examples)
     vectors = [await embed_many(texts[i : i + EMBED_BATCH]) for i in range(0, len(texts), EMBED_BATCH)]
-    return RouteClassifier.train(np.concatenate(vectors), labels)
+    # off the event loop: fitting takes a few seconds on 2 cores, and the old table serves meanwhile
+    return await asyncio.to_thread(RouteClassifier.train, np.concatenate(vectors), labels, texts)
 
 
 class RouteTable:
@@ -66,7 +67,8 @@ class RouteTable:
                 await asyncio.sleep(retry_s)
                 retry_s = min(retry_s * 2, 5.0)
         self.learned.set()
-        log_event(log, "routes learned", routes=self.classifier.routes, cv_accuracy=round(self.classifier.cv_accuracy, 4),
+        log_event(log, "routes learned", routes=self.classifier.routes, features=self.classifier.features,
+                  cv_accuracy=round(self.classifier.cv_accuracy, 4),
                   temperature=round(self.classifier.temperature, 3))
 
     def _decision(self, route: RouteSpec, reason: int, confidence: float, scores: dict[str, float]) -> pb.RouteDecision:
@@ -93,7 +95,7 @@ class RouteTable:
                 raise Unavailable("the router is still learning its routes (the embedding model is not reachable yet); "
                                   f"retry shortly or name a route: {', '.join(self.routes)}") from None
         vector = (await self.embed_many([text]))[0]
-        scores = self.classifier.scores(vector)
+        scores = self.classifier.scores(vector, text)
         best = max(scores, key=scores.get)
         if scores[best] >= self.min_confidence or not self.default_route:
             return self._decision(self.routes[best], pb.ROUTE_REASON_CLASSIFIED, scores[best], scores)

@@ -1,0 +1,50 @@
+"""The router's classifier on its own: lexical terms, TF-IDF features fitted on the
+examples, and a head that reads embeddings and lexical features together."""
+
+import numpy as np
+import pytest
+
+from services.router.classifier import LexicalFeatures, RouteClassifier, lexical_terms
+
+
+def test_lexical_terms_are_word_ngrams_words_and_word_pairs():
+    terms = lexical_terms("Fix a == b")
+    assert {" f", "fi", "ix", "x ", " fi", "fix ", " fix "} <= set(terms)  # 2-5-grams of the padded word
+    assert " a " in terms and "==" in terms  # a one-letter word, and punctuation as it is written
+    assert {"w:fix", "w:a", "w:=", "w:b"} <= set(terms)
+    assert {"b:fix a", "b:a =", "b:= =", "b:= b"} <= set(terms)
+    assert "xa" not in "".join(t for t in terms if not t.startswith(("w:", "b:")))  # n-grams stay inside words
+
+
+def test_lexical_features_keep_terms_seen_twice_and_are_unit_length():
+    features = LexicalFeatures.fit(["extract the codes", "extract the dates", "write a query"])
+    assert "w:extract" in features.vocabulary and "w:query" not in features.vocabulary
+    x = features.transform(["extract the member id", "good morning"])
+    assert np.linalg.norm(x[0]) == pytest.approx(1.0)
+    assert not x[1].any()  # nothing it knows: all zero, not NaN
+
+
+EXTRACTION = ["extract the dates from this letter", "extract every code from the note", "extract the amounts listed",
+              "extract the names in this record", "extract the NPI from the claim", "extract each dose from the list"]
+CODING = ["write a python function for claims", "write a sql query for paid amounts", "write a unit test please",
+          "write a regex for member ids", "write a bash loop over the files", "write a yaml file for the service"]
+
+
+def test_lexical_features_decide_when_the_embeddings_say_nothing():
+    """Embeddings drawn at random (no signal): the embedding-only head is at chance on new
+    requests, the head that also reads the texts gets them right."""
+    rng = np.random.default_rng(0)
+    texts, labels = EXTRACTION + CODING, ["extraction"] * 6 + ["coding"] * 6
+    noise = rng.standard_normal((12, 16))
+    requests = {"extract the member id from this card": "extraction", "write a function that adds numbers": "coding",
+                "extract the phone numbers": "extraction", "write a query that counts claims": "coding"}
+    combined = RouteClassifier.train(noise, labels, texts)
+    alone = RouteClassifier.train(noise, labels)
+    chosen = {text: max(scores, key=scores.get) for text in requests
+              for scores in [combined.scores(np.zeros(16), text)]}
+    assert chosen == requests
+    assert combined.cv_accuracy > alone.cv_accuracy
+    assert combined.lexical is not None and alone.lexical is None
+    assert "lexical terms" in combined.calibration_source and "lexical" not in alone.calibration_source
+    scores = combined.scores(np.zeros(16), "write a regex")
+    assert sum(scores.values()) == pytest.approx(1.0) and set(scores) == {"extraction", "coding"}
