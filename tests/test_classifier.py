@@ -192,6 +192,44 @@ def test_bag_of_ids_graph_counts_tokens_as_the_builder_does(host):
         assert [served[l] for l in LABELS] == pytest.approx(expected, abs=1e-5)
 
 
+def test_character_ngram_graph_served_by_the_runtime_equals_the_builders_naive_bayes(tmp_path):
+    """topics-char's graph (character ids -> hashed 2-5-grams counted in-graph -> TF-IDF ->
+    naive Bayes), loaded by the model host's classifier runtime, gives the distribution the
+    builder's numpy code computes, for texts shorter than an n-gram, padded in a batch with
+    longer ones, and cut at max_length."""
+    from services.model_host.loader import SessionSettings, load_runtime
+
+    tokenizer = specialists.char_tokenizer(max_length=40)
+    train = ["Chelsea won the cup final", "Shares fell after profits", "The minister told MPs",
+             "A new film award", "Chips and software", "United beat Arsenal"]
+    labels = np.array([3, 0, 2, 1, 4, 3])
+    model = specialists.CharNaiveBayes.fit(specialists.CharNGramCounts.of(specialists.encode(tokenizer, train)),
+                                           labels, alpha=0.01)
+    graph = specialists.char_classifier_graph(model, temperature=1.7)
+
+    def build(folder):
+        onnx.save(graph, str(folder / "model.onnx"))
+        tokenizer.save(str(folder / "tokenizer.json"))
+        return ModelManifest(
+            name="tiny-char", version="1", task="classification", architecture="test",
+            files={"model": "model.onnx", "tokenizer": "tokenizer.json"},
+            source={"kind": "test", "builder": "tests/test_classifier.py"}, licence="MIT",
+            generation={"labels": LABELS, "input_names": ["input_ids", "attention_mask"], "output": "probabilities",
+                        "max_length": 40, "calibration": {"temperature": 1.7, "fit_on": "nothing", "applied": "in-graph"}})
+
+    runtime = load_runtime(ModelRepository(tmp_path).write_version("tiny-char", "1", build), SessionSettings())
+    texts = ["Arsenal won", "ok", "", "  MPs   told the\nminister  ", "shares " * 20]
+    served = runtime.classify(texts)
+    expected = specialists.softmax(model.logits(specialists.CharNGramCounts.of(specialists.encode(tokenizer, texts))), 1.7)
+    assert served == pytest.approx(expected, abs=1e-5)
+    assert [LABELS[i] for i in served[[0, 3]].argmax(axis=1)] == ["sports", "politics"]
+    counts = specialists.CharNGramCounts.of(specialists.encode(tokenizer, texts))
+    assert counts.count[counts.text == 1].sum() == 1  # "ok": one 2-gram, nothing longer
+    assert counts.count[counts.text == 4].sum() == 39 + 38 + 37 + 36  # cut at 40 characters
+    subset = counts.rows(np.array([3, 0]))
+    assert model.logits(subset) == pytest.approx(model.logits(counts)[[3, 0]])
+
+
 def test_classifiers_vote_in_a_consensus_on_label_decisions(host):
     """The `topics` route's path: the consensus service asks each classifier through Score."""
     stub, _, _, mesh = host
@@ -269,7 +307,7 @@ def test_logistic_head_and_temperature_fit_are_deterministic():
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("name", ["topics-minilm", "topics-bow"])
+@pytest.mark.parametrize("name", ["topics-minilm", "topics-bow", "topics-char"])
 def test_built_topic_specialist_classifies_obvious_bbc_sentences(name):
     from services.model_host.loader import SessionSettings, load_runtime
 
