@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from services.common.errors import InvalidArgument
@@ -204,3 +205,29 @@ def test_a_decode_step_leaves_a_slot_that_is_still_prefilling_untouched(fused):
         logits = slots.decode([1], [int(np.argmax(logits))], [length])[0]  # row 0 is not decoding
         length += 1
     np.testing.assert_array_equal(actual, expected)
+
+
+def test_a_float16_graph_gets_float16_slots_half_the_budget_and_float32_logits(tmp_path):
+    """The GPU variant of the fused graph (float16 weights, KV cache, logits) runs in the same engine:
+    its slots are float16 buffers counted at half the bytes, and what sampling sees is float32 and
+    close to the float32 graph's (same weights)."""
+    repository = ModelRepository(tmp_path)
+    fp32 = _runtime(build_tiny_fused_decoder(repository, "tiny-fp32"))
+    fp16 = _runtime(build_tiny_fused_decoder(repository, "tiny-fp16", dtype="float16"))
+    assert fp16.kv_dtype == np.float16 and fp16.kv_bytes_per_token() * 2 == fp32.kv_bytes_per_token()
+    half, full = _engine(fp16), _engine(fp32)
+    try:
+        assert all(b.dtype == np.float16 for b in half.slots.buffers.values())
+        assert half.slots.reserved_bytes * 2 == full.slots.reserved_bytes
+        prompt = fp32.encode(PROMPTS[0])
+        ours = half.slots.prefill(0, prompt, 0)
+        reference = full.slots.prefill(0, prompt, 0)
+        assert ours.dtype == np.float32
+        assert np.abs(ours - reference).max() < 0.02 * np.abs(reference).max()
+        stepped = half.slots.decode([0], [int(np.argmax(ours))], [len(prompt)])
+        assert stepped.dtype == np.float32 and stepped.shape == (1, reference.shape[-1])
+        tokens, summary = asyncio.run(_collect(half, _request(PROMPTS[1], max_tokens=6)))
+        assert len(tokens) == summary.completion_tokens > 0
+    finally:
+        half.stop()
+        full.stop()

@@ -527,11 +527,13 @@ def build_tiny_fused_decoder(
     max_positions: int = 256,
     seed: int = 0,
     replace: bool = False,
+    dtype: str = "float32",
 ) -> ModelManifest:
     """A tiny random llama written by Mirador's own fused-graph builder (GroupQueryAttention,
     shared-buffer KV cache, `logits_to_keep`), with the ChatML tokenizer: the graph the model
-    host's batched engine runs. Its greedy text is random but deterministic."""
-    from services.fleet.llama_graph import GRAPH_FORMAT, LlamaHParams, build_llama_model, save_model
+    host's batched engine runs. Its greedy text is random but deterministic. `dtype` float16:
+    the GPU variant (float16 weights, KV cache and logits), converted as the fleet converts it."""
+    from services.fleet.llama_graph import GRAPH_FORMAT, LlamaHParams, build_llama_model, save_model, to_float16
 
     tokenizer = chat_tokenizer()
     vocab = tokenizer.get_vocab_size()
@@ -555,9 +557,11 @@ def build_tiny_fused_decoder(
         num_layers=num_layers, heads=hp.num_heads, kv_heads=hp.num_kv_heads, head_dim=hp.head_dim, vocab=vocab,
         max_positions=max_positions, input_names=["input_ids", "attention_mask", "logits_to_keep"],
         batched_continuation=False, kv_cache="shared-buffer")
+    generation["dtype"] = dtype
 
     def build(folder: Path) -> ModelManifest:
-        save_model(build_llama_model(hp, weights, 32, unpermute_qk=False), folder / "model.onnx")
+        model = build_llama_model(hp, weights, 32, unpermute_qk=False)
+        save_model(to_float16(model) if dtype == "float16" else model, folder / "model.onnx")
         tokenizer.save(str(folder / "tokenizer.json"))
         return ModelManifest(
             name=name, version=version, task="text-generation", architecture="llama",

@@ -590,16 +590,29 @@ def _find_base(repository, gguf_path: Path, base_name: str | None):
                      "pass --base NAME (a model whose tokenizer.json and chat facts to reuse)")
 
 
+def to_float16(model):
+    """The float graph in float16 end to end (weights, activations, KV cache, logits), for GPU
+    providers: ONNX Runtime's own converter; integer inputs (ids, mask) stay as they are."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
+
+
 def write_fused(folder: Path, gguf_path: Path, base, bits: int, *, lm_head_bits: int | None = None,
-                symmetric: bool = False, exact_q4_1: bool = False) -> tuple[dict, dict]:
+                symmetric: bool = False, exact_q4_1: bool = False, dtype: str = "float32") -> tuple[dict, dict]:
     """Writes model.onnx (and the base model's tokenizer.json) into `folder`; returns the
     manifest's `generation` and `extra` facts. `base` is the repository model whose
-    tokenizer and chat facts the fused graph reuses."""
+    tokenizer and chat facts the fused graph reuses. `dtype` float16 (bits 32 only): the
+    GPU variant, float16 weights, KV cache and logits."""
+    if dtype not in ("float32", "float16") or (dtype == "float16" and bits != 32):
+        raise ValueError(f"dtype {dtype!r} with {bits} bits: float16 is for the float graph (bits 32) only")
     started = time.perf_counter()
     hp, weights, metadata = read_gguf(gguf_path)
     read_s = time.perf_counter() - started
     model = build_llama_model(hp, weights, bits, lm_head_bits=lm_head_bits, symmetric=symmetric,
                               exact_q4_1=exact_q4_1)
+    if dtype == "float16":
+        model = to_float16(model)
     graph_s = time.perf_counter() - started - read_s
     save_model(model, folder / "model.onnx")
     shutil.copyfile(base.path_of("tokenizer"), folder / "tokenizer.json")
@@ -623,7 +636,7 @@ def write_fused(folder: Path, gguf_path: Path, base, bits: int, *, lm_head_bits:
         "hidden_size": hp.hidden_size,
         "vocab_size": hp.vocab_size,
         "max_position_embeddings": hp.max_position_embeddings,
-        "dtype": "float32",
+        "dtype": dtype,  # of the KV cache and the logits
         # GroupQueryAttention takes one preallocated buffer as both past and present (IO binding)
         # and per-row lengths: the model host's engine decodes its sequences as one ragged batch.
         "kv_cache": "shared-buffer",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from services.fleet.llama_graph import GRAPH_FORMAT, GRAPH_KIND
@@ -190,7 +190,7 @@ TOPICS_BOW = _topics_specialist("topics-bow", "wordpiece-tfidf", max_length=512,
 TOPICS_CHAR = _topics_specialist("topics-char", "char-ngram-nb", max_length=3000, l2=0.0, depends_on=(),
                                  alpha=0.003)
 
-def _smollm2_fused(name: str, bits: int) -> Recipe:
+def _smollm2_fused(name: str, bits: int, **graph) -> Recipe:
     """SmolLM2 through Mirador's fused llama graph (GroupQueryAttention, MatMulNBits): the same
     GGUF weights, ~1.5x (fp32) to ~2.7x (int8) faster decoding than the optimum export."""
     return Recipe(
@@ -204,12 +204,15 @@ def _smollm2_fused(name: str, bits: int) -> Recipe:
         export_task=f"{GRAPH_KIND}/{GRAPH_FORMAT}",
         licence=SMOLLM2_135M_INSTRUCT.licence,
         depends_on=(SMOLLM2_135M_INSTRUCT.name,),  # its tokenizer and chat facts
-        graph={"bits": bits},
+        graph={"bits": bits, **graph},
     )
 
 
 SMOLLM2_FUSED = _smollm2_fused("smollm2-135m-instruct-fused", 32)
 SMOLLM2_FUSED_INT8 = _smollm2_fused("smollm2-135m-instruct-fused-int8", 8)
+# For GPU providers (CUDAExecutionProvider): float16 weights, KV cache and logits. Not in the default
+# config (CPU); `mirador fleet build --only smollm2-135m-instruct-fused-fp16` builds it.
+SMOLLM2_FUSED_FP16 = replace(_smollm2_fused("smollm2-135m-instruct-fused-fp16", 32, dtype="float16"), optional=True)
 
 # What the default routes answer with: the fused fp32 graph with a bit-width per layer (8/4/2, or fp32)
 # from the quantizer's measured sensitivities, the smallest mix within 2 % of its held-out perplexity.
@@ -234,7 +237,9 @@ OPTIONAL_FLEET: tuple[Recipe, ...] = (GEMMA3_270M,)
 # packaged data); `mirador fleet build` builds them after it.
 FUSED_FLEET: tuple[Recipe, ...] = (SMOLLM2_FUSED, SMOLLM2_FUSED_INT8, SMOLLM2_FUSED_MIXED)
 SPECIALIST_FLEET: tuple[Recipe, ...] = (TOPICS_MINILM, TOPICS_BOW, TOPICS_CHAR)
-ALL_RECIPES: tuple[Recipe, ...] = DEFAULT_FLEET + OPTIONAL_FLEET + FUSED_FLEET + SPECIALIST_FLEET
+# Built only when named (`--only`): graphs for other hardware than this machine's.
+GPU_FLEET: tuple[Recipe, ...] = (SMOLLM2_FUSED_FP16,)
+ALL_RECIPES: tuple[Recipe, ...] = DEFAULT_FLEET + OPTIONAL_FLEET + FUSED_FLEET + SPECIALIST_FLEET + GPU_FLEET
 
 
 def select_recipes(only: list[str] | str | None = None, include_optional: bool = False,

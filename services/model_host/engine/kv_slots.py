@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from services.model_host.runtimes.decoder import DecodeState, DecoderRuntime
+from services.model_host.runtimes.decoder import DecodeState, DecoderRuntime, kv_dtype
 
 
 class KVSlots:
@@ -60,7 +60,7 @@ def reserved_bytes_for(runtime_facts: dict, slots: int, max_context: int) -> int
     before a load): preallocated by `SharedKVSlots`, the bound that `PerSequenceSlots` grows to."""
     past = runtime_facts["past_key_values"]
     per_token = int(past["num_layers"]) * len(past["kinds"]) * int(runtime_facts["num_kv_heads"]) * int(
-        runtime_facts["head_dim"]) * 4
+        runtime_facts["head_dim"]) * np.dtype(kv_dtype(runtime_facts)).itemsize
     return per_token * slots * min(max_context, int(runtime_facts.get("max_position_embeddings", max_context)))
 
 
@@ -77,9 +77,9 @@ class SharedKVSlots(KVSlots):
         shape = (slots, runtime.kv_heads, max_context, runtime.head_dim)
         # np.zeros maps fresh pages: untouched slots cost no resident memory until used, but the
         # budget counts them all (reserved_bytes), so a full house never overruns it.
-        self.buffers = {name: np.zeros(shape, np.float32) for name in runtime.past_inputs}
+        self.buffers = {name: np.zeros(shape, runtime.kv_dtype) for name in runtime.past_inputs}
         self.vocab = int(runtime.manifest.generation.get("vocab_size") or self.session.get_outputs()[0].shape[-1])
-        self.logits = np.zeros((slots, 1, self.vocab), np.float32)
+        self.logits = np.zeros((slots, 1, self.vocab), runtime.kv_dtype)  # the graph's float type
         self.filled = np.zeros(slots, np.int64)  # tokens each slot's cache holds
         self._bound_rows: dict[tuple[int, int], list[ort.OrtValue]] = {}
         self._logit_rows: dict[int, ort.OrtValue] = {}
@@ -122,7 +122,7 @@ class SharedKVSlots(KVSlots):
         ids = np.asarray([token_ids], np.int64)
         self._run(slot, slot + 1, ids, np.ones((1, end), np.int64))
         self.filled[slot] = end
-        return self.logits[0, 0].copy()
+        return self.logits[0, 0].astype(np.float32)  # a copy: the buffer is reused
 
     def decode(self, slots: list[int], token_ids: list[int], lengths: list[int]) -> np.ndarray:
         rows = max(slots) + 1
@@ -137,7 +137,7 @@ class SharedKVSlots(KVSlots):
         mask = (np.arange(width)[None, :] < row_lengths[:, None]).astype(np.int64)
         self._run(0, rows, ids, mask)
         self.filled[slots] = np.asarray(lengths) + 1
-        return self.logits[slots, 0]
+        return self.logits[slots, 0].astype(np.float32, copy=False)
 
     def release(self, slot: int) -> None:
         self.filled[slot] = 0

@@ -18,6 +18,11 @@ from services.model_host.runtimes.text import ChatTemplate, Prompt, PromptEncode
 OPTION_ROWS_PER_CALL = 4
 
 
+def kv_dtype(generation: dict) -> str:
+    """A decoder manifest's KV cache element type (`generation.dtype`, float32 when absent)."""
+    return "float16" if generation.get("dtype") == "float16" else "float32"
+
+
 @dataclass
 class DecodeState:
     """One sequence being generated: its KV cache and length."""
@@ -44,6 +49,8 @@ class DecoderRuntime(ModelRuntime):
         self.present_outputs = [
             past["output_pattern"].format(layer=layer, kind=kind) for layer in range(self.num_layers) for kind in past["kinds"]
         ]
+        # The KV cache's (and the logits') element type: float16 for a GPU variant of the graph.
+        self.kv_dtype = np.dtype(kv_dtype(generation))
         self.kv_heads = int(generation["num_kv_heads"])
         self.head_dim = int(generation["head_dim"])
         self.output_names = ["logits", *self.present_outputs]
@@ -76,10 +83,10 @@ class DecoderRuntime(ModelRuntime):
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
         shape = (batch, self.kv_heads, 0, self.head_dim)
-        return {name: np.zeros(shape, dtype=np.float32) for name in self.past_inputs}
+        return {name: np.zeros(shape, dtype=self.kv_dtype) for name in self.past_inputs}
 
     def kv_bytes_per_token(self) -> int:
-        return len(self.past_inputs) * self.kv_heads * self.head_dim * 4  # float32 keys and values, every layer
+        return len(self.past_inputs) * self.kv_heads * self.head_dim * self.kv_dtype.itemsize  # every layer
 
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: dict[str, np.ndarray], past_length: int,
              keep: int | None = None):
@@ -95,7 +102,7 @@ class DecoderRuntime(ModelRuntime):
             ).copy()
         outputs = self.session.run(self.output_names, feeds)
         presents = dict(zip(self.past_inputs, outputs[1:]))
-        return outputs[0], presents
+        return outputs[0].astype(np.float32, copy=False), presents  # sampling works in float32
 
     def prefill(self, prompt_ids: list[int]) -> tuple[DecodeState, np.ndarray]:
         """Runs the prompt; returns the state and the logits for the first new token."""
