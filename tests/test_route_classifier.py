@@ -48,3 +48,32 @@ def test_lexical_features_decide_when_the_embeddings_say_nothing():
     assert "lexical terms" in combined.calibration_source and "lexical" not in alone.calibration_source
     scores = combined.scores(np.zeros(16), "write a regex")
     assert sum(scores.values()) == pytest.approx(1.0) and set(scores) == {"extraction", "coding"}
+
+
+@pytest.mark.real_model
+def test_the_shipped_routes_send_the_demos_requests_where_they_belong():
+    """The shipped config's examples and the built minilm-l6, trained as the router trains:
+    `make demo`'s extraction request went to coding with the embedding alone."""
+    from services.common.config import load_config
+    from services.common.model_repository import ModelNotFoundError, ModelRepository
+    from services.model_host.loader import SessionSettings, load_runtime
+    from services.router.routing import classified_routes
+
+    config = load_config()
+    try:
+        manifest = ModelRepository().get(config.services.router.embedding_model)
+    except ModelNotFoundError:
+        pytest.skip("minilm-l6 is not built; run `mirador fleet build`")
+    encoder = load_runtime(manifest, SessionSettings(intra_op_threads=2))
+    texts, labels = [], []
+    for name, route in classified_routes(config).items():
+        texts += route.examples
+        labels += [name] * len(route.examples)
+    vectors = np.concatenate([encoder.embed(texts[i:i + 32]) for i in range(0, len(texts), 32)])
+    classifier = RouteClassifier.train(vectors, labels, texts)
+    requests = {"Extract the member id from: MEMBER ID QA0000TEST GROUP 00-FAKE-77": "extraction",  # scripts/demo.sh
+                "Is a prior authorization required for an MRI of the lumbar spine?": "compliance"}
+    for text, expected in requests.items():
+        scores = classifier.scores(encoder.embed([text])[0], text)
+        assert max(scores, key=scores.get) == expected, (text, scores)
+        assert scores[expected] >= config.services.router.min_confidence  # not sent to `default`
