@@ -48,6 +48,11 @@ class KVSlots:
         """The slot's sequence left; its cache may be reused."""
 
 
+def kv_device(providers: list[str]) -> str:
+    """Where a session's KV buffers belong: `cuda` when CUDA runs it, else host memory."""
+    return "cuda" if providers and providers[0] == "CUDAExecutionProvider" else "cpu"
+
+
 def slots_for(runtime: DecoderRuntime, slots: int, max_context: int) -> KVSlots:
     max_context = min(max_context, runtime.max_length)
     if runtime.shared_kv_buffer:
@@ -74,33 +79,30 @@ class SharedKVSlots(KVSlots):
         self.slots = slots
         self.max_context = max_context
         self.session: ort.InferenceSession = runtime.session
-        shape = (slots, runtime.kv_heads, max_context, runtime.head_dim)
-        # np.zeros maps fresh pages: untouched slots cost no resident memory until used, but the
-        # budget counts them all (reserved_bytes), so a full house never overruns it.
-        self.buffers = {name: np.zeros(shape, runtime.kv_dtype) for name in runtime.past_inputs}
+        self.row_shape = [runtime.kv_heads, max_context, runtime.head_dim]
+        self.row_bytes = int(np.prod(self.row_shape)) * runtime.kv_dtype.itemsize
+        # The buffers live where the session computes: device memory (OrtValues) under CUDA, so a step
+        # copies nothing between host and device; numpy on the CPU, where np.zeros maps fresh pages:
+        # untouched slots cost no resident memory until used, but the budget counts them all
+        # (reserved_bytes), so a full house never overruns it. Rows are bound by address: row i of a
+        # [slots, ...] buffer starts i * row_bytes in.
+        self.device = kv_device(self.session.get_providers())
+        shape = [slots, *self.row_shape]
+        if self.device == "cpu":
+            self.buffers = {name: np.zeros(shape, runtime.kv_dtype) for name in runtime.past_inputs}
+            self._addresses = {name: buffer.ctypes.data for name, buffer in self.buffers.items()}
+        else:
+            self.buffers = {name: ort.OrtValue.ortvalue_from_shape_and_type(shape, runtime.kv_dtype, self.device, 0)
+                            for name in runtime.past_inputs}
+            self._addresses = {name: value.data_ptr() for name, value in self.buffers.items()}
         self.vocab = int(runtime.manifest.generation.get("vocab_size") or self.session.get_outputs()[0].shape[-1])
-        self.logits = np.zeros((slots, 1, self.vocab), runtime.kv_dtype)  # the graph's float type
+        # Logits come back to the host (sampling runs there): one row per slot, the graph's float type.
+        self.logits = np.zeros((slots, 1, self.vocab), runtime.kv_dtype)
         self.filled = np.zeros(slots, np.int64)  # tokens each slot's cache holds
-        self._bound_rows: dict[tuple[int, int], list[ort.OrtValue]] = {}
-        self._logit_rows: dict[int, ort.OrtValue] = {}
 
     @property
     def reserved_bytes(self) -> int:
         return runtime_kv_bytes(self.runtime, self.slots, self.max_context)
-
-    def _kv_values(self, first: int, stop: int) -> list[ort.OrtValue]:
-        """OrtValues over rows first..stop-1 of every buffer (views, no copy), made once per range."""
-        key = (first, stop)
-        if key not in self._bound_rows:
-            self._bound_rows[key] = [ort.OrtValue.ortvalue_from_numpy(self.buffers[name][first:stop])
-                                     for name in self.runtime.past_inputs]
-        return self._bound_rows[key]
-
-    def _logits_rows(self, rows: int) -> ort.OrtValue:
-        """Where the logits of `rows` rows are written (a view of one preallocated buffer)."""
-        if rows not in self._logit_rows:
-            self._logit_rows[rows] = ort.OrtValue.ortvalue_from_numpy(self.logits[:rows])
-        return self._logit_rows[rows]
 
     def _run(self, first: int, stop: int, input_ids: np.ndarray, mask: np.ndarray) -> None:
         binding = self.session.io_binding()
@@ -108,11 +110,13 @@ class SharedKVSlots(KVSlots):
         binding.bind_cpu_input("attention_mask", mask)
         if self.runtime.takes_logits_to_keep:
             binding.bind_cpu_input("logits_to_keep", np.asarray([1], np.int64))
-        for past, present, value in zip(self.runtime.past_inputs, self.runtime.present_outputs,
-                                        self._kv_values(first, stop)):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)  # the same buffer: GQA appends in place
-        binding.bind_ortvalue_output("logits", self._logits_rows(stop - first))
+        rows = [stop - first, *self.row_shape]
+        dtype = self.runtime.kv_dtype.type
+        for past, present in zip(self.runtime.past_inputs, self.runtime.present_outputs):
+            address = self._addresses[past] + first * self.row_bytes
+            binding.bind_input(past, self.device, 0, dtype, rows, address)
+            binding.bind_output(present, self.device, 0, dtype, rows, address)  # the same rows: GQA appends in place
+        binding.bind_output("logits", "cpu", 0, dtype, [stop - first, 1, self.vocab], self.logits.ctypes.data)
         self.session.run_with_iobinding(binding)
 
     def prefill(self, slot: int, token_ids: list[int], start: int) -> np.ndarray:
