@@ -287,6 +287,47 @@ def kill_before_first_token(mesh: Mesh) -> KillResult:
     return _after_kill(mesh, outcome, killed)
 
 
+@dataclass
+class BatchKillResult:
+    outcomes: list[Outcome]  # every concurrent stream's client
+    victim: str
+    exit_code: int | None
+    in_flight_on_victim: int  # drip-lm calls the victim held (one batch) when it died
+    next_outcomes: list[Outcome]  # calls through the router after the kill
+    router_health: str
+
+
+def kill_mid_batch(mesh: Mesh, streams: int = 4, after_tokens: int = 5, max_tokens: int = 200) -> BatchKillResult:
+    """`streams` clients stream drip-lm's answer at once (the replicas' engines batch them); once one
+    has `after_tokens` tokens, kill -9 the replica it streams from."""
+    killed: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def on_event(kind: str, tokens: int) -> None:
+        if kind != "token" or tokens != after_tokens:
+            return
+        with lock:
+            if not killed:
+                victim = replica_serving(mesh, "drip-lm")
+                in_flight = models_of(address_of(mesh, victim))["drip-lm"].requests_in_flight
+                killed.update(victim=victim, in_flight=in_flight, code=kill_9(mesh, victim))
+
+    results: list[Outcome | None] = [None] * streams
+
+    def client(i: int) -> None:
+        results[i] = ask(router_address(mesh), "stream", text=f"stream number {i}", max_tokens=max_tokens,
+                         timeout_s=30, on_event=on_event)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    following = [ask(router_address(mesh), "chat", max_tokens=4, timeout_s=10) for _ in range(4)]
+    return BatchKillResult([r for r in results if r is not None], str(killed.get("victim", "")), killed.get("code"),
+                           int(killed.get("in_flight", 0)), following, health_status(router_address(mesh), timeout_s=2))
+
+
 def _after_kill(mesh: Mesh, outcome: Outcome, killed: dict) -> KillResult:
     before = served_totals(mesh, "tiny-lm")
     following = ask(router_address(mesh), "chat", max_tokens=4, timeout_s=10)

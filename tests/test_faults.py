@@ -95,6 +95,22 @@ def test_kill_9_before_the_first_token_the_fallback_answers_on_the_other_replica
     assert result.next_outcome.complete and result.victim not in result.next_served_by
 
 
+def test_kill_9_mid_batch_fails_exactly_the_victims_streams_and_loses_nothing_else(mesh):
+    fs.ensure_replicas_up(mesh)
+    result = fs.kill_mid_batch(mesh, streams=4, after_tokens=5, max_tokens=200)
+    assert result.exit_code == -9 and result.in_flight_on_victim >= 1
+    assert len(result.outcomes) == 4  # no client hangs
+    failed = [o for o in result.outcomes if not o.complete]
+    # each stream the victim was batching fails after it began, saying so; every other one completes whole
+    assert len(failed) == result.in_flight_on_victim, result.outcomes
+    assert all(o.code == "UNAVAILABLE" and "failed after it began answering" in o.details and o.tokens >= 1
+               for o in failed), failed
+    assert all(o.summary.usage.completion_tokens == 200 for o in result.outcomes if o.complete)
+    # nothing that was not in flight is lost: the next calls are answered, the router stays up
+    assert all(o.complete for o in result.next_outcomes), result.next_outcomes
+    assert result.router_health == "SERVING"
+
+
 def test_kill_9_during_a_model_load_leaves_a_cache_the_restarted_host_loads(tmp_path):
     result = fs.kill_during_load(tmp_path)
     assert result.exit_code == -9
