@@ -3,9 +3,10 @@ the model host's real DecoderRuntime (`load_runtime`, 2 intra-op threads).
 
     python bench/decode_graphs.py [--models A,B,...] [--rounds 2] [--quick] [--out bench/results]
 
-Graphs: the optimum fp32 export (the reference) and the fused graphs written by
-`python -m services.fleet.llama_graph` (fp32, int8, int4 and int4-exact). For each: size on disk,
-prefill of a ~49-token chat prompt (median of 5), decode ms/token (median of the 31
+Graphs: the optimum fp32 export (the reference), the fused graphs written by
+`python -m services.fleet.llama_graph` (fp32, int8, int4 and int4-exact; those not built are
+skipped) and the per-layer quantized default the fleet builds with the quantizer (mixed).
+For each: size on disk, prefill of a ~49-token chat prompt (median of 5), decode ms/token (median of the 31
 one-token steps that produce tokens 2..32), and greedy tokens equal to the reference
 on three chat prompts (32 tokens each, stop tokens ignored; "equal" = the length of
 the common prefix). Timings run in `--rounds` rounds, models interleaved inside each
@@ -39,8 +40,8 @@ from services.common.model_repository import ModelRepository
 from services.model_host.loader import SessionSettings, load_runtime
 
 REFERENCE = "smollm2-135m-instruct"
-MODELS = [REFERENCE, "smollm2-135m-instruct-fused", "smollm2-135m-instruct-fused-int8",
-          "smollm2-135m-instruct-fused-int4", "smollm2-135m-instruct-fused-int4-exact"]
+MODELS = [REFERENCE, "smollm2-135m-instruct-fused", "smollm2-135m-instruct-fused-mixed",
+          "smollm2-135m-instruct-fused-int8", "smollm2-135m-instruct-fused-int4", "smollm2-135m-instruct-fused-int4-exact"]
 # With the default system prompt this renders to 49 tokens.
 TIMING_PROMPT = "Write a short story about a small robot who slowly learns to paint, in three short sentences."
 AGREEMENT_PROMPTS = [
