@@ -472,3 +472,39 @@ def test_quantize_rpc_bad_inputs(quantizer_process, request_, code, phrase):
     assert caught.value.code() == code, caught.value.details()
     assert phrase in caught.value.details()
     assert not repository.exists("tiny-lm-mixed") or repository.versions("tiny-lm-mixed") == ["1"]
+
+
+def test_a_budget_is_never_answered_worse_than_a_uniform_allocation_within_it(tied):
+    """On the calibration windows, what is written for a budget moves the output no more than any
+    uniform allocation within the same budget (the report says which won and by how much)."""
+    repository, manifest = tied
+    quantizer = Quantizer(manifest)
+    result = quantizer.run(repository, QuantizeOptions(budget_bits=4.0, output_name="tiny-tied-b4", **FAST))
+    written = result.manifest.extra["quantization"]["layer_bits"]
+    assert quantizer.mean_bits(written) <= 4.0
+    for bits in (quantizer.uniform_all_bits(4), quantizer.uniform_all_bits(2)):
+        if quantizer.mean_bits(bits) <= 4.0:
+            assert quantizer.joint_kl(written) <= quantizer.joint_kl(bits) + 1e-12
+    assert "Never worse than uniform" in result.report_path.read_text()
+
+
+def test_a_mix_that_measures_worse_than_uniform_in_its_budget_is_replaced_and_the_report_says_so(tied):
+    _, manifest = tied
+    quantizer = Quantizer(manifest)
+    quantizer.analyze(quantizer.windows(TextSource.packaged("calibration.txt"), 2, 32), measure=(4, 2))
+    u4_all = quantizer.uniform_all_bits(4)
+    # a poor mix of the same nominal size: half the weights at 2 bits, the largest layers at 8
+    layers = sorted(quantizer.decoder.layers, key=lambda layer: layer.numel, reverse=True)
+    poor = {layer.name: 2 for layer in layers}
+    for layer in layers:
+        trial = {**poor, layer.name: 8}
+        if quantizer.mean_bits(trial) <= 4.0:
+            poor = trial
+    assert quantizer.mean_bits(poor) <= 4.0 and quantizer.joint_kl(poor) > quantizer.joint_kl(u4_all)
+    bits, name, notes = quantizer.never_worse_than_uniform(poor, "poor-mix", QuantizeOptions(budget_bits=4.0),
+                                                           {"uniform-4-all": u4_all})
+    assert bits == u4_all and name == "uniform-4-all (within the budget)"
+    assert "uniform-4-all is what was written" in notes[0] and "poor-mix" in notes[0]
+    kept, kept_name, _ = quantizer.never_worse_than_uniform(u4_all, "a-good-mix", QuantizeOptions(budget_bits=4.0),
+                                                            {"uniform-4-all": u4_all})
+    assert kept_name == "a-good-mix"  # a tie keeps the mix
