@@ -22,8 +22,14 @@ probability equals the calibrated confidence; weight = `voting.weight_of`, the c
 confidence), and `voting.label_vote` combines them: P(o) = sum_i w_i p_i(o) / sum_i w_i.
 A case is answered when P(verdict) >= threshold, else escalated.
 
+Error correlation: for every pair of the three specialists (topics-minilm, topics-bow and
+topics-char, a character n-gram naive Bayes chosen to be of another family), the phi
+coefficient of their out-of-fold error indicators and how many texts both get wrong; and
+every vote of two or three specialists, so the goal (vote error <= 0.8 x the best
+member's) is judged on the best combination as well as on the route's own.
+
 The route's threshold rule (config/mirador.yaml, topics route): the widest coverage of the
-route vote (topics-minilm + topics-bow + smollm2) whose error among answered texts is
+route vote (topics-minilm + topics-bow + topics-char + smollm2) whose error among answered texts is
 <= 0.3%, written as the shortest rounding down of that curve point's consistency that still
 answers exactly those texts. Writes topics.json, topics_risk_coverage.png and topics.md
 (the report fragment). `--quick` asks SmolLM2 about 10 texts instead of 150 (its rows then
@@ -55,7 +61,7 @@ from services.model_host.dataplane import Confidence  # noqa: E402
 from services.model_host.servicer import confidence_pb  # noqa: E402
 from services.consensus.prompts import OPTIONS_JOINER, SYSTEM, USER  # noqa: E402
 from services.fleet import specialists as sp  # noqa: E402
-from services.fleet.recipes import TOPICS_BOW, TOPICS_MINILM  # noqa: E402
+from services.fleet.recipes import TOPICS_BOW, TOPICS_CHAR, TOPICS_MINILM  # noqa: E402
 
 LABELS = list(sp.TOPIC_LABELS)
 SMOLLM = "smollm2-135m-instruct"
@@ -63,22 +69,25 @@ QUESTION = "What is the topic of this BBC news article?\n\n{article}"
 ARTICLE_CHARS = 1000  # SmolLM2 reads the headline and the first paragraphs
 THRESHOLDS = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999]
 RISK_GOAL, COVERAGE_GOAL = 0.003, 0.80
-ROUTE_VOTE = "route vote (topics-minilm + topics-bow + smollm2), subsample"
+SPECIALISTS = ("topics-minilm", "topics-bow", "topics-char")
+ROUTE_VOTE = "route vote (topics-minilm + topics-bow + topics-char + smollm2), subsample"
+ALL_SPECIALISTS = "specialists (topics-minilm + topics-bow + topics-char), all texts"
 
 
 def specialist_oof(recipe, examples, labels, base_dir: Path, cache: Path) -> sp.CrossValidation:
     settings = sp.SpecialistSettings.from_recipe(recipe.training)
-    specialist = sp.Specialist(settings, base_dir, report=lambda line: print(line, file=sys.stderr, flush=True))
+    specialist = sp.Specialist(settings, base_dir if recipe.depends_on else None, report=lambda line: print(line, file=sys.stderr, flush=True))
+    if settings.representation != sp.REPRESENTATION_MINILM:  # fast to recompute: not cached
+        return specialist.cross_validate(specialist.features([e.text for e in examples]), labels)
     key = hashlib.sha256(json.dumps([recipe.training, str(base_dir), (base_dir / "model.onnx").stat().st_size,
                                      [e.id for e in examples]]).encode()).hexdigest()[:16]
     cached = cache / f"{recipe.name}-{key}.npy"
-    if settings.representation == sp.REPRESENTATION_MINILM and cached.exists():
+    if cached.exists():
         raw = np.load(cached)
     else:
         raw = specialist.features([e.text for e in examples])
-        if settings.representation == sp.REPRESENTATION_MINILM:
-            cache.mkdir(parents=True, exist_ok=True)
-            np.save(cached, raw)
+        cache.mkdir(parents=True, exist_ok=True)
+        np.save(cached, raw)
     return specialist.cross_validate(raw, labels)
 
 
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                      "data": f"{args.data.name}: {len(examples)} texts", "protocol": __doc__.split("\n\n")[1]}
 
     members = {}
-    for recipe in (TOPICS_MINILM, TOPICS_BOW):
+    for recipe in (TOPICS_MINILM, TOPICS_BOW, TOPICS_CHAR):
         cv = specialist_oof(recipe, examples, labels, base_dir, args.cache)
         probabilities = sp.softmax(cv.logits, cv.temperature)
         members[recipe.name] = (probabilities, probabilities.max(axis=1))
@@ -257,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.model_host.calibration import load_score_calibration
 
     smollm_calibration = load_score_calibration(SMOLLM)
-    replies = {name: [classifier_reply(name, p) for p in members[name][0]] for name in ("topics-minilm", "topics-bow")}
+    replies = {name: [classifier_reply(name, p) for p in members[name][0]] for name in SPECIALISTS}
     replies[SMOLLM] = [None] * len(examples)
     for row, row_sums in zip(subsample, sums):
         replies[SMOLLM][row] = decoder_reply(SMOLLM, row_sums, smollm_calibration)
@@ -270,14 +279,17 @@ def main(argv: list[str] | None = None) -> int:
         return (name, replies[name])
 
     configurations = {
-        "specialists (topics-minilm + topics-bow), all texts": ([member("topics-minilm"), member("topics-bow")], everyone),
-        ROUTE_VOTE: (
-            [member("topics-minilm"), member("topics-bow"), member(SMOLLM)], subsample),
-        "specialists (topics-minilm + topics-bow), same subsample": (
-            [member("topics-minilm"), member("topics-bow")], subsample),
+        ALL_SPECIALISTS: ([member(name) for name in SPECIALISTS], everyone),
+        **{f"specialists ({a} + {b}), all texts": ([member(a), member(b)], everyone)
+           for i, a in enumerate(SPECIALISTS) for b in SPECIALISTS[i + 1:]},
+        ROUTE_VOTE: ([member(name) for name in SPECIALISTS] + [member(SMOLLM)], subsample),
+        "specialists (topics-minilm + topics-bow + topics-char), same subsample": (
+            [member(name) for name in SPECIALISTS], subsample),
     }
+    results["error_correlation"] = error_correlation(
+        {name: members[name][0].argmax(axis=1) != labels for name in SPECIALISTS})
     singles = {}
-    for name in ("topics-minilm", "topics-bow", SMOLLM):
+    for name in (*SPECIALISTS, SMOLLM):
         rows = subsample if name == SMOLLM else everyone
         probabilities, confidence = members[name]
         singles[name] = risk_coverage(probabilities[rows].argmax(axis=1) == labels[rows], confidence[rows])
@@ -291,10 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     results["votes"] = votes
     results["route_threshold"] = route_threshold
 
-    best_single = max(singles["topics-minilm"]["accuracy"], singles["topics-bow"]["accuracy"])
-    full_vote = votes["specialists (topics-minilm + topics-bow), all texts"]
+    best_single = max(singles[name]["accuracy"] for name in SPECIALISTS)
+    full_vote = votes[ALL_SPECIALISTS]
+    best_vote = max((entry["accuracy"], title) for title, entry in votes.items() if title.endswith("all texts"))
     results["goals"] = {
         "vote_error_vs_best_single": round((1 - full_vote["accuracy"]) / (1 - best_single), 3),
+        "best_vote": best_vote[1],
+        "best_vote_error_vs_best_single": round((1 - best_vote[0]) / (1 - best_single), 3),
         "vote_error_goal": "<= 0.8 x the best single model's error",
         "risk_at_80_coverage": full_vote["at_80_coverage"]["risk"],
         "risk_goal": f"<= {RISK_GOAL:.1%} at {COVERAGE_GOAL:.0%} coverage",
@@ -306,6 +321,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out / 'topics.json'} and {args.out / 'topics_risk_coverage.png'}")
     write_fragment(results, args.out)
     return 0
+
+
+def error_correlation(wrong: dict[str, np.ndarray]) -> list[dict]:
+    """For each pair of specialists (out-of-fold, all texts): the phi coefficient of their
+    error indicators, how many texts both get wrong, and the fewest errors any vote of the two
+    could make (texts both get wrong)."""
+    names = list(wrong)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            phi = float(np.corrcoef(wrong[a].astype(float), wrong[b].astype(float))[0, 1])
+            rows.append({"pair": f"{a} / {b}", "errors": [int(wrong[a].sum()), int(wrong[b].sum())],
+                         "phi": round(phi, 3), "both_wrong": int((wrong[a] & wrong[b]).sum())})
+    together = np.stack(list(wrong.values()))
+    rows.append({"pair": " / ".join(names), "errors": [int(w.sum()) for w in wrong.values()], "phi": None,
+                 "both_wrong": int((together.sum(axis=0) >= 2).sum()), "all_wrong": int(together.all(axis=0).sum())})
+    return rows
 
 
 def write_fragment(results: dict, out: Path) -> None:
@@ -321,8 +353,15 @@ def write_fragment(results: dict, out: Path) -> None:
              fragment.table(["model / vote", "n", "accuracy", "risk at 80 % coverage", "threshold there",
                              f"widest coverage with risk <= {RISK_GOAL:.1%}"], rows,
                             title="Single models and votes"),
+             fragment.table(["specialists", "errors (each)", "phi of error indicators",
+                             "texts both (or at least two) get wrong"],
+                            [[r["pair"], " / ".join(map(str, r["errors"])), "" if r["phi"] is None else r["phi"],
+                              r["both_wrong"]] for r in results["error_correlation"]],
+                            title="Error correlation (out-of-fold, all texts)"),
              fragment.table(["goal", "measured", "target"],
-                            [["vote error / best single model's error", goals["vote_error_vs_best_single"],
+                            [["vote error / best single model's error (the three specialists)",
+                              goals["vote_error_vs_best_single"], goals["vote_error_goal"]],
+                             [f"the same, best vote ({goals['best_vote']})", goals["best_vote_error_vs_best_single"],
                               goals["vote_error_goal"]],
                              ["risk at 80 % coverage (specialists' vote)", f"{goals['risk_at_80_coverage']:.2%}",
                               goals["risk_goal"]]], title="Goals"),
@@ -355,6 +394,9 @@ def print_tables(results: dict) -> None:
             print(f"{row['threshold']:>10} {row['coverage']:>9.4f} {row['risk']:>8.4f} {row['errors']:>7} "
                   f"{row['answered']:>9}")
         print(f"widest coverage with risk <= {RISK_GOAL:.1%}: {entry['widest_within_goal']}")
+    print("\nError correlation (specialists, out-of-fold)")
+    for r in results["error_correlation"]:
+        print(f"  {r['pair']:48} errors {r['errors']} phi {r['phi']} both/at-least-two wrong {r['both_wrong']}")
     print(f"\nGoals: {results['goals']}")
     chosen = results["route_threshold"]
     if chosen:
