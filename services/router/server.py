@@ -65,6 +65,7 @@ class RouterService(MiradorService):
         self.rollouts = Rollouts.from_config(config)
         self.servicer = RouterServicer(self.routes, SessionStore(), Breakers(), self.rollouts)
         self.servicer.rate_limiter = RateLimiter.from_settings(config.services.router)
+        self.servicer.fleet = config.fleet
         self.model_host_channel: grpc.aio.Channel | None = None
         self.consensus_channel: grpc.aio.Channel | None = None
         self.learning: asyncio.Task | None = None
@@ -139,6 +140,7 @@ class RouterService(MiradorService):
 
     def _swap(self, config: MiradorConfig, table: RouteTable) -> None:
         self.config, self.routes, self.servicer.routes = config, table, table
+        self.servicer.fleet = config.fleet
         log_event(log, "routes applied", routes=list(table.routes), default_route=table.default_route,
                   min_confidence=table.min_confidence, classifier=table.classifier.routes if table.classifier else None,
                   rate_limit_per_client=config.services.router.rate_limit_per_client)

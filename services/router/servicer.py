@@ -13,9 +13,9 @@ from mirador.v1 import router_pb2, router_pb2_grpc
 from prometheus_client import Counter
 
 from services.common import telemetry
-from services.common.config import RouteSpec
-from services.common.errors import DeadlineExceeded, ServiceError, Unavailable
-from services.common.validation import require_sampling, require_text
+from services.common.config import ModelSpec, RouteSpec
+from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, ServiceError, Unavailable
+from services.common.validation import require_messages, require_sampling, require_text
 from services.router.fallback import RETRYABLE, Breakers
 from services.router.rate_limit import RateLimiter
 from services.router.rollouts import Outcome, Plan, Rollouts
@@ -32,6 +32,9 @@ ROUTED = Counter("mirador_router_requests", "Ask requests by the route chosen an
 # Calls of `priority: critical` routes carry it; the model host keeps a share of each model's queue for them.
 PRIORITY_METADATA_KEY = "x-mirador-priority"
 ROLES = {"system": common_pb2.ROLE_SYSTEM, "user": common_pb2.ROLE_USER, "assistant": common_pb2.ROLE_ASSISTANT}
+# A request naming a fleet model instead of a route gets the time a route gets by default.
+MODEL_TIMEOUT_MS = RouteSpec(name="", primary="").timeout_ms
+EMBED_TIMEOUT_S = 60.0
 
 
 def chat(turns: list[tuple[str, str]]) -> list[common_pb2.ChatMessage]:
@@ -54,6 +57,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.model_host: model_host_pb2_grpc.ModelHostStub | None = None  # set on start
         self.consensus: consensus_pb2_grpc.ConsensusStub | None = None  # set on start
         self.rate_limiter: RateLimiter | None = None  # per-client limits (rate_limit.py); None = none
+        self.fleet: dict[str, ModelSpec] = {}  # for requests that name a model (AskRequest.model, Embed)
 
     async def Route(self, request: router_pb2.RouteRequest, context) -> router_pb2.RouteDecision:
         if self.rate_limiter is not None:
@@ -61,41 +65,94 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         require_text(request.text, "text")
         return await self.routes.decide(request.text, request.route, timeout_s=context.time_remaining())
 
+    async def Embed(self, request: model_host_pb2.EmbedRequest, context) -> model_host_pb2.EmbedResponse:
+        if self.rate_limiter is not None:
+            self.rate_limiter.admit(context)
+        self._fleet_model(request.model, "embedding")
+        remaining = context.time_remaining()
+        try:
+            return await self.model_host.Embed(request, timeout=min(remaining or EMBED_TIMEOUT_S, EMBED_TIMEOUT_S))
+        except grpc.aio.AioRpcError as exc:
+            raise ServiceError(f"model `{request.model}` on the model host: {exc.details()}", exc.code()) from None
+
+    def _fleet_model(self, name: str, task: str) -> ModelSpec:
+        known = ", ".join(sorted(m for m, spec in self.fleet.items() if spec.task == task)) or "none"
+        if not name:
+            raise InvalidArgument(f"`model` is empty; name a {task} model of the fleet: {known}")
+        spec = self.fleet.get(name)
+        if spec is None:
+            raise NotFound(f"model `{name}` is not in the fleet; {task} models: {known}")
+        if spec.task != task:
+            raise InvalidArgument(f"model `{name}` is a {spec.task} model, not {task}; use one of: {known}")
+        return spec
+
+    def _conversation(self, request: router_pb2.AskRequest) -> tuple[list[common_pb2.ChatMessage], str]:
+        """Validates the request's input; returns its turns (session history included) and the text to route by."""
+        given = [name for name in ("text", "messages", "prompt") if getattr(request, name)]
+        if len(given) > 1:
+            raise InvalidArgument(f"set one of `text`, `messages` or `prompt`, not {' and '.join(given)}")
+        if request.session_id and (request.messages or request.prompt):
+            raise InvalidArgument("`session_id` keeps the conversation at the router; with `messages` or `prompt` "
+                                  "the caller keeps it: send `text` with the session, or drop `session_id`")
+        if request.messages:
+            require_messages(request.messages, allow_prompt=False)
+            users = [m.content for m in request.messages if m.role == common_pb2.ROLE_USER]
+            return list(request.messages), (users or [request.messages[-1].content])[-1]
+        if request.prompt:
+            require_text(request.prompt, "prompt")
+            return [], request.prompt
+        require_text(request.text, "text")
+        if request.session_id:
+            self.sessions.validate_id(request.session_id)
+            return chat([*self.sessions.history(request.session_id), ("user", request.text)]), request.text
+        return chat([("user", request.text)]), request.text
+
+    def _model_decision(self, request: router_pb2.AskRequest) -> router_pb2.RouteDecision:
+        if request.route:
+            raise InvalidArgument("set `route` or `model`, not both: a named model answers without a route")
+        self._fleet_model(request.model, "text-generation")
+        return router_pb2.RouteDecision(model=request.model, timeout_ms=MODEL_TIMEOUT_MS, confidence=1.0,
+                                        reason=router_pb2.ROUTE_REASON_EXPLICIT)
+
     async def Ask(self, request: router_pb2.AskRequest, context):
         if self.rate_limiter is not None:
             self.rate_limiter.admit(context)
-        require_text(request.text, "text")
+        messages, routing_text = self._conversation(request)
         require_sampling(request.sampling)
-        if request.session_id:
-            self.sessions.validate_id(request.session_id)
         received = time.perf_counter()
-        with _tracer.start_as_current_span("route") as span:
-            decision = await self.routes.decide(request.text, request.route, timeout_s=context.time_remaining())
-            span.set_attributes({"mirador.route": decision.route, "mirador.model": decision.model,
-                                 "mirador.confidence": decision.confidence,
-                                 "mirador.reason": router_pb2.RouteReason.Name(decision.reason)})
+        if request.model:
+            decision, route = self._model_decision(request), None
+        else:
+            with _tracer.start_as_current_span("route") as span:
+                decision = await self.routes.decide(routing_text, request.route, timeout_s=context.time_remaining())
+                span.set_attributes({"mirador.route": decision.route, "mirador.model": decision.model,
+                                     "mirador.confidence": decision.confidence,
+                                     "mirador.reason": router_pb2.RouteReason.Name(decision.reason)})
+            route = self.routes.get(decision.route)
+            if route.uses_consensus and request.prompt:
+                raise InvalidArgument(f"route `{route.name}` decides by consensus, which answers a conversation, not a "
+                                      "raw `prompt`; send `text` or `messages`, or name another route")
         ROUTED.labels(decision.route, decision.model).inc()
-        route = self.routes.get(decision.route)
         # A model in a rollout may be answered by its candidate version: the decision says which.
-        plan = Plan(decision.model) if route.uses_consensus else self.rollouts.plan(decision.model)
+        # A model named by the caller answers itself.
+        plan = Plan(decision.model) if route is None or route.uses_consensus else self.rollouts.plan(decision.model)
         if plan.answer != decision.model:
             decision.fallbacks.insert(0, decision.model)  # the stable version answers if the candidate cannot
             decision.model = plan.answer
         yield router_pb2.AskResponse(route=decision)
 
-        budget_s = route.timeout_ms / 1000.0
+        budget_s = decision.timeout_ms / 1000.0
         if context.time_remaining() is not None:
             budget_s = min(budget_s, context.time_remaining())
         deadline = time.monotonic() + budget_s
-        turns = [*self.sessions.history(request.session_id), ("user", request.text)] if request.session_id else [("user", request.text)]
         request_id = request.request_id or uuid.uuid4().hex
         answered = asyncio.get_running_loop().create_future()  # (model, text) of the answer, for comparisons
         if plan.mirror:
-            self._mirror(plan, decision.route, turns, request, deadline, answered)
-        if route.uses_consensus:
-            answer = self._decide(route, turns, request, request_id, deadline)
+            self._mirror(plan, decision.route, messages, request, deadline, answered)
+        if route is not None and route.uses_consensus:
+            answer = self._decide(route, messages, request, request_id, deadline)
         else:
-            answer = self._generate(decision, turns, request, request_id, deadline)
+            answer = self._generate(decision, messages, request, request_id, deadline)
         summary = None
         try:
             async for response in answer:
@@ -112,7 +169,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     # ------------------------------------------------------------------ one model, with fallbacks
 
-    async def _generate(self, decision: router_pb2.RouteDecision, turns, request, request_id: str, deadline: float):
+    async def _generate(self, decision: router_pb2.RouteDecision, messages, request, request_id: str, deadline: float):
         models = [decision.model, *decision.fallbacks]
         attempted: list[str] = []
         failures: list[_AttemptFailed] = []
@@ -130,7 +187,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             has_next = position < len(models) - 1
             started = time.perf_counter()
             call = self.model_host.Generate(
-                model_host_pb2.GenerateRequest(request_id=request_id, model=model, messages=chat(turns), sampling=request.sampling),
+                model_host_pb2.GenerateRequest(request_id=request_id, model=model, messages=messages, prompt=request.prompt,
+                                               sampling=request.sampling),
                 timeout=remaining, metadata=self._priority_metadata(decision.route),
             )
             try:
@@ -208,10 +266,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     # ------------------------------------------------------------------ consensus routes
 
-    async def _decide(self, route: RouteSpec, turns, request, request_id: str, deadline: float):
+    async def _decide(self, route: RouteSpec, messages, request, request_id: str, deadline: float):
         members = [self.rollouts.serving(m) for m in (route.primary, *route.validators)]  # promoted versions vote
         decide = consensus_pb2.DecideRequest(
-            request_id=request_id, route=route.name, models=members, messages=chat(turns),
+            request_id=request_id, route=route.name, models=members, messages=messages,
             options=list(route.options), consensus_threshold=route.consensus_threshold or 1.0, sampling=request.sampling,
         )
         remaining = deadline - time.monotonic()
@@ -238,7 +296,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     # ------------------------------------------------------------------ rollouts: mirrored calls
 
-    def _mirror(self, plan: Plan, route_name: str, turns, request, deadline: float, answered: asyncio.Future) -> None:
+    def _mirror(self, plan: Plan, route_name: str, messages, request, deadline: float, answered: asyncio.Future) -> None:
         """Sends the request to `plan.mirror` in the background (never to the caller) and compares
         its answer with the one the caller got."""
         if len(self._mirrors) >= MAX_MIRRORS_IN_FLIGHT:
@@ -252,8 +310,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             started, first_token_ms, text = time.perf_counter(), None, None
             try:
                 call = self.model_host.Generate(
-                    model_host_pb2.GenerateRequest(request_id=uuid.uuid4().hex, model=plan.mirror, messages=chat(turns),
-                                                   sampling=request.sampling), timeout=remaining)
+                    model_host_pb2.GenerateRequest(request_id=uuid.uuid4().hex, model=plan.mirror, messages=messages,
+                                                   prompt=request.prompt, sampling=request.sampling), timeout=remaining)
                 async for chunk in call:
                     if first_token_ms is None:
                         first_token_ms = (time.perf_counter() - started) * 1000

@@ -1,5 +1,6 @@
 from mirador.v1 import common_pb2 as _common_pb2
 from mirador.v1 import consensus_pb2 as _consensus_pb2
+from mirador.v1 import model_host_pb2 as _model_host_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -21,18 +22,24 @@ ROUTE_REASON_CLASSIFIED: RouteReason
 ROUTE_REASON_LOW_CONFIDENCE: RouteReason
 
 class AskRequest(_message.Message):
-    __slots__ = ("request_id", "text", "route", "session_id", "sampling")
+    __slots__ = ("request_id", "text", "route", "session_id", "sampling", "messages", "model", "prompt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     route: str
     session_id: str
     sampling: _common_pb2.SamplingParams
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., route: _Optional[str] = ..., session_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
+    model: str
+    prompt: str
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., route: _Optional[str] = ..., session_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("route", "token", "vote", "verdict", "summary")

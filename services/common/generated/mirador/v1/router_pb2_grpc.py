@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from mirador.v1 import model_host_pb2 as mirador_dot_v1_dot_model__host__pb2
 from mirador.v1 import router_pb2 as mirador_dot_v1_dot_router__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -44,6 +45,11 @@ class RouterStub:
                 request_serializer=mirador_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
                 response_deserializer=mirador_dot_v1_dot_router__pb2.RouteDecision.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/mirador.v1.Router/Embed',
+                request_serializer=mirador_dot_v1_dot_model__host__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=mirador_dot_v1_dot_model__host__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -65,6 +71,15 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeds texts with an embedding model of the fleet: the model host's Embed,
+        relayed, so clients of the front door (the HTTP gateway's /v1/embeddings)
+        need no channel of their own to the model hosts. The token and rate limit apply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +92,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Route,
                     request_deserializer=mirador_dot_v1_dot_router__pb2.RouteRequest.FromString,
                     response_serializer=mirador_dot_v1_dot_router__pb2.RouteDecision.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=mirador_dot_v1_dot_model__host__pb2.EmbedRequest.FromString,
+                    response_serializer=mirador_dot_v1_dot_model__host__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +153,33 @@ class Router:
             '/mirador.v1.Router/Route',
             mirador_dot_v1_dot_router__pb2.RouteRequest.SerializeToString,
             mirador_dot_v1_dot_router__pb2.RouteDecision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mirador.v1.Router/Embed',
+            mirador_dot_v1_dot_model__host__pb2.EmbedRequest.SerializeToString,
+            mirador_dot_v1_dot_model__host__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
