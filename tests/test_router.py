@@ -13,7 +13,7 @@ from services.common.config import load_config
 from services.common.model_repository import ModelRepository
 from services.model_host.faults import ENV_VAR as DELAY_ENV
 from services.router.fallback import BreakerState, CircuitBreaker
-from tiny_models import build_tiny_decoder, build_tiny_encoder, chat_tokenizer, write_corrupt_model
+from tiny_models import build_tiny_decoder, build_tiny_encoder, chat_tokenizer, chatml, write_corrupt_model
 
 ROUTES = """
 fleet:
@@ -186,6 +186,15 @@ def test_session_context_survives_a_model_switch(router):
     (router_pb2.AskRequest(text="hi", route="atlantis"), grpc.StatusCode.NOT_FOUND, "known routes"),
     (router_pb2.AskRequest(text="x" * (10 * 1024 * 1024)), grpc.StatusCode.INVALID_ARGUMENT, "send at most 32768 bytes"),
     (router_pb2.AskRequest(text="hi", session_id="s" * 500), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
+    (router_pb2.AskRequest(text="hi", prompt="hi"), grpc.StatusCode.INVALID_ARGUMENT, "not text and prompt"),
+    (router_pb2.AskRequest(prompt="hi", session_id="s1"), grpc.StatusCode.INVALID_ARGUMENT, "the caller keeps it"),
+    (router_pb2.AskRequest(messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_ASSISTANT, content="hi")]),
+     grpc.StatusCode.INVALID_ARGUMENT, "the last message is the assistant's"),
+    (router_pb2.AskRequest(text="hi", model="tiny-lm", route="greetings"), grpc.StatusCode.INVALID_ARGUMENT,
+     "set `route` or `model`, not both"),
+    (router_pb2.AskRequest(text="hi", model="atlantis"), grpc.StatusCode.NOT_FOUND, "text-generation models: broken-lm"),
+    (router_pb2.AskRequest(text="hi", model="tiny-embed"), grpc.StatusCode.INVALID_ARGUMENT,
+     "does embedding, not text-generation"),
 ])
 def test_bad_input_gets_a_clear_status(router, request_, code, phrase):
     got, details = error_of(lambda: router.Ask(request_, timeout=30))
@@ -199,3 +208,45 @@ def test_invalid_utf8_gets_invalid_argument(mesh):
         raw = channel.unary_unary("/mirador.v1.Router/Route")
         got, details = error_of(lambda: raw(broken, timeout=10))
     assert got == grpc.StatusCode.INVALID_ARGUMENT and "not a valid message" in details
+
+
+# --------------------------------------------------------------------------- messages, a named model, raw prompts, Embed
+
+
+def test_a_named_model_answers_alone_and_a_conversation_is_sent_whole(router):
+    messages = [common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content="Be brief."),
+                common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="count to ten please")]
+    events = list(router.Ask(router_pb2.AskRequest(model="tiny-lm-b", messages=messages,
+                                                   sampling=common_pb2.SamplingParams(max_tokens=4)), timeout=60))
+    decision, summary = events[0].route, events[-1].summary
+    assert decision.route == "" and decision.model == "tiny-lm-b" and not decision.fallbacks
+    assert summary.model == "tiny-lm-b" and summary.attempted_models == ["tiny-lm-b"]
+    expected = chatml([("system", "Be brief."), ("user", "count to ten please")], system=None)
+    assert summary.usage.prompt_tokens == len(chat_tokenizer().encode(expected, add_special_tokens=False).ids)
+    # routing reads the last user turn of a conversation
+    classified = list(router.Ask(router_pb2.AskRequest(messages=messages, sampling=common_pb2.SamplingParams(
+        max_tokens=2)), timeout=60))[0].route
+    assert classified.route == "numbers"
+
+
+def test_a_named_model_that_fails_has_no_fallback(router):
+    code, details = error_of(lambda: router.Ask(router_pb2.AskRequest(text="hi", model="broken-lm"), timeout=60))
+    assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION) and "broken-lm" in details
+
+
+def test_a_raw_prompt_is_continued_without_the_chat_template(router):
+    events = list(router.Ask(router_pb2.AskRequest(prompt="one two three", route="numbers",
+                                                   sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=60))
+    summary = events[-1].summary
+    assert summary.usage.prompt_tokens == len(chat_tokenizer().encode("one two three", add_special_tokens=False).ids)
+
+
+def test_embed_relays_the_model_hosts_vectors_and_refuses_other_models(router):
+    from mirador.v1 import model_host_pb2
+
+    reply = router.Embed(model_host_pb2.EmbedRequest(model="tiny-embed", texts=["a cat", "a dog"]), timeout=30)
+    assert reply.model == "tiny-embed" and len(reply.embeddings) == 2 and reply.dimension == 32
+    code, details = error_of(lambda: router.Embed(model_host_pb2.EmbedRequest(model="tiny-lm", texts=["x"]), timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "does text-generation, not embedding" in details
+    code, details = error_of(lambda: router.Embed(model_host_pb2.EmbedRequest(model="tiny-embed"), timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT

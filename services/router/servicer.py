@@ -83,7 +83,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if spec is None:
             raise NotFound(f"model `{name}` is not in the fleet; {task} models: {known}")
         if spec.task != task:
-            raise InvalidArgument(f"model `{name}` is a {spec.task} model, not {task}; use one of: {known}")
+            raise InvalidArgument(f"model `{name}` does {spec.task}, not {task}; use one of: {known}")
         return spec
 
     def _conversation(self, request: router_pb2.AskRequest) -> tuple[list[common_pb2.ChatMessage], str]:
