@@ -40,7 +40,7 @@ def write_config(directory: Path, service_extra: dict[str, str] | None = None, b
     """A config with every service on its own free port; `service_extra` adds YAML keys per service."""
     service_extra = service_extra or {}
     lines = ["services:"]
-    for name in ("router", "consensus", "quantizer", "model_host"):
+    for name in ("router", "consensus", "quantizer", "model_host", "gateway"):
         lines += [f"  {name}:", f"    port: {free_port()}", "    shutdown_grace_s: 3s"]
         if name == "consensus" and "escalation_db" not in service_extra.get(name, ""):  # never the user's queue
             lines.append(f"    escalation_db: {directory / 'escalations.sqlite3'}")

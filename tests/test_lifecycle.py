@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mirador.v1 import quantizer_pb2, quantizer_pb2_grpc, router_pb2, router_pb2_grpc
 
 from conftest import FLEET_AND_ROUTES, write_config
-from services.cli.supervisor import Mesh, MeshStartError, health_status
+from services.cli.supervisor import Mesh, MeshStartError, health_status, http_health_status
 from services.common.config import load_config
 
 
@@ -156,13 +156,14 @@ def test_mirador_up_serves_and_stops_cleanly_on_sigterm(tmp_path):
         output = "".join(lines)
         assert "all services SERVING" in output, output
         pids = [int(line.split("pid")[1]) for line in lines if " pid " in line]
-        assert len(pids) == 4
+        assert len(pids) == 5  # the four gRPC services and the HTTP gateway
         config = load_config(config_path)
         assert all(health_status(s.address) == "SERVING" for _, s in config.services.items())
+        assert http_health_status(config.services.gateway.address) == "SERVING"
         up.send_signal(signal.SIGTERM)
         rest = up.stdout.read()
         assert up.wait(30) == 0
-        assert "router (exit 0)" in rest and "model_host (exit 0)" in rest
+        assert "router (exit 0)" in rest and "model_host (exit 0)" in rest and "gateway (exit 0)" in rest
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)

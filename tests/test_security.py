@@ -26,7 +26,7 @@ from mirador.v1 import model_host_pb2, model_host_pb2_grpc, router_pb2, router_p
 
 from conftest import free_port
 from services.cli.main import main as mirador
-from services.cli.supervisor import Mesh, health_status, port_is_free
+from services.cli.supervisor import UP_SERVICES, Mesh, health_status, port_is_free
 from services.common.channels import open_channel
 from services.common.config import ConfigError, load_config, parse_config
 from services.common.model_repository import ModelRepository
@@ -121,7 +121,7 @@ def tls_section(pki, *, require_client_cert: bool = True, extra: str = "") -> st
 
 def write_secure_config(directory: Path, pki, *, body: str, extra: str = "") -> Path:
     lines = ["services:"]
-    for name in ("router", "consensus", "quantizer", "model_host"):
+    for name in ("router", "consensus", "quantizer", "model_host", "gateway"):
         lines += [f"  {name}: {{port: {free_port()}, shutdown_grace_s: 2s}}"]
     lines.append(f"model_repository: {directory / 'models'}")
     path = directory / "mirador.yaml"
@@ -161,7 +161,8 @@ def secure_mesh(tmp_path_factory, pki):
     build_tiny_decoder(ModelRepository(directory / "models"), "tiny-lm")
     saved = {k: os.environ.get(k) for k in (TOKEN_ENV, "XDG_CACHE_HOME")}
     os.environ.update({TOKEN_ENV: TOKEN, "XDG_CACHE_HOME": str(directory / "cache")})
-    mesh = Mesh(load_config(write_secure_config(directory, pki, body=FLEET, extra=AUTH)), log_dir=directory / "logs")
+    mesh = Mesh(load_config(write_secure_config(directory, pki, body=FLEET, extra=AUTH)), log_dir=directory / "logs",
+                services=UP_SERVICES)
     try:
         mesh.start(timeout_s=60)
         yield mesh
@@ -301,7 +302,7 @@ def test_mirador_status_and_route_work_with_tls(secure_mesh, capsys):
     path = str(secure_mesh.config.path)
     assert mirador(["--config", path, "status"]) == 0
     out = capsys.readouterr().out
-    assert out.count("SERVING") == 4 and "tiny-lm" in out
+    assert out.count("SERVING") == 5 and "tiny-lm" in out  # the gateway's /healthz through HTTPS too
     assert mirador(["--config", path, "route", "hello", "--route", "chat"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "tiny-lm"
 

@@ -30,7 +30,8 @@ from services.common import telemetry
 from services.common.channels import open_channel
 from services.common.config import ConfigError, MiradorConfig, load_config
 from services.common.paths import state_dir
-from services.cli.supervisor import START_ORDER, Mesh, MeshStartError, health_status
+from services.cli.supervisor import START_ORDER, UP_SERVICES, Mesh, MeshStartError, health_status, http_health_status
+from services.common.config import HTTP_SERVICE_NAMES
 from services.cli.quantize import add_quantize_command
 from services.cli.review import add_review_commands
 from services.cli.reload import add_reload_command
@@ -50,7 +51,8 @@ def _config(args) -> MiradorConfig:
 
 def cmd_up(args) -> int:
     config = _config(args)
-    mesh = Mesh(config, log_dir=Path(args.log_dir) if args.log_dir else state_dir() / "logs", replicas=args.replicas)
+    mesh = Mesh(config, log_dir=Path(args.log_dir) if args.log_dir else state_dir() / "logs", replicas=args.replicas,
+                services=UP_SERVICES)
     started = time.monotonic()
     print(f"starting the mesh from {mesh.config.path} ...", flush=True)
     mesh.start(timeout_s=args.timeout)
@@ -81,7 +83,8 @@ def cmd_status(args) -> int:
     print(f"{'service':<11} {'address':<22} health")
     for name in START_ORDER:
         settings = getattr(config.services, name)
-        health = health_status(settings.address, config=config)
+        probe = http_health_status if name in HTTP_SERVICE_NAMES else health_status
+        health = probe(settings.address, config=config)
         healthy &= health == "SERVING"
         print(f"{name:<11} {settings.address:<22} {health}")
     address = config.services.model_host.address

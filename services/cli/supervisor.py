@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +23,13 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.channels import open_channel
-from services.common.config import SERVICE_NAMES, MiradorConfig, SecurityConfig, ServiceSettings, load_config
+from services.common.config import (HTTP_SERVICE_NAMES, SERVICE_NAMES, MiradorConfig, SecurityConfig, ServiceSettings,
+                                    load_config)
 
 # Start order: what others call first. (They start in parallel; this is the log order.)
-START_ORDER = ("model_host", "quantizer", "consensus", "router")
+START_ORDER = ("model_host", "quantizer", "consensus", "router", "gateway")
+# What `mirador up` runs: the gRPC services and the HTTP gateway in front of the router.
+UP_SERVICES = (*SERVICE_NAMES, *HTTP_SERVICE_NAMES)
 
 
 class MeshStartError(RuntimeError):
@@ -56,6 +62,26 @@ def health_status(address: str, service: str = "", timeout_s: float = 1.0,
         except grpc.RpcError as exc:
             return "UNREACHABLE" if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else exc.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def http_health_status(address: str, timeout_s: float = 1.0, config: MiradorConfig | None = None) -> str:
+    """An HTTP service's health as a word: SERVING when GET /healthz answers 200, else UNREACHABLE
+    (or the HTTP status). With `security.tls` the probe speaks HTTPS and checks the certificate
+    against its CA (not the name: the supervisor probes its own child on a known address)."""
+    tls = config.security.tls if config is not None else None
+    context = None
+    if tls is not None:
+        context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca else None)
+        context.check_hostname = False
+        context.load_cert_chain(str(tls.client_cert or tls.cert), str(tls.client_key or tls.key))
+    url = f"{'https' if tls is not None else 'http'}://{address}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as reply:
+            return "SERVING" if reply.status == 200 else f"HTTP {reply.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except (OSError, ValueError):
+        return "UNREACHABLE"
 
 
 @dataclass
@@ -203,7 +229,8 @@ class Mesh:
                         f"{name} exited with code {service.process.returncode} while starting; "
                         f"its log ({service.log_path}) ends with:\n{service.log_tail()}"
                     )
-                if health_status(service.settings.address, timeout_s=0.5, config=self.config) == "SERVING":
+                probe = http_health_status if name in HTTP_SERVICE_NAMES else health_status
+                if probe(service.settings.address, timeout_s=0.5, config=self.config) == "SERVING":
                     del waiting[name]
             if waiting and time.monotonic() > deadline:
                 raise MeshStartError(

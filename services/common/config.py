@@ -26,7 +26,9 @@ TASKS = ("text-generation", "embedding", "classification")
 TIERS = ("hot", "warm", "cold")
 PRIORITIES = ("normal", "critical")
 SERVICE_NAMES = ("router", "consensus", "quantizer", "model_host")
-DEFAULT_PORTS = {"router": 50051, "consensus": 50052, "quantizer": 50053, "model_host": 50061}
+DEFAULT_PORTS = {"router": 50051, "consensus": 50052, "quantizer": 50053, "model_host": 50061, "gateway": 8080}
+# Services that speak HTTP, not gRPC (no grpc.health.v1; `mirador up` checks their /healthz).
+HTTP_SERVICE_NAMES = ("gateway",)
 
 _IP_PORT = re.compile(r"^(?:\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:.]+\]):\d{1,5}$")
 _TARGET = re.compile(r"^(?:(?:dns|ipv4|ipv6|unix):\S+|[^\s:/]+:\d{1,5}|\[[0-9a-fA-F:.]+\]:\d{1,5})$")
@@ -108,11 +110,20 @@ class QuantizerSettings(ServiceSettings):
 
 
 @dataclass(frozen=True)
+class GatewaySettings(ServiceSettings):
+    """The OpenAI-compatible HTTP gateway in front of the router (services/gateway/)."""
+
+    port: int = DEFAULT_PORTS["gateway"]
+    max_body_bytes: int = 1 << 20  # larger request bodies are refused with 413
+
+
+@dataclass(frozen=True)
 class ServicesConfig:
     router: RouterSettings
     consensus: ConsensusSettings
     quantizer: QuantizerSettings
     model_host: ModelHostSettings
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)  # not in items(): it speaks HTTP
 
     def items(self) -> list[tuple[str, ServiceSettings]]:
         return [(name, getattr(self, name)) for name in SERVICE_NAMES]
@@ -470,12 +481,14 @@ class _Reader:
         "consensus": ConsensusSettings,
         "quantizer": QuantizerSettings,
         "model_host": ModelHostSettings,
+        "gateway": GatewaySettings,
     }
     def read_services(self, node: yaml.Node | None, root: yaml.Node) -> ServicesConfig:
-        entries = self.mapping(node, "services", SERVICE_NAMES) if node is not None else {}
+        names = (*SERVICE_NAMES, *HTTP_SERVICE_NAMES)
+        entries = self.mapping(node, "services", names) if node is not None else {}
         built: dict[str, ServiceSettings] = {}
         seen_addresses: dict[tuple[str, int], str] = {}
-        for name in SERVICE_NAMES:
+        for name in names:
             settings_type = self._SERVICE_TYPES[name]
             key_node, value_node = entries.get(name, (None, None))
             values = self.read_service(value_node, f"services.{name}", settings_type) if value_node else {}
@@ -547,6 +560,8 @@ class _Reader:
             elif name in ("max_concurrent_rpcs", "block_size", "max_batch_size", "max_queue_per_model",
                           "prefill_chunk_tokens"):
                 value = self.integer(value_node, dotted, minimum=1)
+            elif name == "max_body_bytes":
+                value = self.integer(value_node, dotted, minimum=1024)
             elif name in ("intra_op_threads", "max_queue_delay_ms", "rate_limit_burst"):
                 value = self.integer(value_node, dotted, minimum=0)
             elif name == "reaper_interval_s":

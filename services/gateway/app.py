@@ -1,0 +1,492 @@
+"""The OpenAI-compatible HTTP API, as a Starlette app that asks the router over gRPC.
+
+    GET  /healthz               the gateway is up (the supervisor waits for it)
+    GET  /v1/models             `auto`, the routes and the fleet's models, OpenAI's list shape
+    POST /v1/chat/completions   model = a route, a fleet model or `auto`; stream with SSE
+    POST /v1/completions        a raw prompt, continued without the chat template
+    POST /v1/embeddings         an embedding model of the fleet (`auto` = the router's)
+
+Each answer names the model that actually answered and carries one extra object, `mirador`
+(format in docs/gateway.md): the route and why, fallbacks, timings, confidence and, on
+consensus routes, every vote, the consistency and the escalation id. Errors are OpenAI's
+error JSON with the HTTP status an OpenAI client expects (services/gateway/errors.py).
+
+A streamed answer is relayed token by token; when the client goes away, the gRPC call to
+the router is cancelled at the next token at the latest (the router cancels the model's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+from urllib.parse import quote
+
+import grpc
+import numpy as np
+from mirador.v1 import common_pb2, model_host_pb2, router_pb2, router_pb2_grpc
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from services.common.channels import open_channel
+from services.common.config import MiradorConfig
+from services.common.logs import log_event
+from services.gateway import requests as openai_requests
+from services.gateway.errors import GatewayError, from_rpc_error, invalid
+from services.gateway.requests import AUTO, GenerationRequest
+
+log = logging.getLogger("mirador.gateway")
+
+# The router applies each route's timeout_ms; this only bounds a router that never answers.
+ROUTER_TIMEOUT_S = 600.0
+CLIENT_METADATA_KEY = "x-mirador-client"  # the router's rate-limit client id (services/router/rate_limit.py)
+FINISH_REASONS = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_STOP_STRING: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_CONTEXT_LENGTH: "length",
+}
+ROUTE_REASONS = {router_pb2.ROUTE_REASON_EXPLICIT: "explicit", router_pb2.ROUTE_REASON_CLASSIFIED: "classified",
+                 router_pb2.ROUTE_REASON_LOW_CONFIDENCE: "low_confidence"}
+
+
+class Gateway:
+    """What the endpoints share: the config (routes, fleet, token) and the router's stub."""
+
+    def __init__(self, config: MiradorConfig):
+        self.config = config
+        self.channel: grpc.aio.Channel | None = None
+        self.router: router_pb2_grpc.RouterStub | None = None
+
+    async def open(self) -> None:
+        # open_channel adds the configured bearer token to every router call
+        self.channel = open_channel(self.config, self.config.services.router.address, aio=True, service="router")
+        self.router = router_pb2_grpc.RouterStub(self.channel)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    # ------------------------------------------------------------------ checks shared by endpoints
+
+    def authorize(self, request: Request) -> None:
+        """The router's bearer token, checked as the router checks it (constant-time, one header)."""
+        token = self.config.security.bearer_token
+        if not token:
+            return
+        values = request.headers.getlist("authorization")
+        if not values:
+            raise GatewayError(401, "the gateway requires a bearer token: send the header `Authorization: Bearer "
+                                    "<token>` (the OpenAI SDKs send their api_key so) with the token that the mesh's "
+                                    "config names under security.auth", code="invalid_api_key")
+        scheme, _, credential = values[0].strip().partition(" ")
+        presented = f"{scheme.lower()} {credential.strip()}".encode("utf-8", "replace")
+        if len(values) != 1 or not hmac.compare_digest(presented, f"bearer {token}".encode()):
+            raise GatewayError(401, "the bearer token sent is not the configured one: send `Authorization: Bearer "
+                                    "<token>` with the token named under security.auth in the mesh's config",
+                               code="invalid_api_key")
+
+    async def read_json(self, request: Request) -> dict:
+        limit = self.config.services.gateway.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise _too_large(len(body), limit)
+        if not body:
+            raise invalid("the body is empty; send a JSON object")
+        return openai_requests.parse_json(bytes(body))
+
+    def target(self, name: str) -> dict[str, str]:
+        """AskRequest fields for OpenAI's `model`: `auto` (classify), a route, or a fleet model.
+        A name that is both a route and a model means the route."""
+        if name == AUTO:
+            return {}
+        if name in self.config.routes:
+            return {"route": name}
+        spec = self.config.fleet.get(name)
+        if spec is not None and spec.task == "text-generation":
+            return {"model": name}
+        if spec is not None:
+            raise invalid(f"model `{name}` does {spec.task}, not text generation; name a route, a text-generation "
+                          "model or `auto`"
+                          + (" (embedding models answer POST /v1/embeddings)" if spec.task == "embedding" else ""),
+                          "model")
+        raise GatewayError(404, f"model `{name[:120]}` does not exist; use `auto`, a route ({', '.join(self.config.routes)}) "
+                                f"or a text-generation model of the fleet ({', '.join(self._generators())})",
+                           "model", code="model_not_found")
+
+    def _generators(self) -> list[str]:
+        return sorted(n for n, spec in self.config.fleet.items() if spec.task == "text-generation")
+
+    @staticmethod
+    def metadata(request: Request, user: str) -> tuple[tuple[str, str], ...]:
+        """The rate-limit client id: OpenAI's `user`, else the HTTP client's address (gRPC metadata is ASCII)."""
+        client = user or (request.client.host if request.client else "")
+        return ((CLIENT_METADATA_KEY, quote(client, safe="")),) if client else ()
+
+    def ask(self, request: Request, parsed: GenerationRequest, request_id: str):
+        ask = router_pb2.AskRequest(request_id=request_id, messages=parsed.messages, prompt=parsed.prompt,
+                                    sampling=parsed.sampling, **self.target(parsed.model))
+        return self.router.Ask(ask, timeout=ROUTER_TIMEOUT_S, metadata=self.metadata(request, parsed.user))
+
+
+def _too_large(size: int, limit: int) -> GatewayError:
+    return GatewayError(413, f"the body is {size} bytes, more than this gateway takes ({limit}); send less, or raise "
+                             "services.gateway.max_body_bytes in the config")
+
+
+# --------------------------------------------------------------------------- answers
+
+
+class Answer:
+    """The events of one Ask, gathered into what the OpenAI formats need."""
+
+    def __init__(self) -> None:
+        self.decision: router_pb2.RouteDecision | None = None
+        self.tokens: list[common_pb2.TokenChunk] = []
+        self.votes: list = []
+        self.verdict = None
+        self.summary: router_pb2.AskSummary | None = None
+
+    def add(self, event: router_pb2.AskResponse) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "route":
+            self.decision = event.route
+        elif kind == "token":
+            self.tokens.append(event.token)
+        elif kind == "vote":
+            self.votes.append(event.vote)
+        elif kind == "verdict":
+            self.verdict = event.verdict
+        elif kind == "summary":
+            self.summary = event.summary
+
+    @property
+    def model(self) -> str:
+        """The model that answered (the primary named by the route decision until the summary says)."""
+        if self.summary is not None and self.summary.model:
+            return self.summary.model
+        return self.decision.model if self.decision is not None else ""
+
+    @property
+    def text(self) -> str:
+        if self.summary is not None:
+            return self.summary.text
+        return "".join(t.text for t in self.tokens)
+
+    @property
+    def finish_reason(self) -> str:
+        return FINISH_REASONS.get(self.summary.finish_reason, "stop") if self.summary is not None else "stop"
+
+    def usage(self) -> dict:
+        usage = self.summary.usage if self.summary is not None else common_pb2.Usage()
+        return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+    def extra(self, started: float) -> dict:
+        """The `mirador` object (docs/gateway.md)."""
+        d, s = self.decision, self.summary
+        extra = {
+            "route": d.route or None if d is not None else None,
+            "route_reason": ROUTE_REASONS.get(d.reason) if d is not None else None,
+            "route_confidence": round(d.confidence, 6) if d is not None else None,
+            "route_scores": {r.route: round(r.score, 6) for r in d.scores} if d is not None else {},
+            "model": self.model,
+            "primary": d.model if d is not None else None,
+            "fell_back": bool(s and s.fell_back),
+            "attempted_models": list(s.attempted_models) if s is not None else [],
+            "finish_reason": common_pb2.FinishReason.Name(s.finish_reason).removeprefix("FINISH_REASON_").lower()
+            if s is not None and s.finish_reason else None,
+            "timings": {**({k: round(getattr(s.timings, k), 3) for k in
+                            ("queue_ms", "load_ms", "prefill_ms", "decode_ms", "first_token_ms", "total_ms")}
+                           if s is not None else {}),
+                        "gateway_total_ms": round((time.perf_counter() - started) * 1000, 3)},
+            "confidence": _confidence(s.confidence) if s is not None and s.HasField("confidence") else None,
+            "consensus": None,
+        }
+        if self.verdict is not None or self.votes:
+            v = self.verdict
+            extra["consensus"] = {
+                "votes": [{"model": vote.model, "primary": vote.primary, "answer": vote.answer,
+                           "confidence": _confidence(vote.confidence), "weight": round(vote.weight, 6),
+                           "error": vote.error or None, "latency_ms": round(vote.latency_ms, 3)} for vote in self.votes],
+                "answer": v.answer if v is not None else None,
+                "consistency": round(v.consistency, 6) if v is not None else None,
+                "threshold": round(v.consensus_threshold, 6) if v is not None else None,
+                "method": v.method if v is not None else None,
+                "combined_distribution": {p.label: round(p.probability, 6) for p in v.combined_distribution}
+                if v is not None else {},
+                "escalated": bool(v and v.escalated),
+                "escalation_id": (v.escalation_id or None) if v is not None else None,
+                "primary_overturned": bool(v and v.primary_overturned),
+            }
+        return extra
+
+
+def _confidence(c: common_pb2.ConfidenceMetadata) -> dict:
+    return {"calibrated_confidence": round(c.calibrated_confidence, 6), "calibration_source": c.calibration_source,
+            "mean_logprob": round(c.mean_logprob, 6), "min_logprob": round(c.min_logprob, 6),
+            "mean_entropy": round(c.mean_entropy, 6),
+            "label_distribution": {p.label: round(p.probability, 6) for p in c.label_distribution}}
+
+
+def _token_logprob(token: common_pb2.TokenChunk) -> dict:
+    return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode("utf-8")), "top_logprobs": []}
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def list_models(request: Request) -> Response:
+    gateway = _gateway(request)
+    gateway.authorize(request)
+    return JSONResponse({"object": "list", "data": _models(gateway.config)})
+
+
+async def get_model(request: Request) -> Response:
+    gateway = _gateway(request)
+    gateway.authorize(request)
+    name = request.path_params["model"]
+    for entry in _models(gateway.config):
+        if entry["id"] == name:
+            return JSONResponse(entry)
+    raise GatewayError(404, f"model `{name[:120]}` does not exist; GET /v1/models lists what does", "model",
+                       code="model_not_found")
+
+
+def _models(config: MiradorConfig) -> list[dict]:
+    def entry(name: str, **mirador) -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "mirador", "mirador": mirador}
+
+    models = [entry(AUTO, kind="auto", description="the router classifies each request and picks a route")]
+    models += [entry(name, kind="route", primary=r.primary, fallback=list(r.fallback), validators=list(r.validators),
+                     consensus=r.uses_consensus, description=r.description) for name, r in config.routes.items()]
+    models += [entry(name, kind="model", task=spec.task, description=spec.description)
+               for name, spec in config.fleet.items() if name not in config.routes]
+    return models
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generation(request, chat=True)
+
+
+async def completions(request: Request) -> Response:
+    return await _generation(request, chat=False)
+
+
+async def _generation(request: Request, chat: bool) -> Response:
+    started = time.perf_counter()
+    gateway = _gateway(request)
+    gateway.authorize(request)
+    data = await gateway.read_json(request)
+    parsed = openai_requests.parse_chat(data) if chat else openai_requests.parse_completion(data)
+    request_id = uuid.uuid4().hex
+    gateway.target(parsed.model)  # an unknown model is a 404 before any call
+    call = gateway.ask(request, parsed, request_id)
+    answer = Answer()
+    try:
+        if not parsed.stream:
+            async for event in call:
+                answer.add(event)
+            return JSONResponse(_complete(answer, parsed, request_id, started, chat),
+                                headers={"x-request-id": request_id})
+        # Errors before the first token get their HTTP status; the stream starts with it.
+        prefetched = []
+        async for event in call:
+            prefetched.append(event)
+            if not event.HasField("route"):
+                break
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+    except BaseException:
+        call.cancel()
+        raise
+    return _EventStream(_stream(call, prefetched, answer, parsed, request_id, started, chat),
+                        headers={"x-request-id": request_id, "cache-control": "no-cache"})
+
+
+def _complete(answer: Answer, parsed: GenerationRequest, request_id: str, started: float, chat: bool) -> dict:
+    if chat:
+        logprobs = {"content": [_token_logprob(t) for t in answer.tokens], "refusal": None} if parsed.logprobs else None
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
+                  "logprobs": logprobs, "finish_reason": answer.finish_reason}
+    else:
+        choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.finish_reason}
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
+            "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": answer.model, "choices": [choice], "usage": answer.usage(), "system_fingerprint": None,
+            "mirador": answer.extra(started)}
+
+
+async def _stream(call, prefetched: list, answer: Answer, parsed: GenerationRequest, request_id: str, started: float,
+                  chat: bool) -> AsyncIterator[bytes]:
+    """OpenAI's server-sent events: a chunk per token, a last chunk with finish_reason, the model that
+    answered and the `mirador` object, the usage chunk when asked for, then `data: [DONE]`."""
+    created = int(time.time())
+    usage_field = {"usage": None} if parsed.include_usage else {}
+
+    def chunk(choices: list, **extra) -> bytes:
+        body = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
+                "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                "model": answer.model, "system_fingerprint": None, "choices": choices, **usage_field, **extra}
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    def piece(text: str, token: common_pb2.TokenChunk | None = None, finish: str | None = None) -> dict:
+        if chat:
+            delta = {"content": text} if finish is None else {}
+            logprobs = ({"content": [_token_logprob(token)] if token is not None else [], "refusal": None}
+                        if parsed.logprobs and finish is None else None)
+            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    async def events():
+        for event in prefetched:
+            yield event
+        async for event in call:
+            yield event
+
+    for event in prefetched:
+        if event.HasField("route"):
+            answer.add(event)  # the first chunk names the route's model
+    try:
+        if chat:
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for event in events():
+            answer.add(event)
+            kind = event.WhichOneof("event")
+            if kind == "token":
+                yield chunk([piece(event.token.text, event.token)])
+            elif kind == "verdict" and not answer.tokens:  # consensus routes: the decided answer at once
+                yield chunk([piece(event.verdict.answer)])
+            elif kind == "summary":
+                yield chunk([piece("", finish=answer.finish_reason)], mirador=answer.extra(started))
+        if parsed.include_usage:
+            usage_field.clear()
+            yield chunk([], usage=answer.usage())
+        yield b"data: [DONE]\n\n"
+    except grpc.aio.AioRpcError as exc:
+        # The stream has begun (status 200): the error is an event, as OpenAI sends it; no [DONE] follows.
+        yield b"data: " + json.dumps(from_rpc_error(exc).body()).encode() + b"\n\n"
+    finally:
+        call.cancel()  # no-op once finished; a client gone mid-answer stops the router's work
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that always closes its iterator: when the client disconnects, send()
+    fails and Starlette stops iterating; closing runs the generator's `finally`, which cancels
+    the gRPC call now rather than whenever the generator is garbage-collected."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()
+
+
+async def embeddings(request: Request) -> Response:
+    gateway = _gateway(request)
+    gateway.authorize(request)
+    data = await gateway.read_json(request)
+    parsed = openai_requests.parse_embeddings(data)
+    model = gateway.config.services.router.embedding_model if parsed.model == AUTO else parsed.model
+    try:
+        reply = await gateway.router.Embed(
+            model_host_pb2.EmbedRequest(request_id=uuid.uuid4().hex, model=model, texts=parsed.texts),
+            timeout=ROUTER_TIMEOUT_S, metadata=gateway.metadata(request, parsed.user))
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+    base64_encoded = openai_requests.embedding_encoding(data) == "base64"
+
+    def vector(values) -> list[float] | str:
+        if base64_encoded:
+            return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
+        return list(values)
+
+    return JSONResponse({
+        "object": "list", "model": reply.model,
+        "data": [{"object": "embedding", "index": i, "embedding": vector(e.values)} for i, e in enumerate(reply.embeddings)],
+        # the model host does not count embedded tokens
+        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+    })
+
+
+async def review(request: Request) -> Response:
+    raise GatewayError(501, "the review page is not built yet (issue 13, a later step); resolve escalations with "
+                            "`mirador review list | show ID | resolve ID`")
+
+
+# --------------------------------------------------------------------------- errors and the app
+
+
+async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 404:
+        message = (f"no endpoint at {request.url.path[:200]}; this gateway serves GET /v1/models, POST "
+                   "/v1/chat/completions, POST /v1/completions, POST /v1/embeddings and GET /healthz")
+    elif exc.status_code == 405:
+        allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "another method")
+        message = f"{request.method} is not allowed on {request.url.path[:200]}; use {allowed}"
+    else:
+        message = str(exc.detail)
+    return GatewayError(exc.status_code, message).response()
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log_event(log, "unexpected error", logging.ERROR, path=request.url.path, error=repr(exc)[:500])
+    return GatewayError(500, "the gateway failed unexpectedly (logged); retry, and report it if it persists").response()
+
+
+def build_app(config: MiradorConfig) -> Starlette:
+    gateway = Gateway(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await gateway.open()
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/review", review, methods=["GET", "POST"]),
+        ],
+        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _unexpected},
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app
