@@ -21,7 +21,7 @@ import openai
 import pytest
 from mirador.v1 import common_pb2, model_host_pb2, model_host_pb2_grpc, router_pb2, router_pb2_grpc
 
-from conftest import write_config
+from conftest import free_port, write_config
 from services.cli.supervisor import Mesh, http_health_status
 from services.common.config import load_config
 from services.common.model_repository import ModelRepository
@@ -59,7 +59,7 @@ MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user
 def _services(directory):
     return {"router": "embedding_model: tiny-embed",
             "consensus": "embedding_model: tiny-embed",
-            "gateway": "max_body_bytes: 65536"}
+            "gateway": f"max_body_bytes: 65536\nmetrics_port: {free_port()}"}
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +312,19 @@ def test_unknown_paths_and_methods_answer_in_openai_shape(base_url, mesh):
     assert http_health_status(mesh.config.services.gateway.address) == "SERVING"
 
 
+def test_the_gateway_counts_its_requests_for_prometheus(client, mesh):
+    client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="chat", messages=MESSAGES, n=3)
+    settings = mesh.config.services.gateway
+    text = httpx.get(f"http://{settings.host}:{settings.metrics_port}/metrics").text
+    counted = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mirador_gateway_requests_total{")}
+    assert counted['mirador_gateway_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+    assert counted['mirador_gateway_requests_total{endpoint="/v1/chat/completions",status="400"}'] >= 1
+    assert "mirador_gateway_request_duration_seconds_bucket" in text
+
+
 # --------------------------------------------------------------------------- a client that goes away
 
 
@@ -359,6 +372,24 @@ def test_the_router_down_is_a_503_with_a_sentence(tmp_path):
         assert "the router is not reachable" in message and "mirador up" in message and "Traceback" not in message
         with openai.OpenAI(base_url=url, api_key="x", max_retries=0) as sdk, pytest.raises(openai.InternalServerError):
             sdk.embeddings.create(model="tiny-embed", input="x")
+
+
+def test_mirador_reload_makes_the_gateway_list_new_routes(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_config(tmp_path)
+    with Mesh(load_config(path), log_dir=tmp_path / "logs", services=("gateway",)) as gateway_only:
+        url = f"http://{gateway_only.config.services.gateway.address}/v1/models"
+        assert "extra" not in [m["id"] for m in httpx.get(url).json()["data"]]
+        path.write_text(path.read_text() + "  extra: {primary: tiny-lm}\n")
+        result = subprocess.run([sys.executable, "-m", "services.cli", "--config", str(path), "reload"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "gateway" in result.stdout and "SIGHUP sent" in result.stdout, result
+        deadline = time.monotonic() + 10
+        while "extra" not in [m["id"] for m in httpx.get(url).json()["data"]]:
+            assert time.monotonic() < deadline, "the gateway did not re-read its config"
+            time.sleep(0.1)
 
 
 TOKEN_ENV = "MIRADOR_TEST_GATEWAY_TOKEN"

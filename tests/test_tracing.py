@@ -119,7 +119,7 @@ def traced_mesh(tmp_path_factory):
     for key in ("OTEL_SERVICE_NAME", "OTEL_SDK_DISABLED"):
         os.environ.pop(key, None)
     mesh = Mesh(load_config(write_config(directory, body=FLEET)), log_dir=directory / "logs",
-                services=("router", "model_host"))
+                services=("router", "model_host", "gateway"))
     try:
         mesh.start()
         yield mesh, receiver
@@ -224,3 +224,24 @@ def test_mirador_ask_prints_the_trace_id(traced_mesh):
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("[trace ") and last.endswith("]"), result.stdout
     receiver.wait_for(last[len("[trace "):-1], {"mirador ask", "/mirador.v1.Router/Ask", "decode"})
+
+
+def test_a_traceparent_sent_to_the_http_gateway_continues_through_the_mesh(traced_mesh):
+    """An HTTP client's W3C trace context: gateway span under the client's, the router's under the gateway's."""
+    import httpx
+
+    mesh, receiver = traced_mesh
+    trace_id, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    reply = httpx.post(f"http://{mesh.config.services.gateway.address}/v1/chat/completions",
+                       json={"model": "chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2},
+                       headers={"traceparent": f"00-{trace_id}-{client_span}-01"}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-mirador-trace-id"] == trace_id
+    spans = receiver.wait_for(trace_id, {"POST /v1/chat/completions", "/mirador.v1.Router/Ask", "decode"})
+    by_id = {s["span_id"]: s for s in spans}
+    gateway = next(s for s in spans if s["name"] == "POST /v1/chat/completions")
+    assert gateway["service"] == "mirador-gateway" and gateway["parent_id"] == client_span and gateway["kind"] == SERVER
+    ask = next(s for s in spans if s["name"] == "/mirador.v1.Router/Ask" and s["service"] == "mirador-router"
+               and s["kind"] == SERVER)
+    hop = by_id[ask["parent_id"]]  # the gateway's gRPC client span
+    assert hop["service"] == "mirador-gateway" and hop["kind"] == CLIENT and hop["parent_id"] == gateway["span_id"]

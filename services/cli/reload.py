@@ -68,6 +68,7 @@ def cmd_reload(args) -> int:
         ports = [settings.replica(i).port for i in range(settings.replicas)] if name == "model_host" else [settings.port]
         for index, port in enumerate(ports):
             processes[port] = name if index == 0 else f"{name}-{index}"
+    processes.setdefault(config.services.gateway.port, "gateway")  # re-reads the routes and fleet it lists
     pids = listening_pids(set(processes))
     signalled = 0
     for port, name in processes.items():

@@ -30,21 +30,27 @@ from urllib.parse import quote
 
 import grpc
 import numpy as np
+from opentelemetry import propagate, trace
 from mirador.v1 import common_pb2, model_host_pb2, router_pb2, router_pb2_grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from services.common import telemetry
 from services.common.channels import open_channel
 from services.common.config import MiradorConfig
 from services.common.logs import log_event
 from services.gateway import requests as openai_requests
 from services.gateway.errors import GatewayError, from_rpc_error, invalid
+from services.gateway.observability import MetricsMiddleware
 from services.gateway.requests import AUTO, GenerationRequest
 
 log = logging.getLogger("mirador.gateway")
+_tracer = telemetry.tracer("mirador.gateway")
+TRACE_ID_HEADER = "x-mirador-trace-id"
 
 # The router applies each route's timeout_ms; this only bounds a router that never answers.
 ROUTER_TIMEOUT_S = 600.0
@@ -295,6 +301,18 @@ async def completions(request: Request) -> Response:
     return await _generation(request, chat=False)
 
 
+def _server_span(request: Request) -> trace.Span:
+    """A span continuing the caller's W3C `traceparent` (a new trace without one); the router's
+    calls made while it is current carry it on, so one trace runs HTTP client → gateway → mesh."""
+    return _tracer.start_span(f"{request.method} {request.url.path}", context=propagate.extract(request.headers),
+                              kind=trace.SpanKind.SERVER)
+
+
+def _trace_headers(span: trace.Span) -> dict[str, str]:
+    trace_id = telemetry.trace_id_hex(span)
+    return {TRACE_ID_HEADER: trace_id} if trace_id else {}
+
+
 async def _generation(request: Request, chat: bool) -> Response:
     started = time.perf_counter()
     gateway = _gateway(request)
@@ -303,27 +321,37 @@ async def _generation(request: Request, chat: bool) -> Response:
     parsed = openai_requests.parse_chat(data) if chat else openai_requests.parse_completion(data)
     request_id = uuid.uuid4().hex
     gateway.target(parsed.model)  # an unknown model is a 404 before any call
-    call = gateway.ask(request, parsed, request_id)
-    answer = Answer()
+    span = _server_span(request)
+    headers = {"x-request-id": request_id, **_trace_headers(span)}
+    streaming = False
     try:
-        if not parsed.stream:
+        with trace.use_span(span, end_on_exit=False):
+            call = gateway.ask(request, parsed, request_id)
+        answer = Answer()
+        try:
+            if not parsed.stream:
+                async for event in call:
+                    answer.add(event)
+                return JSONResponse(_complete(answer, parsed, request_id, started, chat), headers=headers)
+            # Errors before the first token get their HTTP status; the stream starts with it.
+            prefetched = []
             async for event in call:
-                answer.add(event)
-            return JSONResponse(_complete(answer, parsed, request_id, started, chat),
-                                headers={"x-request-id": request_id})
-        # Errors before the first token get their HTTP status; the stream starts with it.
-        prefetched = []
-        async for event in call:
-            prefetched.append(event)
-            if not event.HasField("route"):
-                break
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from None
-    except BaseException:
-        call.cancel()
-        raise
-    return _EventStream(_stream(call, prefetched, answer, parsed, request_id, started, chat),
-                        headers={"x-request-id": request_id, "cache-control": "no-cache"})
+                prefetched.append(event)
+                if not event.HasField("route"):
+                    break
+        except grpc.aio.AioRpcError as exc:
+            error = from_rpc_error(exc)
+            span.set_attribute("http.response.status_code", error.status)
+            raise error from None
+        except BaseException:
+            call.cancel()
+            raise
+        streaming = True
+        return _EventStream(_stream(call, prefetched, answer, parsed, request_id, started, chat, span),
+                            headers={**headers, "cache-control": "no-cache"})
+    finally:
+        if not streaming:
+            span.end()
 
 
 def _complete(answer: Answer, parsed: GenerationRequest, request_id: str, started: float, chat: bool) -> dict:
@@ -340,7 +368,7 @@ def _complete(answer: Answer, parsed: GenerationRequest, request_id: str, starte
 
 
 async def _stream(call, prefetched: list, answer: Answer, parsed: GenerationRequest, request_id: str, started: float,
-                  chat: bool) -> AsyncIterator[bytes]:
+                  chat: bool, span: trace.Span) -> AsyncIterator[bytes]:
     """OpenAI's server-sent events: a chunk per token, a last chunk with finish_reason, the model that
     answered and the `mirador` object, the usage chunk when asked for, then `data: [DONE]`."""
     created = int(time.time())
@@ -391,6 +419,7 @@ async def _stream(call, prefetched: list, answer: Answer, parsed: GenerationRequ
         yield b"data: " + json.dumps(from_rpc_error(exc).body()).encode() + b"\n\n"
     finally:
         call.cancel()  # no-op once finished; a client gone mid-answer stops the router's work
+        span.end()
 
 
 class _EventStream(StreamingResponse):
@@ -414,10 +443,12 @@ async def embeddings(request: Request) -> Response:
     data = await gateway.read_json(request)
     parsed = openai_requests.parse_embeddings(data)
     model = gateway.config.services.router.embedding_model if parsed.model == AUTO else parsed.model
+    span = _server_span(request)
     try:
-        reply = await gateway.router.Embed(
-            model_host_pb2.EmbedRequest(request_id=uuid.uuid4().hex, model=model, texts=parsed.texts),
-            timeout=ROUTER_TIMEOUT_S, metadata=gateway.metadata(request, parsed.user))
+        with trace.use_span(span, end_on_exit=True):
+            reply = await gateway.router.Embed(
+                model_host_pb2.EmbedRequest(request_id=uuid.uuid4().hex, model=model, texts=parsed.texts),
+                timeout=ROUTER_TIMEOUT_S, metadata=gateway.metadata(request, parsed.user))
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None
     base64_encoded = openai_requests.embedding_encoding(data) == "base64"
@@ -432,7 +463,7 @@ async def embeddings(request: Request) -> Response:
         "data": [{"object": "embedding", "index": i, "embedding": vector(e.values)} for i, e in enumerate(reply.embeddings)],
         # the model host does not count embedded tokens
         "usage": {"prompt_tokens": 0, "total_tokens": 0},
-    })
+    }, headers=_trace_headers(span))
 
 
 async def review(request: Request) -> Response:
@@ -486,6 +517,7 @@ def build_app(config: MiradorConfig) -> Starlette:
             Route("/review", review, methods=["GET", "POST"]),
         ],
         exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _unexpected},
+        middleware=[Middleware(MetricsMiddleware)],
         lifespan=lifespan,
     )
     app.state.gateway = gateway

@@ -18,7 +18,9 @@ import sys
 
 import uvicorn
 
+from services.common import telemetry
 from services.common.config import ConfigError, MiradorConfig, load_config
+from services.common.metrics import start_metrics_http, stop_metrics_http
 from services.common.logs import configure_logging, log_event
 from services.common.server import EXIT_CONFIG_ERROR, EXIT_PORT_IN_USE
 from services.gateway.app import build_app
@@ -109,5 +111,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mirador gateway: cannot listen on {settings.address} ({exc.strerror}). Stop the other process or "
               "change services.gateway.port in the config.", file=sys.stderr)
         return EXIT_PORT_IN_USE
-    asyncio.run(serve(config, sock))
+    metrics_http = None
+    if settings.metrics_port:
+        try:
+            metrics_http = start_metrics_http(settings.host, settings.metrics_port)
+        except OSError as exc:
+            sock.close()
+            print(f"mirador gateway: cannot serve /metrics on {settings.host}:{settings.metrics_port} ({exc.strerror}). "
+                  "Stop the other process or change services.gateway.metrics_port in the config (0 = no metrics).",
+                  file=sys.stderr)
+            return EXIT_PORT_IN_USE
+    telemetry.setup("gateway")  # before any channel exists: router calls carry the W3C trace context
+    try:
+        asyncio.run(serve(config, sock))
+    finally:
+        stop_metrics_http(metrics_http)
+        telemetry.shutdown()
     return 0
