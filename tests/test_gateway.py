@@ -325,6 +325,34 @@ def test_the_gateway_counts_its_requests_for_prometheus(client, mesh):
     assert "mirador_gateway_request_duration_seconds_bucket" in text
 
 
+def test_connections_the_gateway_accepts_have_nagle_off():
+    """uvicorn serves on the socket services.gateway.server.bind makes; asyncio turns Nagle's algorithm
+    off only on sockets whose proto is IPPROTO_TCP, and with it on every streamed response waited ~40 ms
+    for the client's delayed ACK (found by bench/gateway.py)."""
+    from services.gateway.server import bind
+
+    async def accept_one() -> int:
+        sock = bind("127.0.0.1", 0)
+        accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Protocol(asyncio.Protocol):
+            def connection_made(self, transport):
+                accepted.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
+                                                                                  socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Protocol, sock=sock)
+        try:
+            _, writer = await asyncio.open_connection(*sock.getsockname())
+            nodelay = await asyncio.wait_for(accepted, 10)
+            writer.close()
+            return nodelay
+        finally:
+            server.close()
+
+    assert asyncio.run(accept_one()) != 0
+
+
 # --------------------------------------------------------------------------- a client that goes away
 
 
@@ -357,6 +385,17 @@ def test_a_client_that_disconnects_mid_stream_cancels_the_generation(base_url, m
     stopped_after_s = time.monotonic() - left
     assert _in_flight(mesh, "drip-lm") == 0
     assert stopped_after_s < 1.0, f"the generation went on for {stopped_after_s:.2f} s after the client left"
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_cancels_it_too(base_url, mesh):
+    body = {"model": "drip", "messages": [{"role": "user", "content": "tell me everything"}], "max_tokens": 400}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    left = time.monotonic()
+    while _in_flight(mesh, "drip-lm") and time.monotonic() - left < 5:
+        time.sleep(0.02)
+    assert _in_flight(mesh, "drip-lm") == 0
+    assert time.monotonic() - left < 1.0  # 400 tokens would take 16 s
 
 
 # --------------------------------------------------------------------------- the router down; token and rate limit

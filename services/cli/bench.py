@@ -70,6 +70,8 @@ BENCHES = [
     Bench("decode_graphs", "decode speed and greedy agreement of the SmolLM2 graphs (optimum, fused fp32/int8/int4)"),
     Bench("serving", "streaming throughput at 1-16 concurrent clients, Mirador (router and host) against llama.cpp's "
                      "llama-server built from source, same weights, same run"),
+    Bench("gateway", "the HTTP gateway's overhead: streamed chat completions through it against Router.Ask direct "
+                     "(first token and inter-token p50), on the real fleet and on a tiny model"),
     Bench("batched_prefill", "whether prefills batched across requests (Score calls of one fan-out) pay on this "
                              "machine: ms per prompt at batch 1/2/4"),
     Bench("quantizer", "mixed-precision quantization of SmolLM2: size, perplexity, KL, decode speed",

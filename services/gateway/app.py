@@ -330,8 +330,8 @@ async def _generation(request: Request, chat: bool) -> Response:
         answer = Answer()
         try:
             if not parsed.stream:
-                async for event in call:
-                    answer.add(event)
+                if not await _collect_unless_disconnected(request, call, answer):
+                    return Response(status_code=499)  # nobody is listening; the call was cancelled
                 return JSONResponse(_complete(answer, parsed, request_id, started, chat), headers=headers)
             # Errors before the first token get their HTTP status; the stream starts with it.
             prefetched = []
@@ -352,6 +352,34 @@ async def _generation(request: Request, chat: bool) -> Response:
     finally:
         if not streaming:
             span.end()
+
+
+async def _collect_unless_disconnected(request: Request, call, answer: Answer) -> bool:
+    """Gathers a whole answer; False (the call cancelled) when the client leaves before it is complete,
+    so an abandoned request stops costing the model its time."""
+
+    async def collect() -> None:
+        async for event in call:
+            answer.add(event)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    collecting, watching = asyncio.ensure_future(collect()), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not collecting.done():
+            call.cancel()
+            collecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watching
+    if collecting.cancelled():
+        return False
+    collecting.result()  # the router's error, if it failed
+    return True
 
 
 def _complete(answer: Answer, parsed: GenerationRequest, request_id: str, started: float, chat: bool) -> dict:

@@ -20,6 +20,7 @@ MAX_TOKENS_LIMIT = 4096  # the model host's limit (services/common/validation.py
 MAX_STOP_STRINGS = 8
 MAX_USER_CHARS = 256
 MAX_EMBED_INPUTS = 256
+MIN_TEMPERATURE = 1e-4  # lower temperatures are sent as 0 (greedy)
 AUTO = "auto"
 
 ROLES = {"system": common_pb2.ROLE_SYSTEM, "developer": common_pb2.ROLE_SYSTEM, "user": common_pb2.ROLE_USER,
@@ -242,7 +243,10 @@ def _common(data: dict, request: GenerationRequest) -> None:
                           "repeat the request for more answers", "n")
     sampling = request.sampling
     if data.get("temperature") is not None:
-        sampling.temperature = _number(data["temperature"], "temperature", 0.0, 2.0)
+        temperature = _number(data["temperature"], "temperature", 0.0, 2.0)
+        # Below this, sampling is greedy to float precision; sent as it is, the host's float32
+        # logits / T overflow to NaN (a model-host bug, reported) and the call fails.
+        sampling.temperature = temperature if temperature >= MIN_TEMPERATURE else 0.0
     if data.get("top_p") is not None:
         top_p = _number(data["top_p"], "top_p", 0.0, 1.0)
         if top_p == 0.0:
