@@ -15,9 +15,10 @@ over every out-of-fold prediction. Candidates:
 * embedding + lexical: the head on both, concatenated (the router now);
 * nearest centroid and 5-nearest neighbours on the embeddings (cheap baselines).
 
-A SetFit-style contrastive fine-tune of minilm-l6 was not run to the end: on this 2-core
-machine shared with other work, one fold's fine-tune (1,900 pairs) had not finished in
-15 minutes, so 5-fold CV of it does not fit a bench run (nor a CI build).
+A SetFit-style contrastive fine-tune of minilm-l6 (torch, 5 pairs per example and side)
+was tried and not finished: on this 2-core machine, shared with other work at a load
+average of 11-15, one fold's fine-tune (1,900 pairs) had not ended after 14 minutes, so a
+cross-validation of it fits neither a bench run nor a CI build here.
 
 Through the router: a copy of the config whose route examples leave out the fixed
 held-out split (bench/routing_split.py), a real router and model host, one client;

@@ -7,8 +7,12 @@ Why this shape: bench/routing.py cross-validates the candidates on
 routing-dev.jsonl. The embedding alone misses requests whose wording, not their
 gist, says the route ("pull out the phone numbers" is extraction, "== and ===" is
 code); the lexical features alone miss paraphrases; the two together are right
-more often than either. Scores are calibrated with one temperature fitted on
-out-of-fold predictions, so `min_confidence` means what it says.
+more often than either (93.1% against 89.8% and 86.0%, 5-fold CV dealt 3 times).
+Variants that did no better on the same CV: lexical features weighted 0.5x or 2x,
+weaker L2, extra terms for the request's first words, a second embedding of its
+first clause, averaging the two heads' probabilities instead of one head on both.
+Scores are calibrated with one temperature fitted on out-of-fold predictions, so
+`min_confidence` means what it says.
 """
 
 from __future__ import annotations
