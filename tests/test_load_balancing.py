@@ -88,6 +88,7 @@ def write_replica_config(directory: Path, replicas: int = REPLICAS, router_targe
         f"  router: {{port: {free_port()}, shutdown_grace_s: 2s}}",
         f"  consensus: {{port: {free_port()}}}",
         f"  quantizer: {{port: {free_port()}}}",
+        f"  gateway: {{port: {free_port()}}}",
         f"model_repository: {directory / 'models'}",
     ]
     path = directory / "mirador.yaml"
@@ -542,7 +543,7 @@ def test_mirador_up_replicas_starts_and_stops_every_replica(tmp_path):
         assert "all services SERVING" in output, output
         assert "model_host-1" in output
         pids = [int(line.split("pid")[1]) for line in lines if " pid " in line]
-        assert len(pids) == 5
+        assert len(pids) == 6  # two model hosts, router, consensus, quantizer, the HTTP gateway
         config = load_config(config_path)
         second = f"127.0.0.1:{config.services.model_host.port + 1}"
         assert health_status(second, "mirador.v1.ModelHost") == "SERVING"
