@@ -11,6 +11,7 @@ count what clients saw; the numbers are printed (`pytest -s`) and bounded by ass
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -533,6 +534,7 @@ def test_mirador_up_replicas_starts_and_stops_every_replica(tmp_path):
          "--log-dir", str(tmp_path / "logs")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    pids: list[int] = []
     try:
         lines = []
         for line in up.stdout:  # ends when `up` prints its last start-up line or exits
@@ -540,9 +542,9 @@ def test_mirador_up_replicas_starts_and_stops_every_replica(tmp_path):
             if line.startswith("Ctrl-C"):
                 break
         output = "".join(lines)
+        pids = [int(line.split("pid")[1]) for line in lines if " pid " in line]
         assert "all services SERVING" in output, output
         assert "model_host-1" in output
-        pids = [int(line.split("pid")[1]) for line in lines if " pid " in line]
         assert len(pids) == 6  # two model hosts, router, consensus, quantizer, the HTTP gateway
         config = load_config(config_path)
         second = f"127.0.0.1:{config.services.model_host.port + 1}"
@@ -555,9 +557,16 @@ def test_mirador_up_replicas_starts_and_stops_every_replica(tmp_path):
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        if up.poll() is None:  # a failed assertion: stop `up` as a user would, so it stops its services
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(30)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                up.wait()
+        for pid in pids:  # and never leave one behind, whatever happened
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_mesh_start_names_a_busy_replica_port(tmp_path):
