@@ -238,6 +238,7 @@ def cmd_config_check(args) -> int:
           + (f" ({len(consensus_routes)} with consensus)" if consensus_routes else ""))
     for name, settings in config.services.items():
         print(f"  {name:<11} {settings.address}")
+    print(f"  {'gateway':<11} {config.services.gateway.address} (HTTP)")
     return 0
 
 
