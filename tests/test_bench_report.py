@@ -115,3 +115,20 @@ def test_a_bench_past_its_timeout_is_stopped_and_reported(tmp_path):
     assert done.returncode == 1 and time.monotonic() - started < 30
     text = (tmp_path / "results" / "report.md").read_text()
     assert "| [slow](#slow) | failed |" in text and "stopped after the 2 s timeout" in text
+
+
+def test_reuse_believes_the_results_over_a_run_record_they_postdate(tmp_path):
+    """A bench rerun by hand after `mirador bench report` ran it: the report must not credit the new
+    results to the old run (its date and duration); a record the results do not postdate stands."""
+    from services.cli.bench import BENCHES, find_existing
+
+    soak = next(b for b in BENCHES if b.name == "soak")
+    (tmp_path / "soak.md").write_text("| availability | 99.9% |\n")
+    (tmp_path / "runs.json").write_text(json.dumps({"soak": {
+        "finished_at": "2026-11-27T21:35:55+00:00", "seconds": 230.5, "status": "ok", "mode": "full", "command": []}}))
+    (tmp_path / "soak.json").write_text(json.dumps({"date": "2026-11-27T22:24:44"}))  # an 18-minute run, later
+    later = find_existing(soak, [tmp_path], quick=False)
+    assert later.produced == "2026-11-27T22:24:44 (written in soak.json)" and later.seconds is None
+    (tmp_path / "soak.json").write_text(json.dumps({"date": "2026-11-27T21:35:30"}))  # written by that run
+    same = find_existing(soak, [tmp_path], quick=False)
+    assert same.produced == "2026-11-27T21:35:55+00:00 (full run, 230 s)" and same.seconds == 230.5

@@ -258,14 +258,31 @@ def find_existing(bench: Bench, dirs: list[Path], quick: bool) -> Outcome | None
         if not present:
             continue
         run = _runs(directory).get(bench.name, {})
-        if run.get("status") == "ok":
+        if run.get("status") == "ok" and not _written_after(present, run["finished_at"]):
             produced = f"{run['finished_at']} ({run.get('mode', 'full')} run, {run['seconds']:.0f} s)"
             seconds = run["seconds"]
-        else:
+        else:  # no run on record, or the results were written by a later run of the bench by hand
             produced, seconds = _date_of(present), None
         where = "" if directory == dirs[0] else f" (from {_shown(str(directory))}/)"
         return Outcome(bench, "reused", f"results of an earlier run{where}, not rerun now", seconds, produced, directory)
     return None
+
+
+def _written_after(files: list[Path], finished_at: str, slack_s: float = 60.0) -> bool:
+    """Whether a bench's JSON says it was written after the recorded run finished (a later run of the
+    bench outside `mirador bench report`, whose record would then describe other results). Dates
+    without a zone are read as UTC, as the benches write them on these machines."""
+    written = _date_of(files)
+    if "(written in" not in written:
+        return False  # only a modification time: says nothing across a git checkout
+    try:
+        when = dt.datetime.fromisoformat(written.split(" ", 1)[0])
+        finished = dt.datetime.fromisoformat(finished_at)
+    except ValueError:
+        return False
+    when = when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+    finished = finished if finished.tzinfo else finished.replace(tzinfo=dt.timezone.utc)
+    return (when - finished).total_seconds() > slack_s
 
 
 def _date_of(files: list[Path]) -> str:
