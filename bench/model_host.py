@@ -62,15 +62,6 @@ EMBED_TEXTS = [
     "Is a prior authorization required for this procedure under the plan rules, given that the member changed plans in March?",
 ]
 
-FACTS_REFERENCE = [  # /work/shared/FACTS.md, "SmolLM2-135M in ONNX Runtime": quoted, not rerun
-    ("ORT, genai-builder graph int4 (fused attention)", 5.2, "88 (49 tok)"),
-    ("ORT, genai-builder graph int8", 8.4, "88 (49 tok)"),
-    ("ORT, genai-builder graph fp32", 19.5, "88 (49 tok)"),
-    ("ORT, optimum fp32 graph (the one served here)", 26.2, "99 (49 tok)"),
-    ("llama.cpp (llama-cpp-python 0.3.36), Q4_1 GGUF", 7.5, "136 (37 tok)"),
-]
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -507,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = decode["decode_ms_per_token_client"] / inproc["decode_ms_per_token"]
     T["decode"] = table(
         f"Decode and prefill, {LM}, greedy, {decode['prompt_tokens']}-token prompt, "
-        f"up to {max_tokens} tokens, median of steps after the first ({runs} run(s), host and bare loop interleaved)",
+        f"up to {max_tokens} tokens, median of steps after the first ({runs} run(s), host and bare loop interleaved; "
+        "the other graphs: the decode_graphs bench, llama.cpp: the serving bench, both measured, not quoted)",
         ["path", "decode ms/token", "p90", "prefill ms", "tokens", "note"],
         [
             ["model host, gRPC Generate stream (client gaps)", decode["decode_ms_per_token_client"],
@@ -517,8 +509,6 @@ def main(argv: list[str] | None = None) -> int:
             ["bare ORT loop in-process (DecoderRuntime.prefill/step)", inproc["decode_ms_per_token"],
              inproc["decode_ms_per_token_p90"], inproc["prefill_ms"], "/".join(map(str, inproc["tokens"])),
              f"host overhead x{ratio:.2f}"],
-            *[[f"{name} [FACTS.md, not rerun]", ms, None, pre, None, "quiet machine, 2 threads"]
-              for name, ms, pre in FACTS_REFERENCE],
         ],
     )
     results["decode_overhead_ratio"] = ratio
