@@ -195,3 +195,10 @@ def test_the_consensus_counts_a_vote_without_tokens_as_no_vote(mesh):
     assert votes["talker"].answer and not votes["talker"].error and votes["talker"].weight > 0
     assert verdict.answer == votes["talker"].answer
     assert "1 of 2 models failed: mute: no vote" in verdict.method, verdict.method
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324, 1e-6])
+def test_a_tiny_temperature_samples_the_most_likely_token_instead_of_failing(temperature):
+    logits = np.array([1.0, 3.0, 2.0, -50.0], np.float32)
+    sampler = Sampler(temperature=temperature, top_p=0.9, seed=0)
+    assert all(sampler.pick(logits).token_id == 1 for _ in range(20))

@@ -39,7 +39,12 @@ class Sampler:
         return Pick(token, float(shifted[token]) - log_total, entropy)
 
     def _sample(self, logits: np.ndarray) -> int:
-        probs = np.exp(log_softmax(logits / self.temperature))
+        # Shifted before scaling: every value is <= 0, so a tiny temperature gives -inf (probability 0),
+        # never inf - inf = NaN (1e-40 used to fail the call, and three such calls opened the router's
+        # circuit breaker on the model).
+        with np.errstate(over="ignore"):  # overflow to -inf is the intended result
+            scaled = (logits.astype(np.float64) - float(logits.max())) / self.temperature
+        probs = np.exp(scaled - np.log(np.exp(scaled).sum()))
         if self.top_p < 1.0:
             order = np.argsort(-probs)
             cumulative = np.cumsum(probs[order])
