@@ -132,3 +132,12 @@ def test_reuse_believes_the_results_over_a_run_record_they_postdate(tmp_path):
     (tmp_path / "soak.json").write_text(json.dumps({"date": "2026-11-27T21:35:30"}))  # written by that run
     same = find_existing(soak, [tmp_path], quick=False)
     assert same.produced == "2026-11-27T21:35:55+00:00 (full run, 230 s)" and same.seconds == 230.5
+
+
+def test_a_bench_json_that_is_a_list_is_dated_by_its_file(tmp_path):
+    from services.cli.bench import BENCHES, find_existing
+
+    soak = next(b for b in BENCHES if b.name == "soak")
+    (tmp_path / "soak.json").write_text("[1, 2, 3]")
+    found = find_existing(soak, [tmp_path], quick=False)
+    assert "(modification time of soak.json)" in found.produced

@@ -294,6 +294,8 @@ def _date_of(files: list[Path]) -> str:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if not isinstance(data, dict):  # e.g. a list of rows: no date in it
+            continue
         for holder in (data, data.get("machine") if isinstance(data.get("machine"), dict) else {}):
             for key in ("created_at", "date", "finished_at"):
                 if isinstance(holder.get(key), str):
