@@ -345,7 +345,7 @@ def summarise(calls: list[Call], rss, soak_began: float, elapsed: float, rate: f
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(), "load_average_start": [round(x, 2) for x in load_average_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
-        "fleet": "tiny test models" if args.tiny else "default fleet (smollm2-135m-instruct-fused, minilm-l6, ...)",
+        "fleet": "tiny test models" if args.tiny else "default fleet (smollm2-135m-instruct-fused-mixed on the generation routes, minilm-l6, ...)",
         "mode": "quick" if args.quick else "full", "max_tokens": args.max_tokens, "deadline_s": args.deadline_s,
         "mix": {r or "classified": w for r, w in MIX},
         "capacity": capacity,
