@@ -216,17 +216,13 @@ SMOLLM2_FUSED_FP16 = replace(_smollm2_fused("smollm2-135m-instruct-fused-fp16", 
 
 # What the default routes answer with: the fused fp32 graph with a bit-width per layer (8/4/2, or fp32)
 # from the quantizer's measured sensitivities, the smallest mix within 2 % of its held-out perplexity.
-SMOLLM2_FUSED_MIXED = Recipe(
+SMOLLM2_FUSED_MIXED = replace(
+    SMOLLM2_FUSED,
     name="smollm2-135m-instruct-fused-mixed",
-    version="1",
-    task="text-generation",
-    package=SMOLLM2_135M_INSTRUCT.package,
-    package_version=SMOLLM2_135M_INSTRUCT.package_version,
     source_kind=SOURCE_QUANTIZED,
-    source_path=SMOLLM2_135M_INSTRUCT.source_path,
     export_task=f"mirador-quantizer/{QUANTIZER_FORMAT}",
-    licence=SMOLLM2_135M_INSTRUCT.licence,
     depends_on=(SMOLLM2_FUSED.name,),
+    graph={},
     # 4 bisection steps and no plot sweep keep the build to a few minutes on 2 cores.
     quantize={"ppl_tolerance": 0.02, "search_steps": 4, "sweep_points": 0},
 )
