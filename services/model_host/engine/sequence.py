@@ -27,7 +27,7 @@ from services.model_host.answers import (
 from services.model_host.calibration import generation_confidence
 from services.model_host.runtimes.decoder import DecoderRuntime
 from services.model_host.runtimes.sampling import Sampler
-from services.model_host.runtimes.text import HeldToken, IncrementalDetokenizer, StopStringScanner
+from services.model_host.runtimes.text import IncrementalDetokenizer, StopStringScanner
 
 Messages = list[tuple[str, str]]  # (role, content)
 
@@ -99,11 +99,11 @@ class Sequence:
         self.logprobs.append(pick.logprob)
         self.entropies.append(pick.entropy)
         index = len(self.logprobs) - 1
-        held = HeldToken(index, pick.token_id, self.detokenizer.add(pick.token_id), pick.logprob, pick.entropy)
-        for token in self.scanner.push(held):
+        token = TokenEvent(index, pick.token_id, self.detokenizer.add(pick.token_id), pick.logprob, pick.entropy)
+        for released in self.scanner.push(token):  # held back while it could begin a stop string
             if not timings.first_token_ms:
                 timings.first_token_ms = (time.perf_counter() - self.request.received) * 1000
-            self.emit(TokenEvent(token.index, token.token_id, token.text, token.logprob, token.entropy))
+            self.emit(released)
         if self.scanner.stopped:
             self.finish_reason = "stop_string"
             return True
@@ -115,7 +115,7 @@ class Sequence:
 
     def summary(self) -> GenerationSummary:
         for token in self.scanner.flush():
-            self.emit(TokenEvent(token.index, token.token_id, token.text, token.logprob, token.entropy))
+            self.emit(token)
         now = time.perf_counter()
         request, timings = self.request, self.request.timings
         timings.decode_ms = (now - self.decode_started) * 1000 if self.decode_started else 0.0

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from tokenizers import Encoding, Tokenizer
 
+from services.model_host.answers import TokenEvent
+
 ROLE_NAMES = ("system", "user", "assistant")
 UNREADABLE = "\ufffd"  # what a character the vocabulary cannot spell is read as
 
@@ -181,15 +183,6 @@ class IncrementalDetokenizer:
 
 
 @dataclass
-class HeldToken:
-    index: int
-    token_id: int
-    text: str
-    logprob: float
-    entropy: float
-
-
-@dataclass
 class StopStringScanner:
     """Holds tokens back while the answer's tail could be the start of a stop string.
 
@@ -199,10 +192,10 @@ class StopStringScanner:
 
     stops: tuple[str, ...]
     text: str = ""  # everything released so far
-    held: list[HeldToken] = field(default_factory=list)
+    held: list[TokenEvent] = field(default_factory=list)
     stopped: bool = False
 
-    def push(self, token: HeldToken) -> list[HeldToken]:
+    def push(self, token: TokenEvent) -> list[TokenEvent]:
         if not self.stops:
             self.text += token.text
             return [token]
@@ -217,10 +210,10 @@ class StopStringScanner:
             return []
         return self._release_until(len(pending))
 
-    def flush(self) -> list[HeldToken]:
+    def flush(self) -> list[TokenEvent]:
         return self._release_until(sum(len(t.text) for t in self.held))
 
-    def _release_until(self, chars: int) -> list[HeldToken]:
+    def _release_until(self, chars: int) -> list[TokenEvent]:
         released = []
         for token in self.held:
             if chars <= 0:
