@@ -32,13 +32,12 @@ sys.path.insert(0, str(REPO / "bench"))
 import grpc  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 from mirador.v1 import common_pb2, router_pb2, router_pb2_grpc  # noqa: E402
 
 import fragment  # noqa: E402
-from soak import free_port  # noqa: E402
+from soak import soak_config  # noqa: E402
 from services.cli.supervisor import Mesh  # noqa: E402
-from services.common.config import DEFAULT_CONFIG_PATH, load_config  # noqa: E402
+from services.common.config import load_config  # noqa: E402
 
 ROUTE = "chat"
 TOPICS = ["octopuses", "the moon", "bread", "volcanoes", "chess", "rainbows", "bees", "glaciers", "jazz", "maps"]
@@ -55,15 +54,7 @@ def config(directory: Path, tiny: bool) -> Path:
         build_tiny_decoder(ModelRepository(directory / "models"), "tiny-lm")
         return write_config(directory, body=f"fleet:\n  tiny-lm: {{task: text-generation, tier: hot}}\n"
                                             f"routes:\n  {ROUTE}: {{primary: tiny-lm, timeout_ms: 60000}}\n")
-    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
-    for name in ("router", "consensus", "quantizer", "model_host", "gateway"):
-        service = data["services"].setdefault(name, {}) or {}
-        service.update(port=free_port(), metrics_port=0)
-        data["services"][name] = service
-    data["services"]["consensus"]["escalation_db"] = str(directory / "escalations.sqlite3")
-    path = directory / "gateway-bench.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return soak_config(directory, tiny=False)  # the default config on free ports, the gateway's too
 
 
 def direct(router, text: str, max_tokens: int) -> tuple[float, list[float]]:

@@ -99,7 +99,7 @@ def soak_config(directory: Path, tiny: bool) -> Path:
         body = f"fleet:\n  tiny-lm: {{task: text-generation, tier: hot}}\n  tiny-embed: {{task: embedding, tier: hot}}\nroutes:\n{routes}\n"
         return write_config(directory, body=body, service_extra={"router": "embedding_model: tiny-embed\nmin_confidence: 0.0"})
     data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
-    for name in ("router", "consensus", "quantizer", "model_host"):
+    for name in ("router", "consensus", "quantizer", "model_host", "gateway"):
         service = data["services"].setdefault(name, {}) or {}
         service.update(port=free_port(), metrics_port=0)
         data["services"][name] = service
