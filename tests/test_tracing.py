@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from typing import Callable
 
 import grpc
 import pytest
@@ -63,11 +64,14 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         with self.lock:
             return [s for s in self.spans if s["trace_id"] == trace_id]
 
-    def wait_for(self, trace_id: str, names: set[str], timeout_s: float = 20.0) -> list[dict]:
+    def wait_for(self, trace_id: str, names: set[str], timeout_s: float = 20.0,
+                 also: Callable[[list[dict]], bool] = lambda spans: True) -> list[dict]:
+        """The trace's spans once every name (and whatever `also` asks) has arrived: each service
+        exports on its own schedule, so one side of a hop can arrive before the other."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             spans = self.trace(trace_id)
-            if names <= {s["name"] for s in spans}:
+            if names <= {s["name"] for s in spans} and also(spans):
                 return spans
             time.sleep(0.1)
         seen = sorted({(s["service"], s["name"]) for s in self.trace(trace_id)})
@@ -237,11 +241,15 @@ def test_a_traceparent_sent_to_the_http_gateway_continues_through_the_mesh(trace
                        headers={"traceparent": f"00-{trace_id}-{client_span}-01"}, timeout=60)
     assert reply.status_code == 200, reply.text
     assert reply.headers["x-mirador-trace-id"] == trace_id
-    spans = receiver.wait_for(trace_id, {"POST /v1/chat/completions", "/mirador.v1.Router/Ask", "decode"})
+    def router_server_span(s):
+        return s["name"] == "/mirador.v1.Router/Ask" and s["service"] == "mirador-router" and s["kind"] == SERVER
+
+    # the gateway's client span of the hop has the router's server span's name: wait for both sides
+    spans = receiver.wait_for(trace_id, {"POST /v1/chat/completions", "/mirador.v1.Router/Ask", "decode"},
+                              also=lambda spans: any(router_server_span(s) for s in spans))
     by_id = {s["span_id"]: s for s in spans}
     gateway = next(s for s in spans if s["name"] == "POST /v1/chat/completions")
     assert gateway["service"] == "mirador-gateway" and gateway["parent_id"] == client_span and gateway["kind"] == SERVER
-    ask = next(s for s in spans if s["name"] == "/mirador.v1.Router/Ask" and s["service"] == "mirador-router"
-               and s["kind"] == SERVER)
+    ask = next(s for s in spans if router_server_span(s))
     hop = by_id[ask["parent_id"]]  # the gateway's gRPC client span
     assert hop["service"] == "mirador-gateway" and hop["kind"] == CLIENT and hop["parent_id"] == gateway["span_id"]
