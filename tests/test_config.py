@@ -241,3 +241,45 @@ def test_cli_config_check_names_the_duplicated_example(tmp_path):
     assert failed.returncode == 2
     assert f"{bad}:18: routes.numbers.examples: `good morning` is already an example of route `greetings`" \
         in failed.stderr
+
+
+# --------------------------------------------------------------------------- state: (state_settings.py)
+
+
+def test_without_a_state_section_every_service_keeps_its_own_state():
+    state = parse_config(FLEET, "test.yaml").state
+    assert not state.uses_postgresql and not state.uses_redis and state.rate_limit_without_redis == "open"
+
+
+def test_the_state_section_loads_and_keeps_the_password_out_of_its_repr():
+    state = parse_config(FLEET + textwrap.dedent("""
+        state:
+          database_url: postgresql://mirador:hunter2xyz@db.internal:5432/mirador
+          database_schema: review_queue
+          statement_timeout_ms: 2000
+          pool_size: 4
+          redis_url: redis://cache.internal:6379/1
+          redis_prefix: "mesh-a:"
+          redis_timeout_ms: 100
+          rate_limit_without_redis: closed
+        """), "test.yaml").state
+    assert state.uses_postgresql and state.uses_redis and state.database_schema == "review_queue"
+    assert (state.statement_timeout_ms, state.pool_size, state.redis_timeout_ms) == (2000, 4, 100)
+    assert state.rate_limit_without_redis == "closed" and state.redis_prefix == "mesh-a:"
+    assert "hunter2xyz" not in repr(state) and state.lines["database_url"] == 9
+
+
+@pytest.mark.parametrize("entry, key, said", [
+    ("database_url: mysql://db/x", "state.database_url", "scheme `mysql` is not one of postgresql, postgres"),
+    ("database_url: postgresql:///x", "state.database_url", "names no host"),
+    ("database_url: postgresql://db:port/x", "state.database_url", "not a URL"),
+    ("redis_url: http://cache:6379", "state.redis_url", "redis://HOST:6379/0"),
+    ("database_schema: Review-Queue", "state.database_schema", "not a plain schema name"),
+    ("statement_timeout_ms: 0", "state.statement_timeout_ms", ""),
+    ("rate_limit_without_redis: maybe", "state.rate_limit_without_redis", "use one of: open, closed"),
+    ("rate_limit_without_redis: closed", "state.rate_limit_without_redis", "has no effect without `redis_url`"),
+    ("database_uri: postgresql://db/x", "state.database_uri", "Did you mean `database_url`?"),
+])
+def test_state_problems_name_line_and_key(entry, key, said):
+    problem = only_problem(FLEET + f"state:\n  {entry}\n")
+    assert problem.key == key and said in problem.message and problem.line == FLEET.count("\n") + 2

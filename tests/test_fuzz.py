@@ -335,7 +335,8 @@ def config_documents(draw) -> str:
     if kind == 3:
         fragment = draw(ODD_YAML)
         key = draw(st.sampled_from(["port", "tier", "keep_alive", "primary", "examples", "min_confidence",
-                                    "rate_limit_per_client", "max_queue_per_model", "priority"]))
+                                    "rate_limit_per_client", "max_queue_per_model", "priority", "database_url",
+                                    "redis_url"]))
         template = {
             "port": "services:\n  router:\n    port: {v}\nfleet:\n  m: {{task: text-generation}}\n",
             "rate_limit_per_client": "services:\n  router:\n    rate_limit_per_client: {v}\nfleet:\n  m: {{task: text-generation}}\n",
@@ -346,6 +347,8 @@ def config_documents(draw) -> str:
             "primary": "fleet:\n  m: {{task: text-generation}}\nroutes:\n  r:\n    primary: {v}\n",
             "examples": "fleet:\n  m: {{task: text-generation}}\nroutes:\n  r:\n    primary: m\n    examples: {v}\n",
             "priority": "fleet:\n  m: {{task: text-generation}}\nroutes:\n  r:\n    primary: m\n    priority: {v}\n",
+            "database_url": "fleet:\n  m: {{task: text-generation}}\nstate:\n  database_url: {v}\n",
+            "redis_url": "fleet:\n  m: {{task: text-generation}}\nstate:\n  redis_url: {v}\n  redis_prefix: {v}\n",
         }[key]
         return template.format(v=fragment)
     return draw(st.text(max_size=200))

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from services.common.state_settings import StateSettings, read_state
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "config" / "mirador.yaml"
 CONFIG_ENV_VAR = "MIRADOR_CONFIG"
 
@@ -243,6 +245,7 @@ class MiradorConfig:
     routes: dict[str, RouteSpec]
     model_repository: Path | None = None  # None = the user cache dir (see model_repository)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    state: StateSettings = field(default_factory=StateSettings)  # state_settings.py
 
 
 # --------------------------------------------------------------------------- errors
@@ -443,7 +446,7 @@ class _Reader:
     # -- sections
 
     def read_root(self, root: yaml.Node, path: Path) -> MiradorConfig:
-        top = self.mapping(root, "", ("services", "model_repository", "fleet", "routes", "models", "security"))
+        top = self.mapping(root, "", ("services", "model_repository", "fleet", "routes", "models", "security", "state"))
         if "routes" in top and "models" in top:
             self.problem(top["models"][0], "models", "give routes under `routes:` or `models:` (the article's name), not both")
         services = self.read_services(top.get("services", (root, None))[1], root)
@@ -473,8 +476,9 @@ class _Reader:
             # like every path in the file, a relative one is read from the file's folder
             repository = (path.parent / os.path.expanduser(value)) if value else None
         security = self.read_security(top["security"][1], path, services) if "security" in top else SecurityConfig()
+        state = read_state(self, top["state"][1]) if "state" in top else StateSettings()
         return MiradorConfig(path=path, services=services, fleet=fleet, routes=routes, model_repository=repository,
-                             security=security)
+                             security=security, state=state)
 
     _SERVICE_TYPES = {
         "router": RouterSettings,

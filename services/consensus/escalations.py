@@ -1,10 +1,16 @@
-"""The review queue and the consensus counters, in one SQLite file. No gRPC here.
+"""The review queue and the consensus counters, in one SQL database: a SQLite file by
+default, PostgreSQL when `state.database_url` is set (escalations_pg.py). No gRPC here.
 
-Durability: the database runs in WAL mode with `synchronous=FULL`, so a transaction is
-on disk (the WAL fsync'd) when `commit()` returns. The servicer records a decision,
-its escalation and its counters in ONE transaction and sends the verdict only after
-that commit, so an escalation id a client has seen always survives a crash (kill -9,
-power loss); a crash before the commit leaves nothing half-written.
+Durability: SQLite runs in WAL mode with `synchronous=FULL`, so a transaction is on disk
+(the WAL fsync'd) when `commit()` returns; PostgreSQL's commit is durable by its own
+default (`synchronous_commit=on`). The servicer records a decision, its escalation and
+its counters in ONE transaction and sends the verdict only after that commit, so an
+escalation id a client has seen always survives a crash (kill -9, power loss); a crash
+before the commit leaves nothing half-written.
+
+The schema is versioned (`MIGRATIONS`, one entry per step and dialect, recorded in
+`schema_migrations`); every start applies the missing steps in one transaction that no
+other process migrates in at the same time.
 
 Votes, messages and verdicts are stored as JSON (the servicer converts its messages to
 plain dicts); resolved cases are kept for audit.
@@ -18,15 +24,27 @@ import sqlite3
 import threading
 import time
 import uuid
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 PENDING, RESOLVED = "pending", "resolved"
 STATES = (PENDING, RESOLVED)
-SCHEMA_VERSION = 1
 
-_SCHEMA = """
+
+@dataclass(frozen=True)
+class Migration:
+    """One step of the schema, per dialect. Applied in order, once per database, each in the
+    migration transaction that also records it in `schema_migrations` (see `_migrate`)."""
+
+    version: int
+    description: str
+    sqlite: tuple[str, ...]
+    postgresql: tuple[str, ...]
+
+
+_SQLITE_V1 = """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -68,8 +86,72 @@ CREATE TABLE IF NOT EXISTS model_stats (
     as_primary INTEGER NOT NULL DEFAULT 0,
     agreement  REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (route, model)
-);
+)
 """
+
+# The same tables in PostgreSQL's words: an identity column for the insertion order, 64-bit
+# counters, double precision for times and agreement sums. JSON stays TEXT so that one
+# decoder reads both backends.
+_POSTGRESQL_V1 = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS escalations (
+    seq         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id          TEXT NOT NULL UNIQUE,
+    created_at  DOUBLE PRECISION NOT NULL,
+    route       TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    messages    TEXT NOT NULL,
+    options     TEXT NOT NULL,
+    votes       TEXT NOT NULL,
+    verdict     TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('pending', 'resolved')),
+    resolution  TEXT NOT NULL DEFAULT '',
+    reviewer    TEXT NOT NULL DEFAULT '',
+    note        TEXT NOT NULL DEFAULT '',
+    resolved_at DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS escalations_by_state ON escalations (state, seq);
+CREATE INDEX IF NOT EXISTS escalations_by_request ON escalations (route, request_id);
+CREATE TABLE IF NOT EXISTS route_stats (
+    route              TEXT PRIMARY KEY,
+    decisions          BIGINT NOT NULL DEFAULT 0,
+    escalations        BIGINT NOT NULL DEFAULT 0,
+    resolved           BIGINT NOT NULL DEFAULT 0,
+    reviewer_overrides BIGINT NOT NULL DEFAULT 0,
+    primary_answered   BIGINT NOT NULL DEFAULT 0,
+    primary_overturned BIGINT NOT NULL DEFAULT 0,
+    no_answer          BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS model_stats (
+    route      TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    asked      BIGINT NOT NULL DEFAULT 0,
+    answered   BIGINT NOT NULL DEFAULT 0,
+    failed     BIGINT NOT NULL DEFAULT 0,
+    as_primary BIGINT NOT NULL DEFAULT 0,
+    agreement  DOUBLE PRECISION NOT NULL DEFAULT 0,
+    PRIMARY KEY (route, model)
+)
+"""
+
+# v2: a request id escalates once per route. Two replicas (or a retry racing its original)
+# deciding the same request_id at once used to store two cases; now the second insert finds
+# the first. Databases written before v2 may hold such twins: the later ones are kept (never
+# deleted) with `#dup-<seq>` appended to their request_id, so the replay still finds the first.
+_REQUEST_ONCE = ("CREATE UNIQUE INDEX escalations_request_once ON escalations (route, request_id)",
+                 "DROP INDEX IF EXISTS escalations_by_request")
+MIGRATIONS = (
+    Migration(1, "review queue and counters", tuple(_SQLITE_V1.split(";")), tuple(_POSTGRESQL_V1.split(";"))),
+    Migration(2, "one case per (route, request_id)", (
+        """UPDATE escalations SET request_id = request_id || '#dup-' || seq
+           WHERE seq NOT IN (SELECT MIN(seq) FROM escalations GROUP BY route, request_id)""",
+        *_REQUEST_ONCE,
+    ), _REQUEST_ONCE),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
 class StoreError(Exception):
@@ -165,59 +247,62 @@ class Stats:
 
 
 class EscalationStore:
-    """Thread-safe: one connection behind a lock (calls are short; the servicer runs them
-    in a worker thread so the event loop never waits on the disk)."""
+    """The review queue and counters over one SQL database. The queries are written once in
+    the `?` style; a backend supplies the connection (`_transaction`, `_read`), its dialect
+    for the migrations, and `close`. `SqliteEscalationStore` is the embedded default;
+    `escalations_pg.PostgresEscalationStore` is the one replicas share."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode}); put the file on a local disk")
-        self._db.execute("PRAGMA synchronous=FULL")  # WAL fsync'd at every commit
-        self._create_schema()
+    dialect = ""
 
-    # ------------------------------------------------------------------ plumbing
+    def _transaction(self) -> AbstractContextManager[Any]:
+        """A write transaction (committed durably on a clean exit, rolled back on an exception)."""
+        raise NotImplementedError
 
-    class _Tx:
-        def __init__(self, store: "EscalationStore"):
-            self.store = store
+    def _read(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
 
-        def __enter__(self) -> sqlite3.Connection:
-            self.store._lock.acquire()
-            try:
-                self.store._db.execute("BEGIN IMMEDIATE")
-            except BaseException:
-                self.store._lock.release()
-                raise
-            return self.store._db
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            try:
-                self.store._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-            finally:
-                self.store._lock.release()
-
-    def _transaction(self) -> "_Tx":
-        return EscalationStore._Tx(self)
-
-    def _create_schema(self) -> None:
-        with self._lock:
-            self._db.executescript(_SCHEMA)  # executescript commits on its own
-        with self._transaction() as db:
-            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('created_at', ?)", (repr(time.time()),))
+    def _migration_transaction(self) -> AbstractContextManager[Any]:
+        """A transaction no other process migrates in at the same time."""
+        return self._transaction()
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        raise NotImplementedError
 
-    def integrity_ok(self) -> bool:
-        with self._lock:
-            return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    # ------------------------------------------------------------------ schema
+
+    def _migrate(self) -> list[int]:
+        """Applies the migrations this database lacks, in one transaction; returns their
+        versions (empty when another process, or an earlier start, applied them)."""
+        applied: list[int] = []
+        with self._migration_transaction() as db:
+            db.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+                              version     INTEGER PRIMARY KEY,
+                              description TEXT NOT NULL,
+                              applied_at  DOUBLE PRECISION NOT NULL)""")
+            done = {int(row["version"]) for row in db.execute("SELECT version FROM schema_migrations").fetchall()}
+            if done and max(done) > SCHEMA_VERSION:
+                raise StoreError(f"the review queue's schema is at version {max(done)}, newer than this Mirador's "
+                                 f"{SCHEMA_VERSION}; run the newer Mirador (or a fresh database)")
+            for migration in MIGRATIONS:
+                if migration.version in done:
+                    continue
+                for statement in getattr(migration, self.dialect):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
+                           (migration.version, migration.description, time.time()))
+                applied.append(migration.version)
+            db.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?) ON CONFLICT (key) DO NOTHING",
+                       (repr(time.time()),))
+            db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+        return applied
+
+    def schema_versions(self) -> list[tuple[int, str]]:
+        """(version, description) of every migration applied, oldest first."""
+        with self._read() as db:
+            rows = db.execute("SELECT version, description FROM schema_migrations ORDER BY version").fetchall()
+        return [(int(row["version"]), row["description"]) for row in rows]
 
     # ------------------------------------------------------------------ decisions
 
@@ -225,7 +310,11 @@ class EscalationStore:
                         now: float | None = None) -> EscalationRecord | None:
         """Adds one decision to the counters and, when `escalation` is given (route,
         request_id, messages, options, votes, verdict), stores the case — one transaction,
-        committed (fsync'd) before this returns. Returns the stored case."""
+        committed (durably) before this returns. Returns the stored case.
+
+        A request id escalates once per route: when the case is there already (a retry that
+        raced its original, possibly on another replica), nothing is counted again and the
+        stored case is returned."""
         now = time.time() if now is None else now
         record = None
         if escalation is not None:
@@ -237,30 +326,40 @@ class EscalationStore:
             )
             record.verdict["escalation_id"] = record.id
             record.verdict["escalated"] = True
-        with self._transaction() as db:
-            db.execute("INSERT OR IGNORE INTO route_stats (route) VALUES (?)", (tally.route,))
-            db.execute(
-                """UPDATE route_stats SET decisions = decisions + 1, escalations = escalations + ?,
-                       primary_answered = primary_answered + ?, primary_overturned = primary_overturned + ?,
-                       no_answer = no_answer + ? WHERE route = ?""",
-                (int(tally.escalated), int(tally.primary_answered), int(tally.primary_overturned),
-                 int(tally.no_answer), tally.route),
-            )
-            for m in tally.models:
-                db.execute("INSERT OR IGNORE INTO model_stats (route, model) VALUES (?, ?)", (tally.route, m.model))
+        try:
+            with self._transaction() as db:
+                if record is not None:  # first: a twin stops the transaction before anything is counted
+                    inserted = db.execute(
+                        """INSERT INTO escalations (id, created_at, route, request_id, messages, options, votes,
+                                                    verdict, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                           ON CONFLICT (route, request_id) DO NOTHING""",
+                        (record.id, record.created_at, record.route, record.request_id, _json(record.messages),
+                         _json(record.options), _json(record.votes), _json(record.verdict), PENDING),
+                    ).rowcount
+                    if inserted == 0:
+                        raise _StoredAlready()
+                db.execute("INSERT INTO route_stats (route) VALUES (?) ON CONFLICT (route) DO NOTHING", (tally.route,))
                 db.execute(
-                    """UPDATE model_stats SET asked = asked + 1, answered = answered + ?, failed = failed + ?,
-                           as_primary = as_primary + ?, agreement = agreement + ? WHERE route = ? AND model = ?""",
-                    (int(m.answered), int(not m.answered), int(m.primary),
-                     float(m.agreement or 0.0) if m.answered else 0.0, tally.route, m.model),
+                    """UPDATE route_stats SET decisions = decisions + 1, escalations = escalations + ?,
+                           primary_answered = primary_answered + ?, primary_overturned = primary_overturned + ?,
+                           no_answer = no_answer + ? WHERE route = ?""",
+                    (int(tally.escalated), int(tally.primary_answered), int(tally.primary_overturned),
+                     int(tally.no_answer), tally.route),
                 )
-            if record is not None:
-                db.execute(
-                    """INSERT INTO escalations (id, created_at, route, request_id, messages, options, votes,
-                                                verdict, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (record.id, record.created_at, record.route, record.request_id, _json(record.messages),
-                     _json(record.options), _json(record.votes), _json(record.verdict), PENDING),
-                )
+                for m in tally.models:
+                    db.execute("INSERT INTO model_stats (route, model) VALUES (?, ?) ON CONFLICT (route, model) "
+                               "DO NOTHING", (tally.route, m.model))
+                    db.execute(
+                        """UPDATE model_stats SET asked = asked + 1, answered = answered + ?, failed = failed + ?,
+                               as_primary = as_primary + ?, agreement = agreement + ? WHERE route = ? AND model = ?""",
+                        (int(m.answered), int(not m.answered), int(m.primary),
+                         float(m.agreement or 0.0) if m.answered else 0.0, tally.route, m.model),
+                    )
+        except _StoredAlready:
+            stored = self.find_request(record.route, record.request_id)
+            if stored is None:  # cannot happen: the unique index found it
+                raise StoreError(f"request {record.request_id!r} conflicts with a case that cannot be read") from None
+            return stored
         return record
 
     # ------------------------------------------------------------------ review queue
@@ -275,20 +374,20 @@ class EscalationStore:
             query += " WHERE state = ?"
             params = (state,)
         query += " ORDER BY seq DESC LIMIT ?"
-        with self._lock:
-            rows = self._db.execute(query, (*params, int(limit))).fetchall()
+        with self._read() as db:
+            rows = db.execute(query, (*params, int(limit))).fetchall()
         return [_record(row) for row in rows]
 
     def find_request(self, route: str, request_id: str) -> EscalationRecord | None:
         """The case a request already escalated on this route, if any (retries replay it)."""
-        with self._lock:
-            row = self._db.execute("SELECT * FROM escalations WHERE route = ? AND request_id = ? ORDER BY seq LIMIT 1",
-                                   (route, request_id)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT * FROM escalations WHERE route = ? AND request_id = ?",
+                             (route, request_id)).fetchone()
         return _record(row) if row is not None else None
 
     def get(self, escalation_id: str) -> EscalationRecord:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM escalations WHERE id = ?", (escalation_id,)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT * FROM escalations WHERE id = ?", (escalation_id,)).fetchone()
         if row is None:
             raise UnknownEscalation(escalation_id)
         return _record(row)
@@ -307,13 +406,16 @@ class EscalationStore:
                 raise AlreadyResolved(record)
             if record.options and resolution not in record.options:
                 raise InvalidResolution(resolution, record.options)
-            db.execute(
+            updated = db.execute(
                 """UPDATE escalations SET state = ?, resolution = ?, reviewer = ?, note = ?, resolved_at = ?
                    WHERE id = ? AND state = ?""",
                 (RESOLVED, resolution, reviewer, note, now, escalation_id, PENDING),
-            )
+            ).rowcount
+            if updated == 0:  # another replica's reviewer resolved it between our read and our write
+                raise AlreadyResolved(_record(db.execute("SELECT * FROM escalations WHERE id = ?",
+                                                         (escalation_id,)).fetchone()))
             override = resolution != record.verdict.get("answer", "")
-            db.execute("INSERT OR IGNORE INTO route_stats (route) VALUES (?)", (record.route,))
+            db.execute("INSERT INTO route_stats (route) VALUES (?) ON CONFLICT (route) DO NOTHING", (record.route,))
             db.execute("UPDATE route_stats SET resolved = resolved + 1, reviewer_overrides = reviewer_overrides + ? "
                        "WHERE route = ?", (int(override), record.route))
             row = db.execute("SELECT * FROM escalations WHERE id = ?", (escalation_id,)).fetchone()
@@ -323,23 +425,75 @@ class EscalationStore:
 
     def stats(self, route: str = "") -> Stats:
         where, params = ("WHERE route = ?", (route,)) if route else ("", ())
-        with self._lock:
-            totals = self._db.execute(
-                f"""SELECT COALESCE(SUM(decisions), 0), COALESCE(SUM(escalations), 0), COALESCE(SUM(resolved), 0),
-                           COALESCE(SUM(reviewer_overrides), 0), COALESCE(SUM(primary_answered), 0),
-                           COALESCE(SUM(primary_overturned), 0), COALESCE(SUM(no_answer), 0)
+        with self._read() as db:
+            totals = db.execute(
+                f"""SELECT COALESCE(SUM(decisions), 0) AS decisions, COALESCE(SUM(escalations), 0) AS escalations,
+                           COALESCE(SUM(resolved), 0) AS resolved, COALESCE(SUM(reviewer_overrides), 0) AS overrides,
+                           COALESCE(SUM(primary_answered), 0) AS answered,
+                           COALESCE(SUM(primary_overturned), 0) AS overturned, COALESCE(SUM(no_answer), 0) AS none
                     FROM route_stats {where}""", params).fetchone()
-            models = self._db.execute(
-                f"""SELECT model, SUM(asked), SUM(answered), SUM(failed), SUM(as_primary), SUM(agreement)
+            models = db.execute(
+                f"""SELECT model, SUM(asked) AS asked, SUM(answered) AS answered, SUM(failed) AS failed,
+                           SUM(as_primary) AS as_primary, SUM(agreement) AS agreement
                     FROM model_stats {where} GROUP BY model ORDER BY model""", params).fetchall()
-            since = self._db.execute("SELECT value FROM meta WHERE key = 'created_at'").fetchone()
+            since = db.execute("SELECT value FROM meta WHERE key = 'created_at'").fetchone()
         return Stats(
-            route=route, decisions=totals[0], escalations=totals[1], resolved=totals[2],
-            reviewer_overrides=totals[3], primary_answered=totals[4], primary_overturned=totals[5],
-            no_answer=totals[6],
-            models=[ModelCounters(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4]), float(r[5])) for r in models],
-            since=float(since[0]) if since else 0.0,
+            route=route, decisions=int(totals["decisions"]), escalations=int(totals["escalations"]),
+            resolved=int(totals["resolved"]), reviewer_overrides=int(totals["overrides"]),
+            primary_answered=int(totals["answered"]), primary_overturned=int(totals["overturned"]),
+            no_answer=int(totals["none"]),
+            models=[ModelCounters(r["model"], int(r["asked"]), int(r["answered"]), int(r["failed"]),
+                                  int(r["as_primary"]), float(r["agreement"])) for r in models],
+            since=float(since["value"]) if since else 0.0,
         )
+
+
+class SqliteEscalationStore(EscalationStore):
+    """The embedded default: one file, one connection behind a lock (calls are short; the
+    servicer runs them in a worker thread so the event loop never waits on the disk).
+    `BEGIN IMMEDIATE` also serialises other processes on the same file, migrations included."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{self.path}: SQLite refused WAL mode (got {mode}); put the file on a local disk")
+        self._db.execute("PRAGMA synchronous=FULL")  # WAL fsync'd at every commit
+        self.migrated = self._migrate()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._db
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def integrity_ok(self) -> bool:
+        with self._lock:
+            return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+class _StoredAlready(Exception):
+    """Rolls back a decision whose case another call stored first."""
 
 
 def new_escalation_id(now: float) -> str:
@@ -351,7 +505,7 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def _record(row: sqlite3.Row) -> EscalationRecord:
+def _record(row: Any) -> EscalationRecord:  # sqlite3.Row or a psycopg dict row
     return EscalationRecord(
         id=row["id"], created_at=row["created_at"], route=row["route"], request_id=row["request_id"],
         messages=json.loads(row["messages"]), options=json.loads(row["options"]), votes=json.loads(row["votes"]),

@@ -1,20 +1,22 @@
-"""Wires the consensus process: the escalation store and the channel to the model hosts."""
+"""Wires the consensus process: the escalation store (SQLite file, or PostgreSQL when
+`state.database_url` is set) and the channel to the model hosts."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 
 import grpc
 from mirador.v1 import consensus_pb2, consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc
 
 from services.common.channels import open_channel
-from services.common.config import MiradorConfig, SecurityConfig
+from services.common.config import ConfigError, ConfigProblem, MiradorConfig, SecurityConfig
 from services.common.faults import CrashPoints
 from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
 from services.common.paths import state_file
-from services.consensus.escalations import EscalationStore
+from services.consensus.escalations import EscalationStore, SqliteEscalationStore, StoreError
 from services.consensus.servicer import CRASH_POINTS, ConsensusServicer
 
 log = logging.getLogger("mirador.consensus")
@@ -36,12 +38,40 @@ def model_host_channel(targets: tuple[str, ...], security: SecurityConfig | None
                         options=[("grpc.service_config", json.dumps(service_config))])
 
 
+def open_escalation_store(config: MiradorConfig) -> EscalationStore:
+    """The review queue the config names, migrated. A database that cannot be used is a
+    ConfigError naming the key (the process exits with the config error's code)."""
+    state = config.state
+    if state.uses_postgresql:
+        from services.consensus.escalations_pg import PostgresEscalationStore  # psycopg only when asked for
+
+        try:
+            store: EscalationStore = PostgresEscalationStore(state)
+        except StoreError as exc:
+            raise ConfigError([ConfigProblem(str(config.path), state.lines.get("database_url", 0),
+                                             "state.database_url", str(exc))]) from None
+        log_event(log, "escalation store open", backend="postgresql", schema=state.database_schema,
+                  migrated=store.migrated)
+        return store
+    path = state_file(config.services.consensus.escalation_db, "escalations.sqlite3", config.path.parent)
+    try:
+        store = SqliteEscalationStore(path)
+    except (StoreError, sqlite3.Error, OSError) as exc:
+        raise ConfigError([ConfigProblem(str(config.path), 0, "services.consensus.escalation_db",
+                                         f"cannot open the review queue at {path}: {exc}")]) from None
+    log_event(log, "escalation store open", backend="sqlite", path=str(path), migrated=store.migrated)
+    return store
+
+
 class ConsensusService(MiradorService):
     name = "consensus"
 
     def __init__(self, config: MiradorConfig):
         self.config = config
-        self.servicer = ConsensusServicer(config, crash_points=CrashPoints.from_environment(self.name, CRASH_POINTS))
+        # Opened here, before the server starts: a database that cannot be used stops the process
+        # with the config error's exit code and a sentence naming the key.
+        self.servicer = ConsensusServicer(config, store=open_escalation_store(config),
+                                          crash_points=CrashPoints.from_environment(self.name, CRASH_POINTS))
         self.channel: grpc.aio.Channel | None = None
 
     @property
@@ -52,9 +82,6 @@ class ConsensusService(MiradorService):
         consensus_pb2_grpc.add_ConsensusServicer_to_server(self.servicer, server)
 
     async def on_start(self) -> None:
-        path = state_file(self.config.services.consensus.escalation_db, "escalations.sqlite3", self.config.path.parent)
-        self.servicer.store = EscalationStore(path)
-        log_event(log, "escalation store open", path=str(path))
         self.channel = model_host_channel(self.config.services.model_host_targets, self.config.security)
         self.servicer.model_host = model_host_pb2_grpc.ModelHostStub(self.channel)
 

@@ -1,0 +1,117 @@
+"""`state:`: where replicas keep the state they share. Without the section every service
+keeps its state to itself, as before (SQLite files, in-process sessions and buckets).
+
+    state:
+      database_url: postgresql://mirador@db.internal:5432/mirador   # review queue (consensus)
+      database_schema: mirador        # created on first start; tests use one schema each
+      statement_timeout_ms: 5000      # every SQL statement; past it the call fails UNAVAILABLE
+      pool_size: 8                    # connections per process, at most
+      redis_url: redis://cache.internal:6379/0   # router sessions and rate-limit buckets
+      redis_prefix: "mirador:"        # every key starts with it
+      redis_timeout_ms: 250           # one Redis command; past it Redis counts as unavailable
+      rate_limit_without_redis: open  # open: admit while Redis is down; closed: refuse
+
+A password belongs in the environment, not the file: libpq reads `PGPASSWORD` (and
+`~/.pgpass`), so the URL can leave it out.
+
+The reader is given the config loader's own `_Reader` (duck-typed: `mapping`, `string`,
+`integer`, `problem`) so problems keep the `file:line: key: message` format.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+STATE_KEYS = ("database_url", "database_schema", "statement_timeout_ms", "pool_size", "redis_url", "redis_prefix",
+              "redis_timeout_ms", "rate_limit_without_redis")
+RATE_LIMIT_FAILURE_MODES = ("open", "closed")
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+@dataclass(frozen=True)
+class StateSettings:
+    database_url: str = field(default="", repr=False)  # empty = SQLite files (the embedded default)
+    database_schema: str = "mirador"
+    statement_timeout_ms: int = 5000
+    pool_size: int = 8
+    redis_url: str = field(default="", repr=False)  # empty = in-process sessions and buckets
+    redis_prefix: str = "mirador:"
+    redis_timeout_ms: int = 250
+    rate_limit_without_redis: str = "open"
+    # Where each key was given ({key: line}), so a failure at start names file, line and key.
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def uses_postgresql(self) -> bool:
+        return bool(self.database_url)
+
+    @property
+    def uses_redis(self) -> bool:
+        return bool(self.redis_url)
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by `***` (for messages and logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def read_state(reader: Any, node: Any) -> StateSettings:
+    entries = reader.mapping(node, "state", STATE_KEYS)
+    values: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    for name, (key_node, value_node) in entries.items():
+        key = f"state.{name}"
+        lines[name] = key_node.start_mark.line + 1
+        if name == "database_url":
+            values[name] = _url(reader, value_node, key, ("postgresql", "postgres"),
+                                "postgresql://USER@HOST:5432/DATABASE (the password in $PGPASSWORD)")
+        elif name == "redis_url":
+            values[name] = _url(reader, value_node, key, ("redis", "rediss", "unix"), "redis://HOST:6379/0")
+        elif name == "database_schema":
+            schema = reader.string(value_node, key)
+            if schema is not None and not _SCHEMA_NAME.match(schema):
+                reader.problem(value_node, key, f"`{schema}` is not a plain schema name; use lower-case letters, "
+                                                "digits and `_` (at most 63), starting with a letter or `_`")
+                schema = None
+            values[name] = schema
+        elif name == "statement_timeout_ms":
+            values[name] = reader.integer(value_node, key, minimum=10, maximum=600_000)
+        elif name == "pool_size":
+            values[name] = reader.integer(value_node, key, minimum=1, maximum=256)
+        elif name == "redis_timeout_ms":
+            values[name] = reader.integer(value_node, key, minimum=1, maximum=60_000)
+        elif name == "redis_prefix":
+            values[name] = reader.string(value_node, key)
+        else:  # rate_limit_without_redis
+            values[name] = reader.string(value_node, key, choices=RATE_LIMIT_FAILURE_MODES)
+    if values.get("rate_limit_without_redis") and "redis_url" not in entries:
+        reader.problem(entries["rate_limit_without_redis"][0], "state.rate_limit_without_redis",
+                       "has no effect without `redis_url`: rate limits are kept in process; remove it or set redis_url")
+    return StateSettings(**{k: v for k, v in values.items() if v is not None}, lines=lines)
+
+
+def _url(reader: Any, node: Any, key: str, schemes: tuple[str, ...], example: str) -> str | None:
+    value = reader.string(node, key)
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as exc:
+        reader.problem(node, key, f"not a URL ({exc}); write it as {example}")
+        return None
+    if parts.scheme not in schemes:
+        reader.problem(node, key, f"the scheme `{parts.scheme or '(none)'}` is not one of {', '.join(schemes)}; "
+                                  f"write it as {example}")
+        return None
+    if parts.scheme != "unix" and not parts.hostname and "host=" not in parts.query:
+        reader.problem(node, key, f"names no host; write it as {example}")
+        return None
+    return value.strip()
