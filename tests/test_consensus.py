@@ -1,7 +1,9 @@
 """The consensus service as a real process, asking a real model host that serves tiny
 real ONNX models (three decoders with different seeds as voters, a tiny encoder as the
-embedding model): streaming votes, the weighted verdict, escalation into SQLite that
-survives kill -9, the review queue over gRPC and the `mirador review` CLI, statistics."""
+embedding model): streaming votes, the weighted verdict, escalation into the review queue
+that survives kill -9, the review queue over gRPC and the `mirador review` CLI, statistics.
+Every test runs twice: on the SQLite file (the default) and on PostgreSQL (`state.database_url`,
+the real server, a schema of its own), where two consensus replicas also share one queue."""
 
 import asyncio
 import math
@@ -24,6 +26,7 @@ from services.common.config import MiradorConfig, load_config
 from services.common.model_repository import ModelRepository
 from services.consensus import fanout, voting
 from services.consensus.prompts import decision_messages
+from state_servers import POSTGRES_URL, drop_schema, new_schema_name, require_postgres
 from tiny_models import build_tiny_decoder, build_tiny_encoder, write_corrupt_model
 
 VOTERS = ["voter-a", "voter-b", "voter-c"]
@@ -54,6 +57,7 @@ class Env:
     consensus: Mesh
     db: str
     log_dir: object
+    backend: str = "sqlite"
     restarts: int = 0
 
     def start_consensus(self) -> None:
@@ -76,9 +80,15 @@ class Env:
         self.config = load_config(path)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("consensus")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def env(request, tmp_path_factory):
+    schema = None
+    state = ""
+    if request.param == "postgresql":
+        require_postgres()
+        schema = new_schema_name()
+        state = f"state:\n  database_url: {POSTGRES_URL}\n  database_schema: {schema}\n"
+    directory = tmp_path_factory.mktemp(f"consensus-{request.param}")
     repository = ModelRepository(directory / "models")
     for seed, name in enumerate(VOTERS, start=11):
         build_tiny_decoder(repository, name, seed=seed)
@@ -86,13 +96,13 @@ def env(tmp_path_factory):
     write_corrupt_model(repository, "broken-lm")
     db = directory / "state" / "escalations.sqlite3"
     config = load_config(write_config(
-        directory, body=FLEET,
+        directory, body=FLEET + state,
         service_extra={"consensus": f"escalation_db: {db}\nembedding_model: tiny-embed"},
     ))
     saved_cache = os.environ.get("XDG_CACHE_HOME")
     os.environ["XDG_CACHE_HOME"] = str(directory / "cache")
     host = Mesh(config, log_dir=directory / "logs", services=("model_host",))
-    environment = Env(config, host, None, str(db), directory / "logs")
+    environment = Env(config, host, None, str(db), directory / "logs", request.param)
     try:
         host.start(timeout_s=60)
         with grpc.insecure_channel(config.services.model_host.address) as channel:
@@ -103,6 +113,8 @@ def env(tmp_path_factory):
         if environment.consensus is not None:
             environment.consensus.stop()
         host.stop()
+        if schema:
+            drop_schema(schema)
         if saved_cache is None:
             os.environ.pop("XDG_CACHE_HOME", None)
         else:
@@ -324,9 +336,13 @@ def test_kill_9_mid_requests_loses_no_acknowledged_case(env, disputed):
         stub = consensus_pb2_grpc.ConsensusStub(channel)
         for escalation_id in acknowledged:
             assert stub.GetEscalation(consensus_pb2.GetEscalationRequest(id=escalation_id), timeout=5).votes
-    with sqlite3.connect(env.db) as db:
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        listed = [e.request_id for e in stub.ListEscalations(consensus_pb2.ListEscalationsRequest(limit=1000),
+                                                             timeout=5).escalations]
+        assert len(listed) == len(set(listed))  # no request escalated twice
+    if env.backend == "sqlite":
+        with sqlite3.connect(env.db) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 # --------------------------------------------------------------------------- review queue
@@ -385,6 +401,37 @@ def test_review_cli_lists_shows_and_resolves(env, consensus, disputed, capsys, m
     assert case_id not in capsys.readouterr().out
     assert mirador([*config, "review", "show", "esc-nope"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_two_replicas_share_one_review_queue(env, consensus, disputed):
+    """A second consensus process on the same database (PostgreSQL: the replicated setup; SQLite:
+    two processes on one file, which WAL allows on one machine): a case escalated through one
+    replica is listed and resolved through the other, and a retry through the other replays it."""
+    data = yaml.safe_load(env.config.path.read_text())
+    data["services"]["consensus"]["port"] = free_port()
+    path = env.config.path.with_name("mirador.replica-b.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    replica = Mesh(load_config(path), log_dir=env.log_dir, services=("consensus",))
+    replica.start()
+    try:
+        with grpc.insecure_channel(replica.config.services.consensus.address) as channel:
+            other = consensus_pb2_grpc.ConsensusStub(channel)
+            _, verdict = decide(consensus, disputed[1], threshold=1.0, request_id="through-a")
+            pending = other.ListEscalations(consensus_pb2.ListEscalationsRequest(
+                state=consensus_pb2.ESCALATION_STATE_PENDING, limit=1000), timeout=5).escalations
+            assert verdict.escalation_id in [e.id for e in pending]
+            _, replayed = decide(other, disputed[1], threshold=1.0, request_id="through-a")
+            assert replayed.escalation_id == verdict.escalation_id
+            done = other.ResolveEscalation(consensus_pb2.ResolveEscalationRequest(
+                id=verdict.escalation_id, resolution="Y", reviewer="ana"), timeout=5)
+            assert done.state == consensus_pb2.ESCALATION_STATE_RESOLVED
+        code, details = status_of(lambda: consensus.ResolveEscalation(consensus_pb2.ResolveEscalationRequest(
+            id=verdict.escalation_id, resolution="N", reviewer="bob"), timeout=5))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "resolved already by ana" in details
+        assert consensus.GetEscalation(consensus_pb2.GetEscalationRequest(id=verdict.escalation_id),
+                                       timeout=5).resolution == "Y"
+    finally:
+        replica.stop()
 
 
 # --------------------------------------------------------------------------- statistics
