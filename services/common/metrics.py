@@ -12,13 +12,14 @@ Health checks and reflection are not counted (see telemetry.UNTRACED_SERVICE_PRE
 from __future__ import annotations
 
 import asyncio
-import inspect
+import contextlib
 import time
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from services.common.interceptors import HandlerInterceptor
 from services.common.telemetry import UNTRACED_SERVICE_PREFIXES
 
 # Latency buckets from a loopback round trip (~0.5 ms) to a long generation (minutes).
@@ -56,38 +57,24 @@ def _code_name(context, default: grpc.StatusCode) -> str:
     return default.name
 
 
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetricsInterceptor(HandlerInterceptor):
     """mirador_rpc_requests_total, mirador_rpc_duration_seconds and mirador_rpc_in_flight
     for every call; put it outside the interceptor that turns exceptions into statuses."""
 
     def __init__(self, service: str):
         self.service = service
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method.lstrip("/")
-        if handler is None or method.startswith(UNTRACED_SERVICE_PREFIXES):
-            return handler
-        if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+    def applies_to(self, method: str) -> bool:
+        return not method.lstrip("/").startswith(UNTRACED_SERVICE_PREFIXES)
 
     def _record(self, method: str, code: str, started: float) -> None:
         RPC_IN_FLIGHT.labels(self.service, method).dec()
         RPC_REQUESTS.labels(self.service, method, code).inc()
         RPC_DURATION.labels(self.service, method, code).observe(time.perf_counter() - started)
 
-    def _unary(self, behaviour, method: str):
+    def wrap_unary(self, behaviour, method: str):
+        method = method.lstrip("/")
+
         async def unary(request, context):
             RPC_IN_FLIGHT.labels(self.service, method).inc()
             started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN.name
@@ -106,13 +93,16 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _stream(self, behaviour, method: str):
+    def wrap_stream(self, behaviour, method: str):
+        method = method.lstrip("/")
+
         async def stream(request, context):
             RPC_IN_FLIGHT.labels(self.service, method).inc()
             started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN.name
             try:
-                async for response in behaviour(request, context):
-                    yield response
+                async with contextlib.aclosing(behaviour(request, context)) as responses:
+                    async for response in responses:
+                        yield response
                 code = _code_name(context, grpc.StatusCode.OK)
             except (asyncio.CancelledError, GeneratorExit):
                 code = grpc.StatusCode.CANCELLED.name

@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
-import inspect
+import contextlib
 import logging
 import os
 import signal
@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common import telemetry
 from services.common.config import ConfigError, MiradorConfig, SecurityConfig, ServiceSettings, load_config
 from services.common.errors import InvalidArgument, ServiceError
+from services.common.interceptors import HandlerInterceptor
 from services.common.logs import configure_logging, log_event
 from services.common.reload import ConfigReloader
 from services.common.metrics import RpcMetricsInterceptor, start_metrics_http, stop_metrics_http
@@ -72,35 +73,14 @@ class MiradorService(abc.ABC):
                   service=self.name)
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(HandlerInterceptor):
     """Turns exceptions into statuses: ServiceError → its code, a downstream
     AioRpcError → the same code naming the hop, anything else → INTERNAL (logged)."""
 
     def __init__(self, service: str):
         self.service = service
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        deserializer = self._tolerant(handler.request_deserializer)
-        if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-    @staticmethod
-    def _tolerant(deserializer):
+    def wrap_deserializer(self, deserializer):
         """Lets undecodable bytes reach the handler wrapper, which answers INVALID_ARGUMENT
         (grpcio itself would answer UNKNOWN, which tells a client nothing)."""
         if deserializer is None:
@@ -114,7 +94,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         return deserialize
 
-    def _wrap_unary(self, behaviour, method):
+    def wrap_unary(self, behaviour, method):
         async def unary(request, context):
             try:
                 _reject_undecodable(request, method)
@@ -124,12 +104,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _wrap_stream(self, behaviour, method):
+    def wrap_stream(self, behaviour, method):
         async def stream(request, context):
             try:
                 _reject_undecodable(request, method)
-                async for response in behaviour(request, context):
-                    yield response
+                async with contextlib.aclosing(behaviour(request, context)) as responses:
+                    async for response in responses:
+                        yield response
             except Exception as exc:  # noqa: BLE001 - every error becomes a status
                 await self._abort(context, exc, method)
 

@@ -26,7 +26,7 @@ Code adds its own spans with `tracer(__name__).start_as_current_span("route")`, 
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import logging
 import os
 import time
@@ -35,6 +35,7 @@ from typing import Mapping
 import grpc
 from opentelemetry import propagate, trace
 
+from services.common.interceptors import HandlerInterceptor
 from services.common.logs import log_event
 
 log = logging.getLogger("mirador.telemetry")
@@ -169,27 +170,28 @@ def _untraced(method: str) -> bool:
     return method.lstrip("/").startswith(UNTRACED_SERVICE_PREFIXES)
 
 
-class TraceIdInterceptor(grpc.aio.ServerInterceptor):
+class TraceIdInterceptor(HandlerInterceptor):
     """Sends the call's trace id back in the trailing metadata (`mirador-trace-id`), so a
     client can look its request up in the tracing backend. Must run inside the span."""
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or _untraced(handler_call_details.method):
-            return handler
-        if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
-            return grpc.unary_unary_rpc_method_handler(
-                _stamped_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
-            return grpc.unary_stream_rpc_method_handler(
-                _stamped_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+    def applies_to(self, method: str) -> bool:
+        return not _untraced(method)
+
+    def wrap_unary(self, behaviour, method: str):
+        async def unary(request, context):
+            _stamp(context)
+            return await behaviour(request, context)
+
+        return unary
+
+    def wrap_stream(self, behaviour, method: str):
+        async def stream(request, context):
+            _stamp(context)
+            async with contextlib.aclosing(behaviour(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return stream
 
 
 def _stamp(context) -> None:
@@ -197,20 +199,3 @@ def _stamp(context) -> None:
     if trace_id:
         # Set first: the status (OK or an abort) carries the trailing metadata set so far.
         context.set_trailing_metadata(((TRACE_ID_METADATA_KEY, trace_id),))
-
-
-def _stamped_unary(behaviour):
-    async def unary(request, context):
-        _stamp(context)
-        return await behaviour(request, context)
-
-    return unary
-
-
-def _stamped_stream(behaviour):
-    async def stream(request, context):
-        _stamp(context)
-        async for response in behaviour(request, context):
-            yield response
-
-    return stream

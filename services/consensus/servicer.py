@@ -4,6 +4,7 @@ plain values of `fanout` (asking the models), `voting` (the maths) and `escalati
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import math
 import time
@@ -92,9 +93,10 @@ class ConsensusServicer(consensus_pb2_grpc.ConsensusServicer):
                                        timeout_s)
 
         answers: list[fanout.Answer | None] = [None] * len(models)
-        async for answer in fanout.fan_out(models, call, budget):
-            answers[answer.index] = answer
-            yield pb.DecideResponse(vote=_vote(answer))
+        async with contextlib.aclosing(fanout.fan_out(models, call, budget)) as answered:  # closing cancels the rest
+            async for answer in answered:
+                answers[answer.index] = answer
+                yield pb.DecideResponse(vote=_vote(answer))
 
         ballots = [_ballot(a, options) for a in answers]
         if options:

@@ -8,6 +8,7 @@ run in worker threads. The event loop only moves messages.
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -136,10 +137,11 @@ class DataPlane:
             await self.faults.before_prefill(model)
             engine = self._engine(record)
             request = GenerationRequest(model, record.manifest.version, messages, prompt, sampling, received, timings)
-            async for event in engine.generate(request):
-                if isinstance(event, GenerationSummary):
-                    self._report_generation(model, event)
-                yield event
+            async with contextlib.aclosing(engine.generate(request)) as events:
+                async for event in events:
+                    if isinstance(event, GenerationSummary):
+                        self._report_generation(model, event)
+                    yield event
 
     @staticmethod
     def _report_generation(model: str, summary: GenerationSummary) -> None:

@@ -3,6 +3,7 @@ calls and back. The decisions live in the data plane and the registry."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from google.protobuf import timestamp_pb2
@@ -21,7 +22,7 @@ from services.common.validation import (
     require_text,
 )
 from services.model_host.admission import Admission, priority_of
-from services.model_host.dataplane import Confidence, DataPlane, GenerationSummary, SamplingSettings, Timings
+from services.model_host.dataplane import Confidence, DataPlane, GenerationSummary, SamplingSettings, Timings, TokenEvent
 from services.model_host.registry import ModelRecord, ModelRegistry, State
 
 log = logging.getLogger("mirador.model_host")
@@ -124,19 +125,9 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
         require_sampling(request.sampling)
         with self.admission.admit(request.model, priority_of(context)):
             events = self.dataplane.generate(request.model, messages_of(request), request.prompt, sampling_of(request.sampling))
-            async for event in events:
-                if isinstance(event, GenerationSummary):
-                    yield pb.GenerateResponse(summary=pb.GenerateSummary(
-                        model=event.model, model_version=event.version, finish_reason=FINISH_REASONS[event.finish_reason],
-                        text=event.text,
-                        usage=common_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
-                        timings=timings_pb(event.timings), confidence=confidence_pb(event.confidence),
-                    ))
-                else:
-                    yield pb.GenerateResponse(token=common_pb2.TokenChunk(
-                        index=event.index, token_id=event.token_id, text=event.text, logprob=event.logprob,
-                        entropy=event.entropy,
-                    ))
+            async with contextlib.aclosing(events):  # a cancelled call frees its sequence's slot now
+                async for event in events:
+                    yield _generate_response(event)
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         self._require_task(request.model, ("text-generation", "classification"), "Score")
@@ -177,3 +168,16 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
             memory_budget_bytes=self.registry.budget_bytes,
             memory_used_bytes=self.registry.used_bytes,
         )
+
+
+def _generate_response(event: TokenEvent | GenerationSummary) -> pb.GenerateResponse:
+    if isinstance(event, GenerationSummary):
+        return pb.GenerateResponse(summary=pb.GenerateSummary(
+            model=event.model, model_version=event.version, finish_reason=FINISH_REASONS[event.finish_reason],
+            text=event.text,
+            usage=common_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+            timings=timings_pb(event.timings), confidence=confidence_pb(event.confidence),
+        ))
+    return pb.GenerateResponse(token=common_pb2.TokenChunk(
+        index=event.index, token_id=event.token_id, text=event.text, logprob=event.logprob, entropy=event.entropy,
+    ))

@@ -9,6 +9,7 @@ Analyze measures sensitivities only and writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import logging
 import threading
@@ -86,8 +87,9 @@ class QuantizerServicer(quantizer_pb2_grpc.QuantizerServicer):
         if self._busy.locked():
             raise ResourceExhausted("a quantization is already running on this quantizer; try again when it ends")
         async with self._busy:
-            async for event in self._run_quantize(request, manifest, calibration):
-                yield event
+            async with contextlib.aclosing(self._run_quantize(request, manifest, calibration)) as events:
+                async for event in events:
+                    yield event
 
     def _validate_quantize(self, request: pb.QuantizeRequest) -> ModelManifest:
         self._require_decoder(request.model)

@@ -3,6 +3,7 @@ model (with fallbacks) or of the consensus service, keeping sessions."""
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import time
 import uuid
@@ -155,12 +156,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             answer = self._generate(decision, messages, request, request_id, deadline)
         summary = None
         try:
-            async for response in answer:
-                if response.HasField("summary"):
-                    summary = response.summary
-                    summary.session_id = request.session_id
-                    summary.timings.total_ms = (time.perf_counter() - received) * 1000
-                yield response
+            async with contextlib.aclosing(answer):  # a caller gone: the model host's call is cancelled now
+                async for response in answer:
+                    if response.HasField("summary"):
+                        summary = response.summary
+                        summary.session_id = request.session_id
+                        summary.timings.total_ms = (time.perf_counter() - received) * 1000
+                    yield response
         finally:
             if not answered.done():
                 answered.set_result((summary.model, summary.text) if summary is not None else None)
@@ -213,13 +215,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             first_token_ms = (time.perf_counter() - started) * 1000
             # This model has begun to answer: from here on, its answer is the answer.
             try:
-                async for response in self._relay(call, first, decision, model, attempted):
-                    yield response
+                async with contextlib.aclosing(self._relay(call, first, decision, model, attempted)) as relayed:
+                    async for response in relayed:
+                        yield response
             except grpc.aio.AioRpcError as exc:
                 breaker.record_failure()
                 self.rollouts.record(model, Outcome.FAILED)
                 raise ServiceError(f"model `{model}` on the model host failed after it began answering: {exc.details()}", exc.code()) from None
-            except BaseException:
+            except BaseException:  # cancelled or closed: the model stops generating now, not when the call is freed
+                call.cancel()
                 self.rollouts.record(model, Outcome.IGNORED)
                 raise
             breaker.record_success()
