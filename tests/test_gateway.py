@@ -388,14 +388,17 @@ def test_a_client_that_disconnects_mid_stream_cancels_the_generation(base_url, m
 
 
 def test_a_client_that_gives_up_on_a_whole_answer_cancels_it_too(base_url, mesh):
+    """Several times: the router once missed the cancel when it came while a token was being sent
+    (its call to the model host was left to the garbage collector), about one time in ten."""
     body = {"model": "drip", "messages": [{"role": "user", "content": "tell me everything"}], "max_tokens": 400}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{base_url}/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
-    left = time.monotonic()
-    while _in_flight(mesh, "drip-lm") and time.monotonic() - left < 5:
-        time.sleep(0.02)
-    assert _in_flight(mesh, "drip-lm") == 0
-    assert time.monotonic() - left < 1.0  # 400 tokens would take 16 s
+    for attempt in range(8):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base_url}/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+        left = time.monotonic()
+        while _in_flight(mesh, "drip-lm") and time.monotonic() - left < 5:
+            time.sleep(0.02)
+        assert _in_flight(mesh, "drip-lm") == 0, f"attempt {attempt}: the generation goes on after the client left"
+        assert time.monotonic() - left < 1.0  # 400 tokens would take 16 s
 
 
 # --------------------------------------------------------------------------- the router down; token and rate limit
