@@ -12,6 +12,9 @@ will be there again (also in the `retry-after-ms` trailing metadata).
 
 Memory is bounded: at most `max_clients` buckets are kept; the least recently
 seen client is forgotten first, which only hands it a full bucket again.
+
+With `state.redis_url` the buckets live in Redis (`RedisRateLimiter`, one Lua script per
+call), so N router replicas together admit the limit, not N times it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from services.common.errors import ResourceExhausted
+from services.common.errors import ResourceExhausted, Unavailable
+from services.router.redis_link import RedisDown, RedisLink
 
 CLIENT_METADATA_KEY = "x-mirador-client"
 RETRY_AFTER_METADATA_KEY = "retry-after-ms"
@@ -95,8 +99,11 @@ class RateLimiter:
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return
+        self._refuse(client, bucket.tokens)
+
+    def _refuse(self, client: str, tokens: float) -> None:
         self.rejected_total += 1
-        retry_after_s = (1.0 - bucket.tokens) / self.rate
+        retry_after_s = (1.0 - tokens) / self.rate
         error = ResourceExhausted(
             f"client `{client}` is over its rate limit of {self.rate:g} requests/s (burst {self.burst:g}; "
             f"services.router.rate_limit_per_client); retry in {retry_after_s * 1000:.0f} ms"
@@ -116,3 +123,60 @@ class RateLimiter:
             except Exception:  # noqa: BLE001 - the message says it too
                 pass
             raise
+
+
+# One token bucket per client in a Redis hash, taken from atomically by every router replica.
+# Redis's own clock refills it (replicas' clocks may differ). Returns {taken (0/1), tokens left}
+# (tokens as a string: Lua numbers come back as integers).
+_TAKE = """
+local rate, burst, ttl_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1000000
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+local tokens, updated = tonumber(bucket[1]), tonumber(bucket[2])
+if tokens == nil or updated == nil then
+  tokens = burst
+else
+  tokens = math.min(burst, tokens + math.max(0, now - updated) * rate)
+end
+local taken = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  taken = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now))
+redis.call('PEXPIRE', KEYS[1], ttl_ms)
+return {taken, tostring(tokens)}
+"""
+
+
+class RedisRateLimiter(RateLimiter):
+    """The same limits, kept in Redis (`state.redis_url`) so that they hold for all router
+    replicas together. Redis unavailable: with `fail_open` (the default) calls are admitted,
+    otherwise refused with UNAVAILABLE; counted and logged either way (redis_link.py)."""
+
+    def __init__(self, link: RedisLink, rate_per_s: float, burst: int = 0, fail_open: bool = True):
+        super().__init__(rate_per_s, burst)
+        self.link = link
+        self.fail_open = fail_open
+        self._take = link.script(_TAKE)
+
+    def check(self, client: str) -> None:
+        if not self.enabled:
+            return
+        # Kept until the bucket would be full again (and a second more): an idle client's key goes away.
+        ttl_ms = int((self.burst / self.rate + 1.0) * 1000)
+        try:
+            taken, tokens = self.link.call("rate_limit", lambda redis_client: self._take(
+                keys=[self.link.key("ratelimit", client)], args=[repr(self.rate), repr(self.burst), ttl_ms],
+                client=redis_client))
+        except RedisDown as down:
+            if self.fail_open:
+                self.link.count_unavailable("rate_limit", "admitted")
+                return
+            self.link.count_unavailable("rate_limit", "refused")
+            raise Unavailable(f"the router cannot check rate limits: {down}; state.rate_limit_without_redis is "
+                              "`closed`, so calls are refused until Redis answers again; retry shortly") from None
+        if int(taken):
+            return
+        self._refuse(client, float(tokens))

@@ -19,12 +19,13 @@ from services.common.config import MiradorConfig, SecurityConfig
 from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
 from services.router.fallback import Breakers
-from services.router.rate_limit import RateLimiter
+from services.router.rate_limit import RateLimiter, RedisRateLimiter
+from services.router.redis_link import RedisLink
 from services.router.rollout_control import RolloutControlServicer
 from services.router.rollouts import Rollouts
 from services.router.routing import RouteTable, classified_routes
 from services.router.servicer import RouterServicer
-from services.router.sessions import SessionStore
+from services.router.sessions import RedisSessionStore, SessionStore
 
 EMBED_TIMEOUT_S = 60.0
 log = logging.getLogger("mirador.router")
@@ -56,6 +57,19 @@ def model_host_channel(targets: tuple[str, ...], security: SecurityConfig | None
                         options=[("grpc.service_config", json.dumps(service_config))])
 
 
+class SessionWarningRouterServicer(RouterServicer):
+    """The router's servicer, whose Ask summary also says when the session's history could not
+    be read (`AskSummary.session_warning`; Redis unavailable). Kept out of the Ask path itself:
+    `sessions.warning()` reads what `history()` noted in this call's context."""
+
+    async def Ask(self, request: router_pb2.AskRequest, context):
+        async with contextlib.aclosing(super().Ask(request, context)) as responses:
+            async for response in responses:
+                if request.session_id and response.HasField("summary"):
+                    response.summary.session_warning = self.sessions.warning()
+                yield response
+
+
 class RouterService(MiradorService):
     name = "router"
 
@@ -63,13 +77,27 @@ class RouterService(MiradorService):
         self.config = config
         self.routes = self._route_table(config)
         self.rollouts = Rollouts.from_config(config)
-        self.servicer = RouterServicer(self.routes, SessionStore(), Breakers(), self.rollouts)
-        self.servicer.rate_limiter = RateLimiter.from_settings(config.services.router)
+        self.redis = RedisLink(config.state) if config.state.uses_redis else None
+        self.servicer = SessionWarningRouterServicer(self.routes, self._sessions(), Breakers(), self.rollouts)
+        self.servicer.rate_limiter = self._rate_limiter(config)
         self.servicer.fleet = config.fleet
         self.model_host_channel: grpc.aio.Channel | None = None
         self.consensus_channel: grpc.aio.Channel | None = None
         self.learning: asyncio.Task | None = None
         self.relearning: asyncio.Task | None = None  # a reloaded config's routes, learned before they serve
+
+    def _sessions(self) -> SessionStore:
+        if self.redis is None:
+            return SessionStore()
+        log_event(log, "sessions in redis", url=self.redis.url, prefix=self.redis.prefix)
+        return RedisSessionStore(self.redis)
+
+    def _rate_limiter(self, config: MiradorConfig) -> RateLimiter:
+        settings = config.services.router
+        if self.redis is None:
+            return RateLimiter.from_settings(settings)
+        return RedisRateLimiter(self.redis, settings.rate_limit_per_client, settings.rate_limit_burst,
+                                fail_open=config.state.rate_limit_without_redis == "open")
 
     def _route_table(self, config: MiradorConfig) -> RouteTable:
         # each table embeds with the embedding model of its own config
@@ -166,6 +194,8 @@ class RouterService(MiradorService):
         for channel in (self.model_host_channel, self.consensus_channel):
             if channel is not None:
                 await channel.close()
+        if self.redis is not None:
+            self.redis.close()
 
 
 def _examples(config: MiradorConfig) -> dict[str, tuple[str, ...]]:

@@ -27,27 +27,27 @@ from mirador.v1 import consensus_pb2 as mirador_dot_v1_dot_consensus__pb2
 from mirador.v1 import model_host_pb2 as mirador_dot_v1_dot_model__host__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mirador/v1/router.proto\x12\nmirador.v1\x1a\x17mirador/v1/common.proto\x1a\x1amirador/v1/consensus.proto\x1a\x1bmirador/v1/model_host.proto\"\xc9\x01\n\nAskRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.mirador.v1.SamplingParams\x12)\n\x08messages\x18\x06 \x03(\x0b\x32\x17.mirador.v1.ChatMessage\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0e\n\x06prompt\x18\x08 \x01(\t\"\xee\x01\n\x0b\x41skResponse\x12*\n\x05route\x18\x01 \x01(\x0b\x32\x19.mirador.v1.RouteDecisionH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.mirador.v1.TokenChunkH\x00\x12%\n\x04vote\x18\x03 \x01(\x0b\x32\x15.mirador.v1.ModelVoteH\x00\x12/\n\x07verdict\x18\x04 \x01(\x0b\x32\x1c.mirador.v1.ConsensusVerdictH\x00\x12)\n\x07summary\x18\x05 \x01(\x0b\x32\x16.mirador.v1.AskSummaryH\x00\x42\x07\n\x05\x65vent\"\xbd\x02\n\nAskSummary\x12\r\n\x05route\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tfell_back\x18\x03 \x01(\x08\x12\x18\n\x10\x61ttempted_models\x18\x04 \x03(\t\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.mirador.v1.FinishReason\x12\x0c\n\x04text\x18\x06 \x01(\t\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.mirador.v1.Usage\x12$\n\x07timings\x18\x08 \x01(\x0b\x32\x13.mirador.v1.Timings\x12\x32\n\nconfidence\x18\t \x01(\x0b\x32\x1e.mirador.v1.ConfidenceMetadata\x12\x15\n\rescalation_id\x18\n \x01(\t\x12\x12\n\nsession_id\x18\x0b \x01(\t\"?\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\"*\n\nRouteScore\x12\r\n\x05route\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xea\x01\n\rRouteDecision\x12\r\n\x05route\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tfallbacks\x18\x03 \x03(\t\x12\x12\n\nvalidators\x18\x04 \x03(\t\x12\x1b\n\x13\x63onsensus_threshold\x18\x05 \x01(\x02\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\x12\x12\n\nconfidence\x18\x07 \x01(\x02\x12&\n\x06scores\x18\x08 \x03(\x0b\x32\x16.mirador.v1.RouteScore\x12\'\n\x06reason\x18\t \x01(\x0e\x32\x17.mirador.v1.RouteReason*\x84\x01\n\x0bRouteReason\x12\x1c\n\x18ROUTE_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15ROUTE_REASON_EXPLICIT\x10\x01\x12\x1b\n\x17ROUTE_REASON_CLASSIFIED\x10\x02\x12\x1f\n\x1bROUTE_REASON_LOW_CONFIDENCE\x10\x03\x32\xbe\x01\n\x06Router\x12\x38\n\x03\x41sk\x12\x16.mirador.v1.AskRequest\x1a\x17.mirador.v1.AskResponse0\x01\x12<\n\x05Route\x12\x18.mirador.v1.RouteRequest\x1a\x19.mirador.v1.RouteDecision\x12<\n\x05\x45mbed\x12\x18.mirador.v1.EmbedRequest\x1a\x19.mirador.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mirador/v1/router.proto\x12\nmirador.v1\x1a\x17mirador/v1/common.proto\x1a\x1amirador/v1/consensus.proto\x1a\x1bmirador/v1/model_host.proto\"\xc9\x01\n\nAskRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.mirador.v1.SamplingParams\x12)\n\x08messages\x18\x06 \x03(\x0b\x32\x17.mirador.v1.ChatMessage\x12\r\n\x05model\x18\x07 \x01(\t\x12\x0e\n\x06prompt\x18\x08 \x01(\t\"\xee\x01\n\x0b\x41skResponse\x12*\n\x05route\x18\x01 \x01(\x0b\x32\x19.mirador.v1.RouteDecisionH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.mirador.v1.TokenChunkH\x00\x12%\n\x04vote\x18\x03 \x01(\x0b\x32\x15.mirador.v1.ModelVoteH\x00\x12/\n\x07verdict\x18\x04 \x01(\x0b\x32\x1c.mirador.v1.ConsensusVerdictH\x00\x12)\n\x07summary\x18\x05 \x01(\x0b\x32\x16.mirador.v1.AskSummaryH\x00\x42\x07\n\x05\x65vent\"\xd6\x02\n\nAskSummary\x12\r\n\x05route\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tfell_back\x18\x03 \x01(\x08\x12\x18\n\x10\x61ttempted_models\x18\x04 \x03(\t\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.mirador.v1.FinishReason\x12\x0c\n\x04text\x18\x06 \x01(\t\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.mirador.v1.Usage\x12$\n\x07timings\x18\x08 \x01(\x0b\x32\x13.mirador.v1.Timings\x12\x32\n\nconfidence\x18\t \x01(\x0b\x32\x1e.mirador.v1.ConfidenceMetadata\x12\x15\n\rescalation_id\x18\n \x01(\t\x12\x12\n\nsession_id\x18\x0b \x01(\t\x12\x17\n\x0fsession_warning\x18\x0c \x01(\t\"?\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\"*\n\nRouteScore\x12\r\n\x05route\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xea\x01\n\rRouteDecision\x12\r\n\x05route\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tfallbacks\x18\x03 \x03(\t\x12\x12\n\nvalidators\x18\x04 \x03(\t\x12\x1b\n\x13\x63onsensus_threshold\x18\x05 \x01(\x02\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\x12\x12\n\nconfidence\x18\x07 \x01(\x02\x12&\n\x06scores\x18\x08 \x03(\x0b\x32\x16.mirador.v1.RouteScore\x12\'\n\x06reason\x18\t \x01(\x0e\x32\x17.mirador.v1.RouteReason*\x84\x01\n\x0bRouteReason\x12\x1c\n\x18ROUTE_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15ROUTE_REASON_EXPLICIT\x10\x01\x12\x1b\n\x17ROUTE_REASON_CLASSIFIED\x10\x02\x12\x1f\n\x1bROUTE_REASON_LOW_CONFIDENCE\x10\x03\x32\xbe\x01\n\x06Router\x12\x38\n\x03\x41sk\x12\x16.mirador.v1.AskRequest\x1a\x17.mirador.v1.AskResponse0\x01\x12<\n\x05Route\x12\x18.mirador.v1.RouteRequest\x1a\x19.mirador.v1.RouteDecision\x12<\n\x05\x45mbed\x12\x18.mirador.v1.EmbedRequest\x1a\x19.mirador.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mirador.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTEREASON']._serialized_start=1233
-  _globals['_ROUTEREASON']._serialized_end=1365
+  _globals['_ROUTEREASON']._serialized_start=1258
+  _globals['_ROUTEREASON']._serialized_end=1390
   _globals['_ASKREQUEST']._serialized_start=122
   _globals['_ASKREQUEST']._serialized_end=323
   _globals['_ASKRESPONSE']._serialized_start=326
   _globals['_ASKRESPONSE']._serialized_end=564
   _globals['_ASKSUMMARY']._serialized_start=567
-  _globals['_ASKSUMMARY']._serialized_end=884
-  _globals['_ROUTEREQUEST']._serialized_start=886
-  _globals['_ROUTEREQUEST']._serialized_end=949
-  _globals['_ROUTESCORE']._serialized_start=951
-  _globals['_ROUTESCORE']._serialized_end=993
-  _globals['_ROUTEDECISION']._serialized_start=996
-  _globals['_ROUTEDECISION']._serialized_end=1230
-  _globals['_ROUTER']._serialized_start=1368
-  _globals['_ROUTER']._serialized_end=1558
+  _globals['_ASKSUMMARY']._serialized_end=909
+  _globals['_ROUTEREQUEST']._serialized_start=911
+  _globals['_ROUTEREQUEST']._serialized_end=974
+  _globals['_ROUTESCORE']._serialized_start=976
+  _globals['_ROUTESCORE']._serialized_end=1018
+  _globals['_ROUTEDECISION']._serialized_start=1021
+  _globals['_ROUTEDECISION']._serialized_end=1255
+  _globals['_ROUTER']._serialized_start=1393
+  _globals['_ROUTER']._serialized_end=1583
 # @@protoc_insertion_point(module_scope)

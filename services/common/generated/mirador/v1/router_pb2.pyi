@@ -56,7 +56,7 @@ class AskResponse(_message.Message):
     def __init__(self, route: _Optional[_Union[RouteDecision, _Mapping]] = ..., token: _Optional[_Union[_common_pb2.TokenChunk, _Mapping]] = ..., vote: _Optional[_Union[_consensus_pb2.ModelVote, _Mapping]] = ..., verdict: _Optional[_Union[_consensus_pb2.ConsensusVerdict, _Mapping]] = ..., summary: _Optional[_Union[AskSummary, _Mapping]] = ...) -> None: ...
 
 class AskSummary(_message.Message):
-    __slots__ = ("route", "model", "fell_back", "attempted_models", "finish_reason", "text", "usage", "timings", "confidence", "escalation_id", "session_id")
+    __slots__ = ("route", "model", "fell_back", "attempted_models", "finish_reason", "text", "usage", "timings", "confidence", "escalation_id", "session_id", "session_warning")
     ROUTE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FELL_BACK_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class AskSummary(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     ESCALATION_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_WARNING_FIELD_NUMBER: _ClassVar[int]
     route: str
     model: str
     fell_back: bool
@@ -79,7 +80,8 @@ class AskSummary(_message.Message):
     confidence: _common_pb2.ConfidenceMetadata
     escalation_id: str
     session_id: str
-    def __init__(self, route: _Optional[str] = ..., model: _Optional[str] = ..., fell_back: _Optional[bool] = ..., attempted_models: _Optional[_Iterable[str]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., text: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., confidence: _Optional[_Union[_common_pb2.ConfidenceMetadata, _Mapping]] = ..., escalation_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    session_warning: str
+    def __init__(self, route: _Optional[str] = ..., model: _Optional[str] = ..., fell_back: _Optional[bool] = ..., attempted_models: _Optional[_Iterable[str]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., text: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ..., confidence: _Optional[_Union[_common_pb2.ConfidenceMetadata, _Mapping]] = ..., escalation_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_warning: _Optional[str] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("request_id", "text", "route")
