@@ -52,9 +52,9 @@ from routing_split import DEFAULT_DATA, load, split  # noqa: E402
 
 from services.common.config import load_config  # noqa: E402
 from services.common.model_repository import ModelRepository  # noqa: E402
-from services.model_host.calibration import expected_calibration_error  # noqa: E402
+from services.common.calibration_math import expected_calibration_error, fit_temperature, softmax, stratified_folds  # noqa: E402
 from services.model_host.loader import SessionSettings, load_runtime  # noqa: E402
-from services.router.classifier import RouteClassifier, fit_temperature, softmax, stratified_folds  # noqa: E402
+from services.router.classifier import RouteClassifier  # noqa: E402
 from services.router.routing import classified_routes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

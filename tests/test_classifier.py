@@ -15,6 +15,7 @@ from mirador.v1 import common_pb2, consensus_pb2, consensus_pb2_grpc, model_host
 
 from conftest import write_config
 from services.cli.supervisor import Mesh
+from services.common.calibration_math import softmax
 from services.common.config import load_config
 from services.common.model_repository import ModelManifest, ModelNotFoundError, ModelRepository
 from services.consensus.prompts import decision_messages
@@ -188,7 +189,7 @@ def test_bag_of_ids_graph_counts_tokens_as_the_builder_does(host):
         served = distribution(score(stub, text, LABELS, model="tiny-bow"))
         ids = classifier_tokenizer().encode(text).ids
         features = bag.transform(specialists.BagOfWordPieces.counts([ids], len(bag.idf)))
-        expected = specialists.softmax((features @ weights + bias).astype(np.float64), 0.8)[0]
+        expected = softmax((features @ weights + bias).astype(np.float64), 0.8)[0]
         assert [served[l] for l in LABELS] == pytest.approx(expected, abs=1e-5)
 
 
@@ -220,7 +221,7 @@ def test_character_ngram_graph_served_by_the_runtime_equals_the_builders_naive_b
     runtime = load_runtime(ModelRepository(tmp_path).write_version("tiny-char", "1", build), SessionSettings())
     texts = ["Arsenal won", "ok", "", "  MPs   told the\nminister  ", "shares " * 20]
     served = runtime.classify(texts)
-    expected = specialists.softmax(model.logits(specialists.CharNGramCounts.of(specialists.encode(tokenizer, texts))), 1.7)
+    expected = softmax(model.logits(specialists.CharNGramCounts.of(specialists.encode(tokenizer, texts))), 1.7)
     assert served == pytest.approx(expected, abs=1e-5)
     assert [LABELS[i] for i in served[[0, 3]].argmax(axis=1)] == ["sports", "politics"]
     counts = specialists.CharNGramCounts.of(specialists.encode(tokenizer, texts))
@@ -283,7 +284,7 @@ def test_training_set_is_the_same_from_the_jsonl_or_the_corpus_folder(tmp_path):
         specialists.load_examples(corpus, hashes)
 
 
-def test_logistic_head_and_temperature_fit_are_deterministic():
+def test_logistic_head_is_deterministic():
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((3, 6)) * 2
     labels = np.repeat(np.arange(3), 40)
@@ -292,15 +293,6 @@ def test_logistic_head_and_temperature_fit_are_deterministic():
     second = specialists.fit_logistic(features, labels, 3, l2=1e-3)
     assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
     assert ((features @ first[0] + first[1]).argmax(axis=1) == labels).mean() > 0.9
-    folds = specialists.stratified_folds(labels, 5, seed=0)
-    assert all(np.bincount(labels[folds == f], minlength=3).tolist() == [8, 8, 8] for f in range(5))
-    # Labels drawn from softmax(z / 2): the fitted temperature recovers the 2.
-    logits = rng.standard_normal((4000, 5)) * 4
-    cumulative = specialists.softmax(logits, 2.0).cumsum(axis=1)
-    drawn = np.minimum((cumulative < rng.random((4000, 1))).sum(axis=1), 4)
-    temperature = specialists.fit_temperature(logits, drawn)
-    assert temperature == pytest.approx(2.0, rel=0.1)
-    assert specialists.nll(logits, drawn, temperature) < specialists.nll(logits, drawn)
 
 
 # --------------------------------------------------------------------------- real model

@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from services.common.calibration_math import (expected_calibration_error, fit_temperature, log_softmax, mean_nll,
+                                              softmax, stratified_folds)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 TOPICS_HASHES = DATA_DIR / "topics-dev.sha256"
@@ -112,17 +114,6 @@ def load_examples(source: Path, hashes: Path = TOPICS_HASHES) -> list[Example]:
     return [found[identifier] for identifier in sorted(found)]
 
 
-def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold number of every example; each label spread evenly over the folds."""
-    rng = np.random.default_rng(seed)
-    assignment = np.empty(len(labels), dtype=np.int64)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        members = members[rng.permutation(len(members))]
-        assignment[members] = np.arange(len(members)) % folds
-    return assignment
-
-
 # ------------------------------------------------------------------- linear heads
 
 
@@ -170,11 +161,6 @@ def _lbfgs(objective: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.n
     return x
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
 class SparseRows:
     """A row-sparse matrix (CSR) with the two products logistic regression needs."""
 
@@ -218,42 +204,6 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, num_labels: int, l2: 
 
     params = _lbfgs(objective, np.zeros(d * num_labels + num_labels), max_iter=max_iter)
     return params[: d * num_labels].reshape(d, num_labels), params[d * num_labels:]
-
-
-def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    return float(-log_softmax(logits / temperature)[np.arange(len(labels)), labels].mean())
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the NLL of (held-out) logits: golden-section search on log T."""
-    low, high = math.log(0.05), math.log(20.0)
-    ratio = (math.sqrt(5) - 1) / 2
-    a, b = high - ratio * (high - low), low + ratio * (high - low)
-    fa, fb = nll(logits, labels, math.exp(a)), nll(logits, labels, math.exp(b))
-    for _ in range(80):
-        if fa < fb:
-            high, b, fb = b, a, fa
-            a = high - ratio * (high - low)
-            fa = nll(logits, labels, math.exp(a))
-        else:
-            low, a, fa = a, b, fb
-            b = low + ratio * (high - low)
-            fb = nll(logits, labels, math.exp(b))
-    return round(math.exp((low + high) / 2), 4)
-
-
-def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    ece = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
-        inside = (confidences > low) & (confidences <= high)
-        if inside.any():
-            ece += inside.mean() * abs(confidences[inside].mean() - correct[inside].mean())
-    return float(ece)
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return np.exp(log_softmax(logits / temperature))
 
 
 # ------------------------------------------------------------------ representations
@@ -607,8 +557,8 @@ class CrossValidation:
         correct = probabilities.argmax(axis=1) == self.labels
         return {
             "accuracy": round(float(correct.mean()), 4),
-            "nll_before": round(nll(self.logits, self.labels), 4),
-            "nll_after": round(nll(self.logits, self.labels, self.temperature), 4),
+            "nll_before": round(mean_nll(self.logits, self.labels), 4),
+            "nll_after": round(mean_nll(self.logits, self.labels, self.temperature), 4),
             "ece_before": round(expected_calibration_error(raw.max(axis=1), correct), 4),
             "ece_after": round(expected_calibration_error(probabilities.max(axis=1), correct), 4),
         }
@@ -623,7 +573,7 @@ def cross_validate(fit_predict: Callable[[np.ndarray, np.ndarray], np.ndarray], 
         test = np.flatnonzero(assignment == fold)
         train = np.flatnonzero(assignment != fold)
         logits[test] = fit_predict(train, test)
-    return CrossValidation(logits, labels, assignment, fit_temperature(logits, labels))
+    return CrossValidation(logits, labels, assignment, round(fit_temperature(logits, labels), 4))
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.model_host.calibration import CALIBRATION_DIR, expected_calibration_error
+from services.common.calibration_math import expected_calibration_error, fit_temperature, log_softmax, mean_nll, softmax
+from services.model_host.calibration import CALIBRATION_DIR
 
 DEFAULT_DATA = Path("/work/shared/eval/decisions-dev.jsonl")
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -104,61 +105,18 @@ def split(questions: list[Question], per_source: int) -> tuple[list[Question], l
 # --------------------------------------------------------------------------- metrics
 
 
-def softmax_rows(logits: list[np.ndarray], temperature: float) -> list[np.ndarray]:
-    out = []
-    for z in logits:
-        s = np.asarray(z, dtype=np.float64) / temperature
-        s -= s.max()
-        w = np.exp(s)
-        out.append(w / w.sum())
-    return out
-
-
-def nll(logits: list[np.ndarray], answers: list[int], temperature: float) -> float:
-    total = 0.0
-    for z, a in zip(logits, answers):
-        s = np.asarray(z, dtype=np.float64) / temperature
-        m = s.max()
-        total += -(s[a] - m - math.log(np.exp(s - m).sum()))
-    return total / max(len(logits), 1)
-
-
 def metrics(logits: list[np.ndarray], answers: list[int], temperature: float) -> dict:
-    probs = softmax_rows(logits, temperature)
+    probs = [softmax(np.asarray(z, dtype=np.float64), temperature) for z in logits]
     picks = np.array([int(np.argmax(p)) for p in probs])
     correct = (picks == np.array(answers)).astype(np.float64)
     confidence = np.array([p.max() for p in probs])
     return {
         "n": len(answers),
         "accuracy": float(correct.mean()) if len(answers) else 0.0,
-        "nll": nll(logits, answers, temperature),
+        "nll": mean_nll(logits, answers, temperature),
         "ece": expected_calibration_error(confidence, correct) if len(answers) else 0.0,
         "mean_confidence": float(confidence.mean()) if len(answers) else 0.0,
     }
-
-
-def fit_temperature(logits: list[np.ndarray], answers: list[int], low: float = 0.05, high: float = 1000.0) -> float:
-    """T minimising NLL: a coarse grid on log T, then golden-section search around its best point."""
-    f = lambda log_t: nll(logits, answers, math.exp(log_t))  # noqa: E731
-    grid = np.linspace(math.log(low), math.log(high), 41)
-    values = [f(x) for x in grid]
-    best = int(np.argmin(values))
-    a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-    ratio = (math.sqrt(5) - 1) / 2
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = f(c), f(d)
-    for _ in range(60):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = f(d)
-        if b - a < 1e-6:
-            break
-    return math.exp((a + b) / 2)
 
 
 def majority_accuracy(questions: list[Question], reference: list[Question]) -> float:
@@ -174,8 +132,7 @@ def option_priors(questions: list[Question], logits: list[np.ndarray]) -> dict[t
     """Mean log-distribution over the options, per option set: the model's bias towards a label."""
     groups: dict[tuple[str, ...], list[np.ndarray]] = defaultdict(list)
     for q, z in zip(questions, logits):
-        s = np.asarray(z, dtype=np.float64)
-        groups[tuple(q.options)].append(s - s.max() - math.log(np.exp(s - s.max()).sum()))
+        groups[tuple(q.options)].append(log_softmax(np.asarray(z, dtype=np.float64)))
     return {key: np.mean(rows, axis=0) for key, rows in groups.items()}
 
 
@@ -300,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chosen: {chosen}")
 
     fit_logits = candidates[chosen]["logits"]
-    temperature = fit_temperature(fit_logits, fit_answers)
+    temperature = fit_temperature(fit_logits, fit_answers, high=MAX_TEMPERATURE)
     fit_after = metrics(fit_logits, fit_answers, temperature)
     print(f"\nfitted T = {temperature:.3f} (fit NLL {candidates[chosen]['metrics']['nll']:.4f} -> {fit_after['nll']:.4f})")
 
@@ -323,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     # fit half (contextual calibration) is something a caller that knows its option set could do.
     priors = option_priors(fit, fit_logits)
     fit_debiased = debiased(fit, fit_logits, priors)
-    debias_t = fit_temperature(fit_debiased, fit_answers)
+    debias_t = fit_temperature(fit_debiased, fit_answers, high=MAX_TEMPERATURE)
     held_debiased = debiased(held_out, held_logits, priors)
     debias_all = metrics(held_debiased, held_answers, debias_t)
     debias_src = by_source(held_out, held_debiased, debias_t)

@@ -82,14 +82,3 @@ def generation_confidence(token_logprobs: Sequence[float], text: str) -> tuple[f
     if not text:
         return 0.0, STOPPED_EMPTY_SOURCE
     return math.exp(float(np.mean(token_logprobs))), GENERATION_SOURCE
-
-
-def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
-    """ECE with equal-width bins: the mean gap between confidence and accuracy, weighted by bin size."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    ece = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
-        in_bin = (confidences > low) & (confidences <= high)
-        if in_bin.any():
-            ece += in_bin.mean() * abs(confidences[in_bin].mean() - correct[in_bin].mean())
-    return float(ece)

@@ -24,11 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    weights = np.exp(shifted)
-    return weights / weights.sum(axis=-1, keepdims=True)
+from services.common.calibration_math import fit_temperature, softmax, stratified_folds
 
 
 @dataclass
@@ -52,33 +48,6 @@ class LogisticHead:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return x @ self.weights + self.bias
-
-
-def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The temperature that minimises the negative log-likelihood (golden-section search on log T)."""
-
-    def nll(log_t: float) -> float:
-        probs = softmax(logits / np.exp(log_t))
-        return float(-np.log(probs[np.arange(len(y)), y] + 1e-12).mean())
-
-    low, high = np.log(0.05), np.log(20.0)
-    ratio = (np.sqrt(5) - 1) / 2
-    for _ in range(60):
-        a, b = high - ratio * (high - low), low + ratio * (high - low)
-        if nll(a) < nll(b):
-            high = b
-        else:
-            low = a
-    return float(np.exp((low + high) / 2))
-
-
-def stratified_folds(y: np.ndarray, folds: int) -> np.ndarray:
-    """Fold index per example: each class dealt round-robin, so every fold sees every class."""
-    assignment = np.zeros(len(y), dtype=int)
-    for label in np.unique(y):
-        members = np.flatnonzero(y == label)
-        assignment[members] = np.arange(len(members)) % folds
-    return assignment
 
 
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
