@@ -54,13 +54,11 @@ it from an existing <out>/decisions.json, touching nothing else).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections import Counter, defaultdict
@@ -88,19 +86,6 @@ TABLE_THRESHOLDS = [round(0.5 + 0.05 * k, 2) for k in range(10)]  # 0.50 .. 0.95
 MARGIN_STEP = 0.05  # an "escalate everything" threshold: this far above every consistency seen, on this grid
 # The host's role map (services/model_host/servicer.py ROLES), copied to avoid importing grpc servicers.
 ROLES = {common_pb2.ROLE_SYSTEM: "system", common_pb2.ROLE_USER: "user", common_pb2.ROLE_ASSISTANT: "assistant"}
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import onnxruntime as ort
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(), "onnxruntime": ort.__version__, "platform": platform.platform()}
 
 
 def held_out_sample(path: Path, per_source: int):
@@ -210,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     members = [route.primary, *route.validators]
     print(f"route {args.route} of {args.config}: primary {route.primary}, validators {', '.join(route.validators)}, "
           f"consensus_threshold {route.consensus_threshold}")
-    host = machine()
+    host = fragment.machine()
     print(f"machine: {host['cpu']}, {host['cores']} cores, load average {host['load_average']} "
           f"(python {host['python']}, onnxruntime {host['onnxruntime']})")
     questions, fit_all, held = held_out_sample(args.data, args.per_source)

@@ -18,8 +18,6 @@ import argparse
 import collections
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -31,9 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-import onnxruntime  # noqa: E402
-
 import fault_scenarios as fs  # noqa: E402
+import fragment  # noqa: E402  (bench/, the script's own folder)
 
 
 def counts(codes) -> str:
@@ -188,17 +185,11 @@ def consensus_rows(directory, repeats):
 # --------------------------------------------------------------------------- report
 
 
-def machine() -> dict:
-    return {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cores": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# Fault injection ({result['date']})", "",
-             f"{m['machine']}, {m['cores']} cores (shared), Python {m['python']}, onnxruntime {m['onnxruntime']}, "
-             f"load average at start {m['load_average_at_start']}. Tiny real models, real processes.", "",
+             f"{m.get('cpu') or m['machine']}, {m['cores']} cores (shared), Python {m['python']}, onnxruntime {m['onnxruntime']}, "
+             f"load average at start {m.get('load_average') or m['load_average_at_start']}. Tiny real models, real processes.", "",
              "| fault | runs | what the client saw | retried / fell back | lost | time |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -216,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    info = machine()
+    info = fragment.machine()
     rows = []
     with tempfile.TemporaryDirectory(prefix="mirador-faults-") as tmp:
         directory = Path(tmp)

@@ -41,19 +41,31 @@ def write(out: Path, name: str, parts: list[str]) -> Path:
 
 
 def machine() -> dict:
-    """The machine a bench ran on: CPU model, cores, load average at start, versions."""
+    """The machine a bench runs on: CPU model and features, cores, memory, load average now (call
+    it before the bench starts), versions. Every bench records this one dict."""
     import os
     import platform
 
+    import grpc
+    import numpy
     import onnxruntime as ort
+    import psutil
 
-    cpu = platform.processor() or "unknown"
+    cpuinfo = ""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(), "onnxruntime": ort.__version__, "platform": platform.platform()}
+    lines = cpuinfo.splitlines()
+    cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.processor() or "unknown")
+    flags = next((l for l in lines if l.startswith("flags")), "")
+    return {"cpu": cpu, "cores": os.cpu_count(), "avx2": " avx2" in flags, "avx512f": " avx512f" in flags,
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "load_average": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+            "onnxruntime": ort.__version__, "grpcio": grpc.__version__, "numpy": numpy.__version__,
+            "platform": platform.platform()}
+
+
+def describe(machine: dict) -> str:
+    """One line for a fragment: CPU, cores, memory."""
+    return f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']:.0f} GiB"

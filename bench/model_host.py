@@ -17,7 +17,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -69,33 +68,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def machine() -> dict:
-    import onnxruntime as ort
-
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "avx2": " avx2" in flags,
-        "avx512f": " avx512f" in flags,
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "grpcio": grpc.__version__,
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-    }
 
 
 MARKDOWN: list[str] = []  # every table, as markdown, for the report fragment
@@ -410,12 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     switch_reps = 2 if quick else 5
 
     began = time.perf_counter()
-    info = machine()
+    info = fragment.machine()
     info["mode"] = "quick" if quick else "full"
     info["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     print(f"machine: {info['cpu']}, {info['cores']} cores (AVX2 {info['avx2']}, AVX-512 {info['avx512f']}), "
           f"{info['memory_gib']} GiB; onnxruntime {info['onnxruntime']}, grpcio {info['grpcio']}, Python {info['python']}; "
-          f"load average at start {info['load_average_at_start']}; mode {info['mode']}")
+          f"load average at start {info.get('load_average') or info['load_average_at_start']}; mode {info['mode']}")
     results: dict = {"machine": info, "tables": {}}
 
     workdir = Path(tempfile.mkdtemp(prefix="mirador-bench-"))
@@ -561,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out / f'model_host{suffix}.json'} and {args.out / f'model_host_throughput{suffix}.png'}")
     fragment.write(args.out, f"model_host{suffix}", [
         f"{info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; onnxruntime {info['onnxruntime']}; "
-        f"load average at start {info['load_average_at_start']}; mode {info['mode']}; "
+        f"load average at start {info.get('load_average') or info['load_average_at_start']}; mode {info['mode']}; "
         f"{results['elapsed_s']:.0f} s. Clients run in the bench process on the same cores as the host.",
         *MARKDOWN, f"![throughput against clients](model_host_throughput{suffix}.png)"])
     with contextlib.suppress(Exception):

@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -58,11 +56,6 @@ from services.router.classifier import RouteClassifier  # noqa: E402
 from services.router.routing import classified_routes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def evaluate(name: str, probabilities: np.ndarray, truth: np.ndarray, seconds: float) -> dict:
@@ -195,13 +188,13 @@ def main() -> int:
     written = [(t, name) for name, route in classified_routes(config).items() for t in route.examples
                if t not in dev_texts]
     repeats = 1 if args.quick else args.repeats
-    print(f"machine: {machine()}\nrouting-dev requests: {len(rows)}, dealt into 5 folds {repeats} time(s); "
+    print(f"machine: {fragment.describe(fragment.machine())}\nrouting-dev requests: {len(rows)}, dealt into 5 folds {repeats} time(s); "
           f"written route examples added to every training part: {len(written)}\n")
     classifiers = cross_validate(config, rows, written, repeats)
     print(f"{'classifier':<52} {'accuracy':>9} {'ECE':>7} {'train s':>8}")
     for row in classifiers:
         print(f"{row['method']:<52} {row['accuracy']:>9.1%} {row['ece']:>7.3f} {row['train_s_per_fold']:>8.2f}")
-    result = {"machine": machine(), "requests": len(rows), "repeats": repeats, "written_examples": len(written),
+    result = {"machine": fragment.describe(fragment.machine()), "requests": len(rows), "repeats": repeats, "written_examples": len(written),
               "classifiers": classifiers}
     if not args.skip_latency:
         _, held_out = split(rows)

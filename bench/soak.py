@@ -320,12 +320,6 @@ def soak(mesh: Mesh, args) -> dict:
     return summarise(load.calls, rss.samples, soak_began, elapsed, rate, capacity, alive, load_average_start, args)
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or platform.machine())
-    return f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}"
-
-
 def summarise(calls: list[Call], rss, soak_began: float, elapsed: float, rate: float, capacity: dict | None,
               alive: dict, load_average_start, args) -> dict:
     stats = level_stats(calls, elapsed)
@@ -343,7 +337,7 @@ def summarise(calls: list[Call], rss, soak_began: float, elapsed: float, rate: f
         trend[name] = float(np.polyfit(xs, ys, 1)[0] * 60) if len(half) > 2 else 0.0
     return {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine(), "load_average_start": [round(x, 2) for x in load_average_start],
+        "machine": f"{fragment.describe(fragment.machine())}, Python {platform.python_version()}", "load_average_start": [round(x, 2) for x in load_average_start],
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "fleet": "tiny test models" if args.tiny else "default fleet (smollm2-135m-instruct-fused-mixed on the generation routes, minilm-l6, ...)",
         "mode": "quick" if args.quick else "full", "max_tokens": args.max_tokens, "deadline_s": args.deadline_s,

@@ -28,7 +28,6 @@ import argparse
 import datetime as dt
 import hashlib
 import json
-import math
 import sys
 import time
 from collections import defaultdict
@@ -42,6 +41,8 @@ from services.model_host.calibration import CALIBRATION_DIR
 
 DEFAULT_DATA = Path("/work/shared/eval/decisions-dev.jsonl")
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# Option log-likelihood sums of a small LM can be far too sharp: allow a much flatter T than a classifier needs.
+MAX_TEMPERATURE = 1000.0
 
 # Candidate prompt formats. `system` None keeps the model's default system prompt;
 # `user` is a str.format template with {prompt} and {options} (the options joined

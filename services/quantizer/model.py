@@ -115,7 +115,6 @@ class DecoderGraph:
         self._retie: dict[str, onnx.NodeProto] = {}  # untied lm_head layer name -> its source Transpose
         self._split_transposed_embedding()
         self._untie()
-        producers = {o: n for n in graph.node for o in n.output}
         self.layers: list[Layer] = []
         self._node_index: dict[str, int] = {}
         input_names = {i.name for i in graph.input}

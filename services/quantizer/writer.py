@@ -47,7 +47,7 @@ def item_bytes(decoder: DecoderGraph, item: tuple[Layer, ...], labels: tuple[int
         if b == quant.FP32 and layer.tied_to:  # written tied again: the table (a fixed initializer) serves it
             return 0
         return quant.quantized_bytes(K, N, b, block_size)
-    (emb, head), (e, h) = item, labels
+    (emb, _), (e, h) = item, labels
     K, N = emb.shape
     if e == h == quant.FP32:
         return 4 * K * N  # one shared fp32 table, as in the source
