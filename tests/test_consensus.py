@@ -87,7 +87,7 @@ def env(request, tmp_path_factory):
     if request.param == "postgresql":
         require_postgres()
         schema = new_schema_name()
-        state = f"state:\n  database_url: {POSTGRES_URL}\n  database_schema: {schema}\n"
+        state = f"state:\n  database_url: {POSTGRES_URL}\n  database_schema: {schema}\n  statement_timeout_ms: 1000\n"
     directory = tmp_path_factory.mktemp(f"consensus-{request.param}")
     repository = ModelRepository(directory / "models")
     for seed, name in enumerate(VOTERS, start=11):
@@ -432,6 +432,28 @@ def test_two_replicas_share_one_review_queue(env, consensus, disputed):
                                        timeout=5).resolution == "Y"
     finally:
         replica.stop()
+
+
+def test_a_postgresql_that_hangs_or_drops_us_costs_the_calls_in_flight_not_the_next(env, consensus, disputed):
+    """PostgreSQL only. A table lock held past statement_timeout_ms: UNAVAILABLE with a sentence,
+    nothing written. Every connection cut (what a server restart does): the next calls reconnect."""
+    if env.backend != "postgresql":
+        pytest.skip("PostgreSQL's faults")
+    import psycopg
+
+    schema = yaml.safe_load(env.config.path.read_text())["state"]["database_schema"]
+    before = consensus.GetStats(consensus_pb2.GetStatsRequest(), timeout=10).decisions
+    with psycopg.connect(POSTGRES_URL) as blocker:
+        blocker.execute(f"LOCK TABLE {schema}.route_stats IN ACCESS EXCLUSIVE MODE")
+        code, details = status_of(lambda: decide(consensus, disputed[0], threshold=1.0, request_id="while-locked"))
+        assert code == grpc.StatusCode.UNAVAILABLE, details
+        assert "statement_timeout_ms (1000 ms); nothing was written, retry" in details
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+                      "'mirador-consensus' AND datname = current_database()")
+    _, verdict = decide(consensus, disputed[0], threshold=1.0, request_id="while-locked")  # the retry succeeds
+    assert verdict.escalated and verdict.escalation_id
+    assert consensus.GetStats(consensus_pb2.GetStatsRequest(), timeout=10).decisions == before + 1
 
 
 # --------------------------------------------------------------------------- statistics

@@ -338,23 +338,32 @@ class EscalationStore:
                     ).rowcount
                     if inserted == 0:
                         raise _StoredAlready()
-                db.execute("INSERT INTO route_stats (route) VALUES (?) ON CONFLICT (route) DO NOTHING", (tally.route,))
-                db.execute(
-                    """UPDATE route_stats SET decisions = decisions + 1, escalations = escalations + ?,
-                           primary_answered = primary_answered + ?, primary_overturned = primary_overturned + ?,
-                           no_answer = no_answer + ? WHERE route = ?""",
-                    (int(tally.escalated), int(tally.primary_answered), int(tally.primary_overturned),
-                     int(tally.no_answer), tally.route),
-                )
-                for m in tally.models:
-                    db.execute("INSERT INTO model_stats (route, model) VALUES (?, ?) ON CONFLICT (route, model) "
-                               "DO NOTHING", (tally.route, m.model))
+                # One upsert per counter row, the shared route row last and the model rows in name
+                # order: concurrent decisions (other threads, other replicas) hold each row's lock
+                # briefly and always take the locks in the same order, so they never deadlock.
+                for m in sorted(tally.models, key=lambda m: m.model):
                     db.execute(
-                        """UPDATE model_stats SET asked = asked + 1, answered = answered + ?, failed = failed + ?,
-                               as_primary = as_primary + ?, agreement = agreement + ? WHERE route = ? AND model = ?""",
-                        (int(m.answered), int(not m.answered), int(m.primary),
-                         float(m.agreement or 0.0) if m.answered else 0.0, tally.route, m.model),
+                        """INSERT INTO model_stats (route, model, asked, answered, failed, as_primary, agreement)
+                           VALUES (?, ?, 1, ?, ?, ?, ?)
+                           ON CONFLICT (route, model) DO UPDATE SET asked = model_stats.asked + 1,
+                               answered = model_stats.answered + excluded.answered,
+                               failed = model_stats.failed + excluded.failed,
+                               as_primary = model_stats.as_primary + excluded.as_primary,
+                               agreement = model_stats.agreement + excluded.agreement""",
+                        (tally.route, m.model, int(m.answered), int(not m.answered), int(m.primary),
+                         float(m.agreement or 0.0) if m.answered else 0.0),
                     )
+                db.execute(
+                    """INSERT INTO route_stats (route, decisions, escalations, primary_answered, primary_overturned,
+                                                no_answer) VALUES (?, 1, ?, ?, ?, ?)
+                       ON CONFLICT (route) DO UPDATE SET decisions = route_stats.decisions + 1,
+                           escalations = route_stats.escalations + excluded.escalations,
+                           primary_answered = route_stats.primary_answered + excluded.primary_answered,
+                           primary_overturned = route_stats.primary_overturned + excluded.primary_overturned,
+                           no_answer = route_stats.no_answer + excluded.no_answer""",
+                    (tally.route, int(tally.escalated), int(tally.primary_answered), int(tally.primary_overturned),
+                     int(tally.no_answer)),
+                )
         except _StoredAlready:
             stored = self.find_request(record.route, record.request_id)
             if stored is None:  # cannot happen: the unique index found it
