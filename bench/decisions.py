@@ -20,7 +20,7 @@ diverse models (the two fp32 graphs give the same logits within 1e-4).
 
 Each member is run in-process as the model host scores (`load_runtime`,
 `render_chat` / `encode` / `score_options`), asked in the consensus service's wording
-(`services.consensus.prompts.decision_messages`, ChatMessage protos converted to
+(`services.common.decision_prompt.decision_messages`, ChatMessage protos converted to
 (role, content) pairs with the host's own role map). As in the host's data plane
 (services/model_host/dataplane.py), the host's distribution is `option_distribution(sums)`
 at T = 1 and the ballot's weight is the calibrated confidence
@@ -74,7 +74,7 @@ import numpy as np  # noqa: E402
 import fragment  # noqa: E402
 from mirador.v1 import common_pb2  # noqa: E402
 from services.consensus import voting  # noqa: E402
-from services.consensus.prompts import decision_messages  # noqa: E402
+from services.common.decision_prompt import decision_messages  # noqa: E402
 from services.model_host.calibrate import DEFAULT_DATA, load_questions, split  # noqa: E402
 from services.model_host.calibration import load_score_calibration, option_distribution, score_confidence  # noqa: E402
 

@@ -7,7 +7,7 @@ Held-out protocol: the specialists are evaluated by the same 5-fold stratified
 cross-validation (seed 0) the builder uses: every text is predicted by a head trained
 on the other four folds, with the temperature fitted on out-of-fold logits (as in the
 build). SmolLM2-135M-Instruct answers zero-shot with Score over the five labels,
-asked in the consensus service's wording (services/consensus/prompts.py) with its
+asked in the consensus service's wording (services/common/decision_prompt.py) with its
 score calibration (config/calibration/), on a stratified subsample (it is slow on CPU).
 
 Each vote is built exactly as the route's request would be: every model's answer is put
@@ -59,7 +59,7 @@ from services.consensus.servicer import _ballot  # noqa: E402  (the service's ow
 from mirador.v1 import model_host_pb2  # noqa: E402
 from services.model_host.dataplane import Confidence  # noqa: E402
 from services.model_host.servicer import confidence_pb  # noqa: E402
-from services.consensus.prompts import OPTIONS_JOINER, SYSTEM, USER  # noqa: E402
+from services.common.decision_prompt import OPTIONS_JOINER, SYSTEM, USER  # noqa: E402
 from services.fleet import specialists as sp  # noqa: E402
 from services.fleet.recipes import TOPICS_BOW, TOPICS_CHAR, TOPICS_MINILM  # noqa: E402
 

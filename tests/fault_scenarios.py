@@ -613,7 +613,7 @@ class ConsensusEnv:
 def find_disputed(host_address: str, wanted: int = 3) -> list[str]:
     """Questions the voters disagree on (consistency below 1, so a threshold of 1.0 escalates)."""
     from services.consensus import voting
-    from services.consensus.prompts import decision_messages
+    from services.common.decision_prompt import decision_messages
 
     found = []
     with grpc.insecure_channel(host_address) as channel:

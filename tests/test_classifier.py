@@ -18,7 +18,7 @@ from services.cli.supervisor import Mesh
 from services.common.calibration_math import softmax
 from services.common.config import load_config
 from services.common.model_repository import ModelManifest, ModelNotFoundError, ModelRepository
-from services.consensus.prompts import decision_messages
+from services.common.decision_prompt import decision_messages
 from services.fleet import specialists
 from tiny_models import build_tiny_encoder, embedding_tokenizer
 

@@ -18,7 +18,7 @@ from services.common.config import MiradorConfig
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from services.common.faults import CrashPoints
 from services.common.validation import require_messages, require_model, require_options, require_sampling
-from services.consensus.prompts import decision_messages
+from services.common.decision_prompt import decision_messages
 from services.consensus import fanout, voting
 from services.consensus.escalations import (
     PENDING,

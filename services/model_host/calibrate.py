@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common import decision_prompt
 from services.common.calibration_math import expected_calibration_error, fit_temperature, log_softmax, mean_nll, softmax
 from services.model_host.calibration import CALIBRATION_DIR
 
@@ -53,10 +54,10 @@ FORMATS: dict[str, dict] = {
         "user": "{prompt}\n\nAnswer with one of: {options}.",
         "joiner": ", ",
     },
-    "system-options": {
-        "system": "You answer questions with exactly one of the given options, written exactly as shown, and nothing else.",
-        "user": "{prompt}\n\nOptions: {options}\nAnswer with one option.",
-        "joiner": " / ",
+    "system-options": {  # the wording the consensus service asks in
+        "system": decision_prompt.SYSTEM,
+        "user": decision_prompt.USER,
+        "joiner": decision_prompt.OPTIONS_JOINER,
     },
 }
 

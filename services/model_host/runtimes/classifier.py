@@ -12,6 +12,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from services.common.model_repository import ModelManifest
+from services.common.decision_prompt import question_of
 from services.model_host.runtimes import ModelRuntime
 from services.model_host.runtimes.text import plain_text_tokenizer
 
@@ -19,19 +20,12 @@ BATCH_SIZE = 16
 
 
 def request_text(messages: list[tuple[str, str]], prompt: str, options: list[str]) -> str:
-    """What a classifier reads from a Score request: the prompt, or the last user message.
-
-    The consensus service asks every voter in one wording (services/consensus/prompts.py:
-    the question, then "Options: a / b / ...", then an instruction); that suffix is
-    written for language models and is removed here, so a classifier sees the question
-    as it was trained to see texts."""
+    """What a classifier reads from a Score request: the prompt, or the last user message without
+    the decision instructions written for language models (services/common/decision_prompt.py),
+    so it sees the question as it was trained to see texts."""
     if prompt:
         return prompt
-    text = next((content for role, content in reversed(messages) if role == "user"), "")
-    from services.consensus.prompts import OPTIONS_JOINER, USER
-
-    suffix = USER.format(prompt="", options=OPTIONS_JOINER.join(options))
-    return text[: -len(suffix)] if suffix and text.endswith(suffix) else text
+    return question_of(next((content for role, content in reversed(messages) if role == "user"), ""), options)
 
 
 class ClassifierRuntime(ModelRuntime):

@@ -1,9 +1,10 @@
-"""How a label decision is put to a language model.
+"""How a label decision is put to a model: the one wording shared by who asks and who answers.
 
-The wording is the one the score calibration was fitted with
-(config/calibration/<model>.json, `score.prompt_format`, by
-`python -m services.model_host.calibrate`): a calibrated confidence only means
-something for questions asked the same way.
+The consensus service asks every voter this way; the model host's score calibration was fitted
+on questions asked this way (`python -m services.model_host.calibrate`, format `system-options`;
+config/calibration/<model>.json records it under `score.prompt_format`), so a calibrated
+confidence only means something for questions asked the same way; and a classifier model reads
+the question back without the instructions written for language models (`question_of`).
 """
 
 from __future__ import annotations
@@ -28,3 +29,10 @@ def decision_messages(messages: Sequence[common_pb2.ChatMessage], options: Seque
         *history,
         common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=asked),
     ]
+
+
+def question_of(asked: str, options: Sequence[str]) -> str:
+    """The question inside a user turn written by `decision_messages` (the text unchanged if it
+    was not asked that way)."""
+    suffix = USER.format(prompt="", options=OPTIONS_JOINER.join(options))
+    return asked[: -len(suffix)] if suffix and asked.endswith(suffix) else asked
