@@ -25,7 +25,7 @@ from services.cli.supervisor import Mesh
 from services.common.config import MiradorConfig, load_config
 from services.common.model_repository import ModelRepository
 from services.consensus import fanout, voting
-from services.consensus.prompts import decision_messages
+from services.common.decision_prompt import decision_messages
 from state_servers import POSTGRES_URL, drop_schema, new_schema_name, require_postgres
 from tiny_models import build_tiny_decoder, build_tiny_encoder, write_corrupt_model
 
