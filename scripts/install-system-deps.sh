@@ -5,6 +5,8 @@
 #   haproxy   (Debian)  tests/test_load_balancing.py
 #   prometheus (Debian) tests/test_metrics.py (started and stopped by the test)
 #   node/npm  (Debian, when missing) + `npm ci` in examples/node: tests/test_node_client.py
+#   chromium + chromium-driver (Debian): tests/test_gateway_review.py drives the review page with
+#             Selenium (the `dev` extra) through the system chromedriver; nothing is downloaded
 #   kubectl   is on this project's machines already (it renders deploy/k8s with
 #             `kubectl kustomize`); tests/test_k8s_manifests.py skips without it.
 set -euo pipefail
@@ -18,6 +20,8 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(hapr
 command -v prometheus >/dev/null 2>&1 || [ -x /usr/bin/prometheus ] || missing+=(prometheus)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-system-deps: apt-get install ${missing[*]}"
   $SUDO apt-get update -qq

@@ -5,6 +5,7 @@
     POST /v1/chat/completions   model = a route, a fleet model or `auto`; stream with SSE
     POST /v1/completions        a raw prompt, continued without the chat template
     POST /v1/embeddings         an embedding model of the fleet (`auto` = the router's)
+    GET  /review, /review/{id}  the human review queue, as HTML for people (services/gateway/review.py)
 
 Each answer names the model that actually answered and carries one extra object, `mirador`
 (format in docs/gateway.md): the route and why, fallbacks, timings, confidence and, on
@@ -31,7 +32,7 @@ from urllib.parse import quote
 import grpc
 import numpy as np
 from opentelemetry import propagate, trace
-from mirador.v1 import common_pb2, model_host_pb2, router_pb2, router_pb2_grpc
+from mirador.v1 import common_pb2, consensus_pb2_grpc, model_host_pb2, router_pb2, router_pb2_grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -44,9 +45,11 @@ from services.common.channels import open_channel
 from services.common.config import MiradorConfig
 from services.common.logs import log_event
 from services.gateway import requests as openai_requests
+from services.gateway import review
 from services.gateway.errors import GatewayError, from_rpc_error, invalid
 from services.gateway.observability import MetricsMiddleware
 from services.gateway.requests import AUTO, GenerationRequest
+from services.gateway.review import ReviewError
 
 log = logging.getLogger("mirador.gateway")
 _tracer = telemetry.tracer("mirador.gateway")
@@ -66,21 +69,29 @@ ROUTE_REASONS = {router_pb2.ROUTE_REASON_EXPLICIT: "explicit", router_pb2.ROUTE_
 
 
 class Gateway:
-    """What the endpoints share: the config (routes, fleet, token) and the router's stub."""
+    """What the endpoints share: the config (routes, fleet, token), the router's stub and, for the
+    review page, the consensus service's."""
 
     def __init__(self, config: MiradorConfig):
         self.config = config
         self.channel: grpc.aio.Channel | None = None
         self.router: router_pb2_grpc.RouterStub | None = None
+        self.consensus_channel: grpc.aio.Channel | None = None
+        self.consensus: consensus_pb2_grpc.ConsensusStub | None = None
 
     async def open(self) -> None:
         # open_channel adds the configured bearer token to every router call
         self.channel = open_channel(self.config, self.config.services.router.address, aio=True, service="router")
         self.router = router_pb2_grpc.RouterStub(self.channel)
+        # the review queue (/review); channels connect on first use, so a mesh without consensus still serves /v1
+        self.consensus_channel = open_channel(self.config, self.config.services.consensus.address, aio=True,
+                                              service="consensus")
+        self.consensus = consensus_pb2_grpc.ConsensusStub(self.consensus_channel)
 
     async def close(self) -> None:
-        if self.channel is not None:
-            await self.channel.close()
+        for channel in (self.channel, self.consensus_channel):
+            if channel is not None:
+                await channel.close()
 
     # ------------------------------------------------------------------ checks shared by endpoints
 
@@ -494,11 +505,6 @@ async def embeddings(request: Request) -> Response:
     }, headers=_trace_headers(span))
 
 
-async def review(request: Request) -> Response:
-    raise GatewayError(501, "the review page is not built yet (issue 13, a later step); resolve escalations with "
-                            "`mirador review list | show ID | resolve ID`")
-
-
 # --------------------------------------------------------------------------- errors and the app
 
 
@@ -507,9 +513,12 @@ async def _gateway_error(request: Request, exc: GatewayError) -> Response:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if _is_review_page(request):
+        return _review_http_error(request, exc)
     if exc.status_code == 404:
         message = (f"no endpoint at {request.url.path[:200]}; this gateway serves GET /v1/models, POST "
-                   "/v1/chat/completions, POST /v1/completions, POST /v1/embeddings and GET /healthz")
+                   "/v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /healthz and the "
+                   "review page at /review")
     elif exc.status_code == 405:
         allowed = {k.lower(): v for k, v in (exc.headers or {}).items()}.get("allow", "another method")
         message = f"{request.method} is not allowed on {request.url.path[:200]}; use {allowed}"
@@ -518,13 +527,39 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return GatewayError(exc.status_code, message).response()
 
 
+def _is_review_page(request: Request) -> bool:
+    return request.url.path == "/review" or request.url.path.startswith("/review/")
+
+
+def _review_http_error(request: Request, exc: HTTPException) -> Response:
+    """The review page's own 404/405 in HTML: its readers are people, not SDKs."""
+    if exc.status_code == 404:
+        error = ReviewError(404, "No such page", f"There is no page at {request.url.path[:200]}; the review queue is "
+                                                 "at /review and each case at /review/<id>.")
+    elif exc.status_code == 405:
+        error = ReviewError(405, "Not allowed", f"{request.method} is not allowed on {request.url.path[:200]}; "
+                                                "open the page in a browser and use its forms.")
+    else:
+        error = ReviewError(exc.status_code, "Refused", str(exc.detail))
+    return review.error_page(request, error)
+
+
+async def _review_error(request: Request, exc: ReviewError) -> Response:
+    return review.error_page(request, exc)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log_event(log, "unexpected error", logging.ERROR, path=request.url.path, error=repr(exc)[:500])
+    if _is_review_page(request):
+        return review.error_page(request, ReviewError(500, "Something went wrong", "The review page failed "
+                                                      "unexpectedly (the gateway logged it); retry, and report it if "
+                                                      "it persists."))
     return GatewayError(500, "the gateway failed unexpectedly (logged); retry, and report it if it persists").response()
 
 
 def build_app(config: MiradorConfig) -> Starlette:
     gateway = Gateway(config)
+    pages = review.ReviewPages()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -542,9 +577,15 @@ def build_app(config: MiradorConfig) -> Starlette:
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/embeddings", embeddings, methods=["POST"]),
-            Route("/review", review, methods=["GET", "POST"]),
+            Route("/review", pages.queue, methods=["GET"]),
+            Route("/review/login", pages.login_form, methods=["GET"]),
+            Route("/review/login", pages.login, methods=["POST"]),
+            Route("/review/logout", pages.logout, methods=["POST"]),
+            Route("/review/{case_id}", pages.case, methods=["GET"]),
+            Route("/review/{case_id}", pages.resolve, methods=["POST"]),
         ],
-        exception_handlers={GatewayError: _gateway_error, HTTPException: _http_error, Exception: _unexpected},
+        exception_handlers={GatewayError: _gateway_error, ReviewError: _review_error, HTTPException: _http_error,
+                            Exception: _unexpected},
         middleware=[Middleware(MetricsMiddleware)],
         lifespan=lifespan,
     )

@@ -21,6 +21,8 @@ def endpoint_of(path: str) -> str:
     """A bounded label: the endpoint the path belongs to, or `other`."""
     if path.startswith("/v1/models"):
         return "/v1/models"
+    if path.startswith("/review/"):
+        return "/review"
     return path if path in ENDPOINTS else "other"
 
 
