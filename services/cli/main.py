@@ -4,7 +4,7 @@
     mirador status                       health of each service, models the host knows
     mirador ask "TEXT" [--route R]       stream an answer through the router
     mirador route "TEXT"                 which route and model, as JSON, without generating
-    mirador config check FILE            validate a config
+    mirador config check [FILE]          validate a config (default: the one --config names)
     mirador fleet build | list           build the model fleet into the repository
     mirador rollout list | promote M | rollback M   versioned rollouts the router runs
     mirador bench report [--only N ...] [--quick] [--reuse]   run bench/, write bench/results/report.md
@@ -232,7 +232,7 @@ def _vote_line(vote) -> str:
 
 
 def cmd_config_check(args) -> int:
-    config = load_config(args.file)
+    config = load_config(args.file or args.config)
     consensus_routes = [r.name for r in config.routes.values() if r.uses_consensus]
     print(f"{config.path}: ok — {len(config.fleet)} models, {len(config.routes)} routes"
           + (f" ({len(consensus_routes)} with consensus)" if consensus_routes else ""))
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="work with config files")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     check = config_commands.add_parser("check", help="validate a config file")
-    check.add_argument("file")
+    check.add_argument("file", nargs="?", help="default: --config, $MIRADOR_CONFIG or the packaged default")
     check.set_defaults(run=cmd_config_check)
 
     fleet = commands.add_parser("fleet", help="build and list the model fleet")

@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from services.common.state_settings import StateSettings, read_state
+from services.defaults import DEFAULT_CONFIG_PATH
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[2] / "config" / "mirador.yaml"
 CONFIG_ENV_VAR = "MIRADOR_CONFIG"
 
 TASKS = ("text-generation", "embedding", "classification")

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "config" / "calibration"
+from services.defaults import CALIBRATION_DIR
 
 
 @dataclass(frozen=True)
