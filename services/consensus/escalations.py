@@ -29,19 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from services.common.migrations import Migration, SchemaTooNew, apply_migrations
+
 PENDING, RESOLVED = "pending", "resolved"
 STATES = (PENDING, RESOLVED)
-
-
-@dataclass(frozen=True)
-class Migration:
-    """One step of the schema, per dialect. Applied in order, once per database, each in the
-    migration transaction that also records it in `schema_migrations` (see `_migrate`)."""
-
-    version: int
-    description: str
-    sqlite: tuple[str, ...]
-    postgresql: tuple[str, ...]
 
 
 _SQLITE_V1 = """
@@ -273,25 +264,11 @@ class EscalationStore:
     def _migrate(self) -> list[int]:
         """Applies the migrations this database lacks, in one transaction; returns their
         versions (empty when another process, or an earlier start, applied them)."""
-        applied: list[int] = []
         with self._migration_transaction() as db:
-            db.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
-                              version     INTEGER PRIMARY KEY,
-                              description TEXT NOT NULL,
-                              applied_at  DOUBLE PRECISION NOT NULL)""")
-            done = {int(row["version"]) for row in db.execute("SELECT version FROM schema_migrations").fetchall()}
-            if done and max(done) > SCHEMA_VERSION:
-                raise StoreError(f"the review queue's schema is at version {max(done)}, newer than this Mirador's "
-                                 f"{SCHEMA_VERSION}; run the newer Mirador (or a fresh database)")
-            for migration in MIGRATIONS:
-                if migration.version in done:
-                    continue
-                for statement in getattr(migration, self.dialect):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute("INSERT INTO schema_migrations (version, description, applied_at) VALUES (?, ?, ?)",
-                           (migration.version, migration.description, time.time()))
-                applied.append(migration.version)
+            try:
+                applied = apply_migrations(db, self.dialect, MIGRATIONS)
+            except SchemaTooNew as exc:
+                raise StoreError(f"the review queue: {exc}") from None
             db.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?) ON CONFLICT (key) DO NOTHING",
                        (repr(time.time()),))
             db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "

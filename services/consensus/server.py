@@ -43,11 +43,11 @@ def open_escalation_store(config: MiradorConfig) -> EscalationStore:
     ConfigError naming the key (the process exits with the config error's code)."""
     state = config.state
     if state.uses_postgresql:
-        from services.consensus.escalations_pg import PostgresEscalationStore  # psycopg only when asked for
+        from services.consensus.escalations_pg import DatabaseUnreachable, PostgresEscalationStore  # psycopg only here
 
         try:
             store: EscalationStore = PostgresEscalationStore(state)
-        except StoreError as exc:
+        except (StoreError, DatabaseUnreachable) as exc:
             raise ConfigError([ConfigProblem(str(config.path), state.lines.get("database_url", 0),
                                              "state.database_url", str(exc))]) from None
         log_event(log, "escalation store open", backend="postgresql", schema=state.database_schema,
