@@ -14,7 +14,9 @@ back and promoted states are written to a small JSON file, so a restarted
 router keeps them; promotion is only ever an operator's decision.
 
 One router process judges its own traffic: with several router replicas each
-judges (and may roll back) on its own.
+judges (and may roll back) on its own. With `state.database_url` the decisions live in
+PostgreSQL (rollout_store_pg.py) and every replica adopts the others' (`adopt`), so a
+rollback or a promotion holds for all of them.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from pathlib import Path
 from mirador.v1 import rollouts_pb2 as pb
 from prometheus_client import Counter, Gauge
 
-from services.common.config import MiradorConfig, RolloutSpec, candidate_name
-from services.common.errors import FailedPrecondition, NotFound
+from services.common.config import ConfigError, ConfigProblem, MiradorConfig, RolloutSpec, candidate_name
+from services.common.errors import FailedPrecondition, NotFound, ServiceError
 from services.common.logs import log_event
 from services.common.paths import state_file
 
@@ -245,8 +247,37 @@ class Rollouts:
 
     @classmethod
     def from_config(cls, config: MiradorConfig) -> "Rollouts":
+        if config.state.uses_postgresql:
+            from services.router.rollout_store_pg import RolloutStateDatabase  # psycopg only when asked for
+
+            try:
+                return cls(config, RolloutStateDatabase(config.state))
+            except Exception as exc:  # noqa: BLE001 - unreachable, refused, newer schema: stop, naming the key
+                raise ConfigError([ConfigProblem(str(config.path), config.state.lines.get("database_url", 0),
+                                                 "state.database_url", str(exc))]) from None
         path = state_file(config.services.router.rollout_state, "rollouts.json", config.path.parent)
         return cls(config, RolloutStateFile(path))
+
+    @property
+    def shared(self) -> bool:
+        """Whether other router replicas write decisions this one should adopt."""
+        return not isinstance(self.state_file, RolloutStateFile)
+
+    def adopt(self, saved: dict[str, dict]) -> list[str]:
+        """Takes the rolled-back or promoted states another replica saved (`saved` as from
+        `state_file.load()`); returns the models whose state changed here."""
+        changed = []
+        for name, rollout in self.by_model.items():
+            entry = saved.get(rollout.candidate) or {}
+            state = entry.get("state")
+            if state in (State.ROLLED_BACK, State.PROMOTED) and state != rollout.state:
+                rollout.state, rollout.reason = state, str(entry.get("reason", ""))[:MAX_REASON_CHARS]
+                rollout.changed_at = entry.get("changed_at")
+                rollout._publish_state()
+                changed.append(name)
+                log_event(log, "rollout decision adopted from another router", model=name,
+                          candidate=rollout.candidate, state=state, reason=rollout.reason)
+        return changed
 
     def configure(self, config: MiradorConfig) -> None:
         saved = self.state_file.load()
@@ -317,6 +348,6 @@ class Rollouts:
     def _save(self, rollout: Rollout) -> None:
         try:
             self.state_file.save(rollout.candidate, rollout.saved())
-        except OSError as exc:  # the decision holds in memory; say loudly that it will not survive a restart
+        except (OSError, ServiceError) as exc:  # the decision holds in memory: say loudly that a restart loses it
             log_event(log, "cannot write the rollout state file; the decision is kept in memory only", logging.ERROR,
                       path=str(self.state_file.path), error=str(exc))

@@ -85,6 +85,7 @@ class RouterService(MiradorService):
         self.consensus_channel: grpc.aio.Channel | None = None
         self.learning: asyncio.Task | None = None
         self.relearning: asyncio.Task | None = None  # a reloaded config's routes, learned before they serve
+        self.rollout_sync: asyncio.Task | None = None  # adopts other replicas' rollout decisions (shared state)
 
     def _sessions(self) -> SessionStore:
         if self.redis is None:
@@ -128,6 +129,18 @@ class RouterService(MiradorService):
         # Learning the routes needs the embedding model; it happens in the background
         # so the router answers health checks (and explicit routes) at once.
         self.learning = asyncio.create_task(self.routes.keep_learning(self.config), name="learn routes")
+        if self.rollouts.shared:
+            self.rollout_sync = asyncio.create_task(self._adopt_rollout_decisions(), name="adopt rollout decisions")
+
+    async def _adopt_rollout_decisions(self) -> None:
+        """Every REFRESH_S: the rollback or promotion another router replica saved holds here too."""
+        from services.router.rollout_store_pg import REFRESH_S
+
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            if self.rollouts.by_model:
+                saved = await asyncio.to_thread(self.rollouts.state_file.load)  # logs, and is {}, when it cannot
+                self.rollouts.adopt(saved)
 
     async def on_config_reload(self, new_config: MiradorConfig) -> None:
         """Applies routes, fallbacks, thresholds, the default route and rate limits. Routes whose
@@ -196,6 +209,12 @@ class RouterService(MiradorService):
                 await channel.close()
         if self.redis is not None:
             self.redis.close()
+        if self.rollout_sync is not None:
+            self.rollout_sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.rollout_sync
+        if self.rollouts.shared:
+            self.rollouts.state_file.close()
 
 
 def _examples(config: MiradorConfig) -> dict[str, tuple[str, ...]]:
