@@ -114,3 +114,35 @@ def test_a_slow_model_delays_neither_health_nor_listing_nor_another_models_strea
     finally:
         worker.join()
     assert len(slow_tokens) == 8
+
+
+def test_each_token_comes_with_the_alternatives_asked_for(host):
+    stub, _ = host
+    request = _request("tell me a story about the sea", max_tokens=12)
+    request.sampling.top_logprobs = 5
+    chunks = [r.token for r in stub.Generate(request, timeout=30) if r.HasField("token")]
+    assert chunks
+    for chunk in chunks:
+        alternatives = list(chunk.top_logprobs)
+        assert len(alternatives) == 5
+        logprobs = [a.logprob for a in alternatives]
+        assert logprobs == sorted(logprobs, reverse=True) and all(lp <= 0 for lp in logprobs)
+        assert sum(2.718281828 ** lp for lp in logprobs) <= 1.0 + 1e-4
+        # greedy: the token generated is the most likely one, with the same logprob
+        assert alternatives[0].token_id == chunk.token_id
+        assert alternatives[0].logprob == pytest.approx(chunk.logprob, abs=1e-5)
+        assert len({a.token_id for a in alternatives}) == 5
+    plain = [r.token for r in stub.Generate(_request("tell me a story about the sea", max_tokens=12), timeout=30)
+             if r.HasField("token")]
+    assert [c.token_id for c in plain] == [c.token_id for c in chunks]  # asking does not change the answer
+    assert all(not c.top_logprobs for c in plain)
+
+
+def test_more_alternatives_than_twenty_is_refused_with_a_sentence(host):
+    stub, _ = host
+    request = _request("hi")
+    request.sampling.top_logprobs = 21
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.Generate(request, timeout=30))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_logprobs` is 21; ask for 0 to 20" in refused.value.details()

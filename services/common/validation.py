@@ -11,6 +11,7 @@ from services.common.errors import InvalidArgument, NotFound
 MAX_TEXT_BYTES = 32 * 1024
 MAX_TOKENS_LIMIT = 4096
 MAX_STOP_STRINGS = 8
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 MAX_OPTION_BYTES = 1024  # an option is a label or a short answer
 
 
@@ -63,6 +64,9 @@ def require_sampling(sampling: common_pb2.SamplingParams) -> None:
         raise InvalidArgument(f"{len(sampling.stop)} stop strings given; send at most {MAX_STOP_STRINGS}")
     if any(not s for s in sampling.stop):
         raise InvalidArgument("`sampling.stop` holds an empty string; remove it")
+    if sampling.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"`sampling.top_logprobs` is {sampling.top_logprobs}; ask for 0 to {MAX_TOP_LOGPROBS} "
+                              "alternatives per token")
 
 
 def require_options(options, field: str = "options", minimum: int = 2, maximum: int = 32) -> None:

@@ -15,6 +15,7 @@ class SamplingSettings:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_logprobs: int = 0  # alternatives reported per token
 
 
 @dataclass
@@ -38,6 +39,13 @@ class Confidence:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class TokenAlternative:
+    token_id: int
+    text: str
+    logprob: float
+
+
 @dataclass
 class TokenEvent:
     index: int
@@ -45,6 +53,7 @@ class TokenEvent:
     text: str
     logprob: float
     entropy: float
+    top_logprobs: tuple[TokenAlternative, ...] = ()
 
 
 @dataclass

@@ -64,6 +64,7 @@ def sampling_of(params: common_pb2.SamplingParams) -> SamplingSettings:
         top_p=params.top_p or 1.0,
         seed=params.seed if params.HasField("seed") else None,
         stop=tuple(params.stop),
+        top_logprobs=params.top_logprobs,
     )
 
 
@@ -180,4 +181,6 @@ def _generate_response(event: TokenEvent | GenerationSummary) -> pb.GenerateResp
         ))
     return pb.GenerateResponse(token=common_pb2.TokenChunk(
         index=event.index, token_id=event.token_id, text=event.text, logprob=event.logprob, entropy=event.entropy,
+        top_logprobs=[common_pb2.TokenAlternative(token_id=a.token_id, text=a.text, logprob=a.logprob)
+                      for a in event.top_logprobs],
     ))

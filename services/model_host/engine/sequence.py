@@ -22,6 +22,7 @@ from services.model_host.answers import (
     GenerationSummary,
     SamplingSettings,
     Timings,
+    TokenAlternative,
     TokenEvent,
 )
 from services.model_host.calibration import generation_confidence
@@ -78,6 +79,7 @@ class Sequence:
         self.context_bound = max_context - len(ids) < (request.sampling.max_tokens or DEFAULT_MAX_TOKENS)
         sampling = request.sampling
         self.sampler = Sampler(sampling.temperature, sampling.top_p, sampling.seed)
+        self.tokenizer = runtime.tokenizer
         self.detokenizer = IncrementalDetokenizer(runtime.tokenizer)
         self.scanner = StopStringScanner(tuple(sampling.stop))
         self.eos_token_ids = runtime.eos_token_ids
@@ -92,14 +94,16 @@ class Sequence:
         if not self.decode_started:
             self.decode_started = time.perf_counter()
             timings.prefill_ms = (self.decode_started - self.prefill_started) * 1000
-        pick = self.sampler.pick(logits)
+        pick = self.sampler.pick(logits, self.request.sampling.top_logprobs)
         if pick.token_id in self.eos_token_ids:
             self.finish_reason = "stop"
             return True
         self.logprobs.append(pick.logprob)
         self.entropies.append(pick.entropy)
         index = len(self.logprobs) - 1
-        token = TokenEvent(index, pick.token_id, self.detokenizer.add(pick.token_id), pick.logprob, pick.entropy)
+        token = TokenEvent(index, pick.token_id, self.detokenizer.add(pick.token_id), pick.logprob, pick.entropy,
+                           tuple(TokenAlternative(i, self.tokenizer.decode([i], skip_special_tokens=False), lp)
+                                 for i, lp in pick.top))
         for released in self.scanner.push(token):  # held back while it could begin a stop string
             if not timings.first_token_ms:
                 timings.first_token_ms = (time.perf_counter() - self.request.received) * 1000

@@ -17,6 +17,7 @@ class Pick:
     token_id: int
     logprob: float  # under the model's own (temperature 1) distribution
     entropy: float  # of that distribution, in nats
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely tokens, most likely first
 
 
 class Sampler:
@@ -27,7 +28,8 @@ class Sampler:
         self.top_p = top_p if 0.0 < top_p <= 1.0 else 1.0
         self.rng = np.random.default_rng(seed)
 
-    def pick(self, logits: np.ndarray) -> Pick:
+    def pick(self, logits: np.ndarray, top: int = 0) -> Pick:
+        """The next token; with `top`, also the `top` most likely tokens and their logprobs."""
         # float32 and one exp pass: this runs once per generated token over the whole vocabulary.
         logits = np.asarray(logits, dtype=np.float32)
         shifted = logits - logits.max()
@@ -36,7 +38,7 @@ class Sampler:
         log_total = float(np.log(total))
         entropy = log_total - float(np.dot(weights, shifted) / total)
         token = int(np.argmax(shifted)) if self.temperature == 0.0 else self._sample(logits)
-        return Pick(token, float(shifted[token]) - log_total, entropy)
+        return Pick(token, float(shifted[token]) - log_total, entropy, _most_likely(shifted, log_total, top))
 
     def _sample(self, logits: np.ndarray) -> int:
         # Shifted before scaling: every value is <= 0, so a tiny temperature gives -inf (probability 0),
@@ -53,3 +55,12 @@ class Sampler:
             mask[keep] = probs[keep]
             probs = mask / mask.sum()
         return int(self.rng.choice(len(probs), p=probs))
+
+
+def _most_likely(shifted: np.ndarray, log_total: float, count: int) -> tuple[tuple[int, float], ...]:
+    if count <= 0:
+        return ()
+    count = min(count, len(shifted))
+    ids = np.argpartition(-shifted, count - 1)[:count]  # the `count` largest, unordered: O(vocabulary)
+    ids = ids[np.argsort(-shifted[ids], kind="stable")]
+    return tuple((int(i), float(shifted[i]) - log_total) for i in ids)

@@ -24,29 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mirador/v1/common.proto\x12\nmirador.v1\">\n\x0b\x43hatMessage\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.mirador.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"r\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x07\n\x05_seed\"]\n\nTokenChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x02\"G\n\x10LabelProbability\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\xe2\x01\n\x12\x43onfidenceMetadata\x12\x16\n\x0etoken_logprobs\x18\x01 \x03(\x02\x12\x14\n\x0cmean_logprob\x18\x02 \x01(\x02\x12\x13\n\x0bmin_logprob\x18\x03 \x01(\x02\x12\x14\n\x0cmean_entropy\x18\x04 \x01(\x02\x12\x38\n\x12label_distribution\x18\x05 \x03(\x0b\x32\x1c.mirador.v1.LabelProbability\x12\x1d\n\x15\x63\x61librated_confidence\x18\x06 \x01(\x02\x12\x1a\n\x12\x63\x61libration_source\x18\x07 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"}\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\x06 \x01(\x01*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\xbd\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mirador/v1/common.proto\x12\nmirador.v1\">\n\x0b\x43hatMessage\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.mirador.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x88\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\rB\x07\n\x05_seed\"\x91\x01\n\nTokenChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x0f\n\x07logprob\x18\x04 \x01(\x02\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x02\x12\x32\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x1c.mirador.v1.TokenAlternative\"C\n\x10TokenAlternative\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"G\n\x10LabelProbability\x12\r\n\x05label\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"\xe2\x01\n\x12\x43onfidenceMetadata\x12\x16\n\x0etoken_logprobs\x18\x01 \x03(\x02\x12\x14\n\x0cmean_logprob\x18\x02 \x01(\x02\x12\x13\n\x0bmin_logprob\x18\x03 \x01(\x02\x12\x14\n\x0cmean_entropy\x18\x04 \x01(\x02\x12\x38\n\x12label_distribution\x18\x05 \x03(\x0b\x32\x1c.mirador.v1.LabelProbability\x12\x1d\n\x15\x63\x61librated_confidence\x18\x06 \x01(\x02\x12\x1a\n\x12\x63\x61libration_source\x18\x07 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"}\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07load_ms\x18\x02 \x01(\x01\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12\x11\n\tdecode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x16\n\x0e\x66irst_token_ms\x18\x06 \x01(\x01*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\xbd\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12 \n\x1c\x46INISH_REASON_CONTEXT_LENGTH\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mirador.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=802
-  _globals['_ROLE']._serialized_end=882
-  _globals['_FINISHREASON']._serialized_start=885
-  _globals['_FINISHREASON']._serialized_end=1074
+  _globals['_ROLE']._serialized_start=947
+  _globals['_ROLE']._serialized_end=1027
+  _globals['_FINISHREASON']._serialized_start=1030
+  _globals['_FINISHREASON']._serialized_end=1219
   _globals['_CHATMESSAGE']._serialized_start=39
   _globals['_CHATMESSAGE']._serialized_end=101
-  _globals['_SAMPLINGPARAMS']._serialized_start=103
-  _globals['_SAMPLINGPARAMS']._serialized_end=217
-  _globals['_TOKENCHUNK']._serialized_start=219
-  _globals['_TOKENCHUNK']._serialized_end=312
-  _globals['_LABELPROBABILITY']._serialized_start=314
-  _globals['_LABELPROBABILITY']._serialized_end=385
-  _globals['_CONFIDENCEMETADATA']._serialized_start=388
-  _globals['_CONFIDENCEMETADATA']._serialized_end=614
-  _globals['_USAGE']._serialized_start=616
-  _globals['_USAGE']._serialized_end=673
-  _globals['_TIMINGS']._serialized_start=675
-  _globals['_TIMINGS']._serialized_end=800
+  _globals['_SAMPLINGPARAMS']._serialized_start=104
+  _globals['_SAMPLINGPARAMS']._serialized_end=240
+  _globals['_TOKENCHUNK']._serialized_start=243
+  _globals['_TOKENCHUNK']._serialized_end=388
+  _globals['_TOKENALTERNATIVE']._serialized_start=390
+  _globals['_TOKENALTERNATIVE']._serialized_end=457
+  _globals['_LABELPROBABILITY']._serialized_start=459
+  _globals['_LABELPROBABILITY']._serialized_end=530
+  _globals['_CONFIDENCEMETADATA']._serialized_start=533
+  _globals['_CONFIDENCEMETADATA']._serialized_end=759
+  _globals['_USAGE']._serialized_start=761
+  _globals['_USAGE']._serialized_end=818
+  _globals['_TIMINGS']._serialized_start=820
+  _globals['_TIMINGS']._serialized_end=945
 # @@protoc_insertion_point(module_scope)
