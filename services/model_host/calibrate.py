@@ -169,12 +169,26 @@ class SavedScores:
         return [np.asarray(r["logits"]) for r in self.held_rows]
 
 
-def load_model(model: str, repository: str | None, threads: int):
-    from services.common.model_repository import ModelRepository
-    from services.model_host.loader import SessionSettings, default_optimized_cache, load_runtime
+class LiveScores:
+    """Option log-likelihoods computed now, by the model itself (the interface of SavedScores)."""
 
-    manifest = ModelRepository(repository).get(model, None)
-    return manifest, load_runtime(manifest, SessionSettings(intra_op_threads=threads, optimized_cache=default_optimized_cache()))
+    def __init__(self, model: str, repository: str | None, threads: int, fit: list[Question], held_out: list[Question]):
+        from services.common.model_repository import ModelRepository
+        from services.model_host.loader import SessionSettings, default_optimized_cache, load_runtime
+
+        started = time.perf_counter()
+        manifest = ModelRepository(repository).get(model, None)
+        self.runtime = load_runtime(manifest, SessionSettings(intra_op_threads=threads,
+                                                              optimized_cache=default_optimized_cache()))
+        self.model_version = manifest.version
+        self.fit, self.held_out = fit, held_out
+        print(f"model: {manifest.reference} loaded in {time.perf_counter() - started:.1f} s ({threads} thread(s))")
+
+    def fit_logits(self, name: str) -> list[np.ndarray]:
+        return score_all(self.runtime, self.fit, FORMATS[name], f"fit/{name}")
+
+    def held_logits(self, name: str) -> list[np.ndarray]:
+        return score_all(self.runtime, self.held_out, FORMATS[name], f"held-out/{name}")
 
 
 def score_all(runtime, questions: list[Question], fmt: dict, label: str) -> list[np.ndarray]:
@@ -207,7 +221,7 @@ def _row(name: str, before: dict, after: dict, majority: float | None = None) ->
             f"{before['ece']:8.3f} {after['ece']:8.3f} {before['mean_confidence']:8.3f} {after['mean_confidence']:8.3f}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.model_host.calibrate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"labelled decisions JSONL (default {DEFAULT_DATA})")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="fleet name of a text-generation model")
@@ -224,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse the option log-likelihoods saved by an earlier --report run (same data and split) "
                              "instead of running the model: refits and rewrites in a second")
     parser.add_argument("--dry-run", action="store_true", help="report only; do not write the calibration file")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
     if not args.data.exists():
         parser.error(f"--data {args.data} does not exist (the shared eval folder is not on every machine; pass the file)")
     questions = load_questions(args.data)
@@ -236,80 +254,116 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     if args.from_report:
-        saved = SavedScores(args.from_report, fit, held_out)
-        runtime, model_version = saved, saved.model_version
-        print(f"scores: reused from {args.from_report} (model version {model_version})")
+        scores = SavedScores(args.from_report, fit, held_out)
+        print(f"scores: reused from {args.from_report} (model version {scores.model_version})")
     else:
-        manifest, runtime = load_model(args.model, args.repository, args.threads)
-        model_version = manifest.version
-        print(f"model: {manifest.reference} loaded in {time.perf_counter() - started:.1f} s ({args.threads} thread(s))")
+        scores = LiveScores(args.model, args.repository, args.threads, fit, held_out)
+    candidates = compare_formats(scores, fit, args.formats)
+    chosen = max(candidates, key=lambda n: (round(candidates[n]["metrics"]["accuracy"], 6), -candidates[n]["metrics"]["nll"]))
+    print(f"chosen: {chosen}")
+    fitted = Fitted(fit, held_out, candidates[chosen]["logits"], scores.held_logits(chosen))
+    print(f"\nfitted T = {fitted.temperature:.3f} (fit NLL {candidates[chosen]['metrics']['nll']:.4f} -> "
+          f"{metrics(fitted.fit_logits, fitted.fit_answers, fitted.temperature)['nll']:.4f})")
+    fitted.print_held_out(chosen)
+    diagnostic = fitted.option_prior_diagnostic()
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
 
-    fit_answers = [q.answer for q in fit]
+    calibration = calibration_record(args, scores.model_version, fitted, chosen, candidates, diagnostic)
+    if not args.dry_run:
+        out = args.out or CALIBRATION_DIR / f"{args.model}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
+    if args.report:
+        write_report(args.report, calibration, fitted, chosen, candidates)
+    return 0
+
+
+def compare_formats(scores, fit: list[Question], formats: list[str]) -> dict[str, dict]:
+    """Each candidate prompt format's fit-half logits and metrics at T = 1, printed as a table."""
+    answers = [q.answer for q in fit]
     candidates = {}
-    for name in args.formats:
-        logits = (saved.fit_logits(name) if args.from_report else score_all(runtime, fit, FORMATS[name], f"fit/{name}"))
-        candidates[name] = {"logits": logits, "metrics": metrics(logits, fit_answers, 1.0), "by_source": by_source(fit, logits, 1.0)}
+    for name in formats:
+        logits = scores.fit_logits(name)
+        candidates[name] = {"logits": logits, "metrics": metrics(logits, answers, 1.0), "by_source": by_source(fit, logits, 1.0)}
     print("\nprompt formats on the fit half (T=1):")
     print(f"{'format':<18} {'accuracy':>9} {'nll':>8} {'ece':>8}   per source accuracy")
     for name, c in candidates.items():
         m = c["metrics"]
         per = ", ".join(f"{s.split('/')[-1]} {v['accuracy']:.3f}" for s, v in c["by_source"].items())
         print(f"{name:<18} {m['accuracy']:9.3f} {m['nll']:8.3f} {m['ece']:8.3f}   {per}")
-    chosen = max(candidates, key=lambda n: (round(candidates[n]["metrics"]["accuracy"], 6), -candidates[n]["metrics"]["nll"]))
-    print(f"chosen: {chosen}")
+    return candidates
 
-    fit_logits = candidates[chosen]["logits"]
-    temperature = fit_temperature(fit_logits, fit_answers, high=MAX_TEMPERATURE)
-    fit_after = metrics(fit_logits, fit_answers, temperature)
-    print(f"\nfitted T = {temperature:.3f} (fit NLL {candidates[chosen]['metrics']['nll']:.4f} -> {fit_after['nll']:.4f})")
 
-    held_logits = (saved.held_logits(chosen) if args.from_report
-                   else score_all(runtime, held_out, FORMATS[chosen], f"held-out/{chosen}"))
-    held_answers = [q.answer for q in held_out]
-    before, after = metrics(held_logits, held_answers, 1.0), metrics(held_logits, held_answers, temperature)
-    src_before, src_after = by_source(held_out, held_logits, 1.0), by_source(held_out, held_logits, temperature)
-    majority = {s: majority_accuracy([q for q in held_out if q.source == s], fit) for s in src_before}
+class Fitted:
+    """The temperature fitted on the fit half, and what it does on the held-out half."""
 
-    print(f"\nheld-out half, format {chosen}, T = {temperature:.3f} (accuracy does not change with T)")
-    print(f"{'split':<38} {'n':>4} {'accuracy':>8} {'majority':>8} {'nll T=1':>8} {'nll T':>8} {'ece T=1':>8} {'ece T':>8} "
-          f"{'conf T=1':>8} {'conf T':>8}")
-    print(_row("all", before, after, majority_accuracy(held_out, fit)))
-    for s in src_before:
-        print(_row(s, src_before[s], src_after[s], majority[s]))
+    def __init__(self, fit: list[Question], held_out: list[Question], fit_logits: list[np.ndarray],
+                 held_logits: list[np.ndarray]):
+        self.fit, self.held_out = fit, held_out
+        self.fit_logits, self.held_logits = fit_logits, held_logits
+        self.fit_answers, self.held_answers = [q.answer for q in fit], [q.answer for q in held_out]
+        self.temperature = fit_temperature(fit_logits, self.fit_answers, high=MAX_TEMPERATURE)
+        self.before = metrics(held_logits, self.held_answers, 1.0)
+        self.after = metrics(held_logits, self.held_answers, self.temperature)
+        self.src_before = by_source(held_out, held_logits, 1.0)
+        self.src_after = by_source(held_out, held_logits, self.temperature)
+        self.majority_all = majority_accuracy(held_out, fit)
+        self.majority = {s: majority_accuracy([q for q in held_out if q.source == s], fit) for s in self.src_before}
 
-    # Diagnostic only (the host applies a temperature, nothing else): how much of the error is a
-    # fixed preference for one label. Subtracting each option set's mean log-distribution on the
-    # fit half (contextual calibration) is something a caller that knows its option set could do.
-    priors = option_priors(fit, fit_logits)
-    fit_debiased = debiased(fit, fit_logits, priors)
-    debias_t = fit_temperature(fit_debiased, fit_answers, high=MAX_TEMPERATURE)
-    held_debiased = debiased(held_out, held_logits, priors)
-    debias_all = metrics(held_debiased, held_answers, debias_t)
-    debias_src = by_source(held_out, held_debiased, debias_t)
-    print(f"\ndiagnostic, not applied by the host: option-prior correction fitted on the fit half, then T = {debias_t:.3f}")
-    print(f"{'split':<38} {'n':>4} {'accuracy':>8} {'nll':>8} {'ece':>8}")
-    for name, m in [("all", debias_all), *debias_src.items()]:
-        print(f"{name:<38} {m['n']:>4} {m['accuracy']:8.3f} {m['nll']:8.3f} {m['ece']:8.3f}")
-    elapsed = time.perf_counter() - started
-    print(f"\n{elapsed:.0f} s in all")
+    def print_held_out(self, chosen: str) -> None:
+        print(f"\nheld-out half, format {chosen}, T = {self.temperature:.3f} (accuracy does not change with T)")
+        print(f"{'split':<38} {'n':>4} {'accuracy':>8} {'majority':>8} {'nll T=1':>8} {'nll T':>8} {'ece T=1':>8} {'ece T':>8} "
+              f"{'conf T=1':>8} {'conf T':>8}")
+        print(_row("all", self.before, self.after, self.majority_all))
+        for s in self.src_before:
+            print(_row(s, self.src_before[s], self.src_after[s], self.majority[s]))
 
+    def option_prior_diagnostic(self) -> dict:
+        """Diagnostic only (the host applies a temperature, nothing else): how much of the error is a
+        fixed preference for one label. Subtracting each option set's mean log-distribution on the
+        fit half (contextual calibration) is something a caller that knows its option set could do."""
+        priors = option_priors(self.fit, self.fit_logits)
+        temperature = fit_temperature(debiased(self.fit, self.fit_logits, priors), self.fit_answers, high=MAX_TEMPERATURE)
+        held_debiased = debiased(self.held_out, self.held_logits, priors)
+        overall = metrics(held_debiased, self.held_answers, temperature)
+        per_source = by_source(self.held_out, held_debiased, temperature)
+        print(f"\ndiagnostic, not applied by the host: option-prior correction fitted on the fit half, then T = {temperature:.3f}")
+        print(f"{'split':<38} {'n':>4} {'accuracy':>8} {'nll':>8} {'ece':>8}")
+        for name, m in [("all", overall), *per_source.items()]:
+            print(f"{name:<38} {m['n']:>4} {m['accuracy']:8.3f} {m['nll']:8.3f} {m['ece']:8.3f}")
+        return {
+            "note": "not applied by the host; held-out metrics if a caller subtracted each option set's mean "
+                    "log-distribution on the fit half (priors below) and then used temperature T",
+            "temperature": round(temperature, 4),
+            "priors": {" / ".join(k): [round(float(x), 4) for x in v] for k, v in priors.items()},
+            "accuracy": round(overall["accuracy"], 4),
+            "nll": round(overall["nll"], 4),
+            "ece": round(overall["ece"], 4),
+            "per_source_accuracy": {k: round(v["accuracy"], 4) for k, v in per_source.items()},
+        }
+
+
+def calibration_record(args, model_version: str, fitted: Fitted, chosen: str, candidates: dict, diagnostic: dict) -> dict:
+    """The calibration file: what the host applies (`score.temperature`) and how it was measured."""
     fmt = FORMATS[chosen]
-    calibration = {
+    before, after = fitted.before, fitted.after
+    return {
         "model": args.model,
         "model_version": model_version,
         "created_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tool": "python -m services.model_host.calibrate",
         "score": {
-            "temperature": round(temperature, 4),
-            "fit_on": f"{len(fit)} BIG-bench decisions ({args.data.name})",
+            "temperature": round(fitted.temperature, 4),
+            "fit_on": f"{len(fitted.fit)} BIG-bench decisions ({args.data.name})",
             "ece_before": round(before["ece"], 4),
             "ece_after": round(after["ece"], 4),
             "nll_before": round(before["nll"], 4),
             "nll_after": round(after["nll"], 4),
             "accuracy": round(before["accuracy"], 4),
-            "majority_baseline_accuracy": round(majority_accuracy(held_out, fit), 4),
-            "n_fit": len(fit),
-            "n_eval": len(held_out),
+            "majority_baseline_accuracy": round(fitted.majority_all, 4),
+            "n_fit": len(fitted.fit),
+            "n_eval": len(fitted.held_out),
             "split": f"sha256(prompt) parity: even fit, odd held out; first {args.per_source or 'all'} per source per half in hash order",
             "data_sha256": hashlib.sha256(args.data.read_bytes()).hexdigest(),
             "prompt_format": {
@@ -322,48 +376,36 @@ def main(argv: list[str] | None = None) -> int:
                        "options passed unchanged in Score `options`",
             },
             "formats_compared_on_fit": {n: {k: round(v, 4) for k, v in c["metrics"].items()} for n, c in candidates.items()},
-            "diagnostic_option_prior_correction": {
-                "note": "not applied by the host; held-out metrics if a caller subtracted each option set's mean "
-                        "log-distribution on the fit half (priors below) and then used temperature T",
-                "temperature": round(debias_t, 4),
-                "priors": {" / ".join(k): [round(float(x), 4) for x in v] for k, v in priors.items()},
-                "accuracy": round(debias_all["accuracy"], 4),
-                "nll": round(debias_all["nll"], 4),
-                "ece": round(debias_all["ece"], 4),
-                "per_source_accuracy": {k: round(v["accuracy"], 4) for k, v in debias_src.items()},
-            },
+            "diagnostic_option_prior_correction": diagnostic,
             "per_source": {
                 s: {
-                    "n": src_before[s]["n"],
-                    "accuracy": round(src_before[s]["accuracy"], 4),
-                    "majority_baseline_accuracy": round(majority[s], 4),
-                    "nll_before": round(src_before[s]["nll"], 4),
-                    "nll_after": round(src_after[s]["nll"], 4),
-                    "ece_before": round(src_before[s]["ece"], 4),
-                    "ece_after": round(src_after[s]["ece"], 4),
+                    "n": fitted.src_before[s]["n"],
+                    "accuracy": round(fitted.src_before[s]["accuracy"], 4),
+                    "majority_baseline_accuracy": round(fitted.majority[s], 4),
+                    "nll_before": round(fitted.src_before[s]["nll"], 4),
+                    "nll_after": round(fitted.src_after[s]["nll"], 4),
+                    "ece_before": round(fitted.src_before[s]["ece"], 4),
+                    "ece_after": round(fitted.src_after[s]["ece"], 4),
                 }
-                for s in src_before
+                for s in fitted.src_before
             },
         },
     }
-    if not args.dry_run:
-        out = args.out or CALIBRATION_DIR / f"{args.model}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(calibration, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {out}")
-    if args.report:
-        report = {
-            "calibration": calibration,
-            "fit": [{"source": q.source, "answer": q.answer, "digest": q.digest[:16],
-                     "logits": {n: c["logits"][i].tolist() for n, c in candidates.items()}} for i, q in enumerate(fit)],
-            "held_out_format": chosen,
-            "held_out": [{"source": q.source, "answer": q.answer, "digest": q.digest[:16], "logits": held_logits[i].tolist()}
-                         for i, q in enumerate(held_out)],
-        }
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report) + "\n", encoding="utf-8")
-        print(f"wrote {args.report}")
-    return 0
+
+
+def write_report(path: Path, calibration: dict, fitted: Fitted, chosen: str, candidates: dict) -> None:
+    """The calibration plus every question's raw option scores (what --from-report reads back)."""
+    report = {
+        "calibration": calibration,
+        "fit": [{"source": q.source, "answer": q.answer, "digest": q.digest[:16],
+                 "logits": {n: c["logits"][i].tolist() for n, c in candidates.items()}} for i, q in enumerate(fitted.fit)],
+        "held_out_format": chosen,
+        "held_out": [{"source": q.source, "answer": q.answer, "digest": q.digest[:16], "logits": fitted.held_logits[i].tolist()}
+                     for i, q in enumerate(fitted.held_out)],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report) + "\n", encoding="utf-8")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
