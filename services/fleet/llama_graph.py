@@ -410,7 +410,7 @@ def build_llama_model(hp: LlamaHParams, weights: Mapping[str, Any], bits: int, *
     faster, a little less accurate). `exact_q4_1` keeps Q4_1 source blocks exact at 4
     bits (their codes as they are, plus a small float MatMul on per-block input sums
     for the block minimums) instead of re-quantizing them."""
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     if bits not in (32, 8, 4):
         raise ValueError(f"bits must be 32, 8 or 4, not {bits}")
@@ -419,10 +419,47 @@ def build_llama_model(hp: LlamaHParams, weights: Mapping[str, Any], bits: int, *
     g = _Graph()
     g.exact_q4_1 = exact_q4_1
     eps = float(hp.rms_norm_eps)
-    d, h = hp.hidden_size, hp.head_dim
 
-    # -- lengths for GroupQueryAttention (see the module docstring): each row's own length from
-    # the mask's sum, the batch's longest from the mask's width
+    attention = _attention_inputs(g, hp, positions)
+    embed = weights["token_embd.weight"]
+    tied = "output.weight" not in weights
+    shared_head = (bits != 32 and tied and lm_head_bits == 8 and isinstance(embed, BlockQuantized)
+                   and embed.kind == "Q8_0")
+    residual = _embedding(g, hp, embed, bits, tied, shared_head)
+    hidden = None  # output of the previous block (attention or MLP), not yet added to the residual
+    for i in range(hp.num_layers):
+        hidden, residual = _decoder_layer(g, hp, i, weights, hidden, residual, attention, bits, symmetric, unpermute_qk)
+
+    out_norm = g.init("output_norm.weight", as_dense(weights["output_norm.weight"]))
+    if hidden is None:  # no layers (tests)
+        normed = g.node("SimplifiedLayerNormalization", [residual, out_norm], name="final_norm",
+                        epsilon=eps, axis=-1, stash_type=1)[0]
+    else:
+        normed = g.node("SkipSimplifiedLayerNormalization", [hidden, residual, out_norm],
+                        ["final_norm/out"], name="final_norm", domain=MS_DOMAIN, epsilon=eps)[0]
+    _lm_head(g, hp, normed, embed if tied else weights["output.weight"], bits, lm_head_bits, tied, shared_head, symmetric)
+
+    inputs, outputs = _graph_io(hp)
+    graph = helper.make_graph(g.nodes, "mirador_llama_fused", inputs, outputs, g.initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                             ir_version=IR_VERSION, producer_name="mirador.llama_graph")
+
+
+@dataclass(frozen=True)
+class _AttentionInputs:
+    """What every GroupQueryAttention node reads besides its own q/k/v and cache."""
+
+    seqlens_k: str
+    total_sequence_length: str
+    cos_cache: str
+    sin_cache: str
+
+
+def _attention_inputs(g: "_Graph", hp: LlamaHParams, positions: int) -> _AttentionInputs:
+    """Lengths for GroupQueryAttention (see the module docstring): each row's own length from the
+    mask's sum, the batch's longest from the mask's width; and the rotary caches."""
+    from onnx import TensorProto
+
     total = g.node("Shape", ["attention_mask"], name="mask_shape", start=1, end=2)[0]        # [1] int64
     total_i32 = g.node("Cast", [total], name="total_len_i32", to=TensorProto.INT32)[0]
     total_scalar = g.node("Squeeze", [total_i32], name="total_sequence_length")[0]              # int32 scalar
@@ -430,25 +467,25 @@ def build_llama_model(hp: LlamaHParams, weights: Mapping[str, Any], bits: int, *
                      keepdims=0)[0]                                                             # [batch] int64
     lengths_i32 = g.node("Cast", [lengths], name="row_lengths_i32", to=TensorProto.INT32)[0]
     seqlens_k = g.node("Sub", [lengths_i32, g.init("one_i32", np.asarray([1], np.int32))], name="seqlens_k")[0]
-
     cos, sin = rope_caches(hp, positions)
-    cos_name, sin_name = g.init("cos_cache", cos), g.init("sin_cache", sin)
+    return _AttentionInputs(seqlens_k, total_scalar, g.init("cos_cache", cos), g.init("sin_cache", sin))
 
-    # -- embeddings
-    embed = weights["token_embd.weight"]
-    tied = "output.weight" not in weights
-    shared_head = (bits != 32 and tied and lm_head_bits == 8 and isinstance(embed, BlockQuantized)
-                   and embed.kind == "Q8_0")
+
+def _embedding(g: "_Graph", hp: LlamaHParams, embed, bits: int, tied: bool, shared_head: bool) -> str:
+    """The token embeddings [batch, sequence, hidden]: fp32, the tied 8-bit head's own codes, or an
+    8-bit table dequantized row by row."""
+    from onnx import TensorProto
+
+    d = hp.hidden_size
     if bits == 32:
         table = as_dense(embed)
-        if tied:
-            # One copy, [hidden, vocab]: the lm_head's MatMul weight; rows are gathered along axis 1.
-            table_t = g.init("lm_head.weight", np.ascontiguousarray(table.T))
-            picked = g.node("Gather", [table_t, "input_ids"], name="embed_gather", axis=1)[0]  # [d, B, S]
-            x = g.node("Transpose", [picked], name="embed", perm=[1, 2, 0])[0]
-        else:
-            x = g.node("Gather", [g.init("token_embd.weight", table), "input_ids"], name="embed")[0]
-    elif shared_head:
+        if not tied:
+            return g.node("Gather", [g.init("token_embd.weight", table), "input_ids"], name="embed")[0]
+        # One copy, [hidden, vocab]: the lm_head's MatMul weight; rows are gathered along axis 1.
+        table_t = g.init("lm_head.weight", np.ascontiguousarray(table.T))
+        picked = g.node("Gather", [table_t, "input_ids"], name="embed_gather", axis=1)[0]  # [d, B, S]
+        return g.node("Transpose", [picked], name="embed", perm=[1, 2, 0])[0]
+    if shared_head:
         # The tied 8-bit lm_head's MatMulNBits weights double as the embedding table:
         # (float(code) - 128) * scale is exactly the Q8_0 value. One copy on disk.
         q_name, s_name = _q8_0_inits(g, "lm_head", embed)
@@ -460,86 +497,88 @@ def build_llama_model(hp: LlamaHParams, weights: Mapping[str, Any], bits: int, *
                               name="embed_scales_table")[0]
         scales = g.node("Gather", [table_scales, "input_ids"], name="embed_scales")[0]
         values = g.node("Mul", [values, scales], name="embed_scale")[0]
-        x = g.node("Reshape", [values, g.const_i64("embed_shape", [0, 0, d])], name="embed")[0]
+        return g.node("Reshape", [values, g.const_i64("embed_shape", [0, 0, d])], name="embed")[0]
+    # 8-bit table gathered row by row and dequantized: exact for Q8_0 sources.
+    if isinstance(embed, BlockQuantized) and embed.kind == "Q8_0":
+        codes, scale, offset = embed.codes, embed.scale, None                              # int8, w = s * q
     else:
-        # 8-bit table gathered row by row and dequantized: exact for Q8_0 sources.
-        if isinstance(embed, BlockQuantized) and embed.kind == "Q8_0":
-            codes, scale, offset = embed.codes, embed.scale, None                              # int8, w = s * q
-        else:
-            codes, scale, zero = quantize_blocks(as_dense(embed), 8)                            # uint8, w = s * (q - z)
-            offset = -scale * zero.astype(np.float32)
-        vocab, blocks = scale.shape
-        gathered = g.node("Gather", [g.init("embed.qweight", codes), "input_ids"], name="embed_codes")[0]
-        values = g.node("Cast", [gathered], name="embed_codes_f", to=TensorProto.FLOAT)[0]
-        scales = g.node("Gather", [g.init("embed.scales", scale.reshape(vocab, blocks, 1)), "input_ids"],
-                        name="embed_scales")[0]
-        values = g.node("Mul", [values, scales], name="embed_scale")[0]
-        if offset is not None:
-            offsets = g.node("Gather", [g.init("embed.offsets", offset.reshape(vocab, blocks, 1)), "input_ids"],
-                             name="embed_offsets")[0]
-            values = g.node("Add", [values, offsets], name="embed_shift")[0]
-        x = g.node("Reshape", [values, g.const_i64("embed_shape", [0, 0, d])], name="embed")[0]
+        codes, scale, zero = quantize_blocks(as_dense(embed), 8)                            # uint8, w = s * (q - z)
+        offset = -scale * zero.astype(np.float32)
+    vocab, blocks = scale.shape
+    gathered = g.node("Gather", [g.init("embed.qweight", codes), "input_ids"], name="embed_codes")[0]
+    values = g.node("Cast", [gathered], name="embed_codes_f", to=TensorProto.FLOAT)[0]
+    scales = g.node("Gather", [g.init("embed.scales", scale.reshape(vocab, blocks, 1)), "input_ids"],
+                    name="embed_scales")[0]
+    values = g.node("Mul", [values, scales], name="embed_scale")[0]
+    if offset is not None:
+        offsets = g.node("Gather", [g.init("embed.offsets", offset.reshape(vocab, blocks, 1)), "input_ids"],
+                         name="embed_offsets")[0]
+        values = g.node("Add", [values, offsets], name="embed_shift")[0]
+    return g.node("Reshape", [values, g.const_i64("embed_shape", [0, 0, d])], name="embed")[0]
 
-    residual = x
-    hidden = None  # output of the previous block (attention or MLP), not yet added to the residual
-    for i in range(hp.num_layers):
-        p = f"blk.{i}"
-        attn_norm = g.init(f"{p}.attn_norm.weight", as_dense(weights[f"{p}.attn_norm.weight"]))
-        if hidden is None:
-            normed = g.node("SimplifiedLayerNormalization", [residual, attn_norm], name=f"{p}.attn_norm",
-                            epsilon=eps, axis=-1, stash_type=1)[0]
-        else:
-            normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [hidden, residual, attn_norm],
-                                            [f"{p}.attn_norm/out", "", "", f"{p}.resid_attn"],
-                                            name=f"{p}.attn_norm", domain=MS_DOMAIN, epsilon=eps)
-        wq, wk = weights[f"{p}.attn_q.weight"], weights[f"{p}.attn_k.weight"]
-        if unpermute_qk:
-            wq, wk = _unpermute_rows(wq, hp.num_heads), _unpermute_rows(wk, hp.num_kv_heads)
-        qkv = _linear(g, f"{p}.attn_qkv", normed, _concat_rows([wq, wk, weights[f"{p}.attn_v.weight"]]), bits, symmetric)
-        attn = g.node(
-            "GroupQueryAttention",
-            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_scalar,
-             cos_name, sin_name],
-            [f"{p}.attn/out", f"present.{i}.key", f"present.{i}.value"],
-            name=f"{p}.attn", domain=MS_DOMAIN, num_heads=hp.num_heads, kv_num_heads=hp.num_kv_heads,
-            scale=1.0 / math.sqrt(h), do_rotary=1, rotary_interleaved=0, local_window_size=-1,
-        )[0]
-        hidden = _linear(g, f"{p}.attn_output", attn, weights[f"{p}.attn_output.weight"], bits, symmetric)
-        ffn_norm = g.init(f"{p}.ffn_norm.weight", as_dense(weights[f"{p}.ffn_norm.weight"]))
-        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [hidden, residual, ffn_norm],
-                                        [f"{p}.ffn_norm/out", "", "", f"{p}.resid_ffn"],
-                                        name=f"{p}.ffn_norm", domain=MS_DOMAIN, epsilon=eps)
-        gate_up_weight = _concat_rows([weights[f"{p}.ffn_gate.weight"], weights[f"{p}.ffn_up.weight"]])
-        gate_up = _linear(g, f"{p}.ffn_gate_up", normed, gate_up_weight, bits, symmetric)
-        ffn = hp.intermediate_size
-        gate, up = g.node("Split", [gate_up, g.const_i64(f"{p}.ffn_split", [ffn, ffn])], 2,
-                          name=f"{p}.ffn_split", axis=-1)
-        sig = g.node("Sigmoid", [gate], name=f"{p}.ffn_sigmoid")[0]
-        silu = g.node("Mul", [gate, sig], name=f"{p}.ffn_silu")[0]
-        act = g.node("Mul", [silu, up], name=f"{p}.ffn_act")[0]
-        hidden = _linear(g, f"{p}.ffn_down", act, weights[f"{p}.ffn_down.weight"], bits, symmetric)
 
-    out_norm = g.init("output_norm.weight", as_dense(weights["output_norm.weight"]))
-    if hidden is None:  # no layers (tests)
-        normed = g.node("SimplifiedLayerNormalization", [residual, out_norm], name="final_norm",
+def _decoder_layer(g: "_Graph", hp: LlamaHParams, i: int, weights: Mapping[str, Any], hidden: str | None,
+                   residual: str, attention: _AttentionInputs, bits: int, symmetric: bool,
+                   unpermute_qk: bool) -> tuple[str, str]:
+    """Block i: attention and MLP, each normed with the skip connection fused into the norm.
+    Returns (its MLP output, the residual stream before it), to be added by the next norm."""
+    p, eps = f"blk.{i}", float(hp.rms_norm_eps)
+    attn_norm = g.init(f"{p}.attn_norm.weight", as_dense(weights[f"{p}.attn_norm.weight"]))
+    if hidden is None:
+        normed = g.node("SimplifiedLayerNormalization", [residual, attn_norm], name=f"{p}.attn_norm",
                         epsilon=eps, axis=-1, stash_type=1)[0]
     else:
-        normed = g.node("SkipSimplifiedLayerNormalization", [hidden, residual, out_norm],
-                        ["final_norm/out"], name="final_norm", domain=MS_DOMAIN, epsilon=eps)[0]
-    # Only the last `logits_to_keep` positions reach the head: a prefill needs one row of logits, not
-    # one per prompt token (the head is a fifth of SmolLM2's weights, and 200 KB of logits per token).
+        normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [hidden, residual, attn_norm],
+                                        [f"{p}.attn_norm/out", "", "", f"{p}.resid_attn"],
+                                        name=f"{p}.attn_norm", domain=MS_DOMAIN, epsilon=eps)
+    wq, wk = weights[f"{p}.attn_q.weight"], weights[f"{p}.attn_k.weight"]
+    if unpermute_qk:
+        wq, wk = _unpermute_rows(wq, hp.num_heads), _unpermute_rows(wk, hp.num_kv_heads)
+    qkv = _linear(g, f"{p}.attn_qkv", normed, _concat_rows([wq, wk, weights[f"{p}.attn_v.weight"]]), bits, symmetric)
+    attn = g.node(
+        "GroupQueryAttention",
+        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", attention.seqlens_k,
+         attention.total_sequence_length, attention.cos_cache, attention.sin_cache],
+        [f"{p}.attn/out", f"present.{i}.key", f"present.{i}.value"],
+        name=f"{p}.attn", domain=MS_DOMAIN, num_heads=hp.num_heads, kv_num_heads=hp.num_kv_heads,
+        scale=1.0 / math.sqrt(hp.head_dim), do_rotary=1, rotary_interleaved=0, local_window_size=-1,
+    )[0]
+    hidden = _linear(g, f"{p}.attn_output", attn, weights[f"{p}.attn_output.weight"], bits, symmetric)
+    ffn_norm = g.init(f"{p}.ffn_norm.weight", as_dense(weights[f"{p}.ffn_norm.weight"]))
+    normed, _, _, residual = g.node("SkipSimplifiedLayerNormalization", [hidden, residual, ffn_norm],
+                                    [f"{p}.ffn_norm/out", "", "", f"{p}.resid_ffn"],
+                                    name=f"{p}.ffn_norm", domain=MS_DOMAIN, epsilon=eps)
+    gate_up_weight = _concat_rows([weights[f"{p}.ffn_gate.weight"], weights[f"{p}.ffn_up.weight"]])
+    gate_up = _linear(g, f"{p}.ffn_gate_up", normed, gate_up_weight, bits, symmetric)
+    ffn = hp.intermediate_size
+    gate, up = g.node("Split", [gate_up, g.const_i64(f"{p}.ffn_split", [ffn, ffn])], 2, name=f"{p}.ffn_split", axis=-1)
+    sig = g.node("Sigmoid", [gate], name=f"{p}.ffn_sigmoid")[0]
+    silu = g.node("Mul", [gate, sig], name=f"{p}.ffn_silu")[0]
+    act = g.node("Mul", [silu, up], name=f"{p}.ffn_act")[0]
+    return _linear(g, f"{p}.ffn_down", act, weights[f"{p}.ffn_down.weight"], bits, symmetric), residual
+
+
+def _lm_head(g: "_Graph", hp: LlamaHParams, normed: str, head, bits: int, lm_head_bits: int, tied: bool,
+             shared_head: bool, symmetric: bool) -> None:
+    """The logits of the last `logits_to_keep` positions only: a prefill needs one row of logits, not
+    one per prompt token (the head is a fifth of SmolLM2's weights, and 200 KB of logits per token)."""
     keep_from = g.node("Neg", ["logits_to_keep"], name="logits_keep_from")[0]
     normed = g.node("Slice", [normed, keep_from, g.const_i64("logits_keep_until", [2**62]),
                               g.const_i64("logits_keep_axis", [1])], name="logits_keep")[0]
-    head = embed if tied else weights["output.weight"]
     if lm_head_bits == 32 and bits == 32 and tied:
         g.node("MatMul", [normed, "lm_head.weight"], ["logits"], name="lm_head")
     elif shared_head:
-        _matmul_nbits(g, "lm_head", [normed, "lm_head.qweight", "lm_head.scales"], hp.vocab_size, d, 8, "logits")
+        _matmul_nbits(g, "lm_head", [normed, "lm_head.qweight", "lm_head.scales"], hp.vocab_size, hp.hidden_size, 8,
+                      "logits")
     else:
         _linear(g, "lm_head", normed, head, lm_head_bits, symmetric, output="logits")
 
-    f32 = TensorProto.FLOAT
+
+def _graph_io(hp: LlamaHParams) -> tuple[list, list]:
+    """Inputs (ids, mask, logits_to_keep, the past cache) and outputs (logits, the present cache)."""
+    from onnx import TensorProto, helper
+
+    f32, h = TensorProto.FLOAT, hp.head_dim
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
@@ -552,10 +591,7 @@ def build_llama_model(hp: LlamaHParams, weights: Mapping[str, Any], bits: int, *
                 f"past_key_values.{i}.{kind}", f32, ["batch", hp.num_kv_heads, "past_sequence", h]))
             outputs.append(helper.make_tensor_value_info(
                 f"present.{i}.{kind}", f32, ["batch", hp.num_kv_heads, "total_sequence", h]))
-    graph = helper.make_graph(g.nodes, "mirador_llama_fused", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-                              ir_version=IR_VERSION, producer_name="mirador.llama_graph")
-    return model
+    return inputs, outputs
 
 
 def save_model(model, path: Path) -> None:
