@@ -14,9 +14,11 @@ Without a `security:` section (or with `config=None`) channels are plaintext, as
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import grpc
+from mirador.v1 import model_host_pb2
 
 from services.common.config import MiradorConfig, SecurityConfig
 from services.common.security import (
@@ -75,3 +77,30 @@ def open_channel(
     else:
         channel = grpc.secure_channel(target, channel_credentials(security.tls), options=options)
     return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+
+
+def model_host_channel(targets: tuple[str, ...], security: SecurityConfig | None = None) -> grpc.aio.Channel:
+    """One channel to the model hosts (the router's and the consensus service's). Several
+    `ip:port` targets (or one `dns:///` name, which may resolve to several pods) are balanced per
+    call with gRPC's round_robin policy, which sends nothing to a replica whose grpc.health.v1
+    status for mirador.v1.ModelHost is not SERVING."""
+    if len(targets) == 1 and not targets[0].startswith("dns:"):
+        return open_channel(security, targets[0], aio=True, service="model_host")
+    if len(targets) == 1:
+        target = targets[0]
+    else:
+        scheme = "ipv6" if targets[0].startswith("[") else "ipv4"
+        target = f"{scheme}:{','.join(targets)}"
+    service = model_host_pb2.DESCRIPTOR.services_by_name["ModelHost"].full_name
+    service_config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": service},
+        # Idempotent calls that found a replica gone are sent again (round_robin picks the next one).
+        "methodConfig": [{
+            "name": [{"service": service, "method": "ListModels"}],
+            "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+        }],
+    }
+    return open_channel(security, target, aio=True, service="model_host",
+                        options=[("grpc.service_config", json.dumps(service_config))])

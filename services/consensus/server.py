@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 
 import grpc
-from mirador.v1 import consensus_pb2, consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc
+from mirador.v1 import consensus_pb2, consensus_pb2_grpc, model_host_pb2_grpc
 
-from services.common.channels import open_channel
-from services.common.config import ConfigError, ConfigProblem, MiradorConfig, SecurityConfig
+from services.common.channels import model_host_channel
+from services.common.config import ConfigError, ConfigProblem, MiradorConfig
 from services.common.faults import CrashPoints
 from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
@@ -20,22 +19,6 @@ from services.consensus.escalations import EscalationStore, SqliteEscalationStor
 from services.consensus.servicer import CRASH_POINTS, ConsensusServicer
 
 log = logging.getLogger("mirador.consensus")
-
-
-def model_host_channel(targets: tuple[str, ...], security: SecurityConfig | None = None) -> grpc.aio.Channel:
-    """One channel to the model hosts; several `ip:port` targets (or a `dns:///` name) are
-    balanced per call with round_robin over the replicas whose health is SERVING."""
-    if len(targets) == 1 and not targets[0].startswith("dns:"):
-        return open_channel(security, targets[0], aio=True, service="model_host")
-    if len(targets) == 1:
-        target = targets[0]
-    else:
-        scheme = "ipv6" if targets[0].startswith("[") else "ipv4"
-        target = f"{scheme}:{','.join(targets)}"
-    service = model_host_pb2.DESCRIPTOR.services_by_name["ModelHost"].full_name
-    service_config = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": service}}
-    return open_channel(security, target, aio=True, service="model_host",
-                        options=[("grpc.service_config", json.dumps(service_config))])
 
 
 def open_escalation_store(config: MiradorConfig) -> EscalationStore:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import grpc
 import asyncio
@@ -14,11 +13,12 @@ import numpy as np
 from mirador.v1 import consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc, rollouts_pb2, rollouts_pb2_grpc
 from mirador.v1 import router_pb2, router_pb2_grpc
 
-from services.common.channels import open_channel
-from services.common.config import MiradorConfig, SecurityConfig
+from services.common.channels import model_host_channel, open_channel
+from services.common.config import MiradorConfig
 from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
 from services.router.fallback import Breakers
+from services.router.placement import ModelHosts
 from services.router.rate_limit import RateLimiter, RedisRateLimiter
 from services.router.redis_link import RedisLink
 from services.router.rollout_control import RolloutControlServicer
@@ -31,30 +31,13 @@ EMBED_TIMEOUT_S = 60.0
 log = logging.getLogger("mirador.router")
 
 
-def model_host_channel(targets: tuple[str, ...], security: SecurityConfig | None = None) -> grpc.aio.Channel:
-    """One channel to the model hosts. Several `ip:port` targets (or one `dns:///` name, which
-    may resolve to several pods) are balanced per call with gRPC's round_robin policy, which
-    sends nothing to a replica whose grpc.health.v1 status for mirador.v1.ModelHost is not SERVING."""
-    if len(targets) == 1 and not targets[0].startswith("dns:"):
-        return open_channel(security, targets[0], aio=True, service="model_host")
-    if len(targets) == 1:
-        target = targets[0]
-    else:
-        scheme = "ipv6" if targets[0].startswith("[") else "ipv4"
-        target = f"{scheme}:{','.join(targets)}"
-    service = model_host_pb2.DESCRIPTOR.services_by_name["ModelHost"].full_name
-    service_config = {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "healthCheckConfig": {"serviceName": service},
-        # Idempotent calls that found a replica gone are sent again (round_robin picks the next one).
-        "methodConfig": [{
-            "name": [{"service": service, "method": "ListModels"}],
-            "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
-                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-        }],
-    }
-    return open_channel(security, target, aio=True, service="model_host",
-                        options=[("grpc.service_config", json.dumps(service_config))])
+def uses_placement(config: MiradorConfig) -> bool:
+    """Placement (services/router/placement.py) unless `services.router.model_host_balancing` says
+    round_robin; `auto` places models when there are several hosts or a dns: name to resolve."""
+    balancing, targets = config.services.router.model_host_balancing, config.services.model_host_targets
+    if balancing == "auto":
+        return len(targets) > 1 or targets[0].startswith("dns:")
+    return balancing == "placement"
 
 
 class SessionWarningRouterServicer(RouterServicer):
@@ -82,6 +65,7 @@ class RouterService(MiradorService):
         self.servicer.rate_limiter = self._rate_limiter(config)
         self.servicer.fleet = config.fleet
         self.model_host_channel: grpc.aio.Channel | None = None
+        self.model_hosts: ModelHosts | None = None  # with placement: every host, and what each holds
         self.consensus_channel: grpc.aio.Channel | None = None
         self.learning: asyncio.Task | None = None
         self.relearning: asyncio.Task | None = None  # a reloaded config's routes, learned before they serve
@@ -121,8 +105,14 @@ class RouterService(MiradorService):
         rollouts_pb2_grpc.add_RolloutsServicer_to_server(RolloutControlServicer(self.rollouts), server)
 
     async def on_start(self) -> None:
-        self.model_host_channel = model_host_channel(self.config.services.model_host_targets, self.config.security)
-        self.servicer.model_host = model_host_pb2_grpc.ModelHostStub(self.model_host_channel)
+        if uses_placement(self.config):
+            self.model_hosts = ModelHosts(self.config.services.model_host_targets, self.config.fleet, self.config.security)
+            await self.model_hosts.start()
+            self.servicer.model_host = self.model_hosts
+            log_event(log, "models placed across model hosts", hosts=self.model_hosts.describe())
+        else:
+            self.model_host_channel = model_host_channel(self.config.services.model_host_targets, self.config.security)
+            self.servicer.model_host = model_host_pb2_grpc.ModelHostStub(self.model_host_channel)
         self.consensus_channel = open_channel(self.config.security, self.config.services.consensus.address, aio=True,
                                               service="consensus")
         self.servicer.consensus = consensus_pb2_grpc.ConsensusStub(self.consensus_channel)
@@ -148,6 +138,8 @@ class RouterService(MiradorService):
         old = self.config
         restart = [key for key, before, after in (
             ("services.router.model_host_targets", old.services.model_host_targets, new_config.services.model_host_targets),
+            ("services.router.model_host_balancing", old.services.router.model_host_balancing,
+             new_config.services.router.model_host_balancing),
             ("services.consensus address", old.services.consensus.address, new_config.services.consensus.address),
         ) if before != after]
         if restart:
@@ -182,6 +174,8 @@ class RouterService(MiradorService):
     def _swap(self, config: MiradorConfig, table: RouteTable) -> None:
         self.config, self.routes, self.servicer.routes = config, table, table
         self.servicer.fleet = config.fleet
+        if self.model_hosts is not None:
+            self.model_hosts.fleet = config.fleet
         log_event(log, "routes applied", routes=list(table.routes), default_route=table.default_route,
                   min_confidence=table.min_confidence, classifier=table.classifier.routes if table.classifier else None,
                   rate_limit_per_client=config.services.router.rate_limit_per_client)
@@ -207,6 +201,8 @@ class RouterService(MiradorService):
         for channel in (self.model_host_channel, self.consensus_channel):
             if channel is not None:
                 await channel.close()
+        if self.model_hosts is not None:
+            await self.model_hosts.close()
         if self.redis is not None:
             self.redis.close()
         if self.rollout_sync is not None:
