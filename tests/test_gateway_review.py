@@ -19,12 +19,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import grpc
 import httpx
 import pytest
 from conftest import write_config
+from hypothesis import strategies as st
 from mirador.v1 import common_pb2, consensus_pb2, consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc
+from starlette.testclient import TestClient
 from tiny_models import build_tiny_decoder, build_tiny_encoder
 
 from services.cli.supervisor import Mesh
@@ -344,10 +347,67 @@ def test_a_free_text_case_is_resolved_with_the_reviewers_own_answer(queue, conse
         assert re.search(r'<textarea id="decision" name="decision" required>(.*?)</textarea>', page, re.DOTALL).group(1) \
             == html.escape(case.verdict.answer, quote=False).replace('"', "&#34;").replace("'", "&#39;")
         reply = web.post(f"/review/{case_id}", data={"csrf_token": csrf_of(page), "decision": "Keep them two years.",
-                                                     "note": "", "reviewer": "ana"})
+                                                     "note": "", "reviewer": "Zoë 李"})
         assert reply.status_code == 303
+        # the name is remembered for the next case (in a cookie, percent-encoded: cookies are ASCII)
+        assert 'name="reviewer" value="Zoë 李"' in web.get(f"/review/{escalate(consensus, 'Next one?')}").text
     done = case_of(consensus, case_id)
-    assert done.resolution == "Keep them two years." and done.reviewer == "ana"
+    assert done.resolution == "Keep them two years." and done.reviewer == "Zoë 李"
+
+
+FORM_VALUES = st.one_of(st.text(max_size=40), st.sampled_from(OPTIONS),
+                        st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=300), st.just("x" * 9000))
+
+
+def test_fuzzed_posts_and_queries_get_a_page_never_a_500(queue, consensus):
+    """Generated forms (the page's fields and others, any text, wrong encodings, foreign origins) and
+    queries against the gateway's ASGI app in this process, the real consensus service behind it:
+    every answer is an HTML page with a status a person can act on."""
+    from hypothesis import HealthCheck, given, settings
+
+    from services.gateway.app import build_app
+
+    case_id = escalate(consensus, "Is a shared team password for the billing system compliant?")
+    with TestClient(build_app(queue.config), base_url="http://testserver") as web:
+        token = csrf_of(web.get(f"/review/{case_id}").text)
+
+        @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(fields=st.fixed_dictionaries(
+                   {"decision": st.one_of(st.sampled_from(OPTIONS), st.sampled_from(OPTIONS), FORM_VALUES),
+                    "reviewer": st.one_of(st.sampled_from(["ana", "Zoë 李"]), FORM_VALUES)},
+                   optional={"note": FORM_VALUES, "csrf_token": FORM_VALUES}),
+               extra=st.sampled_from([None] * 6 + ["next", "extra"]),
+               with_token=st.sampled_from([True] * 3 + [False]),
+               origin=st.sampled_from(["http://testserver"] * 3 + [None, "https://evil.example"]),
+               content_type=st.sampled_from(["application/x-www-form-urlencoded"] * 3
+                                            + ["multipart/form-data", "text/plain"]),
+               target=st.sampled_from([case_id] * 4 + ["esc-00000000000-deadbeef", "login", "logout"]))
+        def post(fields, extra, with_token, origin, content_type, target):
+            if with_token:
+                fields = {**fields, "csrf_token": token}
+            if extra:
+                fields = {**fields, extra: "/review"}
+            headers = {"content-type": content_type, **({"origin": origin} if origin else {})}
+            reply = web.post(f"/review/{target}", content=urlencode(fields).encode(), headers=headers,
+                             follow_redirects=False)
+            assert reply.status_code in {303, 400, 403, 404, 409, 413, 415}, (fields, reply.text[-400:])
+            if reply.status_code != 303:
+                assert reply.headers["content-type"].startswith("text/html") and "Traceback" not in reply.text
+
+        @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(state=st.one_of(st.sampled_from(["pending", "resolved", "all"]), st.text(max_size=12)),
+               limit=st.one_of(st.integers(-5, 2000).map(str), st.text(max_size=8)))
+        def query(state, limit):
+            reply = web.get("/review", params={"state": state, "limit": limit})
+            assert reply.status_code in {200, 400}, (state, limit, reply.text[-400:])
+            assert reply.headers["content-type"].startswith("text/html") and "Traceback" not in reply.text
+
+        post()
+        query()
+    resolved = case_of(consensus, case_id)  # some generated form was a valid one (the rest then got 409)
+    assert resolved.state == consensus_pb2.ESCALATION_STATE_RESOLVED and resolved.resolution in OPTIONS
 
 
 def test_consensus_down_is_a_readable_page(tmp_path):

@@ -34,7 +34,7 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import grpc
 import jinja2
@@ -364,7 +364,7 @@ class ReviewPages:
                    values: dict[str, str] | None = None, resolved_now: bool = False) -> HTMLResponse:
         csrf, fresh = self.guard.csrf(request, self._token(request))
         values = values or {}
-        reviewer = values.get("reviewer", request.cookies.get(REVIEWER_COOKIE, ""))[:FIELD_LIMITS["reviewer"]]
+        reviewer = values.get("reviewer", unquote(request.cookies.get(REVIEWER_COOKIE, "")))[:FIELD_LIMITS["reviewer"]]
         response = render("case.html", status=status, case=case, csrf=csrf, problem=problem,
                           decision=values.get("decision", ""), note=values.get("note", ""), reviewer=reviewer,
                           resolved_now=resolved_now, logout_csrf=self._logout_csrf(request, csrf))
@@ -406,7 +406,8 @@ class ReviewPages:
             return self._case_page(request, case, status=error.status, problem=error.message, values=form)
         log_event(log, "escalation resolved on the review page", escalation=case_id, reviewer=reviewer[:200])
         response = RedirectResponse(f"/review/{quote(case_id)}?resolved=1", status_code=303)
-        _set_cookie(response, request, REVIEWER_COOKIE, reviewer, max_age=365 * 24 * 3600)
+        # percent-encoded: a cookie value is ASCII, and names are not
+        _set_cookie(response, request, REVIEWER_COOKIE, quote(reviewer, safe=""), max_age=365 * 24 * 3600)
         return response
 
     async def login_form(self, request: Request) -> Response:
