@@ -4,7 +4,7 @@ the model host's real DecoderRuntime (`load_runtime`, 2 intra-op threads).
     python bench/decode_graphs.py [--models A,B,...] [--rounds 2] [--quick] [--out bench/results]
 
 Graphs: the optimum fp32 export (the reference), the fused graphs written by
-`python -m services.fleet.llama_graph` (fp32, int8, int4 and int4-exact; those not built are
+`python -m services.fleet.fused_versions` (fp32, int8, int4 and int4-exact; those not built are
 skipped) and the per-layer quantized default the fleet builds with the quantizer (mixed).
 For each: size on disk, prefill of a ~49-token chat prompt (median of 5), decode ms/token (median of the 31
 one-token steps that produce tokens 2..32), and greedy tokens equal to the reference
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.models.split(",") if n]
     missing = [n for n in names if not repository.exists(n)]
     if missing:
-        print(f"not in {repository.root}: {', '.join(missing)} (build with python -m services.fleet.llama_graph)")
+        print(f"not in {repository.root}: {', '.join(missing)} (build with python -m services.fleet.fused_versions)")
         names = [n for n in names if n not in missing]
     settings = SessionSettings(intra_op_threads=args.threads)
     load_before = os.getloadavg()

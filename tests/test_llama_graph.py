@@ -10,12 +10,8 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from services.fleet.llama_graph import (
-    BlockQuantized,
-    LlamaHParams,
-    build_llama_model,
-    quantize_blocks,
-)
+from services.fleet.gguf_weights import BlockQuantized, LlamaHParams
+from services.fleet.llama_graph import build_llama_model, quantize_blocks
 
 HP = LlamaHParams(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64)

@@ -533,7 +533,9 @@ def build_tiny_fused_decoder(
     shared-buffer KV cache, `logits_to_keep`), with the ChatML tokenizer: the graph the model
     host's batched engine runs. Its greedy text is random but deterministic. `dtype` float16:
     the GPU variant (float16 weights, KV cache and logits), converted as the fleet converts it."""
-    from services.fleet.llama_graph import GRAPH_FORMAT, LlamaHParams, build_llama_model, save_model, to_float16
+    from services.fleet.fused_versions import to_float16
+    from services.fleet.gguf_weights import LlamaHParams
+    from services.fleet.llama_graph import GRAPH_FORMAT, build_llama_model, save_model
 
     tokenizer = chat_tokenizer()
     vocab = tokenizer.get_vocab_size()

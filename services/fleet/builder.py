@@ -210,7 +210,7 @@ class FusedGraphExport:
         self.repository = repository
 
     def export(self, recipe: Recipe, source: Path, output_dir: Path, progress: bool) -> ExportOutcome:
-        from services.fleet.llama_graph import write_fused
+        from services.fleet.fused_versions import write_fused
 
         base = self.repository.get(recipe.depends_on[0])
         started = time.perf_counter()

@@ -36,12 +36,6 @@ new tokens AND a non-empty cache fails ("batch_size must be 1 when sequence_leng
 prefill hit exactly that: run those rows one at a time (batch 1, right padding is
 fine) for this graph.
 
-GGUF specifics handled here: llama.cpp's converter permutes the rows of
-attn_q / attn_k for its interleaved rotary; they are un-permuted back to the
-Hugging Face order (rotate-half rotary, ``rotary_interleaved=0``), so the cache
-matches the optimum export's. A missing ``output.weight`` means tied embeddings
-(lm_head = token_embd). RMSNorm epsilon and rope theta come from the metadata.
-
 Quantized weights (block 32 along K, accuracy_level 4 = int8 activations):
 
 * Q8_0 sources (SmolLM2's token_embd) are stored exactly at 8 bits (codes + 128 with
@@ -61,24 +55,21 @@ Graph shape per layer: SkipSimplifiedLayerNorm → packed QKV MatMul(NBits) →
 GroupQueryAttention → O MatMul(NBits) → SkipSimplifiedLayerNorm → one gate+up
 MatMul(NBits) → Split → SiLU (Sigmoid*x, fused by ORT into QuickGelu) * up → down.
 
-CLI: ``python -m services.fleet.llama_graph --gguf PATH --bits 32|8|4 [--out ROOT]``
-writes a model-repository version (default repository, names ``<base>-fused``,
-``<base>-fused-int8``, ``<base>-fused-int4``; ``--exact-q4-1`` → ``-fused-int4-exact``).
+The weights come from `services.fleet.gguf_weights`; `services.fleet.fused_versions` writes the
+graph into the model repository (and is the command line).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import shutil
-import sys
-import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from services.fleet.gguf_weights import BlockQuantized, LlamaHParams, as_dense, unpermute_rows
 
 GRAPH_KIND = "mirador-llama-fused"
 # Version of the graph's interface; 3: per-row lengths from the mask's sum (ragged batched decode on a
@@ -89,155 +80,6 @@ ACCURACY_LEVEL = 4  # int8 activations: essential for MatMulNBits speed on this 
 IR_VERSION = 10     # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
-
-
-# ----------------------------------------------------------------------- weights
-
-
-@dataclass(frozen=True)
-class LlamaHParams:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-
-    @property
-    def q_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-
-@dataclass
-class BlockQuantized:
-    """A GGUF tensor kept in its block form, so 8-bit can be stored exactly.
-
-    kind "Q8_0": w = scale * codes (codes int8).  kind "Q4_1": w = scale * codes + minimum
-    (codes 0..15). Arrays are [rows, blocks(, 32)]; rows are output features."""
-
-    kind: str
-    scale: np.ndarray            # float32 [rows, blocks]
-    codes: np.ndarray            # [rows, blocks, 32]
-    minimum: np.ndarray | None = None  # float32 [rows, blocks] (Q4_1)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        rows, blocks, size = self.codes.shape
-        return rows, blocks * size
-
-    def dense(self) -> np.ndarray:
-        w = self.scale[..., None] * self.codes.astype(np.float32)
-        if self.minimum is not None:
-            w = w + self.minimum[..., None]
-        return w.reshape(self.shape).astype(np.float32)
-
-    def take_rows(self, order: np.ndarray) -> BlockQuantized:
-        return BlockQuantized(self.kind, self.scale[order], self.codes[order],
-                              None if self.minimum is None else self.minimum[order])
-
-
-Weight = "np.ndarray | BlockQuantized"
-
-
-def as_dense(weight: Any) -> np.ndarray:
-    return weight.dense() if isinstance(weight, BlockQuantized) else np.asarray(weight, dtype=np.float32)
-
-
-def _unpermute_rows(weight: Any, heads: int) -> Any:
-    """Undo llama.cpp's convert_hf_to_gguf `permute` of q/k rows (interleaved → rotate-half)."""
-    rows = weight.shape[0]
-    half = rows // heads // 2
-    # gguf row (h, i, j) holds HF row (h, j, i) with j in {0,1}, i < half.
-    order = np.arange(rows).reshape(heads, half, 2).transpose(0, 2, 1).reshape(-1)
-    if isinstance(weight, BlockQuantized):
-        return weight.take_rows(order)
-    return np.asarray(weight)[order]
-
-
-# ------------------------------------------------------------------ reading GGUF
-
-
-def _f16(raw: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)[..., 0]
-
-
-def _block_tensor(kind: str, data: np.ndarray) -> BlockQuantized:
-    rows = data.shape[0]
-    if kind == "Q8_0":
-        blocks = data.reshape(rows, -1, 34)
-        return BlockQuantized("Q8_0", _f16(blocks[..., 0:2]), blocks[..., 2:].copy().view(np.int8))
-    if kind == "Q4_1":
-        blocks = data.reshape(rows, -1, 20)
-        packed = blocks[..., 4:]
-        codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.uint8)
-        return BlockQuantized("Q4_1", _f16(blocks[..., 0:2]), codes, _f16(blocks[..., 2:4]))
-    raise ValueError(f"unsupported block type {kind}")
-
-
-def read_gguf(path: str | Path) -> tuple[LlamaHParams, dict[str, Any], dict[str, Any]]:
-    """(hparams, weights by GGUF name, metadata) from a llama-architecture GGUF file.
-
-    Q8_0 and Q4_1 tensors stay in block form; other quantized types are dequantized
-    with `gguf.quants.dequantize`."""
-    try:
-        import gguf  # build-time only
-    except ImportError as error:
-        raise ImportError("reading GGUF needs the `gguf` package (pip install gguf; the fleet's build "
-                          "venv has it)") from error
-
-    reader = gguf.GGUFReader(str(path))
-
-    def field(key: str, default: Any = None) -> Any:
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
-
-    arch = field("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r}; this builder handles llama only")
-    weights: dict[str, Any] = {}
-    for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
-        if kind in ("F32", "F16", "BF16"):
-            rows = [int(n) for n in reversed(tensor.shape.tolist())]
-            weights[tensor.name] = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(rows)
-        elif kind in ("Q8_0", "Q4_1"):
-            weights[tensor.name] = _block_tensor(kind, np.asarray(tensor.data))
-        else:
-            dense = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-            weights[tensor.name] = dense.reshape([int(n) for n in reversed(tensor.shape.tolist())])
-    heads = int(field("llama.attention.head_count"))
-    hidden = int(field("llama.embedding_length"))
-    embed = weights["token_embd.weight"]
-    hp = LlamaHParams(
-        vocab_size=int(field("llama.vocab_size", embed.shape[0])),
-        hidden_size=hidden,
-        intermediate_size=int(field("llama.feed_forward_length")),
-        num_layers=int(field("llama.block_count")),
-        num_heads=heads,
-        num_kv_heads=int(field("llama.attention.head_count_kv", heads)),
-        head_dim=int(field("llama.attention.key_length", field("llama.rope.dimension_count", hidden // heads))),
-        rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(field("llama.rope.freq_base", 10000.0)),
-        max_position_embeddings=int(field("llama.context_length", 2048)),
-    )
-    if field("llama.rope.scaling.type") not in (None, "none"):
-        raise ValueError(f"{path}: rope scaling {field('llama.rope.scaling.type')!r} is not supported")
-    metadata = {
-        "name": field("general.name"),
-        "bos_token_id": field("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
-        "chat_template": field("tokenizer.chat_template"),
-        "file_type": field("general.file_type"),
-    }
-    return hp, weights, metadata
 
 
 # --------------------------------------------------------------- quantization
@@ -533,7 +375,7 @@ def _decoder_layer(g: "_Graph", hp: LlamaHParams, i: int, weights: Mapping[str, 
                                         name=f"{p}.attn_norm", domain=MS_DOMAIN, epsilon=eps)
     wq, wk = weights[f"{p}.attn_q.weight"], weights[f"{p}.attn_k.weight"]
     if unpermute_qk:
-        wq, wk = _unpermute_rows(wq, hp.num_heads), _unpermute_rows(wk, hp.num_kv_heads)
+        wq, wk = unpermute_rows(wq, hp.num_heads), unpermute_rows(wk, hp.num_kv_heads)
     qkv = _linear(g, f"{p}.attn_qkv", normed, _concat_rows([wq, wk, weights[f"{p}.attn_v.weight"]]), bits, symmetric)
     attn = g.node(
         "GroupQueryAttention",
@@ -603,158 +445,3 @@ def save_model(model, path: Path) -> None:
     else:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + "_data", size_threshold=1024)
-
-
-# ----------------------------------------------------------------- repository
-
-
-def variant_name(base: str, bits: int, exact_q4_1: bool = False) -> str:
-    if bits == 32:
-        return f"{base}-fused"
-    return f"{base}-fused-int{bits}" + ("-exact" if exact_q4_1 and bits == 4 else "")
-
-
-def _find_base(repository, gguf_path: Path, base_name: str | None):
-    """The repository model whose tokenizer and chat facts the fused graph reuses."""
-    if base_name:
-        return repository.get(base_name)
-    for manifest in repository.list_models():
-        source_file = str(manifest.source.get("file", ""))
-        if source_file and Path(source_file).name == gguf_path.name and "tokenizer" in manifest.files:
-            return manifest
-    raise SystemExit(f"no model in {repository.root} was built from {gguf_path.name}; "
-                     "pass --base NAME (a model whose tokenizer.json and chat facts to reuse)")
-
-
-def to_float16(model):
-    """The float graph in float16 end to end (weights, activations, KV cache, logits), for GPU
-    providers: ONNX Runtime's own converter; integer inputs (ids, mask) stay as they are."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    return convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
-
-
-def write_fused(folder: Path, gguf_path: Path, base, bits: int, *, lm_head_bits: int | None = None,
-                symmetric: bool = False, exact_q4_1: bool = False, dtype: str = "float32") -> tuple[dict, dict]:
-    """Writes model.onnx (and the base model's tokenizer.json) into `folder`; returns the
-    manifest's `generation` and `extra` facts. `base` is the repository model whose
-    tokenizer and chat facts the fused graph reuses. `dtype` float16 (bits 32 only): the
-    GPU variant, float16 weights, KV cache and logits."""
-    if dtype not in ("float32", "float16") or (dtype == "float16" and bits != 32):
-        raise ValueError(f"dtype {dtype!r} with {bits} bits: float16 is for the float graph (bits 32) only")
-    started = time.perf_counter()
-    hp, weights, metadata = read_gguf(gguf_path)
-    read_s = time.perf_counter() - started
-    model = build_llama_model(hp, weights, bits, lm_head_bits=lm_head_bits, symmetric=symmetric,
-                              exact_q4_1=exact_q4_1)
-    if dtype == "float16":
-        model = to_float16(model)
-    graph_s = time.perf_counter() - started - read_s
-    save_model(model, folder / "model.onnx")
-    shutil.copyfile(base.path_of("tokenizer"), folder / "tokenizer.json")
-    generation = dict(base.generation)
-    generation.update({
-        "input_names": ["input_ids", "attention_mask", "logits_to_keep"],
-        "output_names": ["logits"],
-        # GroupQueryAttention refuses batch > 1 with several new tokens on a non-empty cache.
-        "batched_continuation": False,
-        "past_key_values": {
-            "input_pattern": "past_key_values.{layer}.{kind}",
-            "output_pattern": "present.{layer}.{kind}",
-            "kinds": ["key", "value"],
-            "num_layers": hp.num_layers,
-            "layout": ["batch", "num_kv_heads", "sequence", "head_dim"],
-        },
-        "num_layers": hp.num_layers,
-        "num_attention_heads": hp.num_heads,
-        "num_kv_heads": hp.num_kv_heads,
-        "head_dim": hp.head_dim,
-        "hidden_size": hp.hidden_size,
-        "vocab_size": hp.vocab_size,
-        "max_position_embeddings": hp.max_position_embeddings,
-        "dtype": dtype,  # of the KV cache and the logits
-        # GroupQueryAttention takes one preallocated buffer as both past and present (IO binding)
-        # and per-row lengths: the model host's engine decodes its sequences as one ragged batch.
-        "kv_cache": "shared-buffer",
-    })
-    extra = {
-        "graph": GRAPH_KIND,
-        "graph_format": GRAPH_FORMAT,
-        "bits": bits,
-        "lm_head_bits": lm_head_bits or bits,
-        "exact_q4_1": exact_q4_1 and bits == 4,
-        "zero_points": None if bits == 32 else ("default (symmetric)" if symmetric else "uint8 per block"),
-        "block_size": BLOCK_SIZE if bits != 32 else None,
-        "accuracy_level": ACCURACY_LEVEL if bits != 32 else None,
-        "attention_mask": "per-row lengths from its sum: left-aligned rows, no left padding",
-        "batch_limits": "batch > 1 with several new tokens on a non-empty cache is refused by "
-                        "GroupQueryAttention (score_options' option rows): run such rows one at a time",
-        "tokenizer_from": base.reference,
-        "hparams": asdict(hp),
-        "gguf": {"file": gguf_path.name, "file_type": metadata.get("file_type")},
-        "build_timings": {"read_gguf_s": round(read_s, 1), "graph_s": round(graph_s, 1)},
-    }
-    return generation, extra
-
-
-def build_version(gguf_path: Path, bits: int, repository, *, base_name: str | None = None, name: str | None = None,
-                  version: str = "1", replace: bool = False, lm_head_bits: int | None = None,
-                  symmetric: bool = False, exact_q4_1: bool = False, log=print):
-    from services.common.model_repository import ModelManifest
-
-    base = _find_base(repository, gguf_path, base_name)
-    name = name or variant_name(base.name, bits, exact_q4_1)
-    started = time.perf_counter()
-
-    def build(folder: Path) -> ModelManifest:
-        generation, extra = write_fused(folder, gguf_path, base, bits, lm_head_bits=lm_head_bits,
-                                        symmetric=symmetric, exact_q4_1=exact_q4_1)
-        return ModelManifest(
-            name=name, version=version, task="text-generation", files={"model": "model.onnx", "tokenizer": "tokenizer.json"},
-            architecture="llama", source=dict(base.source), licence=base.licence, generation=generation,
-            extra={**extra, "built_by": "python -m services.fleet.llama_graph"},
-        )
-
-    manifest = repository.write_version(name, version, build, replace=replace)
-    log(f"{manifest.reference}: {manifest.size_bytes / 2**20:.0f} MiB in {time.perf_counter() - started:.0f} s "
-        f"→ {manifest.directory}")
-    return manifest
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.fleet.llama_graph", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gguf", type=Path, required=True, help="llama-architecture GGUF file")
-    parser.add_argument("--bits", type=int, choices=(32, 8, 4), action="append", required=True,
-                        help="32 (float MatMul) or 8/4 (MatMulNBits); repeat to build several")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="model repository root (default: $MIRADOR_MODEL_REPOSITORY or ~/.cache/mirador/models)")
-    parser.add_argument("--base", default=None, help="repository model to take tokenizer.json and chat facts from "
-                        "(default: the one whose manifest names this GGUF file)")
-    parser.add_argument("--name", default=None, help="model name (default: <base>-fused[-int8|-int4])")
-    parser.add_argument("--version", default="1")
-    parser.add_argument("--lm-head-bits", type=int, choices=(32, 8, 4), default=None,
-                        help="bits of the output projection (default: same as --bits)")
-    parser.add_argument("--symmetric", action="store_true",
-                        help="no zero points for re-quantized weights (faster MatMulNBits, less accurate)")
-    parser.add_argument("--exact-q4-1", action="store_true",
-                        help="4-bit: keep Q4_1 blocks exact (codes as they are + a float MatMul on block sums "
-                             "for the minimums); default name <base>-fused-int4-exact, lm_head 8-bit")
-    parser.add_argument("--replace", action="store_true", help="overwrite an existing version")
-    args = parser.parse_args(argv)
-    from services.common.model_repository import ModelRepository
-
-    repository = ModelRepository(args.out)
-    if args.name and len(args.bits) > 1:
-        parser.error("--name with several --bits would write them all to one name")
-    for bits in args.bits:
-        lm_head_bits = args.lm_head_bits
-        if lm_head_bits is None and args.exact_q4_1 and bits == 4:
-            lm_head_bits = 8
-        build_version(args.gguf, bits, repository, base_name=args.base, name=args.name, version=args.version,
-                      replace=args.replace, lm_head_bits=lm_head_bits, symmetric=args.symmetric,
-                      exact_q4_1=args.exact_q4_1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

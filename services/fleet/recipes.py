@@ -61,7 +61,7 @@ class Recipe:
     depends_on: tuple[str, ...] = ()
     # SOURCE_TRAINED: representation, hyperparameters, seed and the training set's fingerprint.
     training: dict[str, Any] = field(default_factory=dict)
-    # SOURCE_GGUF_FUSED: bits (32, 8 or 4) and the options of services.fleet.llama_graph.write_fused.
+    # SOURCE_GGUF_FUSED: bits (32, 8 or 4) and the options of services.fleet.fused_versions.write_fused.
     graph: dict[str, Any] = field(default_factory=dict)
     # SOURCE_QUANTIZED: services.quantizer.pipeline.QuantizeOptions fields (no budget: the smallest mix
     # within `ppl_tolerance` of the source's held-out perplexity).
