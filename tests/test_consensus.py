@@ -434,6 +434,64 @@ def test_two_replicas_share_one_review_queue(env, consensus, disputed):
         replica.stop()
 
 
+def test_kill_9_of_one_replica_mid_run_loses_and_duplicates_nothing(env, consensus, disputed):
+    """Four clients send Decides (each with its own request id) to two replicas in turn; one
+    replica is killed -9 mid-run and every call it failed is retried on the other with the
+    same request id. Afterwards each acknowledged request has exactly one case: the one the
+    client was told."""
+    replica = Mesh(load_config(_replica_config(env, "kill")), log_dir=env.log_dir, services=("consensus",))
+    replica.start()
+    acknowledged: dict[str, str] = {}
+    retried: list[str] = []
+    try:
+        channels = [grpc.insecure_channel(env.config.services.consensus.address),
+                    grpc.insecure_channel(replica.config.services.consensus.address)]
+        survivor, doomed = (consensus_pb2_grpc.ConsensusStub(c) for c in channels)
+
+        def client(index):
+            for n in range(25):
+                request_id = f"kill-{index}-{n}"
+                stub = doomed if (index + n) % 2 else survivor
+                for _ in range(3):
+                    try:
+                        _, verdict = decide(stub, disputed[n % 3], threshold=1.0, request_id=request_id)
+                        acknowledged[request_id] = verdict.escalation_id
+                        break
+                    except grpc.RpcError:
+                        retried.append(request_id)
+                        stub = survivor  # the other replica takes the retry
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process = replica.processes["consensus"].process
+        os.kill(process.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        for channel in channels:
+            channel.close()
+    finally:
+        replica.stop()
+    assert len(acknowledged) == 100 and retried  # every request answered in the end; the kill cut some
+    cases = consensus.ListEscalations(consensus_pb2.ListEscalationsRequest(limit=1000), timeout=10).escalations
+    by_request: dict[str, list[str]] = {}
+    for case in cases:
+        if case.request_id.startswith("kill-"):
+            by_request.setdefault(case.request_id, []).append(case.id)
+    assert by_request == {request_id: [case_id] for request_id, case_id in acknowledged.items()}
+
+
+def _replica_config(env, name: str):
+    data = yaml.safe_load(env.config.path.read_text())
+    data["services"]["consensus"]["port"] = free_port()
+    path = env.config.path.with_name(f"mirador.replica-{name}.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def test_a_postgresql_that_hangs_or_drops_us_costs_the_calls_in_flight_not_the_next(env, consensus, disputed):
     """PostgreSQL only. A table lock held past statement_timeout_ms: UNAVAILABLE with a sentence,
     nothing written. Every connection cut (what a server restart does): the next calls reconnect."""

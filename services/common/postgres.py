@@ -3,8 +3,10 @@ versioned migrations, used by the consensus review queue and the router's rollou
 decisions. No service's tables here; each store brings its own migrations.
 
 Every pooled connection runs with the configured schema as `search_path` and
-`statement_timeout`, and is checked before each use, so a restarted server costs the
-calls in flight (UNAVAILABLE, with a sentence) and not the ones after. Queries are
+`statement_timeout`, and is checked before each use (without a round trip: a connection
+the server closed has something to read; dead ones are replaced at once), so a restarted
+server costs the calls in flight (UNAVAILABLE, with a sentence) and not the ones after. Connections are in autocommit mode:
+a read is one statement, one round trip; a write is an explicit transaction. Queries are
 written in the `?` style (as for SQLite) and translated here.
 
 Migrations run in one transaction holding a transaction-level advisory lock named after
@@ -15,6 +17,7 @@ version applied and do nothing.
 
 from __future__ import annotations
 
+import select
 import zlib
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -79,12 +82,12 @@ class PostgresDatabase:
         options = f"-c statement_timeout={settings.statement_timeout_ms} -c search_path={self.schema}"
         self._connect_kwargs: dict[str, Any] = {
             "options": options, "connect_timeout": CONNECT_TIMEOUT_S, "application_name": application_name,
-            "row_factory": dict_row,
+            "row_factory": dict_row, "autocommit": True,
         }
         self._check_reachable()
         self.pool = ConnectionPool(
             settings.database_url, min_size=1, max_size=settings.pool_size, kwargs=self._connect_kwargs,
-            check=ConnectionPool.check_connection, timeout=max(1.0, settings.statement_timeout_ms / 1000),
+            timeout=max(2.0, settings.statement_timeout_ms / 1000),
             name=f"{application_name}@{self.schema}", open=False,
         )
         self.pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 2)
@@ -105,10 +108,36 @@ class PostgresDatabase:
     def transaction(self) -> Iterator[Connection]:
         """A pooled connection in a transaction: committed on a clean exit, rolled back on an
         exception; connection trouble and timeouts become DatabaseUnavailable."""
+        with self._errors_mapped(), self._connection() as connection, connection.transaction():
+            yield Connection(connection)
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A pooled connection for reads, each statement on its own (autocommit)."""
+        with self._errors_mapped(), self._connection() as connection:
+            yield Connection(connection)
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A live pooled connection. Dead ones (the server restarted or cut them) are closed and
+        the next one tried at once: the pool's own check would back off a second per dead one."""
+        connection = self.pool.getconn()
+        for _ in range(self.settings.pool_size):
+            if _alive(connection):
+                break
+            connection.close()
+            self.pool.putconn(connection)  # a closed connection is replaced by the pool, in the background
+            connection = self.pool.getconn()
         try:
-            with self.pool.connection() as connection:
-                with connection.transaction():
-                    yield Connection(connection)
+            yield connection
+        finally:
+            self.pool.putconn(connection)
+
+    @contextmanager
+    def _errors_mapped(self) -> Iterator[None]:
+        """Connection trouble and timeouts become DatabaseUnavailable, with a sentence."""
+        try:
+            yield
         except PoolTimeout as exc:
             raise DatabaseUnavailable(f"no connection to {self.what}'s PostgreSQL at {where(self.settings.database_url)} "
                                       f"within {self.pool.timeout:g} s (server down or every connection busy); "
@@ -133,6 +162,21 @@ class PostgresDatabase:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _alive(connection: psycopg.Connection) -> bool:
+    """Whether an idle pooled connection still works. An idle connection has nothing to read;
+    when it has, the server closed it (restart, termination) or said something unexpected,
+    and a real round trip decides."""
+    if connection.closed or connection.broken:
+        return False
+    try:
+        readable, _, _ = select.select([connection.fileno()], [], [], 0)
+        if readable:
+            ConnectionPool.check_connection(connection)
+    except (psycopg.Error, OSError, ValueError):
+        return False
+    return True
 
 
 def migration_lock_key(schema: str) -> int:

@@ -315,20 +315,20 @@ class EscalationStore:
                     ).rowcount
                     if inserted == 0:
                         raise _StoredAlready()
-                # One upsert per counter row, the shared route row last and the model rows in name
-                # order: concurrent decisions (other threads, other replicas) hold each row's lock
-                # briefly and always take the locks in the same order, so they never deadlock.
-                for m in sorted(tally.models, key=lambda m: m.model):
+                # Two upserts: the model rows (in name order), then the shared route row. Concurrent
+                # decisions (other threads, other replicas) hold each row's lock briefly and always
+                # take the locks in the same order, so they never deadlock.
+                if tally.models:
+                    rows = _model_rows(tally)
                     db.execute(
-                        """INSERT INTO model_stats (route, model, asked, answered, failed, as_primary, agreement)
-                           VALUES (?, ?, 1, ?, ?, ?, ?)
-                           ON CONFLICT (route, model) DO UPDATE SET asked = model_stats.asked + 1,
-                               answered = model_stats.answered + excluded.answered,
-                               failed = model_stats.failed + excluded.failed,
-                               as_primary = model_stats.as_primary + excluded.as_primary,
-                               agreement = model_stats.agreement + excluded.agreement""",
-                        (tally.route, m.model, int(m.answered), int(not m.answered), int(m.primary),
-                         float(m.agreement or 0.0) if m.answered else 0.0),
+                        f"""INSERT INTO model_stats (route, model, asked, answered, failed, as_primary, agreement)
+                            VALUES {", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(rows))}
+                            ON CONFLICT (route, model) DO UPDATE SET asked = model_stats.asked + excluded.asked,
+                                answered = model_stats.answered + excluded.answered,
+                                failed = model_stats.failed + excluded.failed,
+                                as_primary = model_stats.as_primary + excluded.as_primary,
+                                agreement = model_stats.agreement + excluded.agreement""",
+                        [value for row in rows for value in row],
                     )
                 db.execute(
                     """INSERT INTO route_stats (route, decisions, escalations, primary_answered, primary_overturned,
@@ -480,6 +480,20 @@ class SqliteEscalationStore(EscalationStore):
 
 class _StoredAlready(Exception):
     """Rolls back a decision whose case another call stored first."""
+
+
+def _model_rows(tally: DecisionTally) -> list[tuple]:
+    """One (route, model, asked, answered, failed, as_primary, agreement) per model, in name
+    order; a model named twice in one decision is summed (one upsert may touch a row once)."""
+    rows: dict[str, list] = {}
+    for m in tally.models:
+        row = rows.setdefault(m.model, [tally.route, m.model, 0, 0, 0, 0, 0.0])
+        row[2] += 1
+        row[3] += int(m.answered)
+        row[4] += int(not m.answered)
+        row[5] += int(m.primary)
+        row[6] += float(m.agreement or 0.0) if m.answered else 0.0
+    return [tuple(rows[name]) for name in sorted(rows)]
 
 
 def new_escalation_id(now: float) -> str:

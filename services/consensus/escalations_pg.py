@@ -32,7 +32,8 @@ class PostgresEscalationStore(EscalationStore):
     def _transaction(self):
         return self.database.transaction()
 
-    _read = _transaction
+    def _read(self):
+        return self.database.read()
 
     def _migration_transaction(self):
         return self.database.migration_transaction()

@@ -48,7 +48,7 @@ class RolloutStateDatabase:
     def load(self) -> dict[str, dict]:
         """{"MODEL@VERSION": {"state", "reason", "changed_at"}}; {} (logged) when the database cannot answer."""
         try:
-            with self.database.transaction() as db:
+            with self.database.read() as db:
                 rows = db.execute("SELECT candidate, state, reason, changed_at FROM rollout_decisions").fetchall()
         except ServiceError as exc:
             log_event(log, "rollout decisions unreadable; keeping the ones this router has", logging.ERROR,
