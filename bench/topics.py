@@ -60,10 +60,12 @@ from mirador.v1 import model_host_pb2  # noqa: E402
 from services.model_host.dataplane import Confidence  # noqa: E402
 from services.model_host.servicer import confidence_pb  # noqa: E402
 from services.common.decision_prompt import OPTIONS_JOINER, SYSTEM, USER  # noqa: E402
+from services.common.calibration_math import softmax  # noqa: E402
 from services.fleet import specialists as sp  # noqa: E402
+from services.fleet.topics_data import TOPIC_LABELS, load_examples  # noqa: E402
 from services.fleet.recipes import TOPICS_BOW, TOPICS_CHAR, TOPICS_MINILM  # noqa: E402
 
-LABELS = list(sp.TOPIC_LABELS)
+LABELS = list(TOPIC_LABELS)
 SMOLLM = "smollm2-135m-instruct"
 QUESTION = "What is the topic of this BBC news article?\n\n{article}"
 ARTICLE_CHARS = 1000  # SmolLM2 reads the headline and the first paragraphs
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         args.smollm_n = 10
 
     repository = ModelRepository()
-    examples = sp.load_examples(args.data)
+    examples = load_examples(args.data)
     labels = np.array([LABELS.index(e.label) for e in examples])
     base_dir = repository.get("minilm-l6").directory
     results: dict = {"created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     members = {}
     for recipe in (TOPICS_MINILM, TOPICS_BOW, TOPICS_CHAR):
         cv = specialist_oof(recipe, examples, labels, base_dir, args.cache)
-        probabilities = sp.softmax(cv.logits, cv.temperature)
+        probabilities = softmax(cv.logits, cv.temperature)
         members[recipe.name] = (probabilities, probabilities.max(axis=1))
         results[recipe.name] = {**cv.summary(), "temperature": cv.temperature}
         print(f"{recipe.name}: 5-fold CV accuracy {cv.summary()['accuracy']:.4f} (T={cv.temperature})", flush=True)

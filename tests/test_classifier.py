@@ -19,10 +19,10 @@ from services.common.calibration_math import softmax
 from services.common.config import load_config
 from services.common.model_repository import ModelManifest, ModelNotFoundError, ModelRepository
 from services.common.decision_prompt import decision_messages
-from services.fleet import specialists
+from services.fleet import char_ngrams, linear_heads, specialists, topics_data
 from tiny_models import build_tiny_encoder, embedding_tokenizer
 
-LABELS = list(specialists.TOPIC_LABELS)
+LABELS = list(topics_data.TOPIC_LABELS)
 # The user's repository, resolved now: the module's host fixture points XDG_CACHE_HOME elsewhere.
 REAL_REPOSITORY = ModelRepository()
 USER = common_pb2.ROLE_USER
@@ -200,13 +200,13 @@ def test_character_ngram_graph_served_by_the_runtime_equals_the_builders_naive_b
     longer ones, and cut at max_length."""
     from services.model_host.loader import SessionSettings, load_runtime
 
-    tokenizer = specialists.char_tokenizer(max_length=40)
+    tokenizer = char_ngrams.char_tokenizer(max_length=40)
     train = ["Chelsea won the cup final", "Shares fell after profits", "The minister told MPs",
              "A new film award", "Chips and software", "United beat Arsenal"]
     labels = np.array([3, 0, 2, 1, 4, 3])
-    model = specialists.CharNaiveBayes.fit(specialists.CharNGramCounts.of(specialists.encode(tokenizer, train)),
+    model = char_ngrams.CharNaiveBayes.fit(char_ngrams.CharNGramCounts.of(specialists.encode(tokenizer, train)),
                                            labels, alpha=0.01)
-    graph = specialists.char_classifier_graph(model, temperature=1.7)
+    graph = char_ngrams.char_classifier_graph(model, temperature=1.7)
 
     def build(folder):
         onnx.save(graph, str(folder / "model.onnx"))
@@ -221,10 +221,10 @@ def test_character_ngram_graph_served_by_the_runtime_equals_the_builders_naive_b
     runtime = load_runtime(ModelRepository(tmp_path).write_version("tiny-char", "1", build), SessionSettings())
     texts = ["Arsenal won", "ok", "", "  MPs   told the\nminister  ", "shares " * 20]
     served = runtime.classify(texts)
-    expected = softmax(model.logits(specialists.CharNGramCounts.of(specialists.encode(tokenizer, texts))), 1.7)
+    expected = softmax(model.logits(char_ngrams.CharNGramCounts.of(specialists.encode(tokenizer, texts))), 1.7)
     assert served == pytest.approx(expected, abs=1e-5)
     assert [LABELS[i] for i in served[[0, 3]].argmax(axis=1)] == ["sports", "politics"]
-    counts = specialists.CharNGramCounts.of(specialists.encode(tokenizer, texts))
+    counts = char_ngrams.CharNGramCounts.of(specialists.encode(tokenizer, texts))
     assert counts.count[counts.text == 1].sum() == 1  # "ok": one 2-gram, nothing longer
     assert counts.count[counts.text == 4].sum() == 39 + 38 + 37 + 36  # cut at 40 characters
     subset = counts.rows(np.array([3, 0]))
@@ -273,15 +273,15 @@ def test_training_set_is_the_same_from_the_jsonl_or_the_corpus_folder(tmp_path):
         (corpus / identifier).write_bytes(text.encode() + b"\n")
     kept = ["business/001.txt", "tech/002.txt"]  # the duplicate 003 and 004 are not in topics-dev
     hashes = tmp_path / "hashes"
-    hashes.write_text("# comment\n" + "".join(f"{specialists.text_digest(texts[i])}  {i}\n" for i in kept))
+    hashes.write_text("# comment\n" + "".join(f"{topics_data.text_digest(texts[i])}  {i}\n" for i in kept))
     jsonl = tmp_path / "dev.jsonl"
     jsonl.write_text("".join(json.dumps({"id": i, "text": texts[i], "label": i.split("/")[0]}) + "\n" for i in kept))
-    from_folder = specialists.load_examples(corpus, hashes)
-    assert from_folder == specialists.load_examples(jsonl, hashes)
+    from_folder = topics_data.load_examples(corpus, hashes)
+    assert from_folder == topics_data.load_examples(jsonl, hashes)
     assert [(e.id, e.label) for e in from_folder] == [("business/001.txt", "business"), ("tech/002.txt", "tech")]
     (corpus / "tech/002.txt").write_text("Edited.")
     with pytest.raises(ValueError, match="1 of the 2 topics-dev texts are missing"):
-        specialists.load_examples(corpus, hashes)
+        topics_data.load_examples(corpus, hashes)
 
 
 def test_logistic_head_is_deterministic():
@@ -289,8 +289,8 @@ def test_logistic_head_is_deterministic():
     centres = rng.standard_normal((3, 6)) * 2
     labels = np.repeat(np.arange(3), 40)
     features = centres[labels] + rng.standard_normal((120, 6))
-    first = specialists.fit_logistic(features, labels, 3, l2=1e-3)
-    second = specialists.fit_logistic(features, labels, 3, l2=1e-3)
+    first = linear_heads.fit_logistic(features, labels, 3, l2=1e-3)
+    second = linear_heads.fit_logistic(features, labels, 3, l2=1e-3)
     assert np.array_equal(first[0], second[0]) and np.array_equal(first[1], second[1])
     assert ((features @ first[0] + first[1]).argmax(axis=1) == labels).mean() > 0.9
 

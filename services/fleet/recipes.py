@@ -152,7 +152,7 @@ GEMMA3_270M = Recipe(
 def _topics_specialist(name: str, representation: str, max_length: int, l2: float,
                        depends_on: tuple[str, ...] = ("minilm-l6",), **more_training) -> Recipe:
     """A topic classifier trained on the BBC texts of topics-dev (see services/fleet/specialists.py)."""
-    from services.fleet.specialists import TOPICS_HASHES, data_fingerprint
+    from services.fleet.topics_data import TOPICS_HASHES, data_fingerprint
 
     return Recipe(
         name=name,

