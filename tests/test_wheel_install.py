@@ -4,6 +4,7 @@ it with `mirador up`, the fitted score calibrations included. Needs the built fl
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,8 +33,18 @@ def installed(tmp_path_factory) -> Path:
     except ModelNotFoundError:
         pytest.skip(f"{CALIBRATED_MEMBER} is not built; run `mirador fleet build`")
     root = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the files git would commit: an in-tree build/ could carry modules
+    # deleted since into the wheel, and nothing is written into the checkout.
+    source = root / "source"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for relative in filter(None, listed):
+        origin = REPO / relative
+        if origin.is_file() and not origin.is_symlink():
+            (source / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(origin, source / relative)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(root / "dist"), str(REPO)], check=True, cwd=root)
+                    "--wheel-dir", str(root / "dist"), str(source)], check=True, cwd=root)
     wheel = next((root / "dist").glob("mirador-*.whl"))
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
