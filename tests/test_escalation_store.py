@@ -303,3 +303,28 @@ def test_a_database_that_cannot_be_used_stops_the_consensus_at_start_naming_the_
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "database_url" in text)
     assert f"{path}:{line}: state.database_url: cannot use PostgreSQL" in result.stderr
     assert said in result.stderr and "secret-pw" not in result.stderr
+
+
+def test_a_reload_that_moves_the_review_queue_says_a_restart_is_needed(tmp_path):
+    """The database is opened once; SIGHUP with a new `state:` logs which keys need a restart."""
+    import json
+    import os
+    import signal
+
+    from services.cli.supervisor import Mesh
+    from services.common.config import load_config
+
+    path = write_config(tmp_path, body="fleet:\n  m: {task: text-generation}\n")
+    mesh = Mesh(load_config(path), log_dir=tmp_path / "logs", services=("consensus",))
+    mesh.start(timeout_s=60)
+    try:
+        path.write_text(path.read_text() + "state:\n  database_url: postgresql://postgres@127.0.0.1:5432/test\n")
+        os.kill(mesh.processes["consensus"].process.pid, signal.SIGHUP)
+        deadline, seen = time.monotonic() + 20, []
+        while time.monotonic() < deadline and not seen:
+            lines = mesh.processes["consensus"].log_path.read_text(errors="replace").splitlines()
+            seen = [json.loads(line) for line in lines if "restart the consensus" in line]
+            time.sleep(0.1)
+        assert seen and seen[0].get("keys") == ["state"], seen
+    finally:
+        mesh.stop()

@@ -68,6 +68,16 @@ class ConsensusService(MiradorService):
         self.channel = model_host_channel(self.config.services.model_host_targets, self.config.security)
         self.servicer.model_host = model_host_pb2_grpc.ModelHostStub(self.channel)
 
+    async def on_config_reload(self, new_config: MiradorConfig) -> None:
+        """The review queue's database is opened once: a reload that moves it needs a restart."""
+        moved = [key for key, before, after in (
+            ("state", self.config.state, new_config.state),
+            ("services.consensus.escalation_db", self.config.services.consensus.escalation_db,
+             new_config.services.consensus.escalation_db),
+        ) if before != after]
+        if moved:
+            log_event(log, "config reload: restart the consensus to apply these changes", logging.WARNING, keys=moved)
+
     async def on_stop(self) -> None:
         if self.channel is not None:
             await self.channel.close()
