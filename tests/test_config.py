@@ -283,3 +283,23 @@ def test_the_state_section_loads_and_keeps_the_password_out_of_its_repr():
 def test_state_problems_name_line_and_key(entry, key, said):
     problem = only_problem(FLEET + f"state:\n  {entry}\n")
     assert problem.key == key and said in problem.message and problem.line == FLEET.count("\n") + 2
+
+
+def test_state_urls_can_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TEST_MIRADOR_DB", "postgresql://mirador:s3cret@db.internal/mirador")
+    monkeypatch.setenv("TEST_MIRADOR_REDIS", "redis://cache.internal:6379/2")
+    state = parse_config(FLEET + "state:\n  database_url_env: TEST_MIRADOR_DB\n  redis_url_env: TEST_MIRADOR_REDIS\n"
+                                 "  rate_limit_without_redis: closed\n", "test.yaml").state
+    assert state.database_url == "postgresql://mirador:s3cret@db.internal/mirador" and state.lines["database_url"] == 8
+    assert state.redis_url == "redis://cache.internal:6379/2" and state.rate_limit_without_redis == "closed"
+    monkeypatch.setenv("TEST_MIRADOR_DB", "mysql://db/x")
+    monkeypatch.delenv("TEST_MIRADOR_REDIS")
+    problems = problems_of(FLEET + "state:\n  database_url_env: TEST_MIRADOR_DB\n  redis_url_env: TEST_MIRADOR_REDIS\n"
+                                   "  redis_url: redis://x:1/0\n")
+    said = [(p.key, p.message) for p in problems]
+    assert len(said) == 3
+    assert "scheme `mysql` (from $TEST_MIRADOR_DB) is not one of" in said[0][1]
+    assert said[1][0] == "state.redis_url_env" and "TEST_MIRADOR_REDIS is not set or empty" in said[1][1]
+    assert said[2][0] == "state.redis_url_env" and "give `redis_url` or `redis_url_env`" in said[2][1]
+    assert "`redis://x` is not an environment variable name" in only_problem(
+        FLEET + "state:\n  redis_url_env: redis://x\n").message

@@ -12,7 +12,9 @@ keeps its state to itself, as before (SQLite files, in-process sessions and buck
       rate_limit_without_redis: open  # open: admit while Redis is down; closed: refuse
 
 A password belongs in the environment, not the file: libpq reads `PGPASSWORD` (and
-`~/.pgpass`), so the URL can leave it out.
+`~/.pgpass`), so the URL can leave it out; or the whole URL comes from an environment
+variable (a Kubernetes Secret): `database_url_env: NAME`, `redis_url_env: NAME` instead of
+the URL itself.
 
 The reader is given the config loader's own `_Reader` (duck-typed: `mapping`, `string`,
 `integer`, `problem`) so problems keep the `file:line: key: message` format.
@@ -20,15 +22,19 @@ The reader is given the config loader's own `_Reader` (duck-typed: `mapping`, `s
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-STATE_KEYS = ("database_url", "database_schema", "statement_timeout_ms", "pool_size", "redis_url", "redis_prefix",
-              "redis_timeout_ms", "rate_limit_without_redis")
+STATE_KEYS = ("database_url", "database_url_env", "database_schema", "statement_timeout_ms", "pool_size", "redis_url",
+              "redis_url_env", "redis_prefix", "redis_timeout_ms", "rate_limit_without_redis")
 RATE_LIMIT_FAILURE_MODES = ("open", "closed")
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_POSTGRES_EXAMPLE = "postgresql://USER@HOST:5432/DATABASE (the password in $PGPASSWORD)"
+_REDIS_EXAMPLE = "redis://HOST:6379/0"
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,16 @@ def read_state(reader: Any, node: Any) -> StateSettings:
         key = f"state.{name}"
         lines[name] = key_node.start_mark.line + 1
         if name == "database_url":
-            values[name] = _url(reader, value_node, key, ("postgresql", "postgres"),
-                                "postgresql://USER@HOST:5432/DATABASE (the password in $PGPASSWORD)")
+            values[name] = _url(reader, value_node, key, ("postgresql", "postgres"), _POSTGRES_EXAMPLE)
         elif name == "redis_url":
-            values[name] = _url(reader, value_node, key, ("redis", "rediss", "unix"), "redis://HOST:6379/0")
+            values[name] = _url(reader, value_node, key, ("redis", "rediss", "unix"), _REDIS_EXAMPLE)
+        elif name == "database_url_env":
+            values["database_url"] = _url_from_env(reader, value_node, key, ("postgresql", "postgres"),
+                                                   _POSTGRES_EXAMPLE)
+            lines["database_url"] = lines[name]
+        elif name == "redis_url_env":
+            values["redis_url"] = _url_from_env(reader, value_node, key, ("redis", "rediss", "unix"), _REDIS_EXAMPLE)
+            lines["redis_url"] = lines[name]
         elif name == "database_schema":
             schema = reader.string(value_node, key)
             if schema is not None and not _SCHEMA_NAME.match(schema):
@@ -91,27 +103,49 @@ def read_state(reader: Any, node: Any) -> StateSettings:
             values[name] = reader.string(value_node, key)
         else:  # rate_limit_without_redis
             values[name] = reader.string(value_node, key, choices=RATE_LIMIT_FAILURE_MODES)
-    if values.get("rate_limit_without_redis") and "redis_url" not in entries:
+    for url in ("database_url", "redis_url"):
+        if url in entries and f"{url}_env" in entries:
+            reader.problem(entries[f"{url}_env"][0], f"state.{url}_env",
+                           f"give `{url}` or `{url}_env` (the environment variable that holds it), not both")
+    if values.get("rate_limit_without_redis") and not values.get("redis_url"):
         reader.problem(entries["rate_limit_without_redis"][0], "state.rate_limit_without_redis",
                        "has no effect without `redis_url`: rate limits are kept in process; remove it or set redis_url")
     return StateSettings(**{k: v for k, v in values.items() if v is not None}, lines=lines)
 
 
-def _url(reader: Any, node: Any, key: str, schemes: tuple[str, ...], example: str) -> str | None:
-    value = reader.string(node, key)
+def _url_from_env(reader: Any, node: Any, key: str, schemes: tuple[str, ...], example: str) -> str | None:
+    variable = reader.string(node, key)
+    if variable is None:
+        return None
+    if not _ENV_NAME.match(variable):
+        reader.problem(node, key, f"`{variable}` is not an environment variable name; give the variable's name "
+                                  "(like MIRADOR_DATABASE_URL), not the URL")
+        return None
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        reader.problem(node, key, f"the environment variable {variable} is not set or empty; export it with the URL "
+                                  "before starting the service")
+        return None
+    return _url(reader, node, key, schemes, example, value=value, source=f" (from ${variable})")
+
+
+def _url(reader: Any, node: Any, key: str, schemes: tuple[str, ...], example: str, *, value: str | None = None,
+         source: str = "") -> str | None:
+    """A URL with one of `schemes` and a host; `value` when it came from elsewhere than the node."""
+    value = reader.string(node, key) if value is None else value
     if value is None:
         return None
     try:
         parts = urlsplit(value.strip())
         parts.port  # noqa: B018 - raises ValueError on a port that is not a number
     except ValueError as exc:
-        reader.problem(node, key, f"not a URL ({exc}); write it as {example}")
+        reader.problem(node, key, f"not a URL{source} ({exc}); write it as {example}")
         return None
     if parts.scheme not in schemes:
-        reader.problem(node, key, f"the scheme `{parts.scheme or '(none)'}` is not one of {', '.join(schemes)}; "
-                                  f"write it as {example}")
+        reader.problem(node, key, f"the scheme `{parts.scheme or '(none)'}`{source} is not one of "
+                                  f"{', '.join(schemes)}; write it as {example}")
         return None
     if parts.scheme != "unix" and not parts.hostname and "host=" not in parts.query:
-        reader.problem(node, key, f"names no host; write it as {example}")
+        reader.problem(node, key, f"names no host{source}; write it as {example}")
         return None
     return value.strip()
