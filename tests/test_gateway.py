@@ -169,6 +169,36 @@ def test_logprobs_are_the_chosen_tokens_and_sum_to_the_answer(client):
     assert all(t.logprob <= 0 and t.top_logprobs == [] for t in content)
 
 
+def test_top_logprobs_are_the_hosts_alternatives_most_likely_first(client):
+    completion = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=6, logprobs=True,
+                                                top_logprobs=3)
+    content = completion.choices[0].logprobs.content
+    assert content
+    for token in content:
+        alternatives = token.top_logprobs
+        assert len(alternatives) == 3
+        assert [a.logprob for a in alternatives] == sorted((a.logprob for a in alternatives), reverse=True)
+        assert alternatives[0].token == token.token and alternatives[0].logprob == pytest.approx(token.logprob, abs=1e-5)
+        assert all(a.bytes == list(a.token.encode()) for a in alternatives)
+    streamed = [c.choices[0].logprobs.content[0] for c in client.chat.completions.create(
+        model="chat", messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=3, stream=True)
+        if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content]
+    assert [[a.token for a in t.top_logprobs] for t in streamed] == [[a.token for a in t.top_logprobs] for t in content]
+
+
+def test_legacy_completions_logprobs_give_tokens_offsets_and_alternatives(client):
+    completion = client.completions.create(model="chat", prompt="tell me something", max_tokens=5, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert "".join(logprobs.tokens) == completion.choices[0].text
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))]
+    assert all(len(top) <= 2 and max(top.values()) >= lp - 1e-5 for top, lp in zip(logprobs.top_logprobs,
+                                                                                   logprobs.token_logprobs))
+    streamed = [c.choices[0].logprobs for c in client.completions.create(model="chat", prompt="tell me something",
+                                                                         max_tokens=5, logprobs=2, stream=True)
+                if c.choices[0].logprobs]
+    assert [o for s in streamed for o in s.text_offset] == logprobs.text_offset
+
+
 def test_streaming_relays_the_same_answer_with_usage_and_done(client):
     whole = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=8)
     chunks = list(client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=8, stream=True,
@@ -251,7 +281,8 @@ def test_async_client_answers_and_streams(base_url):
     ({"n": 2}, openai.BadRequestError, "n=2 is not supported"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, openai.BadRequestError,
      "tools (function calling) are not supported"),
-    ({"top_logprobs": 3, "logprobs": True}, openai.BadRequestError, "top_logprobs is not supported yet"),
+    ({"top_logprobs": 3}, openai.BadRequestError, "top_logprobs needs `logprobs: true`"),
+    ({"top_logprobs": 21, "logprobs": True}, openai.BadRequestError, "`top_logprobs` must be a whole number from 0 to 20"),
     ({"temperature": 3}, openai.BadRequestError, "`temperature` must be a number from 0 to 2"),
     ({"max_tokens": 5000}, openai.BadRequestError, "`max_tokens` must be a whole number from 1 to 4096"),
     ({"model": "tiny-embed"}, openai.BadRequestError, "does embedding, not text generation"),

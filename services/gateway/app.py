@@ -261,7 +261,21 @@ def _confidence(c: common_pb2.ConfidenceMetadata) -> dict:
 
 
 def _token_logprob(token: common_pb2.TokenChunk) -> dict:
-    return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode("utf-8")), "top_logprobs": []}
+    """One entry of a chat answer's `logprobs.content`, with the alternatives the model host gave."""
+    return {"token": token.text, "logprob": token.logprob, "bytes": list(token.text.encode("utf-8")),
+            "top_logprobs": [{"token": a.text, "logprob": a.logprob, "bytes": list(a.text.encode("utf-8"))}
+                             for a in token.top_logprobs]}
+
+
+def _completion_logprobs(tokens: list[common_pb2.TokenChunk], offset: int = 0) -> dict:
+    """The legacy /v1/completions `logprobs` object: tokens, their logprobs, the alternatives of
+    each ({text: logprob}) and each token's character offset in the answer."""
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token.text)
+    return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{a.text: a.logprob for a in t.top_logprobs} for t in tokens], "text_offset": offsets}
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -399,7 +413,9 @@ def _complete(answer: Answer, parsed: GenerationRequest, request_id: str, starte
         choice = {"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
                   "logprobs": logprobs, "finish_reason": answer.finish_reason}
     else:
-        choice = {"index": 0, "text": answer.text, "logprobs": None, "finish_reason": answer.finish_reason}
+        choice = {"index": 0, "text": answer.text,
+                  "logprobs": _completion_logprobs(answer.tokens) if parsed.logprobs else None,
+                  "finish_reason": answer.finish_reason}
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
             "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": answer.model, "choices": [choice], "usage": answer.usage(), "system_fingerprint": None,
@@ -419,13 +435,17 @@ async def _stream(call, prefetched: list, answer: Answer, parsed: GenerationRequ
                 "model": answer.model, "system_fingerprint": None, "choices": choices, **usage_field, **extra}
         return b"data: " + json.dumps(body).encode() + b"\n\n"
 
+    written = [0]  # characters of the answer sent so far: the legacy logprobs' text_offset
+
     def piece(text: str, token: common_pb2.TokenChunk | None = None, finish: str | None = None) -> dict:
         if chat:
             delta = {"content": text} if finish is None else {}
             logprobs = ({"content": [_token_logprob(token)] if token is not None else [], "refusal": None}
                         if parsed.logprobs and finish is None else None)
             return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        logprobs = _completion_logprobs([token], written[0]) if parsed.logprobs and token is not None else None
+        written[0] += len(text)
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     async def events():
         for event in prefetched:

@@ -1,7 +1,7 @@
 """OpenAI request bodies read into Mirador's terms, every problem a 400 naming the field.
 
 Checked here: the JSON types and ranges of each field, and the fields Mirador cannot honour
-(`n` > 1, tools, penalties, `top_logprobs`), refused with a sentence instead of being ignored.
+(`n` > 1, tools, penalties), refused with a sentence instead of being ignored.
 What only the mesh knows (a route or model that does not exist, a text too long for the
 model) is left to the router, whose status and sentence reach the client unchanged.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from mirador.v1 import common_pb2
 
+from services.common.validation import MAX_TOP_LOGPROBS
 from services.gateway.errors import invalid
 
 MAX_TOKENS_LIMIT = 4096  # the model host's limit (services/common/validation.py)
@@ -87,13 +88,13 @@ def parse_chat(data: dict) -> GenerationRequest:
     request = GenerationRequest(model=_model(data))
     request.messages = _messages(data.get("messages"))
     _common(data, request)
+    request.logprobs = _boolean(data.get("logprobs", False), "logprobs")
     top_logprobs = data.get("top_logprobs")
     if top_logprobs is not None:
-        _integer(top_logprobs, "top_logprobs", 0, 20)
-        if top_logprobs > 0:
-            raise invalid("top_logprobs is not supported yet: the model host returns each chosen token's log-probability "
-                          "but not its alternatives; send `logprobs: true` without top_logprobs", "top_logprobs")
-    request.logprobs = _boolean(data.get("logprobs", False), "logprobs")
+        request.sampling.top_logprobs = _integer(top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top_logprobs > 0 and not request.logprobs:
+            raise invalid("top_logprobs needs `logprobs: true` (the alternatives come with each token's logprob)",
+                          "top_logprobs")
     response_format = data.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise invalid("response_format other than {\"type\": \"text\"} is not supported: the models cannot be held to "
@@ -118,9 +119,9 @@ def parse_completion(data: dict) -> GenerationRequest:
         raise invalid("`prompt` must be a non-empty string", "prompt")
     request.prompt = prompt
     _common(data, request)
-    if data.get("logprobs") not in (None, False):
-        raise invalid("logprobs on /v1/completions (top alternatives per token) is not supported yet; leave it out",
-                      "logprobs")
+    if data.get("logprobs") is not None:  # the legacy API: how many alternatives per token, 0 to 5
+        request.logprobs = True
+        request.sampling.top_logprobs = _integer(data["logprobs"], "logprobs", 0, 5)
     if "max_tokens" in data:
         request.sampling.max_tokens = _integer(data["max_tokens"], "max_tokens", 1, MAX_TOKENS_LIMIT)
     return request
