@@ -4,7 +4,8 @@
 # Idempotent and quick when everything is there; run as root (CI is) or with sudo.
 #   haproxy   (Debian)  tests/test_load_balancing.py
 #   prometheus (Debian) tests/test_metrics.py (started and stopped by the test)
-#   node/npm  (Debian, when missing) + `npm ci` in examples/node: tests/test_node_client.py
+#   node/npm  (Debian, when missing) + `npm ci` in examples/node: tests/test_node_client.py (gRPC)
+#             and tests/test_gateway.py (the `openai` npm package against the gateway)
 #   chromium + chromium-driver (Debian): tests/test_gateway_review.py drives the review page with
 #             Selenium (the `dev` extra) through the system chromedriver; nothing is downloaded
 #   kubectl   is on this project's machines already (it renders deploy/k8s with
@@ -28,7 +29,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if [ ! -d examples/node/node_modules/@grpc/grpc-js ] || [ examples/node/package-lock.json -nt examples/node/node_modules ]; then
+if [ ! -d examples/node/node_modules/@grpc/grpc-js ] || [ ! -d examples/node/node_modules/openai ] || [ examples/node/package-lock.json -nt examples/node/node_modules ]; then
   echo "install-system-deps: npm ci in examples/node"
   (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
 fi

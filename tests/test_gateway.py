@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
+import subprocess
 import time
 
 import grpc
@@ -20,7 +22,7 @@ import openai
 import pytest
 from mirador.v1 import common_pb2, model_host_pb2, model_host_pb2_grpc, router_pb2, router_pb2_grpc
 
-from conftest import free_port, write_config
+from conftest import REPO, free_port, write_config
 from services.cli.supervisor import Mesh, http_health_status
 from services.common.config import load_config
 from services.common.model_repository import ModelRepository
@@ -271,6 +273,31 @@ def test_async_client_answers_and_streams(base_url):
     whole, streamed, embedded = asyncio.run(run())
     assert whole.choices[0].message.content == streamed and whole.model == "tiny-lm"
     assert len(embedded.data[0].embedding) == 32
+
+
+# --------------------------------------------------------------------------- the openai npm package
+
+
+def test_the_openai_npm_package_works_unchanged_against_the_gateway(base_url, mesh):
+    """examples/node/openai_client.js: the official JavaScript SDK, only its baseURL changed."""
+    node, example = shutil.which("node"), REPO / "examples" / "node"
+    if node is None:
+        pytest.skip("node is not installed (Debian: apt-get install nodejs npm)")
+    if not (example / "node_modules" / "openai").exists():
+        subprocess.run([shutil.which("npm") or "npm", "ci", "--no-audit", "--no-fund"], cwd=example, check=True,
+                       timeout=300)
+    ran = subprocess.run([node, "openai_client.js", "--base-url", base_url, "--model", "chat", "--text",
+                          "hello there", "--embedding-model", "tiny-embed"], cwd=example, capture_output=True,
+                         text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    result = json.loads(ran.stdout)
+    assert {"auto", "chat", "tiny-lm", "tiny-embed"} <= set(result["models"])
+    expected = router_answer(mesh, route="chat", messages=pb_messages([{"role": "user", "content": "hello there"}]),
+                             sampling=common_pb2.SamplingParams(max_tokens=8))
+    assert result["answer"]["model"] == "tiny-lm" and result["answer"]["text"] == expected.text
+    assert result["answer"]["route"] == "chat" and result["answer"]["usage"]["completion_tokens"] > 0
+    assert result["streamed"]["text"] == expected.text and result["streamed"]["chunks"] >= 2
+    assert result["embedding"] == {"model": "tiny-embed", "dimension": 32}
 
 
 # --------------------------------------------------------------------------- errors through the SDK
