@@ -82,7 +82,7 @@ def confidence_pb(c: Confidence) -> common_pb2.ConfidenceMetadata:
     )
 
 
-def status_pb(record: ModelRecord) -> pb.ModelStatus:
+def status_pb(record: ModelRecord, load_bytes: int = 0) -> pb.ModelStatus:
     status = pb.ModelStatus(
         name=record.name,
         version=record.manifest.version if record.manifest else "",
@@ -96,6 +96,7 @@ def status_pb(record: ModelRecord) -> pb.ModelStatus:
         execution_provider=record.runtime.execution_provider if record.runtime else "",
         load_ms=record.load_ms,
         detail=record.detail,
+        load_bytes=load_bytes,
     )
     if record.last_used_wall:
         status.last_used.CopyFrom(timestamp_pb2.Timestamp(seconds=int(record.last_used_wall)))
@@ -165,7 +166,8 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
         log_event(log, "list models")  # one line per call: the load-balancing tests count them per replica
         self.registry.refresh()
         return pb.ListModelsResponse(
-            models=[status_pb(self.registry.record(name)) for name in sorted(self.registry.records)],
+            models=[status_pb(record, self.registry.needed_bytes(record) if record.manifest else 0)
+                    for record in (self.registry.record(name) for name in sorted(self.registry.records))],
             memory_budget_bytes=self.registry.budget_bytes,
             memory_used_bytes=self.registry.used_bytes,
         )
