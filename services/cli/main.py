@@ -77,6 +77,58 @@ def cmd_up(args) -> int:
     return 0
 
 
+def _listing(config: MiradorConfig, address: str) -> model_host_pb2.ListModelsResponse:
+    with open_channel(config, address, aio=False, service="model_host") as channel:
+        return model_host_pb2_grpc.ModelHostStub(channel).ListModels(model_host_pb2.ListModelsRequest(), timeout=3)
+
+
+def _print_models(config: MiradorConfig, address: str) -> bool:
+    try:
+        listing = _listing(config, address)
+    except grpc.RpcError as exc:
+        print(f"\nmodels: the model host at {address} did not answer ({exc.code().name})")
+        return False
+    width = max([24, *(len(m.name) for m in listing.models)])
+    print(f"\n{'model':<{width}} {'task':<16} {'tier':<5} {'state':<10} detail")
+    for m in listing.models:
+        print(
+            f"{m.name:<{width}} {model_host_pb2.ModelTask.Name(m.task)[11:].lower():<16} "
+            f"{model_host_pb2.ModelTier.Name(m.tier)[11:].lower():<5} "
+            f"{model_host_pb2.ModelState.Name(m.state)[12:]:<10} {m.detail}"
+        )
+    return True
+
+
+def _print_placement(config: MiradorConfig) -> bool:
+    """Models placed across model hosts: each host with its memory and READY models, then each
+    model with the hosts that hold it (what the router's placement sees)."""
+    import asyncio
+
+    from services.router.placement import HostView, hosts_table, nonsense, read_listing, resolve
+
+    views = []
+    for address in asyncio.run(resolve(config.services.model_host_targets)):
+        view = HostView(address)
+        try:
+            listing = _listing(config, address)
+        except grpc.RpcError as exc:
+            view.problem = exc.code().name
+        else:
+            view.healthy, view.problem = True, nonsense(listing, config.fleet)
+            view.budget_bytes, view.used_bytes = listing.memory_budget_bytes, listing.memory_used_bytes
+            view.models = read_listing(listing, config.fleet)
+        views.append(view)
+    print(f"\n{'model host':<22} {'state':<8} {'memory':<16} ready models")
+    for line in hosts_table(views):
+        print(line)
+    width = max([24, *(len(name) for name in config.fleet)])
+    print(f"\n{'model':<{width}} {'task':<16} {'tier':<5} {'copies':<6} ready on")
+    for name, spec in sorted(config.fleet.items()):
+        holders = [v.address for v in views if v.ready(name)]
+        print(f"{name:<{width}} {spec.task:<16} {spec.tier:<5} {spec.copies:<6} {', '.join(holders) or '-'}")
+    return any(v.healthy for v in views)
+
+
 def cmd_status(args) -> int:
     config = _config(args)
     healthy = True
@@ -87,21 +139,15 @@ def cmd_status(args) -> int:
         health = probe(settings.address, config=config)
         healthy &= health == "SERVING"
         print(f"{name:<11} {settings.address:<22} {health}")
-    address = config.services.model_host.address
-    with open_channel(config, address, aio=False, service="model_host") as channel:
-        try:
-            listing = model_host_pb2_grpc.ModelHostStub(channel).ListModels(model_host_pb2.ListModelsRequest(), timeout=3)
-        except grpc.RpcError as exc:
-            print(f"\nmodels: the model host at {address} did not answer ({exc.code().name})")
+    from services.router.placement import uses_placement
+
+    if uses_placement(config):
+        if not _print_placement(config):
             return 1
-    width = max([24, *(len(m.name) for m in listing.models)])
-    print(f"\n{'model':<{width}} {'task':<16} {'tier':<5} {'state':<10} detail")
-    for m in listing.models:
-        print(
-            f"{m.name:<{width}} {model_host_pb2.ModelTask.Name(m.task)[11:].lower():<16} "
-            f"{model_host_pb2.ModelTier.Name(m.tier)[11:].lower():<5} "
-            f"{model_host_pb2.ModelState.Name(m.state)[12:]:<10} {m.detail}"
-        )
+    else:
+        address = config.services.model_host.address
+        if not _print_models(config, address):
+            return 1
     if any(spec.rollout for spec in config.fleet.values()):
         try:
             rollouts = list_rollouts(config)
@@ -232,7 +278,12 @@ def _vote_line(vote) -> str:
 
 
 def cmd_config_check(args) -> int:
+    from services.cli.fit import oversized_models
+
     config = load_config(args.file or args.config)
+    problems = oversized_models(config)  # sizes of built models against the hosts' budget
+    if problems:
+        raise ConfigError(problems)
     consensus_routes = [r.name for r in config.routes.values() if r.uses_consensus]
     print(f"{config.path}: ok — {len(config.fleet)} models, {len(config.routes)} routes"
           + (f" ({len(consensus_routes)} with consensus)" if consensus_routes else ""))

@@ -27,6 +27,10 @@ CONFIG_ENV_VAR = "MIRADOR_CONFIG"
 TASKS = ("text-generation", "embedding", "classification")
 TIERS = ("hot", "warm", "cold")
 PRIORITIES = ("normal", "critical")
+# How the router spreads model-host calls: `placement` sends each model to hosts that hold it
+# (services/router/placement.py), `round_robin` treats the hosts as identical replicas, `auto`
+# is placement with several hosts (or a dns: name) and the one host otherwise.
+MODEL_HOST_BALANCING = ("auto", "placement", "round_robin")
 SERVICE_NAMES = ("router", "consensus", "quantizer", "model_host")
 DEFAULT_PORTS = {"router": 50051, "consensus": 50052, "quantizer": 50053, "model_host": 50061, "gateway": 8080}
 # Services that speak HTTP, not gRPC (no grpc.health.v1; `mirador up` checks their /healthz).
@@ -65,6 +69,7 @@ class RouterSettings(ServiceSettings):
     # Model-host addresses the router balances over (gRPC round_robin with health checks).
     # Empty = every replica of services.model_host (see ServicesConfig.model_host_targets).
     model_host_targets: tuple[str, ...] = ()
+    model_host_balancing: str = "auto"  # one of MODEL_HOST_BALANCING
     # Per-client rate limit (token bucket): requests/s each client may send; 0 = off. A client is
     # its `x-mirador-client` metadata value, else its peer IP. Burst 0 = one second's worth.
     rate_limit_per_client: float = 0.0
@@ -156,6 +161,8 @@ class ModelSpec:
     # `max_context` tokens (prompt + answer); the slots' KV memory counts in the model's size.
     max_num_seqs: int = 8
     max_context: int = 1024
+    # Model hosts that keep it loaded when the router places models across hosts (hot models may ask for more)
+    copies: int = 1
 
     @property
     def artifact(self) -> str:
@@ -594,6 +601,8 @@ class _Reader:
                 self._replicas_node = value_node
             elif name == "model_host_targets":
                 value = self.targets(value_node, dotted)
+            elif name == "model_host_balancing":
+                value = self.string(value_node, dotted, choices=MODEL_HOST_BALANCING)
             else:  # escalation_db
                 value = self.string(value_node, dotted)
             if value is not None:
@@ -601,7 +610,7 @@ class _Reader:
         return values
 
     _MODEL_KEYS = ("task", "recipe", "version", "capabilities", "tier", "keep_alive", "quantization", "description",
-                   "rollout", "max_num_seqs", "max_context")
+                   "rollout", "max_num_seqs", "max_context", "copies")
     _ROLLOUT_KEYS = ("version", "mode", "share", "window", "min_calls", "max_error_rate", "max_latency_ratio",
                      "max_disagreement")
 
@@ -631,6 +640,8 @@ class _Reader:
                     values[field_name] = self.integer(field_node, dotted, minimum=1, maximum=256)
                 elif field_name == "max_context":
                     values[field_name] = self.integer(field_node, dotted, minimum=16, maximum=1 << 20)
+                elif field_name == "copies":
+                    values[field_name] = self.integer(field_node, dotted, minimum=1, maximum=64)
                 else:
                     values[field_name] = self.string(field_node, dotted)
             values = {k: v for k, v in values.items() if v is not None}

@@ -18,7 +18,7 @@ from services.common.config import MiradorConfig
 from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
 from services.router.fallback import Breakers
-from services.router.placement import ModelHosts
+from services.router.placement import ModelHosts, uses_placement
 from services.router.rate_limit import RateLimiter, RedisRateLimiter
 from services.router.redis_link import RedisLink
 from services.router.rollout_control import RolloutControlServicer
@@ -29,15 +29,6 @@ from services.router.sessions import RedisSessionStore, SessionStore
 
 EMBED_TIMEOUT_S = 60.0
 log = logging.getLogger("mirador.router")
-
-
-def uses_placement(config: MiradorConfig) -> bool:
-    """Placement (services/router/placement.py) unless `services.router.model_host_balancing` says
-    round_robin; `auto` places models when there are several hosts or a dns: name to resolve."""
-    balancing, targets = config.services.router.model_host_balancing, config.services.model_host_targets
-    if balancing == "auto":
-        return len(targets) > 1 or targets[0].startswith("dns:")
-    return balancing == "placement"
 
 
 class SessionWarningRouterServicer(RouterServicer):

@@ -1,0 +1,647 @@
+"""Which model host serves a call, when the model hosts hold different models (placement).
+
+The router keeps a view of every model host — health, memory budget, what a load could free,
+and which models are READY there — refreshed every REFRESH_S and at once after a call failed
+there. A call goes to a host that has its model READY (the least busy one, counting this
+router's own calls since the last refresh). When none has it, the call goes to the model's
+placement target, which loads it on demand:
+
+* Rendezvous (highest-random-weight) hashing: every (model, host) pair gets a pseudo-random
+  u in (0, 1) from a hash, and host h scores `-w_h / ln(u)`; the highest score is the target
+  and the rest, in score order, are the model's next hosts. The scores of the other hosts do
+  not depend on whether a host is there, so a host that dies or stops serving hands each of
+  its models to that model's next host (no other model moves), and a host that joins takes
+  only the models it now scores highest for — and only for new loads, since a model READY
+  somewhere keeps being served there. With weights, host h wins a share w_h / Σw of the
+  models (the `-w/ln(u)` form is the weighted HRW of Schindelhauer and Schomaker, 2005).
+* The weight is the host's free memory (budget minus what its loaded models hold), so emptier
+  hosts take more new models; a full host keeps a small weight (it can evict idle models), and
+  a host whose whole budget is smaller than the model is no candidate at all. Hosts where the
+  model fits without evicting anything come first (its size is what the hosts report it takes),
+  so a load does not push out an idle model while another host has room.
+* `copies` (per model in `fleet:`): while fewer hosts than that have the model READY, the
+  next hosts in its order are asked to load it (`LoadModel`, in the background) while calls
+  go to the copies that are READY. A placement that cannot be satisfied (fewer usable hosts
+  than copies, or none that can hold the model) degrades to the hosts that can, and counts it.
+
+A host that reports nonsense — more memory used than its budget, models the router's fleet
+does not have — is left out, with a log line, until it reports sense again. Calls that fail
+before their first answer (the host is down, busy, or its load failed) are sent to the next
+host; so is a call still waiting for its first answer on a host that the refresh finds down
+(hung: SIGSTOP, a network partition). Once a stream has begun, its host's failure is the
+caller's, as with a single host.
+
+Round robin over identical replicas (gRPC's `round_robin` or Envoy/HAProxy) remains the other
+way, chosen with `services.router.model_host_balancing: round_robin` (see server.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mirador.v1 import model_host_pb2, model_host_pb2_grpc
+from prometheus_client import Counter, Gauge
+
+from services.common.channels import open_channel
+from services.common.config import MiradorConfig, ModelSpec, SecurityConfig
+from services.common.errors import ResourceExhausted, ServiceError, Unavailable
+from services.common.logs import log_event
+
+log = logging.getLogger("mirador.router.placement")
+
+REFRESH_S = 2.0  # every host's health and models are read this often (and at once after a failure)
+PROBE_TIMEOUT_S = 1.0  # a host that does not answer its health check and ListModels within this is down
+DNS_EVERY = 5  # a `dns:` target is resolved again every this many refreshes
+MAX_ATTEMPTS = 3  # hosts one call is tried on before its first answer
+LOAD_TIMEOUT_S = 120.0  # a background LoadModel of an extra copy
+UNLIMITED_WEIGHT = float(1 << 40)  # a host without a budget (0) weighs like one with 1 TiB free
+MIN_WEIGHT_SHARE = 0.02  # a full host still weighs this share of its budget: it can evict
+RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+MODEL_HOST_SERVICE = model_host_pb2.DESCRIPTOR.services_by_name["ModelHost"].full_name
+
+HOSTS = Gauge("mirador_router_model_hosts", "Model hosts the router knows, by state (usable, down, ignored)", ["state"])
+DEGRADED = Counter("mirador_router_placement_degraded", "Placements that could not be met as asked, by model and why",
+                   ["model", "reason"])
+RETRIED = Counter("mirador_router_placement_retries", "Calls sent to another model host before their first answer",
+                  ["model", "code"])
+
+
+def uses_placement(config: MiradorConfig) -> bool:
+    """Placement unless `services.router.model_host_balancing` says round_robin; `auto` places
+    models when there are several hosts or a dns: name to resolve (one host is just that host)."""
+    balancing, targets = config.services.router.model_host_balancing, config.services.model_host_targets
+    if balancing == "auto":
+        return len(targets) > 1 or targets[0].startswith("dns:")
+    return balancing == "placement"
+
+
+# --------------------------------------------------------------------------- the view of one host
+
+
+@dataclass(frozen=True)
+class ModelOnHost:
+    """One model as a host reported it."""
+
+    state: int  # model_host_pb2.ModelState
+    in_flight: int = 0
+    memory_bytes: int = 0  # held now (READY)
+    load_bytes: int = 0  # what a load takes (0 = unknown / not built)
+    pinned: bool = False  # hot tier: never evicted
+
+    @property
+    def ready(self) -> bool:
+        return self.state == model_host_pb2.MODEL_STATE_READY
+
+    @property
+    def loading(self) -> bool:
+        return self.state == model_host_pb2.MODEL_STATE_LOADING
+
+
+@dataclass
+class HostView:
+    """What the router knows of one model host, from its last refresh."""
+
+    address: str
+    healthy: bool = False  # SERVING and answered ListModels at the last refresh
+    problem: str = ""  # why it is left out although it answers (nonsense in its report); "" = none
+    budget_bytes: int = 0  # 0 = unlimited
+    used_bytes: int = 0
+    models: dict[str, ModelOnHost] = field(default_factory=dict)
+    refreshed_at: float = 0.0  # monotonic
+    # models this router sent there to load since the refresh (so the next calls follow them)
+    expected: dict[str, float] = field(default_factory=dict)
+    # this router's calls in flight there, per model (between refreshes the host's own counts lag)
+    calls_here: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def usable(self) -> bool:
+        return self.healthy and not self.problem
+
+    def ready(self, model: str) -> bool:
+        status = self.models.get(model)
+        return status is not None and status.ready
+
+    def loading(self, model: str) -> bool:
+        status = self.models.get(model)
+        return (status is not None and status.loading) or model in self.expected
+
+    def in_flight(self, model: str) -> int:
+        status = self.models.get(model)
+        return (status.in_flight if status else 0) + self.calls_here.get(model, 0)
+
+    @property
+    def free_bytes(self) -> float:
+        """The budget left, less what loads this router sent here since the refresh will take."""
+        if not self.budget_bytes:
+            return UNLIMITED_WEIGHT
+        coming = sum(self.models[m].load_bytes for m in self.expected if m in self.models and not self.ready(m))
+        return max(self.budget_bytes - self.used_bytes - coming, 0)
+
+    def can_hold(self, size_bytes: int) -> bool:
+        return not self.budget_bytes or not size_bytes or size_bytes <= self.budget_bytes
+
+    def weight(self) -> float:
+        if not self.budget_bytes:
+            return UNLIMITED_WEIGHT
+        return max(self.free_bytes, self.budget_bytes * MIN_WEIGHT_SHARE, 1.0)
+
+
+def nonsense(listing: model_host_pb2.ListModelsResponse, fleet: dict[str, ModelSpec]) -> str:
+    """Why a host's ListModels cannot be believed, or "" when it can."""
+    if listing.memory_budget_bytes and listing.memory_used_bytes > listing.memory_budget_bytes:
+        free = (listing.memory_budget_bytes - listing.memory_used_bytes) / 2**20
+        return f"reports {free:.0f} MB free memory (used {listing.memory_used_bytes} of {listing.memory_budget_bytes} bytes)"
+    unknown = sorted(m.name for m in listing.models if m.name not in fleet)
+    if unknown:
+        return (f"reports models the router's fleet does not have ({', '.join(unknown[:5])}); "
+                "is it running another config?")
+    return ""
+
+
+def read_listing(listing: model_host_pb2.ListModelsResponse, fleet: dict[str, ModelSpec]) -> dict[str, ModelOnHost]:
+    return {m.name: ModelOnHost(state=m.state, in_flight=m.requests_in_flight, memory_bytes=m.memory_bytes,
+                                load_bytes=m.load_bytes, pinned=m.tier == model_host_pb2.MODEL_TIER_HOT)
+            for m in listing.models}
+
+
+# --------------------------------------------------------------------------- choosing (pure)
+
+
+def hash_unit(model: str, address: str) -> float:
+    """A pseudo-random number in (0, 1), fixed for the pair (the same in every router process)."""
+    digest = hashlib.blake2b(f"{model}\x00{address}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") + 0.5) / 2.0**64
+
+
+def rendezvous_score(model: str, address: str, weight: float) -> float:
+    return -weight / math.log(hash_unit(model, address))
+
+
+def placement_order(model: str, hosts: Iterable[HostView], size_bytes: int = 0) -> list[HostView]:
+    """The usable hosts that can hold `model`, best target first: weighted rendezvous hashing, among
+    the hosts where it fits without evicting anything first (when its size is known), so a load
+    does not push out an idle model while another host has room."""
+    candidates = [h for h in hosts if h.usable and h.can_hold(size_bytes)]
+    return sorted(candidates, key=lambda h: (bool(size_bytes) and h.free_bytes >= size_bytes,
+                                             rendezvous_score(model, h.address, h.weight()), h.address), reverse=True)
+
+
+@dataclass(frozen=True)
+class Choice:
+    host: HostView  # where this call goes
+    load_also: tuple[HostView, ...] = ()  # hosts to load another copy on, in the background
+    short_by: int = 0  # copies asked for that no usable host can hold
+
+
+def model_size(model: str, hosts: Iterable[HostView]) -> int:
+    """What loading `model` takes, as the hosts report it (the largest report; 0 = unknown)."""
+    return max((h.models[model].load_bytes for h in hosts if model in h.models), default=0)
+
+
+def choose(model: str, hosts: Sequence[HostView], copies: int = 1, exclude: frozenset[str] = frozenset(),
+           turn: int = 0) -> Choice:
+    """Where a call for `model` goes: the least busy host that has it READY (`turn` takes turns
+    between equally busy ones, so identical replicas share the calls), else its target. Raises Unavailable when no host is usable, and
+    ResourceExhausted (naming the sizes) when the model is larger than every usable host's budget."""
+    usable = [h for h in hosts if h.usable and h.address not in exclude]
+    if not usable:
+        down = ", ".join(f"{h.address} ({h.problem or 'down'})" for h in hosts) or "none configured"
+        raise Unavailable(f"no model host can take a call for `{model}` now; hosts: {down}")
+    size = model_size(model, hosts)
+    order = placement_order(model, usable, size)
+    if not order:
+        largest = max(usable, key=lambda h: h.budget_bytes)
+        raise ResourceExhausted(
+            f"model `{model}` needs {size / 2**20:.0f} MB, more than the memory budget of every model host "
+            f"(the largest: {largest.budget_bytes / 2**20:.0f} MB at {largest.address}); raise "
+            "services.model_host.memory_budget_mb or shrink the model (mirador quantize)")
+    ready = [h for h in usable if h.ready(model)]
+    holding = set(id(h) for h in ready)
+    missing = max(copies - len(ready), 0)
+    if ready:
+        least = min(h.in_flight(model) for h in ready)
+        ties = sorted((h for h in ready if h.in_flight(model) == least), key=lambda h: h.address)
+        best = ties[turn % len(ties)]
+        spare = [h for h in order if id(h) not in holding and not h.loading(model)]
+        loading = sum(1 for h in order if id(h) not in holding and h.loading(model))
+        wanted = max(missing - loading, 0)
+        return Choice(best, tuple(spare[:wanted]), short_by=max(wanted - len(spare), 0))
+    loading = [h for h in order if h.loading(model)]
+    target = loading[0] if loading else order[0]  # a load under way is shared, not started twice
+    others = [h for h in order if h is not target and not h.loading(model)]
+    wanted = max(copies - 1 - (len(loading) - 1 if loading else 0), 0)
+    return Choice(target, tuple(others[:wanted]), short_by=max(wanted - len(others), 0))
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def dns_name(target: str) -> tuple[str, int] | None:
+    """(name, port) of a `dns:[//authority/]name:port` target, else None."""
+    if not target.startswith("dns:"):
+        return None
+    rest = target[4:]
+    if rest.startswith("//"):
+        rest = rest[2:].partition("/")[2]
+    name, _, port = rest.rpartition(":")
+    return (name.strip("[]"), int(port)) if name and port.isdigit() else None
+
+
+def address_of(family: int, ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+
+
+async def resolve(targets: Sequence[str]) -> list[str]:
+    """The host addresses behind `targets`: `ip:port` and `host:port` as they are, every record of a
+    `dns:` name (a Kubernetes headless Service lists one per pod). A name that does not resolve
+    gives no address (logged): the other hosts still serve."""
+    addresses: list[str] = []
+    loop = asyncio.get_running_loop()
+    for target in targets:
+        named = dns_name(target)
+        if named is None:
+            addresses.append(target)
+            continue
+        name, port = named
+        try:
+            records = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log_event(log, "model-host name does not resolve", logging.WARNING, target=target, error=str(exc))
+            continue
+        for family, _, _, _, sockaddr in records:
+            address = address_of(family, sockaddr[0], port)
+            if address not in addresses:
+                addresses.append(address)
+    return addresses
+
+
+# --------------------------------------------------------------------------- the live view
+
+
+@dataclass
+class _Host:
+    view: HostView
+    channel: grpc.aio.Channel
+    stub: model_host_pb2_grpc.ModelHostStub
+    health: health_pb2_grpc.HealthStub
+    down: asyncio.Event = field(default_factory=asyncio.Event)  # set while the host is not usable
+    listed: bool = True  # still among the resolved targets
+
+
+class ModelHosts:
+    """Every model host, as one stub-like object the router calls: `Generate` and `Embed` pick
+    the host per call (see the module's docstring)."""
+
+    def __init__(self, targets: Sequence[str], fleet: dict[str, ModelSpec], security: SecurityConfig | None = None,
+                 refresh_s: float = REFRESH_S, channel_options: Sequence[tuple[str, object]] = ()):
+        self.targets = tuple(targets)
+        self.fleet = fleet
+        self.security = security
+        self.refresh_s = refresh_s
+        self.channel_options = tuple(channel_options)
+        self.hosts: dict[str, _Host] = {}
+        self._refreshing: asyncio.Task | None = None
+        self._urgent: dict[str, asyncio.Task] = {}  # refreshes of one host after a failed call
+        self._loads: set[asyncio.Task] = set()
+        self._shared_refresh: asyncio.Task | None = None
+        self._rounds = 0
+        self._turn = 0
+        self._logged: dict[str, str] = {}  # address -> the last problem logged (one line per change)
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        await self._resolve()
+        await self.refresh()
+        self._refreshing = asyncio.create_task(self._keep_refreshing(), name="refresh model hosts")
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._refreshing, self._shared_refresh, *self._urgent.values(), *self._loads)
+                 if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for host in self.hosts.values():
+            await host.channel.close()
+
+    async def _keep_refreshing(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            self._rounds += 1
+            if self._rounds % DNS_EVERY == 0 and any(dns_name(t) for t in self.targets):
+                await self._resolve()
+            await self.refresh()
+
+    async def _resolve(self) -> None:
+        addresses = await resolve(self.targets)
+        for address in addresses:
+            if address not in self.hosts:
+                channel = open_channel(self.security, address, aio=True, service="model_host",
+                                       options=self.channel_options)
+                self.hosts[address] = _Host(HostView(address), channel, model_host_pb2_grpc.ModelHostStub(channel),
+                                            health_pb2_grpc.HealthStub(channel))
+                self.hosts[address].down.set()
+                if self._rounds:
+                    log_event(log, "model host joined", address=address)
+            self.hosts[address].listed = True
+        for address, host in self.hosts.items():
+            if address not in addresses and host.listed:
+                host.listed = False
+                log_event(log, "model host no longer resolved: no new calls go there", address=address)
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(self._refresh_host(h) for h in list(self.hosts.values())))
+        views = [h.view for h in self.hosts.values()]
+        HOSTS.labels("usable").set(sum(v.usable for v in views))
+        HOSTS.labels("down").set(sum(not v.healthy for v in views))
+        HOSTS.labels("ignored").set(sum(v.healthy and bool(v.problem) for v in views))
+
+    async def _refresh_host(self, host: _Host) -> None:
+        view = host.view
+        started = time.monotonic()
+        try:
+            if not host.listed:
+                raise _NotListed()
+            health = await host.health.Check(health_pb2.HealthCheckRequest(service=MODEL_HOST_SERVICE),
+                                             timeout=PROBE_TIMEOUT_S)
+            if health.status != health_pb2.HealthCheckResponse.SERVING:
+                raise _NotServing(health_pb2.HealthCheckResponse.ServingStatus.Name(health.status))
+            listing = await host.stub.ListModels(model_host_pb2.ListModelsRequest(), timeout=PROBE_TIMEOUT_S)
+        except (grpc.aio.AioRpcError, _NotServing, _NotListed) as exc:
+            reason = (exc.code().name if isinstance(exc, grpc.aio.AioRpcError)
+                      else "not resolved any more" if isinstance(exc, _NotListed) else str(exc))
+            if view.healthy or view.refreshed_at == 0.0:
+                log_event(log, "model host down: its models go to their next hosts", logging.WARNING,
+                          address=view.address, reason=reason)
+            view.healthy, view.refreshed_at = False, started
+            host.down.set()
+            return
+        problem = nonsense(listing, self.fleet)
+        if problem != self._logged.get(view.address, ""):
+            if problem:
+                log_event(log, "model host ignored: its report makes no sense", logging.WARNING,
+                          address=view.address, problem=problem)
+            else:
+                log_event(log, "model host reports sense again", address=view.address)
+            self._logged[view.address] = problem
+        if not view.healthy and not problem:
+            log_event(log, "model host usable", address=view.address, budget_mb=round(listing.memory_budget_bytes / 2**20),
+                      ready=[m.name for m in listing.models if m.ready])
+        view.healthy, view.problem, view.refreshed_at = True, problem, started
+        view.budget_bytes, view.used_bytes = listing.memory_budget_bytes, listing.memory_used_bytes
+        view.models = read_listing(listing, self.fleet)
+        # a load this router asked for stays expected until the host shows it (or for two rounds)
+        view.expected = {m: at for m, at in view.expected.items()
+                         if not (view.ready(m) or (m in view.models and view.models[m].loading))
+                         and time.monotonic() - at < 2 * self.refresh_s + PROBE_TIMEOUT_S}
+        if view.usable:
+            host.down = asyncio.Event() if host.down.is_set() else host.down
+        else:
+            host.down.set()
+
+    async def refresh_now(self) -> None:
+        """Reads every host again now; callers at the same moment share one refresh."""
+        if self._shared_refresh is None or self._shared_refresh.done():
+            self._shared_refresh = asyncio.create_task(self.refresh(), name="refresh model hosts now")
+        await asyncio.shield(self._shared_refresh)
+
+    def suspect(self, address: str) -> None:
+        """A call failed there: read that host again now (once at a time)."""
+        host = self.hosts.get(address)
+        if host is None or (address in self._urgent and not self._urgent[address].done()):
+            return
+        self._urgent[address] = asyncio.create_task(self._refresh_host(host), name=f"refresh {address}")
+
+    # -- choosing
+
+    @property
+    def views(self) -> list[HostView]:
+        return [h.view for h in self.hosts.values() if h.listed]
+
+    def copies(self, model: str) -> int:
+        spec = self.fleet.get(model)
+        return spec.copies if spec is not None else 1
+
+    def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> _Host:
+        self._turn += 1
+        choice = choose(model, self.views, self.copies(model), exclude, self._turn)
+        if choice.short_by:
+            DEGRADED.labels(model, "fewer hosts than copies").inc()
+        for extra in choice.load_also:
+            self._load_copy(model, self.hosts[extra.address])
+        host = self.hosts[choice.host.address]
+        if not host.view.ready(model) and model not in host.view.expected:
+            host.view.expected[model] = time.monotonic()
+        return host
+
+    def _load_copy(self, model: str, host: _Host) -> None:
+        host.view.expected[model] = time.monotonic()
+        log_event(log, "loading another copy", model=model, address=host.view.address, copies=self.copies(model))
+
+        async def load() -> None:
+            try:
+                await host.stub.LoadModel(model_host_pb2.LoadModelRequest(model=model), timeout=LOAD_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                host.view.expected.pop(model, None)
+                DEGRADED.labels(model, "copy failed to load").inc()
+                log_event(log, "another copy did not load", logging.WARNING, model=model, address=host.view.address,
+                          code=exc.code().name, error=exc.details())
+
+        task = asyncio.create_task(load(), name=f"load {model} on {host.view.address}")
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+
+    # -- the stub the servicer calls
+
+    def Generate(self, request: model_host_pb2.GenerateRequest, timeout: float | None = None, metadata=None):
+        return PlacedStream(self, request.model, lambda stub, t: stub.Generate(request, timeout=t, metadata=metadata),
+                            timeout)
+
+    async def Embed(self, request: model_host_pb2.EmbedRequest, timeout: float | None = None, metadata=None):
+        return await self._unary(request.model, lambda stub, t: stub.Embed(request, timeout=t, metadata=metadata), timeout)
+
+    async def Score(self, request: model_host_pb2.ScoreRequest, timeout: float | None = None, metadata=None):
+        return await self._unary(request.model, lambda stub, t: stub.Score(request, timeout=t, metadata=metadata), timeout)
+
+    async def _unary(self, model: str, send: Callable, timeout: float | None):
+        stream = PlacedStream(self, model, send, timeout)
+        try:
+            return await stream.read()
+        finally:
+            stream.release()
+
+    # -- for `mirador status` and logs
+
+    def describe(self) -> list[dict]:
+        return [{"address": v.address, "usable": v.usable, "problem": v.problem, "budget_mb": round(v.budget_bytes / 2**20),
+                 "used_mb": round(v.used_bytes / 2**20), "ready": sorted(m for m, s in v.models.items() if s.ready)}
+                for v in self.views]
+
+
+class _NotServing(Exception):
+    pass
+
+
+class _NotListed(Exception):
+    pass
+
+
+class PlacedStream:
+    """One call (a Generate stream, or a unary call read once), sent to the host `pick` chooses and,
+    until its first answer, to the next host when that one fails or goes down. Reads like the
+    grpc.aio call it wraps: `read()`, `cancel()`, `async for`."""
+
+    def __init__(self, hosts: ModelHosts, model: str, send: Callable, timeout: float | None):
+        self.hosts, self.model, self.send = hosts, model, send
+        self.deadline = time.monotonic() + timeout if timeout is not None else None
+        self.call = None
+        self.host: _Host | None = None
+        self.started = False  # the first answer arrived: no more retries
+        self._counted = False
+
+    def _time_left(self) -> float | None:
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.001)
+
+    def _place(self, tried: frozenset[str]) -> None:
+        self.release()
+        self.host = self.hosts.pick(self.model, tried)
+        calls = self.host.view.calls_here
+        calls[self.model] = calls.get(self.model, 0) + 1
+        self._counted = True
+        self.call = self.send(self.host.stub, self._time_left())
+
+    def release(self) -> None:
+        if self._counted and self.host is not None:
+            self.host.view.calls_here[self.model] -= 1
+            self._counted = False
+
+    async def read(self):
+        if self.started:
+            return await self._read_on()
+        tried: set[str] = set()
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                self._place(frozenset(tried))
+            except Unavailable:
+                if attempt:
+                    raise self._last_error from None
+                await self.hosts.refresh_now()  # none usable at the last look (all starting?): look again once
+                try:
+                    self._place(frozenset(tried))
+                except ServiceError as exc:
+                    raise _call_error(exc.code, exc.message) from None
+            except ServiceError as exc:  # no host (left) for it: the servicer falls back as from a host's refusal
+                if attempt:
+                    raise self._last_error from None
+                raise _call_error(exc.code, exc.message) from None
+            tried.add(self.host.view.address)
+            try:
+                first = await self._first(self.host)
+            except grpc.aio.AioRpcError as exc:
+                self._last_error = exc
+                if exc.code() not in RETRY_CODES or (self.deadline is not None and time.monotonic() >= self.deadline):
+                    self.release()
+                    raise
+                self.host.view.expected.pop(self.model, None)
+                self.hosts.suspect(self.host.view.address)
+                RETRIED.labels(self.model, exc.code().name).inc()
+                log_event(log, "call sent to the next model host", model=self.model, failed=self.host.view.address,
+                          code=exc.code().name, error=exc.details())
+                continue
+            except _HostWentDown:
+                self._last_error = _call_error(grpc.StatusCode.UNAVAILABLE, f"model host {self.host.view.address} "
+                                               f"stopped answering before `{self.model}` did")
+                if self.deadline is not None and time.monotonic() >= self.deadline:
+                    self.release()
+                    raise self._last_error from None
+                RETRIED.labels(self.model, "HOST_DOWN").inc()
+                log_event(log, "call sent to the next model host", model=self.model, failed=self.host.view.address,
+                          code="HOST_DOWN")
+                continue
+            except BaseException:
+                self.cancel()
+                raise
+            self.started = True
+            if first is grpc.aio.EOF:
+                self.release()
+            return first
+        self.release()
+        raise self._last_error
+
+    async def _first(self, host: _Host):
+        """The call's first message, unless its host goes down first."""
+        read = asyncio.ensure_future(self._read_once())
+        went_down = asyncio.ensure_future(host.down.wait())
+        try:
+            done, _ = await asyncio.wait({read, went_down}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            read.cancel()
+            went_down.cancel()
+            raise
+        went_down.cancel()
+        if read in done:
+            return read.result()
+        read.cancel()
+        self.call.cancel()
+        with contextlib.suppress(BaseException):
+            await read
+        raise _HostWentDown()
+
+    async def _read_once(self):
+        if hasattr(self.call, "read"):
+            return await self.call.read()
+        return await self.call  # a unary call
+
+    async def _read_on(self):
+        try:
+            message = await self.call.read()
+        except BaseException:
+            self.release()
+            raise
+        if message is grpc.aio.EOF:
+            self.release()
+        return message
+
+    def cancel(self) -> bool:
+        self.release()
+        return self.call.cancel() if self.call is not None else False
+
+    def __aiter__(self):
+        return self._messages()
+
+    async def _messages(self):
+        while (message := await self.read()) is not grpc.aio.EOF:
+            yield message
+
+
+class _HostWentDown(Exception):
+    pass
+
+
+def _call_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """An error that reads like a model host's own, so the servicer treats it the same (fallbacks)."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+def hosts_table(views: Iterable[HostView]) -> list[str]:
+    """Lines for `mirador status`: each host, its budget and the models READY there."""
+    lines = []
+    for view in views:
+        state = "usable" if view.usable else (f"ignored: {view.problem}" if view.healthy else "down")
+        budget = f"{view.used_bytes / 2**20:.0f}/{view.budget_bytes / 2**20:.0f} MB" if view.budget_bytes else \
+            f"{view.used_bytes / 2**20:.0f} MB (no budget)"
+        ready = ", ".join(sorted(m for m, s in view.models.items() if s.ready)) or "-"
+        lines.append(f"{view.address:<22} {state:<8} {budget:<16} {ready}")
+    return lines
+
+

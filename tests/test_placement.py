@@ -1,0 +1,210 @@
+"""The placement maths (services/router/placement.py): weighted rendezvous hashing, the choice
+of a host per call, and what a host's report must say to be believed. Pure functions, no
+processes (tests/test_placement_hosts.py runs real model hosts)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+from mirador.v1 import model_host_pb2
+
+from services.common.config import ModelSpec
+from services.common.errors import ResourceExhausted, Unavailable
+from services.router.placement import (
+    HostView,
+    ModelOnHost,
+    choose,
+    dns_name,
+    hosts_table,
+    nonsense,
+    placement_order,
+    resolve,
+)
+
+MB = 2**20
+READY, LOADING, UNLOADED = (model_host_pb2.MODEL_STATE_READY, model_host_pb2.MODEL_STATE_LOADING,
+                            model_host_pb2.MODEL_STATE_UNLOADED)
+MODELS = [f"model-{i}" for i in range(3000)]
+
+
+def host(address: str, budget_mb: int = 0, used_mb: int = 0, **models: ModelOnHost) -> HostView:
+    return HostView(address, healthy=True, budget_bytes=budget_mb * MB, used_bytes=used_mb * MB,
+                    models={name.replace("_", "-"): status for name, status in models.items()})
+
+
+def targets(hosts: list[HostView]) -> dict[str, str]:
+    return {m: placement_order(m, hosts)[0].address for m in MODELS}
+
+
+def test_equal_hosts_share_models_evenly():
+    hosts = [host(f"10.0.0.{i}:50061") for i in range(4)]
+    shares = Counter(targets(hosts).values())
+    assert all(abs(count / len(MODELS) - 0.25) < 0.03 for count in shares.values()), shares
+
+
+def test_a_host_that_leaves_hands_only_its_own_models_on():
+    hosts = [host(f"10.0.0.{i}:50061") for i in range(4)]
+    before = targets(hosts)
+    hosts[2].healthy = False  # dies, or stops serving
+    after = targets(hosts)
+    moved = {m for m in MODELS if before[m] != after[m]}
+    assert moved == {m for m in MODELS if before[m] == hosts[2].address}
+    # each goes to its own next host in hash order, so the three survivors share them
+    assert all(abs(n / len(moved) - 1 / 3) < 0.06 for n in Counter(after[m] for m in moved).values())
+
+
+def test_a_host_that_joins_takes_only_its_share():
+    hosts = [host(f"10.0.0.{i}:50061") for i in range(3)]
+    before = targets(hosts)
+    joined = host("10.0.0.9:50061")
+    after = targets([*hosts, joined])
+    moved = {m for m in MODELS if before[m] != after[m]}
+    assert all(after[m] == joined.address for m in moved)  # models only move to the newcomer
+    assert abs(len(moved) / len(MODELS) - 0.25) < 0.03
+
+
+def test_weights_follow_free_memory():
+    roomy, tight = host("10.0.0.1:50061", budget_mb=3000), host("10.0.0.2:50061", budget_mb=3000, used_mb=2000)
+    shares = Counter(targets([roomy, tight]).values())
+    assert abs(shares[roomy.address] / len(MODELS) - 0.75) < 0.03, shares  # 3000 MB free against 1000 MB
+    # a full host keeps a little weight (it can evict idle models); one without a budget weighs the most
+    full = host("h:1", budget_mb=1000, used_mb=1000)
+    assert full.weight() == 20 * MB and host("h:2").weight() > roomy.weight()
+
+
+def test_a_call_goes_where_the_model_is_ready_even_if_another_host_scores_higher():
+    hosts = [host(f"10.0.0.{i}:50061") for i in range(3)]
+    model = "model-7"
+    order = placement_order(model, hosts)
+    order[-1].models[model] = ModelOnHost(READY)
+    assert choose(model, hosts).host is order[-1]
+    assert choose(model, hosts).load_also == ()
+
+
+def test_ready_copies_share_calls_by_load_then_by_turns():
+    a = host("a:1", m=ModelOnHost(READY, in_flight=3))
+    b = host("b:1", m=ModelOnHost(READY, in_flight=1))
+    assert {choose("m", [a, b], turn=t).host.address for t in range(4)} == {"b:1"}
+    b.models["m"] = ModelOnHost(READY, in_flight=3)
+    assert {choose("m", [a, b], turn=t).host.address for t in range(4)} == {"a:1", "b:1"}  # identical replicas
+
+
+def test_a_load_under_way_is_shared():
+    hosts = [host(f"10.0.0.{i}:50061") for i in range(3)]
+    order = placement_order("model-1", hosts)
+    order[2].expected["model-1"] = 0.0  # this router sent it there a moment ago
+    assert choose("model-1", hosts).host is order[2]
+    order[2].expected.clear()
+    order[1].models["model-1"] = ModelOnHost(LOADING)
+    assert choose("model-1", hosts).host is order[1]
+
+
+def test_copies_load_on_the_next_hosts_in_order():
+    hosts = [host(f"10.0.0.{i}:50061") for i in range(4)]
+    order = placement_order("hot", hosts)
+    first = choose("hot", hosts, copies=3)
+    assert first.host is order[0] and first.load_also == (order[1], order[2])
+    order[0].models["hot"] = ModelOnHost(READY)
+    order[1].expected["hot"] = 0.0  # one extra copy already asked for
+    again = choose("hot", hosts, copies=3)
+    assert again.host is order[0] and again.load_also == (order[2],)
+    short = choose("hot", hosts[:2], copies=3)  # two hosts cannot hold three copies: degrade, say so
+    assert short.short_by == 1
+
+
+def test_excluded_and_down_hosts_are_skipped():
+    hosts = [host(f"10.0.0.{i}:50061") for i in range(3)]
+    order = placement_order("m", hosts)
+    assert choose("m", hosts, exclude=frozenset({order[0].address})).host is order[1]
+    for h in hosts:
+        h.healthy = False
+    with pytest.raises(Unavailable, match="no model host can take a call for `m`"):
+        choose("m", hosts)
+
+
+def test_a_model_larger_than_every_budget_is_refused_naming_sizes():
+    hosts = [host("a:1", budget_mb=100, big=ModelOnHost(UNLOADED, load_bytes=300 * MB)), host("b:1", budget_mb=200)]
+    with pytest.raises(ResourceExhausted) as refused:
+        choose("big", hosts)
+    assert "needs 300 MB" in refused.value.message and "the largest: 200 MB at b:1" in refused.value.message
+    hosts.append(host("c:1", budget_mb=400))
+    assert choose("big", hosts).host.address == "c:1"  # the only host that can hold it
+
+
+def test_nonsense_reports_are_recognised():
+    fleet = {"m": ModelSpec("m", "text-generation")}
+    ok = model_host_pb2.ListModelsResponse(models=[model_host_pb2.ModelStatus(name="m")], memory_budget_bytes=10,
+                                           memory_used_bytes=5)
+    assert nonsense(ok, fleet) == ""
+    negative = model_host_pb2.ListModelsResponse(memory_budget_bytes=10 * MB, memory_used_bytes=30 * MB)
+    assert "-20 MB free memory" in nonsense(negative, fleet)
+    unknown = model_host_pb2.ListModelsResponse(models=[model_host_pb2.ModelStatus(name="stranger")])
+    assert "stranger" in nonsense(unknown, fleet)
+    ignored = host("a:1")
+    ignored.problem = nonsense(unknown, fleet)
+    assert not ignored.usable and "ignored" in hosts_table([ignored])[0]
+
+
+def test_dns_targets_are_resolved_to_every_address():
+    assert dns_name("dns:///model-host.mirador.svc:50061") == ("model-host.mirador.svc", 50061)
+    assert dns_name("dns://8.8.8.8/model-host:50061") == ("model-host", 50061)
+    assert dns_name("127.0.0.1:50061") is None
+    addresses = asyncio.run(resolve(["dns:///localhost:50061", "10.0.0.5:50061", "dns:///no-such-host.invalid:1"]))
+    assert "10.0.0.5:50061" in addresses and any(a.endswith(":50061") and "10.0.0.5" not in a for a in addresses)
+    assert not any("invalid" in a for a in addresses)
+
+
+def test_config_check_refuses_a_model_larger_than_the_hosts_budget(tmp_path, capsys):
+    from conftest import write_config
+    from services.cli.main import main
+    from services.common.model_repository import ModelRepository
+    from tiny_models import build_tiny_decoder
+
+    repository = ModelRepository(tmp_path / "models")
+    build_tiny_decoder(repository, "tiny-lm")
+    build_tiny_decoder(repository, "huge-lm", seed=1)
+    body = """
+    fleet:
+      tiny-lm: {task: text-generation}
+      huge-lm: {task: text-generation, max_num_seqs: 256, max_context: 2048}
+    routes:
+      chat: {primary: tiny-lm}
+    """
+    path = write_config(tmp_path, {"model_host": "memory_budget_mb: 50"}, body=body)
+    assert main(["config", "check", str(path)]) == 2
+    error = capsys.readouterr().err
+    # 2 layers x (K, V) x 1 head x 8 dims x 4 bytes = 128 bytes a token, x 256 x 2048 = 64 MB
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.strip().startswith("huge-lm:"))
+    assert f"{path}:{line}: fleet.huge-lm: needs about 64 MB" in error, error
+    assert "64 MB of KV slots (256 x 2048 tokens)" in error and "memory_budget_mb: 50 MB" in error
+    assert "tiny-lm" not in error
+    path = write_config(tmp_path, {"model_host": "memory_budget_mb: 100"}, body=body)
+    assert main(["config", "check", str(path)]) == 0
+
+
+def test_hosts_with_room_come_before_hosts_that_would_evict():
+    def fleet_of_hosts(model: str) -> list[HostView]:
+        full = [host(f"full:{i}", budget_mb=300, used_mb=250, **{model: ModelOnHost(UNLOADED, load_bytes=100 * MB)})
+                for i in range(3)]
+        return [*full, host("roomy:1", budget_mb=300, used_mb=150)]
+
+    # 100 MB fits only where 150 MB are free: that host, whatever the hash says
+    assert {choose(m, fleet_of_hosts(m)).host.address for m in MODELS[:50]} == {"roomy:1"}
+    # size unknown: the hash alone, weighted by free memory (150 MB against 3 x 50 MB: half the models)
+    unknown = Counter(placement_order(m, [host(f"full:{i}", 300, 250) for i in range(3)] + [host("roomy:1", 300, 150)])[0]
+                      .address for m in MODELS)
+    assert abs(unknown["roomy:1"] / len(MODELS) - 0.5) < 0.04, unknown
+
+
+def test_loads_sent_since_the_refresh_count_against_a_host():
+    size = 128 * MB
+    hosts = [host(f"h:{i}", budget_mb=300, used_mb=8, **{m: ModelOnHost(UNLOADED, load_bytes=size)
+                                                         for m in ("a", "b", "c", "d", "e", "f")}) for i in range(3)]
+    placed = Counter()
+    for model in ("a", "b", "c", "d", "e", "f"):  # one call each, all before the next refresh
+        chosen = choose(model, hosts).host
+        chosen.expected[model] = 0.0  # what ModelHosts.pick records
+        placed[chosen.address] += 1
+    assert sorted(placed.values()) == [2, 2, 2], placed  # not the hash's pile-up on one host
