@@ -292,14 +292,24 @@ def test_state_urls_can_come_from_the_environment(monkeypatch):
                                  "  rate_limit_without_redis: closed\n", "test.yaml").state
     assert state.database_url == "postgresql://mirador:s3cret@db.internal/mirador" and state.lines["database_url"] == 8
     assert state.redis_url == "redis://cache.internal:6379/2" and state.rate_limit_without_redis == "closed"
+    assert state.missing_url("database_url") is None and state.key_of("redis_url") == "state.redis_url_env"
     monkeypatch.setenv("TEST_MIRADOR_DB", "mysql://db/x")
     monkeypatch.delenv("TEST_MIRADOR_REDIS")
     problems = problems_of(FLEET + "state:\n  database_url_env: TEST_MIRADOR_DB\n  redis_url_env: TEST_MIRADOR_REDIS\n"
                                    "  redis_url: redis://x:1/0\n")
     said = [(p.key, p.message) for p in problems]
-    assert len(said) == 3
+    assert len(said) == 2
     assert "scheme `mysql` (from $TEST_MIRADOR_DB) is not one of" in said[0][1]
-    assert said[1][0] == "state.redis_url_env" and "TEST_MIRADOR_REDIS is not set or empty" in said[1][1]
-    assert said[2][0] == "state.redis_url_env" and "give `redis_url` or `redis_url_env`" in said[2][1]
+    assert said[1][0] == "state.redis_url_env" and "give `redis_url` or `redis_url_env`" in said[1][1]
     assert "`redis://x` is not an environment variable name" in only_problem(
         FLEET + "state:\n  redis_url_env: redis://x\n").message
+
+
+def test_a_state_url_variable_unset_here_loads_and_is_an_error_only_where_it_is_used(monkeypatch):
+    """Every service reads the one file; only the consensus and the router need the URLs."""
+    monkeypatch.delenv("TEST_MIRADOR_UNSET", raising=False)
+    state = parse_config(FLEET + "state:\n  redis_url_env: TEST_MIRADOR_UNSET\n", "test.yaml").state
+    assert state.uses_redis and not state.redis_url and not state.uses_postgresql
+    assert state.missing_url("redis_url") == ("the environment variable TEST_MIRADOR_UNSET is not set or empty in "
+                                              "this process; set it (e.g. from the Secret) before starting the service")
+    assert (state.key_of("redis_url"), state.lines["redis_url"], state.source) == ("state.redis_url_env", 8, "test.yaml")

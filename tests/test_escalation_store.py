@@ -328,3 +328,37 @@ def test_a_reload_that_moves_the_review_queue_says_a_restart_is_needed(tmp_path)
         assert seen and seen[0].get("keys") == ["state"], seen
     finally:
         mesh.stop()
+
+
+@pytest.mark.parametrize("service, key", [("consensus", "database_url_env"), ("router", "redis_url_env")])
+def test_a_url_variable_the_service_needs_but_lacks_stops_it_at_start_naming_the_key(tmp_path, service, key):
+    """The same file loads in every service; the one that needs the URL refuses to start without it."""
+    import os
+
+    path = write_config(tmp_path, body=f"fleet:\n  m: {{task: text-generation}}\nstate:\n  {key}: TEST_MIRADOR_UNSET_URL\n")
+    environment = {k: v for k, v in os.environ.items() if k != "TEST_MIRADOR_UNSET_URL"}
+    result = subprocess.run([sys.executable, "-m", f"services.{service}", "--config", str(path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, env=environment)
+    assert result.returncode == 2, result.stderr
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if key in text)
+    assert (f"{path}:{line}: state.{key}: the environment variable TEST_MIRADOR_UNSET_URL is not set or empty"
+            in result.stderr), result.stderr
+
+
+def test_a_url_from_the_environment_reaches_the_review_queue(pg_schema, tmp_path):
+    import os
+
+    path = write_config(tmp_path, body=f"fleet:\n  m: {{task: text-generation}}\nstate:\n"
+                                       f"  database_url_env: TEST_MIRADOR_DB_URL\n  database_schema: {pg_schema}\n")
+    from services.cli.supervisor import Mesh
+    from services.common.config import load_config
+
+    os.environ["TEST_MIRADOR_DB_URL"] = POSTGRES_URL
+    try:
+        mesh = Mesh(load_config(path), log_dir=tmp_path / "logs", services=("consensus",))
+        mesh.start(timeout_s=60)
+        mesh.stop()
+    finally:
+        del os.environ["TEST_MIRADOR_DB_URL"]
+    with psycopg.connect(POSTGRES_URL) as connection:
+        assert connection.execute(f"SELECT count(*) FROM {pg_schema}.schema_migrations").fetchone()[0] == 2

@@ -76,6 +76,9 @@ class PostgresDatabase:
     """A pool of connections to one schema. `what` names the state in messages ("the review queue")."""
 
     def __init__(self, settings: StateSettings, application_name: str, what: str):
+        missing = settings.missing_url("database_url")
+        if missing:
+            raise DatabaseUnreachable(f"{settings.key_of('database_url')}: {missing}")
         self.settings = settings
         self.schema = settings.database_schema
         self.what = what

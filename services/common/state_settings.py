@@ -14,7 +14,9 @@ keeps its state to itself, as before (SQLite files, in-process sessions and buck
 A password belongs in the environment, not the file: libpq reads `PGPASSWORD` (and
 `~/.pgpass`), so the URL can leave it out; or the whole URL comes from an environment
 variable (a Kubernetes Secret): `database_url_env: NAME`, `redis_url_env: NAME` instead of
-the URL itself.
+the URL itself. Every service reads the one config file, but only the consensus and the
+router use these: a variable that is not set is an error when such a service starts
+(`missing_url`), not when any process loads the file.
 
 The reader is given the config loader's own `_Reader` (duck-typed: `mapping`, `string`,
 `integer`, `problem`) so problems keep the `file:line: key: message` format.
@@ -47,16 +49,32 @@ class StateSettings:
     redis_prefix: str = "mirador:"
     redis_timeout_ms: int = 250
     rate_limit_without_redis: str = "open"
-    # Where each key was given ({key: line}), so a failure at start names file, line and key.
+    database_url_env: str = ""  # the environment variable that held database_url, if it came from one
+    redis_url_env: str = ""
+    # The config file and where each key was given ({key: line}), so that a failure at start
+    # names file, line and key.
+    source: str = field(default="", compare=False, repr=False)
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def uses_postgresql(self) -> bool:
-        return bool(self.database_url)
+        return bool(self.database_url or self.database_url_env)
 
     @property
     def uses_redis(self) -> bool:
-        return bool(self.redis_url)
+        return bool(self.redis_url or self.redis_url_env)
+
+    def key_of(self, url: str) -> str:
+        """The config key that gave `url` ("database_url" or "redis_url"): itself or its `_env`."""
+        return f"state.{url}_env" if getattr(self, f"{url}_env") else f"state.{url}"
+
+    def missing_url(self, url: str) -> str | None:
+        """Why `url` is not there when it is asked for through an environment variable that is
+        not set in this process (the problem of key `key_of(url)`, line `lines[url]`); else None."""
+        if getattr(self, url) or not getattr(self, f"{url}_env"):
+            return None
+        return (f"the environment variable {getattr(self, f'{url}_env')} is not set or empty in this process; "
+                "set it (e.g. from the Secret) before starting the service")
 
 
 def redact_url(url: str) -> str:
@@ -79,13 +97,13 @@ def read_state(reader: Any, node: Any) -> StateSettings:
             values[name] = _url(reader, value_node, key, ("postgresql", "postgres"), _POSTGRES_EXAMPLE)
         elif name == "redis_url":
             values[name] = _url(reader, value_node, key, ("redis", "rediss", "unix"), _REDIS_EXAMPLE)
-        elif name == "database_url_env":
-            values["database_url"] = _url_from_env(reader, value_node, key, ("postgresql", "postgres"),
-                                                   _POSTGRES_EXAMPLE)
-            lines["database_url"] = lines[name]
-        elif name == "redis_url_env":
-            values["redis_url"] = _url_from_env(reader, value_node, key, ("redis", "rediss", "unix"), _REDIS_EXAMPLE)
-            lines["redis_url"] = lines[name]
+        elif name in ("database_url_env", "redis_url_env"):
+            url = name.removesuffix("_env")
+            schemes, example = (("postgresql", "postgres"), _POSTGRES_EXAMPLE) if url == "database_url" else (
+                ("redis", "rediss", "unix"), _REDIS_EXAMPLE)
+            variable, values[url] = _url_from_env(reader, value_node, key, schemes, example)
+            values[name] = variable
+            lines[url] = lines[name]
         elif name == "database_schema":
             schema = reader.string(value_node, key)
             if schema is not None and not _SCHEMA_NAME.match(schema):
@@ -107,26 +125,27 @@ def read_state(reader: Any, node: Any) -> StateSettings:
         if url in entries and f"{url}_env" in entries:
             reader.problem(entries[f"{url}_env"][0], f"state.{url}_env",
                            f"give `{url}` or `{url}_env` (the environment variable that holds it), not both")
-    if values.get("rate_limit_without_redis") and not values.get("redis_url"):
+    if values.get("rate_limit_without_redis") and not (values.get("redis_url") or values.get("redis_url_env")):
         reader.problem(entries["rate_limit_without_redis"][0], "state.rate_limit_without_redis",
                        "has no effect without `redis_url`: rate limits are kept in process; remove it or set redis_url")
-    return StateSettings(**{k: v for k, v in values.items() if v is not None}, lines=lines)
+    return StateSettings(**{k: v for k, v in values.items() if v is not None}, source=reader.path, lines=lines)
 
 
-def _url_from_env(reader: Any, node: Any, key: str, schemes: tuple[str, ...], example: str) -> str | None:
+def _url_from_env(reader: Any, node: Any, key: str, schemes: tuple[str, ...],
+                  example: str) -> tuple[str | None, str | None]:
+    """(the variable's name, its URL). A variable that is not set here gives no URL and no
+    problem: the services that use it say so when they start (StateSettings.missing_url)."""
     variable = reader.string(node, key)
     if variable is None:
-        return None
+        return None, None
     if not _ENV_NAME.match(variable):
         reader.problem(node, key, f"`{variable}` is not an environment variable name; give the variable's name "
                                   "(like MIRADOR_DATABASE_URL), not the URL")
-        return None
+        return None, None
     value = os.environ.get(variable, "").strip()
     if not value:
-        reader.problem(node, key, f"the environment variable {variable} is not set or empty; export it with the URL "
-                                  "before starting the service")
-        return None
-    return _url(reader, node, key, schemes, example, value=value, source=f" (from ${variable})")
+        return variable, None
+    return variable, _url(reader, node, key, schemes, example, value=value, source=f" (from ${variable})")
 
 
 def _url(reader: Any, node: Any, key: str, schemes: tuple[str, ...], example: str, *, value: str | None = None,

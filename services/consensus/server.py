@@ -29,10 +29,13 @@ def open_escalation_store(config: MiradorConfig) -> EscalationStore:
         from services.consensus.escalations_pg import DatabaseUnreachable, PostgresEscalationStore  # psycopg only here
 
         try:
+            missing = state.missing_url("database_url")
+            if missing:
+                raise DatabaseUnreachable(missing)
             store: EscalationStore = PostgresEscalationStore(state)
         except (StoreError, DatabaseUnreachable) as exc:
             raise ConfigError([ConfigProblem(str(config.path), state.lines.get("database_url", 0),
-                                             "state.database_url", str(exc))]) from None
+                                             state.key_of("database_url"), str(exc))]) from None
         log_event(log, "escalation store open", backend="postgresql", schema=state.database_schema,
                   migrated=store.migrated)
         return store

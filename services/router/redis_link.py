@@ -24,6 +24,7 @@ from prometheus_client import Counter
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from services.common.config import ConfigError, ConfigProblem
 from services.common.logs import log_event
 from services.common.state_settings import StateSettings, redact_url
 
@@ -43,6 +44,10 @@ class RedisDown(Exception):
 
 class RedisLink:
     def __init__(self, settings: StateSettings, clock: Callable[[], float] = time.monotonic):
+        missing = settings.missing_url("redis_url")
+        if missing:  # the router stops at start, naming the key (the config error's exit code)
+            raise ConfigError([ConfigProblem(settings.source, settings.lines.get("redis_url", 0),
+                                             settings.key_of("redis_url"), missing)])
         self.url = redact_url(settings.redis_url)
         self.prefix = settings.redis_prefix
         timeout_s = settings.redis_timeout_ms / 1000

@@ -250,11 +250,15 @@ class Rollouts:
         if config.state.uses_postgresql:
             from services.router.rollout_store_pg import RolloutStateDatabase  # psycopg only when asked for
 
+            state = config.state
             try:
-                return cls(config, RolloutStateDatabase(config.state))
-            except Exception as exc:  # noqa: BLE001 - unreachable, refused, newer schema: stop, naming the key
-                raise ConfigError([ConfigProblem(str(config.path), config.state.lines.get("database_url", 0),
-                                                 "state.database_url", str(exc))]) from None
+                missing = state.missing_url("database_url")
+                if missing:
+                    raise ValueError(missing)
+                return cls(config, RolloutStateDatabase(state))
+            except Exception as exc:  # noqa: BLE001 - unset, unreachable, refused, newer schema: stop, naming the key
+                raise ConfigError([ConfigProblem(str(config.path), state.lines.get("database_url", 0),
+                                                 state.key_of("database_url"), str(exc))]) from None
         path = state_file(config.services.router.rollout_state, "rollouts.json", config.path.parent)
         return cls(config, RolloutStateFile(path))
 
