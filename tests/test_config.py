@@ -153,6 +153,17 @@ def test_model_host_replicas_take_consecutive_ports_and_are_the_routers_default_
     assert parse_config(FLEET).services.model_host_targets == ("127.0.0.1:50061",)  # default: one replica
 
 
+def test_a_service_is_dialled_at_its_target_when_it_listens_elsewhere():
+    config = parse_config("services:\n  consensus: {host: 0.0.0.0, target: 'dns:///mirador-consensus:50052'}\n" + FLEET)
+    assert config.services.consensus.address == "0.0.0.0:50052"  # where it listens
+    assert config.services.consensus.client_target == "dns:///mirador-consensus:50052"  # where it is called
+    assert config.services.router.client_target == "127.0.0.1:50051"  # no target: host:port
+    problem = only_problem("services:\n  router: {target: [10.0.0.1:1, 10.0.0.2:1]}\n" + FLEET)
+    assert problem.key == "services.router.target" and "one target" in problem.message
+    problem = only_problem("services:\n  router: {target: 'no port here'}\n" + FLEET)
+    assert problem.key == "services.router.target" and "not a gRPC target" in problem.message
+
+
 def test_replica_port_clashing_with_another_service_names_the_replicas_key():
     problem = only_problem("services:\n  router: {port: 6002}\n  model_host: {port: 6000, replicas: 3}\n" + FLEET)
     assert problem.key == "services.model_host.replicas" and problem.line == 3

@@ -1,7 +1,7 @@
 """deploy/k8s: the kustomize base and the production overlay render, validate strictly
 against the Kubernetes 1.33 schemas with no warning, and say what Mirador needs
 (gRPC probes with service names, memory sized from the model host's budget, a
-headless Service for the model hosts, only the router open to outside traffic).
+headless Service for the model hosts, only the router and the gateway open to outside traffic).
 
 Rendering uses `kubectl kustomize` (the kubectl package is on this project's
 machines); validation uses `kubernetes-validate` (PyPI, the dev extra), offline.
@@ -95,7 +95,7 @@ def test_a_broken_manifest_fails_validation(tmp_path):
 def test_every_service_has_a_deployment_a_service_and_grpc_probes_with_its_name(rendered):
     _, _, documents = rendered
     deployments, services = by_kind(documents, "Deployment"), by_kind(documents, "Service")
-    assert set(deployments) == set(PROBE_SERVICES) == set(services)
+    assert set(deployments) == set(PROBE_SERVICES) | {"mirador-gateway"} == set(services)
     for name, (grpc_service, port) in PROBE_SERVICES.items():
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         assert container["ports"][0]["containerPort"] == port
@@ -105,6 +105,22 @@ def test_every_service_has_a_deployment_a_service_and_grpc_probes_with_its_name(
         assert services[name]["spec"]["ports"][0]["port"] == port
         assert container["command"][:3] == ["python", "-m", f"services.{name.removeprefix('mirador-').replace('-', '_')}"]
     assert services["mirador-model-host"]["spec"]["clusterIP"] == "None"  # headless: one A record per pod
+
+
+def test_the_gateway_serves_http_and_dials_the_router_and_consensus_by_their_cluster_names(rendered):
+    _, _, documents = rendered
+    gateway = by_kind(documents, "Deployment")["mirador-gateway"]["spec"]["template"]["spec"]["containers"][0]
+    assert gateway["command"][:3] == ["python", "-m", "services.gateway"]
+    assert gateway["ports"][0]["containerPort"] == 8080
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert gateway[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert by_kind(documents, "Service")["mirador-gateway"]["spec"]["ports"][0]["port"] == 8080
+    (configmap,) = by_kind(documents, "ConfigMap").values()
+    services = parse_config(configmap["data"]["mirador.yaml"], "configmap").services
+    # listening on every interface, dialled by name: 0.0.0.0 is no address to call
+    assert services.router.client_target == "dns:///mirador-router:50051"
+    assert services.consensus.client_target == "dns:///mirador-consensus:50052"
+    assert services.gateway.host == "0.0.0.0" and services.gateway.port == 8080
 
 
 def test_model_host_memory_is_sized_from_its_budget(rendered):
@@ -153,7 +169,7 @@ def test_autoscaling_disruption_budgets_and_mesh_annotations(rendered):
         assert "holdApplicationUntilProxyStarts" in template["annotations"]["proxy.istio.io/config"]
 
 
-def test_only_the_router_admits_traffic_from_outside(rendered):
+def test_only_the_router_and_the_gateway_admit_traffic_from_outside(rendered):
     _, _, documents = rendered
     policies = by_kind(documents, "NetworkPolicy")
     deny = policies["mirador-default-deny-ingress"]
@@ -161,9 +177,10 @@ def test_only_the_router_admits_traffic_from_outside(rendered):
     assert "ingress" not in deny["spec"]
     open_to_anyone = [name for name, p in policies.items()
                       if any("from" not in rule for rule in p["spec"].get("ingress", []))]
-    assert open_to_anyone == ["mirador-router-from-anywhere"]
-    assert policies["mirador-router-from-anywhere"]["spec"]["podSelector"]["matchLabels"] == {
-        "app.kubernetes.io/name": "mirador-router"}
+    assert sorted(open_to_anyone) == ["mirador-gateway-from-anywhere", "mirador-router-from-anywhere"]
+    for name in ("router", "gateway"):
+        assert policies[f"mirador-{name}-from-anywhere"]["spec"]["podSelector"]["matchLabels"] == {
+            "app.kubernetes.io/name": f"mirador-{name}"}
     for deployment in by_kind(documents, "Deployment").values():  # the deny-all selects every pod
         assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "mirador"
 

@@ -65,11 +65,11 @@ def metered_mesh(tmp_path_factory):
     repository = ModelRepository(directory / "models")
     build_tiny_decoder(repository, "tiny-lm")
     build_tiny_encoder(repository, "tiny-embed")
-    ports = {"router": free_port(), "model_host": free_port()}
+    ports = {"router": free_port(), "model_host": free_port(), "gateway": free_port()}
     extra = {name: f"metrics_port: {port}" for name, port in ports.items()}
     extra["model_host"] += "\nmemory_budget_mb: 4096"
     config = load_config(write_config(directory, service_extra=extra, body=FLEET))
-    mesh = Mesh(config, log_dir=directory / "logs", services=("router", "model_host"),
+    mesh = Mesh(config, log_dir=directory / "logs", services=("router", "model_host", "gateway"),
                 env={"XDG_CACHE_HOME": str(directory / "cache")})
     try:
         mesh.start()

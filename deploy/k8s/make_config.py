@@ -34,19 +34,25 @@ services:
     min_confidence: 0.5
     shutdown_grace_s: 20s      # terminationGracePeriodSeconds is 30
     model_host_targets: dns:///mirador-model-host:50061
+    target: dns:///mirador-router:50051       # where the gateway dials it
   consensus:
     host: 0.0.0.0
     port: 50052
+    target: dns:///mirador-consensus:50052    # where the router and the gateway dial it
     escalation_db: /var/lib/mirador/escalations.sqlite3
   quantizer:
     host: 0.0.0.0
     port: 50053
+    target: dns:///mirador-quantizer:50053
   model_host:
     host: 0.0.0.0
     port: 50061
     memory_budget_mb: 3072     # the Deployment's memory request/limit are sized from this
     execution_providers: [CPUExecutionProvider]
     shutdown_grace_s: 20s
+  gateway:
+    host: 0.0.0.0
+    port: 8080
 
 model_repository: /models      # the image carries the fleet (`mirador fleet build` at image build time)
 

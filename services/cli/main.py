@@ -161,7 +161,7 @@ def cmd_status(args) -> int:
 
 
 def _router(config: MiradorConfig) -> tuple[grpc.Channel, router_pb2_grpc.RouterStub]:
-    channel = open_channel(config, config.services.router.address, aio=False, service="router")
+    channel = open_channel(config, config.services.router.client_target, aio=False, service="router")
     return channel, router_pb2_grpc.RouterStub(channel)
 
 

@@ -36,7 +36,7 @@ def cmd_quantize(args) -> int:
         request.budget_bits_per_weight = args.budget_bits
     else:
         request.budget_mb = args.budget_mb
-    address = config.services.quantizer.address
+    address = config.services.quantizer.client_target
     bars: dict[str, object] = {}
     report = None
     try:

@@ -54,7 +54,7 @@ def add_review_commands(subparsers) -> None:
 
 def _stub(args):
     config = load_config(args.config)
-    channel = open_channel(config, config.services.consensus.address, aio=False, service="consensus")
+    channel = open_channel(config, config.services.consensus.client_target, aio=False, service="consensus")
     return channel, consensus_pb2_grpc.ConsensusStub(channel)
 
 

@@ -16,7 +16,7 @@ _MODE = {rollouts_pb2.ROLLOUT_MODE_CANARY: "canary", rollouts_pb2.ROLLOUT_MODE_S
 
 
 def list_rollouts(config: MiradorConfig, timeout_s: float = 3.0) -> list[rollouts_pb2.Rollout]:
-    with open_channel(config, config.services.router.address, aio=False, service="router") as channel:
+    with open_channel(config, config.services.router.client_target, aio=False, service="router") as channel:
         reply = rollouts_pb2_grpc.RolloutsStub(channel).ListRollouts(rollouts_pb2.ListRolloutsRequest(), timeout=timeout_s)
     return list(reply.rollouts)
 
@@ -49,7 +49,7 @@ def cmd_rollout(args) -> int:
             print(format_rollout(rollout))
         return 0
     request = rollouts_pb2.RolloutActionRequest(model=args.model, reason=args.reason or "")
-    with open_channel(config, config.services.router.address, aio=False, service="router") as channel:
+    with open_channel(config, config.services.router.client_target, aio=False, service="router") as channel:
         stub = rollouts_pb2_grpc.RolloutsStub(channel)
         rollout = (stub.Promote if args.rollout_command == "promote" else stub.Rollback)(request, timeout=args.timeout)
     print(format_rollout(rollout))

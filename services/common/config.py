@@ -54,11 +54,19 @@ class ServiceSettings:
     max_concurrent_rpcs: int = 256  # calls beyond it are refused with RESOURCE_EXHAUSTED
     shutdown_grace_s: float = 5.0  # in-flight calls get this long to finish on SIGTERM
     metrics_port: int = 0  # Prometheus /metrics over HTTP on this port (same host); 0 = off
+    # Where the other services and the CLI reach this one, when not at host:port (which is where it
+    # listens: 0.0.0.0 in a pod): a gRPC target such as dns:///mirador-consensus:50052.
+    target: str = ""
 
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def client_target(self) -> str:
+        """What a caller dials: `target`, else host:port."""
+        return self.target or self.address
 
 
 @dataclass(frozen=True)
@@ -601,6 +609,12 @@ class _Reader:
                 self._replicas_node = value_node
             elif name == "model_host_targets":
                 value = self.targets(value_node, dotted)
+            elif name == "target":
+                found = self.targets(value_node, dotted)
+                if found is not None and len(found) > 1:
+                    self.problem(value_node, dotted, "give one target (host:port or dns:///name:port)")
+                    found = None
+                value = found[0] if found else None
             elif name == "model_host_balancing":
                 value = self.string(value_node, dotted, choices=MODEL_HOST_BALANCING)
             else:  # escalation_db

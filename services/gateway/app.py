@@ -81,10 +81,10 @@ class Gateway:
 
     async def open(self) -> None:
         # open_channel adds the configured bearer token to every router call
-        self.channel = open_channel(self.config, self.config.services.router.address, aio=True, service="router")
+        self.channel = open_channel(self.config, self.config.services.router.client_target, aio=True, service="router")
         self.router = router_pb2_grpc.RouterStub(self.channel)
         # the review queue (/review); channels connect on first use, so a mesh without consensus still serves /v1
-        self.consensus_channel = open_channel(self.config, self.config.services.consensus.address, aio=True,
+        self.consensus_channel = open_channel(self.config, self.config.services.consensus.client_target, aio=True,
                                               service="consensus")
         self.consensus = consensus_pb2_grpc.ConsensusStub(self.consensus_channel)
 

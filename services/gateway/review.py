@@ -291,7 +291,7 @@ class ReviewPages:
         return self._gateway(request).config.security.bearer_token
 
     def _consensus_error(self, request: Request, exc: grpc.aio.AioRpcError) -> ReviewError:
-        address = self._gateway(request).config.services.consensus.address
+        address = self._gateway(request).config.services.consensus.client_target
         relayed = from_rpc_error(exc, hop=f"the consensus service at {address}")
         code = exc.code()
         status = {grpc.StatusCode.FAILED_PRECONDITION: 409, grpc.StatusCode.DEADLINE_EXCEEDED: 504,

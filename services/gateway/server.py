@@ -88,7 +88,7 @@ async def serve(config: MiradorConfig, sock: socket.socket) -> None:
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     scheme = "https" if config.security.tls is not None else "http"
-    log_event(log, "listening", url=f"{scheme}://{settings.address}/v1", router=config.services.router.address)
+    log_event(log, "listening", url=f"{scheme}://{settings.address}/v1", router=config.services.router.client_target)
     await server.serve(sockets=[sock])
     log_event(log, "stopped")
 
