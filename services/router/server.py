@@ -104,7 +104,7 @@ class RouterService(MiradorService):
         else:
             self.model_host_channel = model_host_channel(self.config.services.model_host_targets, self.config.security)
             self.servicer.model_host = model_host_pb2_grpc.ModelHostStub(self.model_host_channel)
-        self.consensus_channel = open_channel(self.config.security, self.config.services.consensus.address, aio=True,
+        self.consensus_channel = open_channel(self.config.security, self.config.services.consensus.client_target, aio=True,
                                               service="consensus")
         self.servicer.consensus = consensus_pb2_grpc.ConsensusStub(self.consensus_channel)
         # Learning the routes needs the embedding model; it happens in the background
@@ -131,7 +131,7 @@ class RouterService(MiradorService):
             ("services.router.model_host_targets", old.services.model_host_targets, new_config.services.model_host_targets),
             ("services.router.model_host_balancing", old.services.router.model_host_balancing,
              new_config.services.router.model_host_balancing),
-            ("services.consensus address", old.services.consensus.address, new_config.services.consensus.address),
+            ("services.consensus address", old.services.consensus.client_target, new_config.services.consensus.client_target),
         ) if before != after]
         if restart:
             log_event(log, "config reload: restart the router to apply these changes", logging.WARNING, keys=restart)
