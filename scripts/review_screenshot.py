@@ -23,6 +23,8 @@ sys.path.insert(0, str(REPO / "bench"))
 import httpx  # noqa: E402
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from soak import soak_config  # noqa: E402
 from services.cli.supervisor import Mesh  # noqa: E402
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                 driver.find_element(By.ID, "note").send_keys("Retention policy 7.1: two years at most; "
                                                              "training copies need consent.")
                 driver.find_element(By.ID, "reviewer").send_keys("Ana Reviewer")
+                page = driver.find_element(By.TAG_NAME, "html")
                 driver.find_element(By.CSS_SELECTOR, "form.resolve button[type=submit]").click()
+                WebDriverWait(driver, 20).until(expected_conditions.staleness_of(page))
                 assert driver.find_elements(By.CSS_SELECTOR, ".notice.ok"), "the case was not resolved"
                 driver.get(f"{site}/review/{cases[2] if len(cases) > 2 else cases[1]}")
                 driver.find_element(By.CSS_SELECTOR, "input[name=decision][value='non-compliant']").click()

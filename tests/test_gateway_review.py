@@ -141,6 +141,17 @@ def _chromium():
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
 
 
+def _follow(browser, element) -> None:
+    """Clicks a link or submit button and waits until the browser has left the page (without it, the
+    next lookup can still find the old page's elements)."""
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = browser.find_element("tag name", "html")
+    element.click()
+    WebDriverWait(browser, 20).until(expected_conditions.staleness_of(page))
+
+
 def _screenshot(browser, name: str, tmp_path: Path) -> None:
     """The whole page, beyond the window (Chromium's DevTools call), kept in tmp_path and, when asked,
     in $MIRADOR_REVIEW_SCREENSHOT_DIR."""
@@ -180,7 +191,7 @@ def test_a_reviewer_resolves_a_case_in_chromium(queue, consensus, tmp_path):
         assert "decisions escalated" in browser.find_element(By.CSS_SELECTOR, ".stats svg").get_attribute("textContent")
         _screenshot(browser, "review-queue.png", tmp_path)
 
-        rows[case_id].find_element(By.LINK_TEXT, case_id).click()
+        _follow(browser, rows[case_id].find_element(By.LINK_TEXT, case_id))
         assert case_id in browser.find_element(By.TAG_NAME, "h1").text
         assert question in browser.find_element(By.CSS_SELECTOR, "section.card").text
         assert len(browser.find_elements(By.CSS_SELECTOR, "table.votes-table tbody tr")) == 3
@@ -190,7 +201,7 @@ def test_a_reviewer_resolves_a_case_in_chromium(queue, consensus, tmp_path):
         reviewer.clear()
         reviewer.send_keys("Ana Reviewer")
         _screenshot(browser, "review-case.png", tmp_path)
-        browser.find_element(By.CSS_SELECTOR, "form.resolve button[type=submit]").click()
+        _follow(browser, browser.find_element(By.CSS_SELECTOR, "form.resolve button[type=submit]"))
 
         assert "Resolved." in browser.find_element(By.CSS_SELECTOR, ".notice.ok").text
         assert browser.current_url.endswith(f"/review/{case_id}?resolved=1")
@@ -468,3 +479,28 @@ def test_the_page_asks_for_the_bearer_token_when_one_is_configured(tmp_path, mon
         # scripts may send the token itself
         assert httpx.get(f"{site}/review", headers={"authorization": f"Bearer {TOKEN}"}, timeout=30).status_code == 200
         assert httpx.get(f"{site}/review", headers={"authorization": "Bearer nope"}, timeout=30).status_code == 401
+
+
+def test_a_browser_signs_in_with_the_token_and_out_again(tmp_path, monkeypatch):
+    from selenium.webdriver.common.by import By
+
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    config = load_config(write_config(tmp_path, body=GUARDED))
+    with Mesh(config, log_dir=tmp_path / "logs", services=("consensus", "gateway")) as guarded:
+        browser = _chromium()
+        try:
+            browser.get(f"{base(guarded)}/review?state=all")
+            assert browser.find_element(By.TAG_NAME, "h1").text == "Sign in to the review queue"
+            browser.find_element(By.ID, "token").send_keys("not-it")
+            _follow(browser, browser.find_element(By.CSS_SELECTOR, "form button[type=submit]"))
+            assert "not the configured token" in browser.find_element(By.CSS_SELECTOR, ".notice.bad").text
+            browser.find_element(By.ID, "token").send_keys(TOKEN)
+            _follow(browser, browser.find_element(By.CSS_SELECTOR, "form button[type=submit]"))
+            assert browser.current_url.endswith("/review?state=all")  # back where the reviewer was going
+            assert browser.find_element(By.TAG_NAME, "h1").text == "All escalations"
+            session = browser.get_cookie("mirador_review_session")
+            assert session["httpOnly"] and session["sameSite"] == "Strict" and session["value"] != TOKEN
+            _follow(browser, browser.find_element(By.CSS_SELECTOR, "header form button"))  # sign out
+            assert browser.find_element(By.TAG_NAME, "h1").text == "Sign in to the review queue"
+        finally:
+            browser.quit()
