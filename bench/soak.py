@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import sys
@@ -67,12 +68,16 @@ MIX = [("chat", 0.25), ("extraction", 0.15), ("coding", 0.15), ("reasoning", 0.1
 TEXTS = {
     "chat": ["Good morning! How's it going?", "Tell me a fun fact about octopuses.", "Suggest a name for our team."],
     "extraction": ["Pull the invoice number and total from: 'INV-0042 due 03/15/2025, total $1,240.00'",
-                   "List the dates in: admitted 11/02, discharged 11/06."],
-    "coding": ["Write a Python function that reverses a string.", "What does this regex match: ^[A-Z]{2}\\d{6}$"],
+                   "List the dates in: admitted 11/02, discharged 11/06.",
+                   "Extract the member id from: 'Member ID W123456789, plan Gold PPO'"],
+    "coding": ["Write a Python function that reverses a string.", "What does this regex match: ^[A-Z]{2}\\d{6}$",
+               "Fix this JavaScript: const total = items.reduce((a, b) => a + b.price);"],
     "reasoning": ["What are the risks of moving our portal to a new vendor mid-year?",
-                  "Summarize the trade-offs between capitation and fee-for-service."],
+                  "Summarize the trade-offs between capitation and fee-for-service.",
+                  "If claims rise 8% a year, how long until they double? Explain the steps."],
     "compliance": ["Is it a HIPAA violation to leave a voicemail that mentions a diagnosis?",
-                   "Can we offer a $50 gift card to members who enroll early?"],
+                   "Can we offer a $50 gift card to members who enroll early?",
+                   "Does emailing lab results to a patient's personal address need their consent?"],
     "": ["Tell me a joke about accountants.", "Extract the ICD-10 codes from: E11.9 and I10.",
          "Write a SQL query for the top 5 providers by paid amount.", "Is sharing claims data without a BAA allowed?"],
 }
@@ -94,7 +99,7 @@ def soak_config(directory: Path, tiny: bool) -> Path:
         repository = ModelRepository(directory / "models")
         build_tiny_decoder(repository, "tiny-lm")
         build_tiny_encoder(repository, "tiny-embed")
-        routes = "\n".join(f"  {r}: {{primary: tiny-lm, timeout_ms: 20000, examples: {json.dumps(TEXTS[r][:2])}}}"
+        routes = "\n".join(f"  {r}: {{primary: tiny-lm, timeout_ms: 20000, examples: {json.dumps(TEXTS[r][:3])}}}"
                            for r, _ in MIX if r)
         body = f"fleet:\n  tiny-lm: {{task: text-generation, tier: hot}}\n  tiny-embed: {{task: embedding, tier: hot}}\nroutes:\n{routes}\n"
         return write_config(directory, body=body, service_extra={"router": "embedding_model: tiny-embed\nmin_confidence: 0.0"})
@@ -154,6 +159,7 @@ class Call:
     first_token_s: float | None  # scheduled start to the first token
     route: str                   # the route asked for, or "classified:<chosen>"
     code: str                    # "OK" or the gRPC status name
+    details: str = ""            # the status message of a failed call
 
 
 class Load:
@@ -169,7 +175,7 @@ class Load:
         route = self.rng.choices(self.routes, self.weights)[0]
         request = router_pb2.AskRequest(text=self.rng.choice(TEXTS[route]), route=route,
                                         sampling=common_pb2.SamplingParams(max_tokens=self.args.max_tokens))
-        code, chosen, first = "OK", "?", None
+        code, chosen, first, details = "OK", "?", None, ""
         try:
             async for response in stub.Ask(request, timeout=self.args.deadline_s,
                                            metadata=(("x-mirador-client", client),)):
@@ -179,9 +185,9 @@ class Load:
                 elif kind == "token" and first is None:
                     first = time.monotonic() - scheduled
         except grpc.RpcError as exc:
-            code = exc.code().name
+            code, details = exc.code().name, exc.details() or ""
         self.calls.append(Call(scheduled - t0, time.monotonic() - scheduled, first,
-                               route or f"classified:{chosen}", code))
+                               route or f"classified:{chosen}", code, details))
 
     async def closed(self, clients: int, seconds: float, min_calls: int = PROBE_MIN_CALLS) -> float:
         """`clients` callers, each sending its next call when the last ends, for `seconds`
@@ -320,6 +326,20 @@ def soak(mesh: Mesh, args) -> dict:
     return summarise(load.calls, rss.samples, soak_began, elapsed, rate, capacity, alive, load_average_start, args)
 
 
+def error_samples(calls: list[Call], per_cause: int = 3) -> list[dict]:
+    """What the failed calls said, grouped by status and message (numbers masked, so one cause is
+    one row): how many, on which routes, and when the first few happened."""
+    groups: dict[tuple[str, str], list[Call]] = collections.defaultdict(list)
+    for c in calls:
+        if c.code != "OK":
+            groups[(c.code, re.sub(r"\d+(\.\d+)?", "N", c.details)[:200])].append(c)
+    rows = [{"code": code, "message": message, "calls": len(group),
+             "routes": dict(collections.Counter(c.route.split(":")[0] for c in group)),
+             "first_at_s": [round(c.at_s, 1) for c in group[:per_cause]]}
+            for (code, message), group in groups.items()]
+    return sorted(rows, key=lambda r: -r["calls"])
+
+
 def summarise(calls: list[Call], rss, soak_began: float, elapsed: float, rate: float, capacity: dict | None,
               alive: dict, load_average_start, args) -> dict:
     stats = level_stats(calls, elapsed)
@@ -351,6 +371,7 @@ def summarise(calls: list[Call], rss, soak_began: float, elapsed: float, rate: f
         "latency_ms": stats["latency_ms"],
         "first_token_ms": percentiles([c.first_token_s for c in ok if c.first_token_s is not None]),
         "codes": stats["codes"], "by_route": {k: dict(v) for k, v in sorted(by_route.items())},
+        "error_samples": error_samples(calls),
         "availability": round(availability, 5), "article_availability": ARTICLE_AVAILABILITY,
         "meets_article": availability >= ARTICLE_AVAILABILITY,
         "rss_mb": {"first": {k: round(v, 1) for k, v in first.items()}, "last": {k: round(v, 1) for k, v in last.items()},
@@ -394,6 +415,11 @@ def markdown(result: dict, name: str) -> list[str]:
     parts.append(fragment.table(["route"] + codes, [[route] + [counts.get(c, 0) for c in codes]
                                                     for route, counts in result["by_route"].items()],
                                 title="Calls by route and status"))
+    if result.get("error_samples"):
+        parts.append(fragment.table(["status", "message (numbers as N)", "calls", "routes", "first at (s)"],
+                                    [[r["code"], r["message"], r["calls"], ", ".join(f"{k} {v}" for k, v in r["routes"].items()),
+                                      ", ".join(map(str, r["first_at_s"]))] for r in result["error_samples"]],
+                                    title="Failed calls by cause"))
     rss = result["rss_mb"]
     names = list(rss["first"])
     parts.append(fragment.table(["service", "RSS first MB", "RSS last MB", "peak MB", "soak 2nd-half trend MB/min"],
