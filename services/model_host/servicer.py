@@ -162,11 +162,21 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
         require_model(self.config, request.model)
         return status_pb(await self.registry.unload(request.model))
 
+    def _load_bytes(self, record: ModelRecord) -> int:
+        """What loading `record` takes against the budget; 0 when not built, or when its manifest lacks
+        the facts a size needs (its load says what is wrong; a listing never fails over it)."""
+        if record.manifest is None:
+            return 0
+        try:
+            return self.registry.needed_bytes(record)
+        except (KeyError, TypeError, ValueError):
+            return 0
+
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         log_event(log, "list models")  # one line per call: the load-balancing tests count them per replica
         self.registry.refresh()
         return pb.ListModelsResponse(
-            models=[status_pb(record, self.registry.needed_bytes(record) if record.manifest else 0)
+            models=[status_pb(record, self._load_bytes(record))
                     for record in (self.registry.record(name) for name in sorted(self.registry.records))],
             memory_budget_bytes=self.registry.budget_bytes,
             memory_used_bytes=self.registry.used_bytes,
