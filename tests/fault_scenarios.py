@@ -209,12 +209,14 @@ def served_totals(mesh: Mesh, model: str) -> dict[str, int]:
 
 def start_router_mesh(directory: Path, replicas: int = 2) -> Mesh:
     """Router + `replicas` model hosts over the tiny fleet, with slow-lm slow, hung-lm hung and
-    drip-lm streaming slowly (all injected in every replica)."""
+    drip-lm streaming slowly (all injected in every replica). Identical replicas: the router
+    balances them with round_robin (placement's own failover is tests/test_placement_hosts.py,
+    where a call that lost its host before its first token is answered by the same model elsewhere)."""
     repository = ModelRepository(directory / "models")
     for seed, name in enumerate(ROUTER_HOT):
         build_tiny_decoder(repository, name, seed=seed)
     write_corrupt_model(repository, "broken-lm")
-    config = load_config(write_config(directory, body=ROUTER_FLEET))
+    config = load_config(write_config(directory, {"router": "model_host_balancing: round_robin"}, body=ROUTER_FLEET))
     mesh = Mesh(config, log_dir=directory / "logs", services=("router", "model_host"), replicas=replicas, env={
         DELAY_ENV: f"slow-lm={SLOW_MS},hung-lm=hang",
         TOKEN_DELAY_ENV_VAR: f"drip-lm={TOKEN_DELAY_MS}",

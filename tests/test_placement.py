@@ -208,3 +208,22 @@ def test_loads_sent_since_the_refresh_count_against_a_host():
         chosen.expected[model] = 0.0  # what ModelHosts.pick records
         placed[chosen.address] += 1
     assert sorted(placed.values()) == [2, 2, 2], placed  # not the hash's pile-up on one host
+
+
+def test_config_keys_and_their_mistakes():
+    from services.common.config import ConfigError, parse_config
+    from services.router.placement import uses_placement
+
+    fleet = "fleet:\n  m: {task: text-generation, copies: 2}\nroutes:\n  r: {primary: m}\n"
+    two = "services:\n  router: {model_host_targets: [127.0.0.1:1, 127.0.0.1:2]%s}\n"
+    assert uses_placement(parse_config(two % "" + fleet))  # auto: several hosts
+    assert not uses_placement(parse_config(two % ", model_host_balancing: round_robin" + fleet))
+    assert not uses_placement(parse_config(fleet))  # one host
+    assert uses_placement(parse_config("services:\n  router: {model_host_targets: dns:///hosts:50061}\n" + fleet))
+    assert parse_config(fleet).fleet["m"].copies == 2
+    with pytest.raises(ConfigError) as caught:
+        parse_config(two % ", model_host_balancing: hash" + fleet.replace("copies: 2", "copies: 0"))
+    messages = [str(p) for p in caught.value.problems]
+    assert any("services.router.model_host_balancing: `hash` is not allowed; use one of: auto, placement, "
+               "round_robin" in m for m in messages), messages
+    assert any("fleet.m.copies: must be between 1 and 64, got 0" in m for m in messages), messages

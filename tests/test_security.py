@@ -320,15 +320,17 @@ def test_mirador_route_without_the_token_names_what_to_send(secure_mesh, capsys,
 # --------------------------------------------------------------------------- replicas behind round_robin, with TLS
 
 
-def test_the_router_balances_over_replicas_through_tls(tmp_path, pki):
-    """Two model-host replicas: the router's round_robin channel (an ipv4: target) verifies them too."""
+@pytest.mark.parametrize("balancing", ["round_robin", "placement"])
+def test_the_router_balances_over_replicas_through_tls(tmp_path, pki, balancing):
+    """Two model-host replicas: the router's round_robin channel (an ipv4: target) verifies them too,
+    and so do placement's channels (one per host)."""
     build_tiny_decoder(ModelRepository(tmp_path / "models"), "tiny-lm")
     host_port = free_port()
     while not port_is_free("127.0.0.1", host_port + 1):  # replica 1 listens on port + 1
         host_port = free_port()
     path = tmp_path / "mirador.yaml"
     path.write_text(
-        f"services:\n  router: {{port: {free_port()}, shutdown_grace_s: 2s}}\n"
+        f"services:\n  router: {{port: {free_port()}, shutdown_grace_s: 2s, model_host_balancing: {balancing}}}\n"
         f"  model_host: {{port: {host_port}, replicas: 2, shutdown_grace_s: 2s}}\n"
         f"model_repository: {tmp_path / 'models'}\n" + textwrap.dedent(FLEET) + tls_section(pki)
     )
