@@ -2,6 +2,9 @@
 route, fallback on errors and on slowness, circuit breaker, sessions across a
 model switch, and bad input."""
 
+import os
+import signal
+import time
 
 import grpc
 import pytest
@@ -92,6 +95,25 @@ def test_examples_are_classified_to_their_route_with_calibrated_scores(router, t
 def test_explicit_route_wins_over_classification(router):
     decision = router.Route(router_pb2.RouteRequest(text="hello there", route="numbers"), timeout=10)
     assert decision.route == "numbers" and decision.reason == router_pb2.ROUTE_REASON_EXPLICIT and not decision.scores
+
+
+def test_classification_honours_the_callers_deadline(mesh, router):
+    """The embedding call that classifies gets what the caller has left (not a fixed 60 s): with the
+    model host stopped, the router answers DEADLINE_EXCEEDED with its reason before the caller's
+    own deadline passes."""
+    router.Route(router_pb2.RouteRequest(text="hello there"), timeout=30)  # routes learned
+    host = mesh.processes["model_host"].process
+    os.kill(host.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        code, details = error_of(lambda: router.Route(router_pb2.RouteRequest(text="hello there"), timeout=2))
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(host.pid, signal.SIGCONT)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "classifying the request took longer than the" in details and "name a route" in details, details
+    assert elapsed < 2.0
+    assert router.Route(router_pb2.RouteRequest(text="hello there"), timeout=30).route == "greetings"
 
 
 def test_below_the_confidence_floor_the_default_route_answers(mesh, tmp_path):

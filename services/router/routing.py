@@ -8,18 +8,22 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
+import grpc
 import numpy as np
 from mirador.v1 import router_pb2 as pb
 
 from services.common.config import MiradorConfig, RouteSpec
-from services.common.errors import FailedPrecondition, NotFound, Unavailable
+from services.common.errors import DeadlineExceeded, FailedPrecondition, NotFound, ServiceError, Unavailable
 from services.common.logs import log_event
 from services.router.classifier import RouteClassifier
 
 log = logging.getLogger("mirador.router.routing")
 
-EmbedMany = Callable[[list[str]], Awaitable[np.ndarray]]
+EmbedMany = Callable[..., Awaitable[np.ndarray]]  # (texts, timeout_s=None) -> one vector per text
 EMBED_BATCH = 16
+# Of the time the caller has left, the share classification may take: the router then answers with
+# its own reason before the caller's deadline passes, and the rest is the model's.
+CLASSIFY_SHARE = 0.8
 
 
 def classified_routes(config: MiradorConfig) -> dict[str, RouteSpec]:
@@ -87,14 +91,27 @@ class RouteTable:
                 "this router cannot classify requests: fewer than two routes have `examples:` in the config; "
                 f"name a route in `route` ({', '.join(self.routes)}) or add examples"
             )
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s * CLASSIFY_SHARE
         if not self.learned.is_set():
             try:
                 # answer before the caller's own deadline does, with a reason
-                await asyncio.wait_for(self.learned.wait(), None if timeout_s is None else timeout_s * 0.8)
+                await asyncio.wait_for(self.learned.wait(), None if deadline is None else deadline - loop.time())
             except asyncio.TimeoutError:
                 raise Unavailable("the router is still learning its routes (the embedding model is not reachable yet); "
                                   f"retry shortly or name a route: {', '.join(self.routes)}") from None
-        vector = (await self.embed_many([text]))[0]
+        left = None if deadline is None else deadline - loop.time()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded("no time was left to classify the request; allow more time or name a route")
+        try:
+            vector = (await self.embed_many([text], timeout_s=left))[0]
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and left is not None:
+                raise DeadlineExceeded(f"classifying the request took longer than the {left * 1000:.0f} ms the caller's "
+                                       "deadline left for it (the embedding model answered too slowly); allow more time "
+                                       "or name a route") from None
+            raise ServiceError(f"classifying the request: the embedding model on the model host: {exc.details()}",
+                               exc.code()) from None
         scores = self.classifier.scores(vector, text)
         best = max(scores, key=scores.get)
         if scores[best] >= self.min_confidence or not self.default_route:

@@ -79,10 +79,12 @@ class RouterService(MiradorService):
         # each table embeds with the embedding model of its own config
         return RouteTable(config, embed_many=partial(self.embed, model=config.services.router.embedding_model))
 
-    async def embed(self, texts: list[str], model: str | None = None) -> np.ndarray:
+    async def embed(self, texts: list[str], model: str | None = None, timeout_s: float | None = None) -> np.ndarray:
+        """Embeds with the router's embedding model; `timeout_s` (what the caller has left) caps
+        EMBED_TIMEOUT_S, which only bounds learning the routes."""
         reply = await self.servicer.model_host.Embed(
             model_host_pb2.EmbedRequest(model=model or self.config.services.router.embedding_model, texts=texts),
-            timeout=EMBED_TIMEOUT_S,
+            timeout=EMBED_TIMEOUT_S if timeout_s is None else min(timeout_s, EMBED_TIMEOUT_S),
         )
         return np.array([e.values for e in reply.embeddings], dtype=np.float32)
 
