@@ -161,7 +161,6 @@ class ModelSpec:
     capabilities: tuple[str, ...] = ()
     tier: str = "warm"
     keep_alive_s: float = 300.0
-    quantization: str | None = None
     description: str = ""
     rollout: "RolloutSpec | None" = None  # a candidate version tried on live traffic
     repository_name: str | None = None  # its name in the model repository, when not `name` (rollout candidates)
@@ -623,7 +622,7 @@ class _Reader:
                 values[name] = value
         return values
 
-    _MODEL_KEYS = ("task", "recipe", "version", "capabilities", "tier", "keep_alive", "quantization", "description",
+    _MODEL_KEYS = ("task", "recipe", "version", "capabilities", "tier", "keep_alive", "description",
                    "rollout", "max_num_seqs", "max_context", "copies")
     _ROLLOUT_KEYS = ("version", "mode", "share", "window", "min_calls", "max_error_rate", "max_latency_ratio",
                      "max_disagreement")
