@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -44,19 +44,51 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 # --------------------------------------------------------------------------- typed config
 
+# How each service setting is read from YAML: every field of a *Settings class names its reader in
+# its metadata (`_setting(default, reader)`), so a new setting is declared in one place.
+Read = Callable[["_Reader", yaml.Node, str], Any]
+
+
+def _setting(default: Any, read: Read) -> Any:
+    return field(default=default, metadata={"read": read})
+
+
+def _whole(minimum: int, maximum: int | None = None) -> Read:
+    return lambda reader, node, key: reader.integer(node, key, minimum=minimum, maximum=maximum)
+
+
+def _text(reader: "_Reader", node: yaml.Node, key: str) -> str | None:
+    return reader.string(node, key)
+
+
+def _choice(choices: tuple[str, ...]) -> Read:
+    return lambda reader, node, key: reader.string(node, key, choices=choices)
+
+
+def _seconds(reader: "_Reader", node: yaml.Node, key: str) -> float | None:
+    return reader.duration_s(node, key)
+
+
+def _one_target(reader: "_Reader", node: yaml.Node, key: str) -> str | None:
+    found = reader.targets(node, key)
+    if found is not None and len(found) > 1:
+        reader.problem(node, key, "give one target (host:port or dns:///name:port)")
+        return None
+    return found[0] if found else None
+
 
 @dataclass(frozen=True)
 class ServiceSettings:
     """Where one service listens and how much it takes on."""
 
-    host: str = "127.0.0.1"
-    port: int = 0
-    max_concurrent_rpcs: int = 256  # calls beyond it are refused with RESOURCE_EXHAUSTED
-    shutdown_grace_s: float = 5.0  # in-flight calls get this long to finish on SIGTERM
-    metrics_port: int = 0  # Prometheus /metrics over HTTP on this port (same host); 0 = off
+    host: str = _setting("127.0.0.1", _text)
+    port: int = _setting(0, _whole(1, 65535))
+    max_concurrent_rpcs: int = _setting(256, _whole(1))  # calls beyond it are refused with RESOURCE_EXHAUSTED
+    shutdown_grace_s: float = _setting(5.0, _seconds)  # in-flight calls get this long to finish on SIGTERM
+    metrics_port: int = _setting(0, _whole(0, 65535))  # Prometheus /metrics over HTTP on this port (same host); 0 = off
     # Where the other services and the CLI reach this one, when not at host:port (which is where it
     # listens: 0.0.0.0 in a pod): a gRPC target such as dns:///mirador-consensus:50052.
-    target: str = ""
+    target: str = _setting("", _one_target)
 
     @property
     def address(self) -> str:
@@ -71,37 +103,39 @@ class ServiceSettings:
 
 @dataclass(frozen=True)
 class RouterSettings(ServiceSettings):
-    default_route: str | None = None  # where low-confidence requests go
-    min_confidence: float = 0.5  # below it the default route answers
-    embedding_model: str = "minilm-l6"  # fleet model that embeds requests for classification
+    default_route: str | None = _setting(None, _text)  # where low-confidence requests go
+    min_confidence: float = _setting(0.5, lambda r, n, k: r.fraction(n, k))  # below it the default route answers
+    # fleet model that embeds requests for classification
+    embedding_model: str = _setting("minilm-l6", _text)
     # Model-host addresses the router balances over (gRPC round_robin with health checks).
     # Empty = every replica of services.model_host (see ServicesConfig.model_host_targets).
-    model_host_targets: tuple[str, ...] = ()
-    model_host_balancing: str = "auto"  # one of MODEL_HOST_BALANCING
+    model_host_targets: tuple[str, ...] = _setting((), lambda r, n, k: r.targets(n, k))
+    model_host_balancing: str = _setting("auto", _choice(MODEL_HOST_BALANCING))
     # Per-client rate limit (token bucket): requests/s each client may send; 0 = off. A client is
     # its `x-mirador-client` metadata value, else its peer IP. Burst 0 = one second's worth.
-    rate_limit_per_client: float = 0.0
-    rate_limit_burst: int = 0
+    rate_limit_per_client: float = _setting(0.0, lambda r, n, k: r.rate(n, k))
+    rate_limit_burst: int = _setting(0, _whole(0))
     # JSON file keeping rollouts rolled back or promoted across restarts;
     # empty = <state dir>/rollouts.json (see services/router/rollouts.py)
-    rollout_state: str = ""
+    rollout_state: str = _setting("", _text)
 
 
 @dataclass(frozen=True)
 class ModelHostSettings(ServiceSettings):
-    memory_budget_mb: int = 0  # 0 = no budget
-    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
-    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0 = one per core
-    max_batch_size: int = 16  # dynamic batching of Embed calls; 1 = off
-    max_queue_delay_ms: int = 2  # how long a batch waits for more calls
-    reaper_interval_s: float = 1.0  # how often idle warm/cold models are checked against keep_alive
-    replicas: int = 1  # processes `mirador up` starts; replica i listens on port + i
+    memory_budget_mb: int = _setting(0, _whole(0))  # 0 = no budget
+    execution_providers: tuple[str, ...] = _setting(("CPUExecutionProvider",), lambda r, n, k: r.names(n, k))
+    intra_op_threads: int = _setting(0, _whole(0))  # ONNX Runtime threads per session; 0 = one per core
+    max_batch_size: int = _setting(16, _whole(1))  # dynamic batching of Embed calls; 1 = off
+    max_queue_delay_ms: int = _setting(2, _whole(0))  # how long a batch waits for more calls
+    # how often idle warm/cold models are checked against keep_alive
+    reaper_interval_s: float = _setting(1.0, _seconds)
+    replicas: int = _setting(1, _whole(1, 64))  # processes `mirador up` starts; replica i listens on port + i
     # Calls waiting for or running on one model; more get RESOURCE_EXHAUSTED at once
     # (a share is kept for routes with `priority: critical`, see services/model_host/admission.py).
-    max_queue_per_model: int = 32
+    max_queue_per_model: int = _setting(32, _whole(1))
     # Prompt tokens a decoder's engine prefills per iteration while other sequences decode: smaller
     # keeps their tokens flowing while a long prompt joins, larger prefills it sooner.
-    prefill_chunk_tokens: int = 32
+    prefill_chunk_tokens: int = _setting(32, _whole(1))
 
     def replica(self, index: int) -> "ModelHostSettings":
         """The settings of replica `index` (0 = this one): the same, listening on port + index."""
@@ -115,21 +149,22 @@ class ModelHostSettings(ServiceSettings):
 
 @dataclass(frozen=True)
 class ConsensusSettings(ServiceSettings):
-    escalation_db: str = ""  # SQLite file; empty = <state dir>/escalations.sqlite3
-    embedding_model: str = "minilm-l6"  # embeds free-text answers to compare them (an embedding model of the fleet)
+    escalation_db: str = _setting("", _text)  # SQLite file; empty = <state dir>/escalations.sqlite3
+    # embeds free-text answers to compare them (an embedding model of the fleet)
+    embedding_model: str = _setting("minilm-l6", _text)
 
 
 @dataclass(frozen=True)
 class QuantizerSettings(ServiceSettings):
-    block_size: int = 32
+    block_size: int = _setting(32, _whole(1))
 
 
 @dataclass(frozen=True)
 class GatewaySettings(ServiceSettings):
     """The OpenAI-compatible HTTP gateway in front of the router (services/gateway/)."""
 
-    port: int = DEFAULT_PORTS["gateway"]
-    max_body_bytes: int = 1 << 20  # larger request bodies are refused with 413
+    port: int = _setting(DEFAULT_PORTS["gateway"], _whole(1, 65535))
+    max_body_bytes: int = _setting(1 << 20, _whole(1024))  # larger request bodies are refused with 413
 
 
 @dataclass(frozen=True)
@@ -326,11 +361,7 @@ class _Reader:
         self.path = path
         self.problems: list[ConfigProblem] = []
         self._constructor = yaml.constructor.SafeConstructor()
-        self._default_route_node: yaml.Node | None = None
-        self._embedding_model_node: yaml.Node | None = None
-        self._replicas_node: yaml.Node | None = None
-        self._consensus_embedder_node: yaml.Node | None = None
-        self._metrics_port_nodes: dict[str, yaml.Node] = {}
+        self.service_nodes: dict[str, yaml.Node] = {}  # "services.router.default_route" -> its value's node
 
     def problem(self, node: yaml.Node, key: str, message: str) -> None:
         self.problems.append(ConfigProblem(self.path, node.start_mark.line + 1, key, message))
@@ -470,18 +501,19 @@ class _Reader:
         route_key = "models" if "models" in top and "routes" not in top else "routes"
         routes = self.read_routes(top[route_key][1], route_key, fleet) if route_key in top else {}
         consensus_embedder = fleet.get(services.consensus.embedding_model)
-        if self._consensus_embedder_node is not None and getattr(consensus_embedder, "task", None) != "embedding":
+        consensus_embedder_node = self.service_nodes.get("services.consensus.embedding_model")
+        if consensus_embedder_node is not None and getattr(consensus_embedder, "task", None) != "embedding":
             embedders = ", ".join(n for n, m in fleet.items() if m.task == "embedding") or "none"
-            self.problem(self._consensus_embedder_node, "services.consensus.embedding_model",
+            self.problem(consensus_embedder_node, "services.consensus.embedding_model",
                          f"`{services.consensus.embedding_model}` is not an embedding model of `fleet:`; "
                          f"embedding models: {embedders}")
         if services.router.default_route and services.router.default_route not in routes:
-            node = self._default_route_node or root
+            node = self.service_nodes.get("services.router.default_route") or root
             self.problem(node, "services.router.default_route",
                          f"route `{services.router.default_route}` is not defined; defined routes: {', '.join(routes) or 'none'}")
         embedder = services.router.embedding_model
         if any(route.examples for route in routes.values()) and fleet and embedder not in fleet:
-            self.problem(self._embedding_model_node or root, "services.router.embedding_model",
+            self.problem(self.service_nodes.get("services.router.embedding_model") or root, "services.router.embedding_model",
                          f"model `{embedder}` is not in `fleet:`, but routes have examples to embed; "
                          f"add it to the fleet or name an embedding model: {', '.join(sorted(fleet))}")
         repository = None
@@ -521,7 +553,7 @@ class _Reader:
         host = built["model_host"]
         if host.replicas > 1:
             key_node, value_node = entries.get("model_host", (None, None))
-            node = self._replicas_node or value_node or root
+            node = self.service_nodes.get("services.model_host.replicas") or value_node or root
             last = host.port + host.replicas - 1
             if last > 65535:
                 self.problem(node, "services.model_host.replicas",
@@ -550,7 +582,7 @@ class _Reader:
             for port in ports(name, settings, metrics=False):
                 taken.setdefault((settings.host, port), f"services.{name}.port")
         for name, settings in built.items():
-            node = self._metrics_port_nodes.get(name) or entries.get(name, (None, root))[1] or root
+            node = self.service_nodes.get(f"services.{name}.metrics_port") or entries.get(name, (None, root))[1] or root
             for port in ports(name, settings, metrics=True):
                 if port > 65535:
                     self.problem(node, f"services.{name}.metrics_port",
@@ -564,60 +596,12 @@ class _Reader:
                 taken[(settings.host, port)] = f"services.{name}.metrics_port"
 
     def read_service(self, node: yaml.Node, key: str, settings_type: type[ServiceSettings]) -> dict[str, Any]:
-        allowed = tuple(f.name for f in fields(settings_type))
+        settings = {f.name: f for f in fields(settings_type)}
         values: dict[str, Any] = {}
-        for name, (_, value_node) in self.mapping(node, key, allowed).items():
+        for name, (_, value_node) in self.mapping(node, key, tuple(settings)).items():
             dotted = f"{key}.{name}"
-            if name == "host":
-                value = self.string(value_node, dotted)
-            elif name == "port":
-                value = self.integer(value_node, dotted, minimum=1, maximum=65535)
-            elif name == "metrics_port":
-                value = self.integer(value_node, dotted, minimum=0, maximum=65535)
-                self._metrics_port_nodes[key.split(".")[-1]] = value_node
-            elif name in ("max_concurrent_rpcs", "block_size", "max_batch_size", "max_queue_per_model",
-                          "prefill_chunk_tokens"):
-                value = self.integer(value_node, dotted, minimum=1)
-            elif name == "max_body_bytes":
-                value = self.integer(value_node, dotted, minimum=1024)
-            elif name in ("intra_op_threads", "max_queue_delay_ms", "rate_limit_burst"):
-                value = self.integer(value_node, dotted, minimum=0)
-            elif name == "reaper_interval_s":
-                value = self.duration_s(value_node, dotted)
-            elif name == "memory_budget_mb":
-                value = self.integer(value_node, dotted, minimum=0)
-            elif name == "shutdown_grace_s":
-                value = self.duration_s(value_node, dotted)
-            elif name == "min_confidence":
-                value = self.fraction(value_node, dotted)
-            elif name == "rate_limit_per_client":
-                value = self.rate(value_node, dotted)
-            elif name == "embedding_model" and key == "services.consensus":
-                value = self.string(value_node, dotted)
-                self._consensus_embedder_node = value_node
-            elif name == "embedding_model":
-                value = self.string(value_node, dotted)
-                self._embedding_model_node = value_node
-            elif name == "default_route":
-                value = self.string(value_node, dotted)
-                self._default_route_node = value_node
-            elif name == "execution_providers":
-                value = self.names(value_node, dotted)
-            elif name == "replicas":
-                value = self.integer(value_node, dotted, minimum=1, maximum=64)
-                self._replicas_node = value_node
-            elif name == "model_host_targets":
-                value = self.targets(value_node, dotted)
-            elif name == "target":
-                found = self.targets(value_node, dotted)
-                if found is not None and len(found) > 1:
-                    self.problem(value_node, dotted, "give one target (host:port or dns:///name:port)")
-                    found = None
-                value = found[0] if found else None
-            elif name == "model_host_balancing":
-                value = self.string(value_node, dotted, choices=MODEL_HOST_BALANCING)
-            else:  # escalation_db
-                value = self.string(value_node, dotted)
+            self.service_nodes[dotted] = value_node  # for the checks across sections
+            value = settings[name].metadata["read"](self, value_node, dotted)
             if value is not None:
                 values[name] = value
         return values
