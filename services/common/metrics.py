@@ -67,29 +67,31 @@ class RpcMetricsInterceptor(HandlerInterceptor):
     def applies_to(self, method: str) -> bool:
         return not method.lstrip("/").startswith(UNTRACED_SERVICE_PREFIXES)
 
-    def _record(self, method: str, code: str, started: float) -> None:
-        RPC_IN_FLIGHT.labels(self.service, method).dec()
-        RPC_REQUESTS.labels(self.service, method, code).inc()
-        RPC_DURATION.labels(self.service, method, code).observe(time.perf_counter() - started)
+    @contextlib.contextmanager
+    def _recorded(self, method: str, context):
+        """Counts one call: in flight while inside; its status code and duration when it leaves."""
+        RPC_IN_FLIGHT.labels(self.service, method).inc()
+        started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN.name
+        try:
+            yield
+            code = _code_name(context, grpc.StatusCode.OK)
+        except (asyncio.CancelledError, GeneratorExit):  # the caller went away (a stream is closed)
+            code = grpc.StatusCode.CANCELLED.name
+            raise
+        except BaseException:
+            code = _code_name(context, grpc.StatusCode.UNKNOWN)
+            raise
+        finally:
+            RPC_IN_FLIGHT.labels(self.service, method).dec()
+            RPC_REQUESTS.labels(self.service, method, code).inc()
+            RPC_DURATION.labels(self.service, method, code).observe(time.perf_counter() - started)
 
     def wrap_unary(self, behaviour, method: str):
         method = method.lstrip("/")
 
         async def unary(request, context):
-            RPC_IN_FLIGHT.labels(self.service, method).inc()
-            started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN.name
-            try:
-                response = await behaviour(request, context)
-                code = _code_name(context, grpc.StatusCode.OK)
-                return response
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED.name
-                raise
-            except BaseException:
-                code = _code_name(context, grpc.StatusCode.UNKNOWN)
-                raise
-            finally:
-                self._record(method, code, started)
+            with self._recorded(method, context):
+                return await behaviour(request, context)
 
         return unary
 
@@ -97,20 +99,9 @@ class RpcMetricsInterceptor(HandlerInterceptor):
         method = method.lstrip("/")
 
         async def stream(request, context):
-            RPC_IN_FLIGHT.labels(self.service, method).inc()
-            started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN.name
-            try:
+            with self._recorded(method, context):
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
                     async for response in responses:
                         yield response
-                code = _code_name(context, grpc.StatusCode.OK)
-            except (asyncio.CancelledError, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED.name
-                raise
-            except BaseException:
-                code = _code_name(context, grpc.StatusCode.UNKNOWN)
-                raise
-            finally:
-                self._record(method, code, started)
 
         return stream
