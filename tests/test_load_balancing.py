@@ -86,7 +86,8 @@ def write_replica_config(directory: Path, replicas: int = REPLICAS, router_targe
     lines = [
         "services:",
         f"  model_host: {{port: {host_port}, replicas: {replicas}, shutdown_grace_s: 2s}}",
-        f"  router: {{port: {free_port()}, shutdown_grace_s: 2s}}",
+        # identical replicas: this file measures round robin (placement: tests/test_placement_hosts.py)
+        f"  router: {{port: {free_port()}, shutdown_grace_s: 2s, model_host_balancing: round_robin}}",
         f"  consensus: {{port: {free_port()}}}",
         f"  quantizer: {{port: {free_port()}}}",
         f"  gateway: {{port: {free_port()}}}",
