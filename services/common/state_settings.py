@@ -18,8 +18,8 @@ the URL itself. Every service reads the one config file, but only the consensus 
 router use these: a variable that is not set is an error when such a service starts
 (`missing_url`), not when any process loads the file.
 
-The reader is given the config loader's own `_Reader` (duck-typed: `mapping`, `string`,
-`integer`, `problem`) so problems keep the `file:line: key: message` format.
+The config loader hands over its reader (services/common/yaml_reader.py), so problems keep the
+`file:line: key: message` format.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+import yaml
+
+from services.common.yaml_reader import YamlReader
 
 STATE_KEYS = ("database_url", "database_url_env", "database_schema", "statement_timeout_ms", "pool_size", "redis_url",
               "redis_url_env", "redis_prefix", "redis_timeout_ms", "rate_limit_without_redis")
@@ -86,7 +90,7 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=netloc).geturl()
 
 
-def read_state(reader: Any, node: Any) -> StateSettings:
+def read_state(reader: YamlReader, node: yaml.Node) -> StateSettings:
     entries = reader.mapping(node, "state", STATE_KEYS)
     values: dict[str, Any] = {}
     lines: dict[str, int] = {}
@@ -131,7 +135,7 @@ def read_state(reader: Any, node: Any) -> StateSettings:
     return StateSettings(**{k: v for k, v in values.items() if v is not None}, source=reader.path, lines=lines)
 
 
-def _url_from_env(reader: Any, node: Any, key: str, schemes: tuple[str, ...],
+def _url_from_env(reader: YamlReader, node: yaml.Node, key: str, schemes: tuple[str, ...],
                   example: str) -> tuple[str | None, str | None]:
     """(the variable's name, its URL). A variable that is not set here gives no URL and no
     problem: the services that use it say so when they start (StateSettings.missing_url)."""
@@ -148,7 +152,7 @@ def _url_from_env(reader: Any, node: Any, key: str, schemes: tuple[str, ...],
     return variable, _url(reader, node, key, schemes, example, value=value, source=f" (from ${variable})")
 
 
-def _url(reader: Any, node: Any, key: str, schemes: tuple[str, ...], example: str, *, value: str | None = None,
+def _url(reader: YamlReader, node: yaml.Node, key: str, schemes: tuple[str, ...], example: str, *, value: str | None = None,
          source: str = "") -> str | None:
     """A URL with one of `schemes` and a host; `value` when it came from elsewhere than the node."""
     value = reader.string(node, key) if value is None else value
