@@ -76,6 +76,32 @@ class QuantizePlan:
 
 
 @dataclass
+class _Candidates:
+    """The allocations a plan evaluates (layer -> bits)."""
+
+    requested: dict[str, int] | None  # the budget asked for; None: the smallest within tolerance is chosen later
+    requested_name: str | None
+    uniform_check: list[str]          # notes of never_worse_than_uniform
+    u8: dict[str, int]
+    u4: dict[str, int]
+    u8_all: dict[str, int]
+    u4_all: dict[str, int]
+    at_u4: dict[str, int]
+    at_u4_all: dict[str, int]
+    at_u8_all: dict[str, int]
+
+
+@dataclass
+class _Measured:
+    chosen_name: str
+    chosen: dict[str, int]
+    variants: list[Variant]
+    sweep: list[Variant]
+    uniform: list[Variant]
+    fp32: Variant
+
+
+@dataclass
 class QuantizeResult:
     manifest: ModelManifest
     layers: list[dict]
@@ -314,6 +340,29 @@ class Quantizer:
             log = allocation_log.setdefault(label, [])
             return self.allocate_calibrated(weight_budget, options.calibrate_rounds, log=log)
 
+        candidates = self._candidates(options, allocate)
+        t_allocation = time.perf_counter() - t0
+        if progress:
+            progress("allocation", 1, 1, "")
+        check()
+
+        t0 = time.perf_counter()
+        measured = self._measure(options, held, candidates, allocate, progress, check)
+        t_eval = time.perf_counter() - t0
+        budget = ({"mb": options.budget_mb} if options.budget_mb is not None else
+                  {"bits": options.budget_bits} if options.budget_bits is not None else
+                  {"smallest_within_perplexity": options.ppl_tolerance})
+        return QuantizePlan(measured.chosen_name, measured.chosen, measured.variants, measured.sweep, measured.uniform,
+                            measured.fp32, calibration_desc, heldout_desc, budget, self.layer_rows(measured.chosen),
+                            self.notes() + candidates.uniform_check,
+                            {"sensitivity analysis (s)": round(t_analysis, 1), "allocation (s)": round(t_allocation, 2),
+                             "evaluation (s)": round(t_eval, 1), "total (s)": round(time.perf_counter() - started, 1)},
+                            allocation_log)
+
+    def _candidates(self, options: QuantizeOptions, allocate: Callable[[float, str], dict[str, int]]) -> "_Candidates":
+        """The allocations to evaluate: the budget asked for (never worse than uniform at its size),
+        ORT's uniform 8/4 (embedding and tied head fp32), uniform 8/4 on every layer, and mixed
+        allocations at those uniform sizes."""
         requested, requested_name = None, None
         if options.budget_mb is not None:
             requested = allocate(self.budget_to_weight_bytes(options.budget_mb), f"mixed@{options.budget_mb:g}MB")
@@ -328,20 +377,19 @@ class Quantizer:
             requested, requested_name, uniform_check = self.never_worse_than_uniform(
                 requested, requested_name, options,
                 {"uniform-8": u8, "uniform-4": u4, "uniform-8-all": u8_all, "uniform-4-all": u4_all})
-        at_u4 = allocate(self.weight_bytes(u4), "mixed@uniform-4-size")
-        at_u4_all = allocate(self.weight_bytes(u4_all), "mixed@uniform-4-all-size")
-        at_u8_all = allocate(self.weight_bytes(u8_all), "mixed@uniform-8-all-size")
-        t_allocation = time.perf_counter() - t0
-        if progress:
-            progress("allocation", 1, 1, "")
-        check()
+        return _Candidates(
+            requested, requested_name, uniform_check, u8=u8, u4=u4, u8_all=u8_all, u4_all=u4_all,
+            at_u4=allocate(self.weight_bytes(u4), "mixed@uniform-4-size"),
+            at_u4_all=allocate(self.weight_bytes(u4_all), "mixed@uniform-4-all-size"),
+            at_u8_all=allocate(self.weight_bytes(u8_all), "mixed@uniform-8-all-size"))
 
-        # Evaluation: fp32, uniform 8/4 (ORT's MatMulNBits: the embedding and a tied head stay fp32),
-        # mixed at uniform-4's size, uniform 8/4 on every layer (embedding and head too) and mixed at
-        # that size, the requested budget, then the smallest budget within tolerance of fp32 (bisection),
-        # and a sweep.
-        t0 = time.perf_counter()
-        planned = 8 + (requested is not None) + options.search_steps + options.sweep_points
+    def _measure(self, options: QuantizeOptions, held: np.ndarray, candidates: "_Candidates",
+                 allocate: Callable[[float, str], dict[str, int]], progress: Progress | None,
+                 check: Callable[[], None]) -> "_Measured":
+        """Held-out perplexity of fp32, the candidates, the smallest mix within tolerance of fp32
+        (bisection on the budget) and a sweep for the plot; and the model to write."""
+        c = candidates
+        planned = 8 + (c.requested is not None) + options.search_steps + options.sweep_points
         done = [0]
 
         def step(label: str):
@@ -360,14 +408,14 @@ class Quantizer:
             step(label)
             return self.evaluate(evaluator, label, allocation)
 
-        v_u8 = variant("uniform-8", u8)
-        v_u4 = variant("uniform-4", u4)
-        v_at_u4 = variant("mixed@uniform-4-size", at_u4)
-        v_u8_all = variant("uniform-8-all", u8_all)
-        v_u4_all = variant("uniform-4-all", u4_all)
-        v_at_u4_all = variant("mixed@uniform-4-all-size", at_u4_all)
-        v_at_u8_all = variant("mixed@uniform-8-all-size", at_u8_all)
-        v_req = variant(requested_name, requested) if requested is not None else None
+        v_u8 = variant("uniform-8", c.u8)
+        v_u4 = variant("uniform-4", c.u4)
+        v_at_u4 = variant("mixed@uniform-4-size", c.at_u4)
+        v_u8_all = variant("uniform-8-all", c.u8_all)
+        v_u4_all = variant("uniform-4-all", c.u4_all)
+        v_at_u4_all = variant("mixed@uniform-4-all-size", c.at_u4_all)
+        v_at_u8_all = variant("mixed@uniform-8-all-size", c.at_u8_all)
+        v_req = variant(c.requested_name, c.requested) if c.requested is not None else None
 
         limit = fp32.perplexity * (1 + options.ppl_tolerance)
         smallest = {layer.name: min(self.packs_bits_available(layer), default=quant.FP32)
@@ -383,31 +431,23 @@ class Quantizer:
             options.search_steps, allocate, step, sweep)
         best = Variant(**{**best.__dict__, "name": f"mixed@smallest-within-{100 * options.ppl_tolerance:g}%"})
         uniform_rows = [v_u8, v_u4, v_u8_all, v_u4_all]
-        if requested is None:
+        chosen, chosen_name = c.requested, c.requested_name
+        if chosen is None:
             # The smallest model within tolerance, mixed or not: a uniform allocation that is smaller (or as
             # small and better) than every mix tried is what gets written, and the report says so.
             pick = min([best] + [v for v in uniform_rows if v.perplexity <= limit],
                        key=lambda v: (v.weight_bytes, v.perplexity))
-            requested, requested_name = dict(pick.bits), pick.name
-        top = self.weight_bytes(u8_all)
+            chosen, chosen_name = dict(pick.bits), pick.name
+        top = self.weight_bytes(c.u8_all)
         for i in range(options.sweep_points):
             target = lo + (top - lo) * (i + 0.5) / options.sweep_points
             step(f"sweep {i + 1}/{options.sweep_points}")
             name = f"sweep@{target / 1e6:.1f}MB-weights"
             sweep.append(self.evaluate(evaluator, name, allocate(target, name)))
-        t_eval = time.perf_counter() - t0
         variants = [fp32, v_u8, v_u4, v_at_u4, v_u8_all, v_u4_all, v_at_u4_all, v_at_u8_all, best]
         if v_req is not None:
             variants.append(v_req)
-        budget = ({"mb": options.budget_mb} if options.budget_mb is not None else
-                  {"bits": options.budget_bits} if options.budget_bits is not None else
-                  {"smallest_within_perplexity": options.ppl_tolerance})
-        return QuantizePlan(requested_name, requested, variants, sweep, uniform_rows, fp32,
-                            calibration_desc, heldout_desc, budget, self.layer_rows(requested),
-                            self.notes() + uniform_check,
-                            {"sensitivity analysis (s)": round(t_analysis, 1), "allocation (s)": round(t_allocation, 2),
-                             "evaluation (s)": round(t_eval, 1), "total (s)": round(time.perf_counter() - started, 1)},
-                            allocation_log)
+        return _Measured(chosen_name, chosen, variants, sweep, uniform_rows, fp32)
 
     def mean_bits(self, bits: dict[str, int]) -> float:
         """Nominal mean bits per weight (32 for fp32), as `allocate_mean_bits` counts them."""
