@@ -15,6 +15,10 @@ by quick ones; a bench without a usable short mode is skipped with a note. `--re
 puts the existing results of benches not run now into the report, saying when they were
 produced. The runner knows each bench's name, what it measures, and how to make it
 short; it does not know any bench's JSON layout.
+
+Why one module of ~510 lines: running the benches, finding reusable results and rendering the
+report share the Bench/Outcome records and one notion of "this run"; it is the command's whole
+job, split by sections below.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ never sees a half-written model. Readers (the model host) use `get` and
 only `task` and `files` (with a "model" role) are required in that case.
 
 This module is on the serving path: it imports only the standard library.
+
+Why one module of ~520 lines: the manifest's format, its checks and the repository's atomic
+writes (staging, locks, integrity) are one contract; every reader and writer goes through it.
 """
 
 from __future__ import annotations

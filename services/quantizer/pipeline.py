@@ -3,6 +3,11 @@
 Used by the gRPC servicer and by bench/quantizer.py. Nothing is registered until
 the very end (`ModelRepository.staging`), so an error or a cancellation leaves
 the repository as it was.
+
+Why one module of ~550 lines: `Quantizer` holds one run's state (the decoder graph, the packed
+weights, the measured sensitivities) and its steps read and extend it; split across modules,
+that state would be passed around instead. The maths lives elsewhere (allocation.py, quant.py,
+sensitivity.py, report.py, writer.py).
 """
 
 from __future__ import annotations
