@@ -158,7 +158,7 @@ def choose_threshold(rc: list[dict], risk_target: float, min_answered: int,
                          f"{MARGIN_STEP:.2f} grid")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--per-source", type=int, default=40, help="held-out questions per source, hash order (0 = all)")
@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fragment-only", action="store_true",
                         help="only rewrite <out>/decisions.md from the existing <out>/decisions.json (no scoring, "
                              "no recomputation; the JSON and PNG are left as they are)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.fragment_only:
         saved = args.out / "decisions.json"
@@ -199,10 +204,77 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {host['cpu']}, {host['cores']} cores, load average {host['load_average']} "
           f"(python {host['python']}, onnxruntime {host['onnxruntime']})")
     questions, fit_all, held = held_out_sample(args.data, args.per_source)
-    sources = sorted({q.source for q in held})
     print(f"data: {args.data} ({len(questions)} questions); held-out sample {len(held)} "
           f"(sha256(prompt) odd, first {args.per_source or 'all'} per source in hash order)")
 
+    scores, runs = question_scores(args, members, held)
+    requests, request_scores = route_request_scores(args, route, members, runs)
+    calibrations = {m: load_score_calibration(m) for m in members}
+    cal_note = {m: (f"own calibration T={c.temperature:.3f}" if c else
+                    "no calibration file: uncalibrated option probability (T=1), as the host reports it")
+                for m, c in calibrations.items()}
+    votes = Votes(members, calibrations, held, scores, fit_all, requests, request_scores)
+    per_source, agree_pairs = votes.print_accuracy(route.primary, cal_note)
+    escalation = votes.escalation(route, args)
+    check1, check2 = votes.checks(escalation, route.consensus_threshold or escalation.chosen)
+    host_end = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average at end: {host_end}")
+
+    result = {
+        "created_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tool": "python bench/decisions.py",
+        "machine": {**host, "load_average_at_end": host_end},
+        "data": str(args.data),
+        "data_sha256": hashlib.sha256(args.data.read_bytes()).hexdigest(),
+        "split": (f"services/model_host/calibrate.py split: sha256(prompt) odd = held out; first "
+                  f"{args.per_source or 'all'} per source in hash order"),
+        "n": votes.n,
+        "config": str(args.config),
+        "route": args.route,
+        "members": members,
+        "members_note": ("the same SmolLM2-135M-Instruct weights through other graphs (fused fp32, optimum fp32, fused "
+                         "int8): NOT independent models; the fleet has no second real decoder"),
+        "calibration": cal_note,
+        "ballot": ("distribution = the host's option_distribution(sums) at T=1 tempered to the calibrated confidence "
+                   "(voting.calibrated_distribution, as the consensus service); weight = calibrated confidence"),
+        "majority_baseline": "per source, the most frequent right answer on the whole fit half (even hashes)",
+        "runs": runs,
+        "accuracy": per_source,
+        "pairwise_top_option_agreement": agree_pairs,
+        "risk_coverage": escalation.rc,
+        "risk_coverage_best_member_alone": {"model": escalation.best, "rows": escalation.rc_best},
+        "route_requests": {
+            "data": str(args.route_requests), "options": list(route.options), **escalation.request_summary,
+            "requests": [{"text": r.prompt, "logprob_sums": {m: request_scores[m][i] for m in members},
+                          "vote": o.answer, "consistency": round(o.consistency, 4)}
+                         for i, (r, o) in enumerate(zip(requests, votes.request_outcomes))],
+        },
+        "threshold_rule": {"risk_target": args.risk_target, "min_answered": args.min_answered,
+                           "chosen": escalation.chosen, "why": escalation.rule, "configured": route.consensus_threshold,
+                           "max_vote_consistency": round(float(votes.consistency.max()), 4),
+                           "median_vote_consistency": round(float(np.median(votes.consistency)), 4)},
+        "check_vote_vs_best_member": check1,
+        "check_confident_errors": check2,
+        "questions": [
+            {"source": q.source, "digest": q.digest[:16], "options": q.options, "answer": q.answer,
+             "logprob_sums": {m: scores[m][i] for m in members},
+             "confidences": {b.model: round(b.confidence, 4) for b in votes.ballots_all[i]},
+             "vote": votes.outcomes[i].answer, "consistency": round(votes.outcomes[i].consistency, 4)}
+            for i, q in enumerate(held)
+        ],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    out_json = args.out / "decisions.json"
+    out_json.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out_json}")
+    if not args.no_png:
+        plot_risk_coverage(args, votes, escalation, per_source)
+    write_fragment(result, args.out)
+    return 0
+
+
+def question_scores(args, members: list[str], held) -> tuple[dict[str, list[list[float]]], dict]:
+    """Every member's option log-likelihood sums on the held-out questions: scored now, or reused."""
     out_json = args.out / "decisions.json"
     scores: dict[str, list[list[float]]] = {}
     runs: dict[str, dict] = {}
@@ -223,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         runs["total_s"] = round(time.perf_counter() - started, 1)
         print(f"scored {len(members)} members x {len(held)} questions in {runs['total_s']:.0f} s", file=sys.stderr)
 
-    # The route's own requests (unlabelled): scored once, reused when the saved ones match.
+    return scores, runs
+
+
+def route_request_scores(args, route, members: list[str], runs: dict) -> tuple[list[SimpleNamespace], dict]:
+    """The route's own requests (unlabelled): scored once, reused when the saved ones match."""
+    out_json = args.out / "decisions.json"
     requests: list[SimpleNamespace] = []
     request_scores: dict[str, list[list[float]]] = {}
     if str(args.route_requests) and args.route_requests.is_file():
@@ -242,243 +319,212 @@ def main(argv: list[str] | None = None) -> int:
                 request_scores[model], _ = score_member(model, requests, args.threads)
             runs["route_requests_s"] = round(time.perf_counter() - started, 1)
 
-    cal_note = {}
-    calibrations = {}
-    for m in members:
-        own = load_score_calibration(m)
-        calibrations[m] = own
-        cal_note[m] = (f"own calibration T={own.temperature:.3f}" if own else
-                       "no calibration file: uncalibrated option probability (T=1), as the host reports it")
+    return requests, request_scores
 
-    answers = np.array([q.answer for q in held])
-    picks = {m: np.array([int(np.argmax(s)) for s in scores[m]]) for m in members}
-    correct_m = {m: picks[m] == answers for m in members}
-    majority = majority_labels(fit_all)
-    correct_maj = np.array([q.options[q.answer] == majority[q.source] for q in held])
 
-    def ballots_for(sums_by_member: dict[str, list[float]], options: list[str]) -> list[voting.Ballot]:
+class Votes:
+    """The consensus service's vote on every held-out question (and on the route's own requests),
+    with the members' own answers beside it."""
+
+    def __init__(self, members, calibrations, held, scores, fit_all, requests, request_scores):
+        self.members, self.calibrations, self.held = members, calibrations, held
+        self.n = len(held)
+        self.answers = np.array([q.answer for q in held])
+        self.picks = {m: np.array([int(np.argmax(s)) for s in scores[m]]) for m in members}
+        self.correct_m = {m: self.picks[m] == self.answers for m in members}
+        majority = majority_labels(fit_all)
+        self.correct_maj = np.array([q.options[q.answer] == majority[q.source] for q in held])
+        self.outcomes, self.ballots_all = [], []
+        for i, q in enumerate(held):
+            ballots = self.ballots_for({m: scores[m][i] for m in members}, q.options)
+            self.ballots_all.append(ballots)
+            self.outcomes.append(voting.label_vote(ballots, q.options))
+        self.requests, self.request_scores = requests, request_scores
+        self.request_outcomes = [
+            voting.label_vote(self.ballots_for({m: request_scores[m][i] for m in members}, r.options), r.options)
+            for i, r in enumerate(requests)]
+        self.request_consistency = np.array([o.consistency for o in self.request_outcomes])
+        self.route_max = float(self.request_consistency.max()) if len(self.request_outcomes) else None
+        vote_pick = np.array([q.options.index(o.answer) for q, o in zip(held, self.outcomes)])
+        self.correct_v = vote_pick == self.answers
+        self.consistency = np.array([o.consistency for o in self.outcomes])
+        self.unanimous = np.array([all(a == 1.0 for a in o.agreement) for o in self.outcomes])
+
+    def ballots_for(self, sums_by_member: dict[str, list[float]], options: list[str]) -> list[voting.Ballot]:
         """As the host answers and the consensus service turns the answers into ballots."""
         ballots = []
-        for k, m in enumerate(members):
+        for k, m in enumerate(self.members):
             sums = sums_by_member[m]
             dist = option_distribution(sums)  # T = 1, the host's label_distribution
-            conf, _ = score_confidence(m, sums, calibrations[m])
+            conf, _ = score_confidence(m, sums, self.calibrations[m])
             log_p = [math.log(max(float(p), 1e-45)) for p in dist]
             ballots.append(voting.Ballot(m, primary=k == 0, answer=options[int(np.argmax(dist))], confidence=conf,
                                          distribution=dict(zip(options, voting.calibrated_distribution(log_p, conf)))))
         return ballots
 
-    outcomes, ballots_all = [], []
-    for i, q in enumerate(held):
-        ballots = ballots_for({m: scores[m][i] for m in members}, q.options)
-        ballots_all.append(ballots)
-        outcomes.append(voting.label_vote(ballots, q.options))
-    request_outcomes = [voting.label_vote(ballots_for({m: request_scores[m][i] for m in members}, r.options), r.options)
-                        for i, r in enumerate(requests)]
-    request_consistency = np.array([o.consistency for o in request_outcomes])
-    route_max = float(request_consistency.max()) if len(request_outcomes) else None
-    vote_pick = np.array([q.options.index(o.answer) for q, o in zip(held, outcomes)])
-    correct_v = vote_pick == answers
-    consistency = np.array([o.consistency for o in outcomes])
-    unanimous = np.array([all(a == 1.0 for a in o.agreement) for o in outcomes])
-    n = len(held)
+    def print_accuracy(self, primary: str, cal_note: dict) -> tuple[dict, dict]:
+        """Accuracy of every member, the vote and the majority baseline, overall and per source."""
+        members, n, held = self.members, self.n, self.held
 
-    # ---------------------------------------------------------------- accuracy table
-    def acc(mask, sel=None):
-        sel = np.ones(n, bool) if sel is None else sel
-        return float(mask[sel].mean()) if sel.any() else float("nan")
+        def acc(mask, sel=None):
+            sel = np.ones(n, bool) if sel is None else sel
+            return float(mask[sel].mean()) if sel.any() else float("nan")
 
-    short = {m: _short(m, route.primary) for m in members}
-    cols = [(short[m], correct_m[m]) for m in members] + [("vote", correct_v), ("majority", correct_maj)]
-    print(f"\naccuracy on the held-out sample (members = the same SmolLM2-135M weights through {len(members)} graphs)")
-    width = max(10, *(len(c) for c, _ in cols))
-    header = f"{'source':<38} {'n':>4} " + " ".join(f"{c:>{width}}" for c, _ in cols) + f" {'unanimous':>10}"
-    print(header)
-    per_source = {}
-    for name, sel in [("all", None)] + [(s, np.array([q.source == s for q in held])) for s in sources]:
-        sel_mask = np.ones(n, bool) if sel is None else sel
-        row = {c: round(acc(v, sel_mask), 4) for c, v in cols}
-        row["n"] = int(sel_mask.sum())
-        row["unanimous_share"] = round(float(unanimous[sel_mask].mean()), 4)
-        per_source[name] = row
-        print(f"{name:<38} {row['n']:>4} " + " ".join(f"{row[c]:{width}.3f}" for c, _ in cols)
-              + f" {row['unanimous_share']:10.3f}")
-    agree_pairs = {f"{a} vs {b}": round(float((picks[a] == picks[b]).mean()), 4)
-                   for ai, a in enumerate(members) for b in members[ai + 1:]}
-    print("pairwise agreement of top option: " + ", ".join(f"{k}: {v:.3f}" for k, v in agree_pairs.items()))
-    for m in members:
-        print(f"  {m}: {cal_note[m]}")
+        self.short = {m: _short(m, primary) for m in members}
+        cols = ([(self.short[m], self.correct_m[m]) for m in members]
+                + [("vote", self.correct_v), ("majority", self.correct_maj)])
+        print(f"\naccuracy on the held-out sample (members = the same SmolLM2-135M weights through {len(members)} graphs)")
+        width = max(10, *(len(c) for c, _ in cols))
+        header = f"{'source':<38} {'n':>4} " + " ".join(f"{c:>{width}}" for c, _ in cols) + f" {'unanimous':>10}"
+        print(header)
+        per_source = {}
+        sources = sorted({q.source for q in held})
+        for name, sel in [("all", None)] + [(s, np.array([q.source == s for q in held])) for s in sources]:
+            sel_mask = np.ones(n, bool) if sel is None else sel
+            row = {c: round(acc(v, sel_mask), 4) for c, v in cols}
+            row["n"] = int(sel_mask.sum())
+            row["unanimous_share"] = round(float(self.unanimous[sel_mask].mean()), 4)
+            per_source[name] = row
+            print(f"{name:<38} {row['n']:>4} " + " ".join(f"{row[c]:{width}.3f}" for c, _ in cols)
+                  + f" {row['unanimous_share']:10.3f}")
+        agree_pairs = {f"{a} vs {b}": round(float((self.picks[a] == self.picks[b]).mean()), 4)
+                       for ai, a in enumerate(members) for b in members[ai + 1:]}
+        print("pairwise agreement of top option: " + ", ".join(f"{k}: {v:.3f}" for k, v in agree_pairs.items()))
+        for m in members:
+            print(f"  {m}: {cal_note[m]}")
+        return per_source, agree_pairs
 
-    # ---------------------------------------------------------------- risk-coverage
-    member_acc = {m: float(correct_m[m].mean()) for m in members}
-    best = max(members, key=lambda m: (member_acc[m], m == route.primary))
-    rc = risk_coverage(outcomes, correct_v)
-    # The best member alone, thresholded the same way (a one-ballot vote: consistency = its P(top option)).
-    alone = [voting.label_vote([b for b in ballots if b.model == best], q.options) for q, ballots in zip(held, ballots_all)]
-    rc_best = risk_coverage(alone, correct_m[best])
-    highest_seen = max(float(np.max([o.consistency for o in outcomes])), route_max if route_max is not None else 0.0)
-    chosen, rule = choose_threshold(rc, args.risk_target, args.min_answered, highest_seen)
-    print("\nescalation (answered when consistency = P(verdict) >= threshold; calibrated distributions, as the "
-          "consensus service combines them)")
-    print(f"{'threshold':>9} {'escalated':>10} {'answered':>9} {'errors':>7} {'err|answered':>13} {'err/all':>8}"
-          f"   | best member alone: {'answered':>8} {'err|answered':>13}")
-    for r, rb in zip(rc, rc_best):
-        if r["threshold"] not in TABLE_THRESHOLDS and r["threshold"] not in (chosen, route.consensus_threshold):
-            continue
-        ea = f"{r['error_among_answered']:.3f}" if r["error_among_answered"] is not None else "-"
-        eb = f"{rb['error_among_answered']:.3f}" if rb["error_among_answered"] is not None else "-"
-        mark = " <- chosen" if r["threshold"] == chosen else ""
-        mark += " <- configured" if r["threshold"] == route.consensus_threshold else ""
-        print(f"{r['threshold']:9.2f} {r['escalated']:10.3f} {r['answered']:9d} {r['errors']:7d} {ea:>13} "
-              f"{r['confident_error_share_of_all_questions']:8.3f}   | {'':>19} {rb['answered']:>8} {eb:>13}{mark}")
-    print(f"consistency of the vote: max {consistency.max():.3f}, median {float(np.median(consistency)):.3f}; "
-          f"best member alone: max P(top) {max(o.consistency for o in alone):.3f}")
-    request_summary = {}
-    if request_outcomes:
-        verdicts = Counter(o.answer for o in request_outcomes)
-        raw_top = [max(option_distribution(request_scores[route.primary][i])) for i in range(len(requests))]
-        request_summary = {
-            "n": len(requests), "verdicts": dict(verdicts),
-            "max_consistency": round(route_max, 4), "median_consistency": round(float(np.median(request_consistency)), 4),
-            "answered_at_chosen": int((request_consistency >= chosen).sum()),
-            "answered_at_configured": int((request_consistency >= (route.consensus_threshold or chosen)).sum()),
-            "primary_raw_top_probability_median": round(float(np.median(raw_top)), 4),
-            "primary_raw_top_probability_share_ge_0.8": round(float(np.mean(np.array(raw_top) >= 0.8)), 4),
+    def escalation(self, route, args) -> SimpleNamespace:
+        """The risk-coverage curves (the vote, the best member alone), the threshold the rule picks,
+        and where the route's own requests fall."""
+        members, held, consistency = self.members, self.held, self.consistency
+        member_acc = {m: float(self.correct_m[m].mean()) for m in members}
+        best = max(members, key=lambda m: (member_acc[m], m == route.primary))
+        rc = risk_coverage(self.outcomes, self.correct_v)
+        # The best member alone, thresholded the same way (a one-ballot vote: consistency = its P(top option)).
+        alone = [voting.label_vote([b for b in ballots if b.model == best], q.options)
+                 for q, ballots in zip(held, self.ballots_all)]
+        rc_best = risk_coverage(alone, self.correct_m[best])
+        route_max = self.route_max
+        highest_seen = max(float(np.max([o.consistency for o in self.outcomes])), route_max if route_max is not None else 0.0)
+        chosen, rule = choose_threshold(rc, args.risk_target, args.min_answered, highest_seen)
+        print("\nescalation (answered when consistency = P(verdict) >= threshold; calibrated distributions, as the "
+              "consensus service combines them)")
+        print(f"{'threshold':>9} {'escalated':>10} {'answered':>9} {'errors':>7} {'err|answered':>13} {'err/all':>8}"
+              f"   | best member alone: {'answered':>8} {'err|answered':>13}")
+        for r, rb in zip(rc, rc_best):
+            if r["threshold"] not in TABLE_THRESHOLDS and r["threshold"] not in (chosen, route.consensus_threshold):
+                continue
+            ea = f"{r['error_among_answered']:.3f}" if r["error_among_answered"] is not None else "-"
+            eb = f"{rb['error_among_answered']:.3f}" if rb["error_among_answered"] is not None else "-"
+            mark = " <- chosen" if r["threshold"] == chosen else ""
+            mark += " <- configured" if r["threshold"] == route.consensus_threshold else ""
+            print(f"{r['threshold']:9.2f} {r['escalated']:10.3f} {r['answered']:9d} {r['errors']:7d} {ea:>13} "
+                  f"{r['confident_error_share_of_all_questions']:8.3f}   | {'':>19} {rb['answered']:>8} {eb:>13}{mark}")
+        print(f"consistency of the vote: max {consistency.max():.3f}, median {float(np.median(consistency)):.3f}; "
+              f"best member alone: max P(top) {max(o.consistency for o in alone):.3f}")
+        request_summary = {}
+        if self.request_outcomes:
+            requests, request_consistency = self.requests, self.request_consistency
+            verdicts = Counter(o.answer for o in self.request_outcomes)
+            raw_top = [max(option_distribution(self.request_scores[route.primary][i])) for i in range(len(requests))]
+            request_summary = {
+                "n": len(requests), "verdicts": dict(verdicts),
+                "max_consistency": round(route_max, 4), "median_consistency": round(float(np.median(request_consistency)), 4),
+                "answered_at_chosen": int((request_consistency >= chosen).sum()),
+                "answered_at_configured": int((request_consistency >= (route.consensus_threshold or chosen)).sum()),
+                "primary_raw_top_probability_median": round(float(np.median(raw_top)), 4),
+                "primary_raw_top_probability_share_ge_0.8": round(float(np.mean(np.array(raw_top) >= 0.8)), 4),
+            }
+            print(f"the route's own requests ({args.route_requests.name}, route {args.route}, unlabelled): n={len(requests)}, "
+                  f"verdicts {dict(verdicts)}; consistency max {route_max:.3f}, median {request_summary['median_consistency']:.3f}; "
+                  f"answered at {chosen:.2f}: {request_summary['answered_at_chosen']}. (The primary's raw T=1 top "
+                  f"probability: median {request_summary['primary_raw_top_probability_median']:.3f}, "
+                  f"{request_summary['primary_raw_top_probability_share_ge_0.8']:.0%} >= 0.8: what a vote of raw "
+                  "distributions would have called consistent)")
+        print(f"threshold rule: {rule} -> {chosen:.2f} (configured: {route.consensus_threshold})")
+        return SimpleNamespace(best=best, member_acc=member_acc, rc=rc, rc_best=rc_best, chosen=chosen, rule=rule,
+                               request_summary=request_summary)
+
+    def checks(self, escalation: SimpleNamespace, t: float) -> tuple[dict, dict]:
+        """Check 1: the vote is never worse than its best member by more than noise. Check 2: weak or
+        disagreeing members escalate rather than err confidently, at threshold `t`."""
+        n, best, correct_v, consistency = self.n, escalation.best, self.correct_v, self.consistency
+        diff_vec = correct_v.astype(float) - self.correct_m[best].astype(float)
+        diff = float(diff_vec.mean())
+        se_paired = float(diff_vec.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+        p_best = escalation.member_acc[best]
+        se_binom = math.sqrt(p_best * (1 - p_best) / n)
+        check1 = {
+            "best_member": best, "best_member_accuracy": round(p_best, 4), "vote_accuracy": round(float(correct_v.mean()), 4),
+            "difference": round(diff, 4), "binomial_se_of_best_accuracy": round(se_binom, 4),
+            "paired_se_of_difference": round(se_paired, 4),
+            "questions_where_vote_and_best_differ_in_correctness": int((diff_vec != 0).sum()),
+            "passes_within_2se": bool(diff >= -2 * max(se_binom, se_paired if math.isfinite(se_paired) else 0.0)),
         }
-        print(f"the route's own requests ({args.route_requests.name}, route {args.route}, unlabelled): n={len(requests)}, "
-              f"verdicts {dict(verdicts)}; consistency max {route_max:.3f}, median {request_summary['median_consistency']:.3f}; "
-              f"answered at {chosen:.2f}: {request_summary['answered_at_chosen']}. (The primary's raw T=1 top "
-              f"probability: median {request_summary['primary_raw_top_probability_median']:.3f}, "
-              f"{request_summary['primary_raw_top_probability_share_ge_0.8']:.0%} >= 0.8: what a vote of raw "
-              "distributions would have called consistent)")
-    print(f"threshold rule: {rule} -> {chosen:.2f} (configured: {route.consensus_threshold})")
+        answered = consistency >= t
+        wrong = ~correct_v
+        disagree = ~self.unanimous
+        check2 = {
+            "threshold": t,
+            "errors_total": int(wrong.sum()),
+            "confident_errors": int((wrong & answered).sum()),
+            "share_of_wrong_answers_with_consistency_ge_threshold": round(float((wrong & answered).sum() / max(wrong.sum(), 1)), 4),
+            "share_of_right_answers_with_consistency_ge_threshold": round(float((correct_v & answered).sum() / max(correct_v.sum(), 1)), 4),
+            "escalated_share": round(float((~answered).mean()), 4),
+            "error_among_answered": round(float((wrong & answered).sum() / answered.sum()), 4) if answered.any() else None,
+            "error_without_escalation": round(float(wrong.mean()), 4),
+            "disagreeing_questions": int(disagree.sum()),
+            "disagreeing_escalated_share": round(float((~answered & disagree).sum() / disagree.sum()), 4) if disagree.any() else None,
+            "mean_consistency_wrong": round(float(consistency[wrong].mean()), 4) if wrong.any() else None,
+            "mean_consistency_right": round(float(consistency[correct_v].mean()), 4) if correct_v.any() else None,
+        }
+        print(f"\ncheck 1 (vote never worse than its best member by more than noise): best member {best} "
+              f"{p_best:.3f}, vote {correct_v.mean():.3f}, difference {diff:+.3f} "
+              f"(binomial SE of one accuracy {se_binom:.3f}; paired SE of the difference {se_paired:.3f}; "
+              f"{check1['questions_where_vote_and_best_differ_in_correctness']} questions differ) -> "
+              f"{'within noise' if check1['passes_within_2se'] else 'WORSE than 2 SE'}")
+        print(f"check 2 (weak/disagreeing models escalate rather than err confidently), threshold {t}: "
+              f"{check2['confident_errors']}/{check2['errors_total']} wrong answers have consistency >= {t} "
+              f"({check2['share_of_wrong_answers_with_consistency_ge_threshold']:.3f}; right answers: "
+              f"{check2['share_of_right_answers_with_consistency_ge_threshold']:.3f}); escalated {check2['escalated_share']:.3f}; "
+              f"error among answered {check2['error_among_answered']} vs {check2['error_without_escalation']:.3f} unescalated; "
+              f"members disagree on {check2['disagreeing_questions']} questions, "
+              f"{check2['disagreeing_escalated_share']} of those escalated")
+        return check1, check2
 
-    # ---------------------------------------------------------------- the two checks
-    diff_vec = correct_v.astype(float) - correct_m[best].astype(float)
-    diff = float(diff_vec.mean())
-    se_paired = float(diff_vec.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    p_best = member_acc[best]
-    se_binom = math.sqrt(p_best * (1 - p_best) / n)
-    check1 = {
-        "best_member": best, "best_member_accuracy": round(p_best, 4), "vote_accuracy": round(float(correct_v.mean()), 4),
-        "difference": round(diff, 4), "binomial_se_of_best_accuracy": round(se_binom, 4),
-        "paired_se_of_difference": round(se_paired, 4),
-        "questions_where_vote_and_best_differ_in_correctness": int((diff_vec != 0).sum()),
-        "passes_within_2se": bool(diff >= -2 * max(se_binom, se_paired if math.isfinite(se_paired) else 0.0)),
-    }
-    t = route.consensus_threshold or chosen
-    answered = consistency >= t
-    wrong = ~correct_v
-    disagree = ~unanimous
-    check2 = {
-        "threshold": t,
-        "errors_total": int(wrong.sum()),
-        "confident_errors": int((wrong & answered).sum()),
-        "share_of_wrong_answers_with_consistency_ge_threshold": round(float((wrong & answered).sum() / max(wrong.sum(), 1)), 4),
-        "share_of_right_answers_with_consistency_ge_threshold": round(float((correct_v & answered).sum() / max(correct_v.sum(), 1)), 4),
-        "escalated_share": round(float((~answered).mean()), 4),
-        "error_among_answered": round(float((wrong & answered).sum() / answered.sum()), 4) if answered.any() else None,
-        "error_without_escalation": round(float(wrong.mean()), 4),
-        "disagreeing_questions": int(disagree.sum()),
-        "disagreeing_escalated_share": round(float((~answered & disagree).sum() / disagree.sum()), 4) if disagree.any() else None,
-        "mean_consistency_wrong": round(float(consistency[wrong].mean()), 4) if wrong.any() else None,
-        "mean_consistency_right": round(float(consistency[correct_v].mean()), 4) if correct_v.any() else None,
-    }
-    print(f"\ncheck 1 (vote never worse than its best member by more than noise): best member {best} "
-          f"{p_best:.3f}, vote {correct_v.mean():.3f}, difference {diff:+.3f} "
-          f"(binomial SE of one accuracy {se_binom:.3f}; paired SE of the difference {se_paired:.3f}; "
-          f"{check1['questions_where_vote_and_best_differ_in_correctness']} questions differ) -> "
-          f"{'within noise' if check1['passes_within_2se'] else 'WORSE than 2 SE'}")
-    print(f"check 2 (weak/disagreeing models escalate rather than err confidently), threshold {t}: "
-          f"{check2['confident_errors']}/{check2['errors_total']} wrong answers have consistency >= {t} "
-          f"({check2['share_of_wrong_answers_with_consistency_ge_threshold']:.3f}; right answers: "
-          f"{check2['share_of_right_answers_with_consistency_ge_threshold']:.3f}); escalated {check2['escalated_share']:.3f}; "
-          f"error among answered {check2['error_among_answered']} vs {check2['error_without_escalation']:.3f} unescalated; "
-          f"members disagree on {check2['disagreeing_questions']} questions, "
-          f"{check2['disagreeing_escalated_share']} of those escalated")
-    host_end = [round(x, 2) for x in os.getloadavg()]
-    print(f"load average at end: {host_end}")
 
-    result = {
-        "created_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "tool": "python bench/decisions.py",
-        "machine": {**host, "load_average_at_end": host_end},
-        "data": str(args.data),
-        "data_sha256": hashlib.sha256(args.data.read_bytes()).hexdigest(),
-        "split": (f"services/model_host/calibrate.py split: sha256(prompt) odd = held out; first "
-                  f"{args.per_source or 'all'} per source in hash order"),
-        "n": n,
-        "config": str(args.config),
-        "route": args.route,
-        "members": members,
-        "members_note": ("the same SmolLM2-135M-Instruct weights through other graphs (fused fp32, optimum fp32, fused "
-                         "int8): NOT independent models; the fleet has no second real decoder"),
-        "calibration": cal_note,
-        "ballot": ("distribution = the host's option_distribution(sums) at T=1 tempered to the calibrated confidence "
-                   "(voting.calibrated_distribution, as the consensus service); weight = calibrated confidence"),
-        "majority_baseline": "per source, the most frequent right answer on the whole fit half (even hashes)",
-        "runs": runs,
-        "accuracy": per_source,
-        "pairwise_top_option_agreement": agree_pairs,
-        "risk_coverage": rc,
-        "risk_coverage_best_member_alone": {"model": best, "rows": rc_best},
-        "route_requests": {
-            "data": str(args.route_requests), "options": list(route.options), **request_summary,
-            "requests": [{"text": r.prompt, "logprob_sums": {m: request_scores[m][i] for m in members},
-                          "vote": o.answer, "consistency": round(o.consistency, 4)}
-                         for i, (r, o) in enumerate(zip(requests, request_outcomes))],
-        },
-        "threshold_rule": {"risk_target": args.risk_target, "min_answered": args.min_answered,
-                           "chosen": chosen, "why": rule, "configured": route.consensus_threshold,
-                           "max_vote_consistency": round(float(consistency.max()), 4),
-                           "median_vote_consistency": round(float(np.median(consistency)), 4)},
-        "check_vote_vs_best_member": check1,
-        "check_confident_errors": check2,
-        "questions": [
-            {"source": q.source, "digest": q.digest[:16], "options": q.options, "answer": q.answer,
-             "logprob_sums": {m: scores[m][i] for m in members},
-             "confidences": {b.model: round(b.confidence, 4) for b in ballots_all[i]},
-             "vote": outcomes[i].answer, "consistency": round(outcomes[i].consistency, 4)}
-            for i, q in enumerate(held)
-        ],
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out_json}")
-
-    if not args.no_png:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib not installed (pip install -e '.[bench]'): no PNG", file=sys.stderr)
-            write_fragment(result, args.out)
-            return 0
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        cov = [1 - r["escalated"] for r in rc]
-        risk = [r["error_among_answered"] if r["error_among_answered"] is not None else np.nan for r in rc]
-        ax.plot(cov, risk, ".-", label=f"consensus vote ({len(members)} graphs of SmolLM2-135M)")
-        cov_b = [1 - r["escalated"] for r in rc_best]
-        risk_b = [r["error_among_answered"] if r["error_among_answered"] is not None else np.nan for r in rc_best]
-        ax.plot(cov_b, risk_b, ".:", color="tab:orange", label=f"best member alone ({short[best]})")
-        for r, c, k in zip(rc, cov, risk):
-            if np.isfinite(k) and (r["threshold"] in TABLE_THRESHOLDS or r["threshold"] == chosen):
-                ax.annotate(f"{r['threshold']:.2f}", (c, k), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.axhline(1 - per_source["all"]["majority"], ls="--", color="grey", label="majority-class error")
-        ax.axhline(args.risk_target, ls=":", color="red", lw=0.8, label=f"risk target {args.risk_target:.0%}")
-        ax.text(0.02, 0.02, f"chosen threshold {chosen:.2f}: {int((consistency >= chosen).sum())}/{n} answered",
-                transform=ax.transAxes, fontsize=7)
-        ax.set_xlabel("coverage (share answered)")
-        ax.set_ylabel("error among answered")
-        ax.set_title(f"route {args.route}: decisions-dev held-out sample (n={n})", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        png = args.out / "decisions_risk_coverage.png"
-        fig.savefig(png, dpi=120)
-        print(f"wrote {png}")
-    write_fragment(result, args.out)
-    return 0
+def plot_risk_coverage(args, votes: Votes, escalation: SimpleNamespace, per_source: dict) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no PNG", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    cov = [1 - r["escalated"] for r in escalation.rc]
+    risk = [r["error_among_answered"] if r["error_among_answered"] is not None else np.nan for r in escalation.rc]
+    ax.plot(cov, risk, ".-", label=f"consensus vote ({len(votes.members)} graphs of SmolLM2-135M)")
+    cov_b = [1 - r["escalated"] for r in escalation.rc_best]
+    risk_b = [r["error_among_answered"] if r["error_among_answered"] is not None else np.nan for r in escalation.rc_best]
+    ax.plot(cov_b, risk_b, ".:", color="tab:orange", label=f"best member alone ({votes.short[escalation.best]})")
+    for r, c, k in zip(escalation.rc, cov, risk):
+        if np.isfinite(k) and (r["threshold"] in TABLE_THRESHOLDS or r["threshold"] == escalation.chosen):
+            ax.annotate(f"{r['threshold']:.2f}", (c, k), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(1 - per_source["all"]["majority"], ls="--", color="grey", label="majority-class error")
+    ax.axhline(args.risk_target, ls=":", color="red", lw=0.8, label=f"risk target {args.risk_target:.0%}")
+    ax.text(0.02, 0.02, f"chosen threshold {escalation.chosen:.2f}: "
+            f"{int((votes.consistency >= escalation.chosen).sum())}/{votes.n} answered",
+            transform=ax.transAxes, fontsize=7)
+    ax.set_xlabel("coverage (share answered)")
+    ax.set_ylabel("error among answered")
+    ax.set_title(f"route {args.route}: decisions-dev held-out sample (n={votes.n})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = args.out / "decisions_risk_coverage.png"
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
 
 
 def _pct(value) -> str:
