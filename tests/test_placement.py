@@ -83,12 +83,30 @@ def test_a_call_goes_where_the_model_is_ready_even_if_another_host_scores_higher
     assert choose(model, hosts).load_also == ()
 
 
-def test_ready_copies_share_calls_by_load_then_by_turns():
+def test_ready_copies_share_calls_by_load_then_by_the_models_order():
     a = host("a:1", m=ModelOnHost(READY, in_flight=3))
     b = host("b:1", m=ModelOnHost(READY, in_flight=1))
-    assert {choose("m", [a, b], turn=t).host.address for t in range(4)} == {"b:1"}
-    b.models["m"] = ModelOnHost(READY, in_flight=3)
-    assert {choose("m", [a, b], turn=t).host.address for t in range(4)} == {"a:1", "b:1"}  # identical replicas
+    assert choose("m", [a, b]).host is b
+    b.calls_here["m"] = 1  # this router's own calls since the refresh count too
+    assert choose("m", [a, b]).host is b
+    b.calls_here["m"] = 2
+    # equally busy: the first in the model's order, so a spare copy idles when the load passes
+    assert choose("m", [a, b]).host is placement_order("m", [a, b])[0]
+
+
+def test_a_busy_model_gets_one_more_copy():
+    hosts = [host(f"10.0.0.{i}:50061") for i in range(3)]
+    order = placement_order("m", hosts)
+    order[0].models["m"] = ModelOnHost(READY, in_flight=7)
+    assert choose("m", hosts, busy_at=8).load_also == ()
+    order[0].models["m"] = ModelOnHost(READY, in_flight=8)  # every slot taken
+    assert choose("m", hosts, busy_at=8).load_also == (order[1],)
+    order[1].expected["m"] = 0.0  # asked for already: not twice
+    assert choose("m", hosts, busy_at=8).load_also == ()
+    order[1].expected.clear()
+    order[1].models["m"] = ModelOnHost(READY, in_flight=2)
+    chosen = choose("m", hosts, busy_at=8)
+    assert chosen.host is order[1] and chosen.load_also == ()
 
 
 def test_a_load_under_way_is_shared():
@@ -208,6 +226,10 @@ def test_loads_sent_since_the_refresh_count_against_a_host():
         chosen.expected[model] = 0.0  # what ModelHosts.pick records
         placed[chosen.address] += 1
     assert sorted(placed.values()) == [2, 2, 2], placed  # not the hash's pile-up on one host
+    # a refresh that finds a load under way: LOADING is not in the host's used bytes yet, but counts
+    hosts[0].expected.clear()
+    hosts[0].models["a"] = ModelOnHost(LOADING, load_bytes=size)
+    assert hosts[0].free_bytes == (300 - 8 - 128) * MB
 
 
 def test_config_keys_and_their_mistakes():

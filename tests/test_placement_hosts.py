@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from mirador.v1 import common_pb2, model_host_pb2, router_pb2, router_pb2_grpc
 
 from conftest import free_port
@@ -42,7 +43,7 @@ DECODER_KEYS = "{task: text-generation, tier: warm, max_num_seqs: 256, max_conte
 
 
 def write_fleet(directory: Path, decoders: list[str], *, hosts: int, listed: int | None = None,
-                budget_mb: int = 0, port: int | None = None, big: bool = True) -> Path:
+                budget_mb: int = 0, port: int | None = None, big: bool = True, copies: dict[str, int] | None = None) -> Path:
     """Config: `hosts` model-host replicas (ports p..p+hosts-1); the router lists `listed` of them."""
     listed = listed or hosts
     port = port or free_port_run(max(hosts, listed))
@@ -60,6 +61,7 @@ def write_fleet(directory: Path, decoders: list[str], *, hosts: int, listed: int
         "fleet:",
         "  tiny-embed: {task: embedding, tier: hot}",
         *(f"  {name}: {DECODER_KEYS if big else '{task: text-generation, tier: warm}'}" for name in decoders),
+        *(f"  {name}: {{task: text-generation, tier: warm, copies: {n}}}" for name, n in (copies or {}).items()),
         "routes:",
         f"  chat: {{primary: {decoders[0]}}}",
     ]
@@ -69,6 +71,8 @@ def write_fleet(directory: Path, decoders: list[str], *, hosts: int, listed: int
     build_tiny_encoder(repository, "tiny-embed")
     for seed, name in enumerate(decoders):
         build_tiny_decoder(repository, name, seed=seed, **(BIG if big else {}))
+    for name in copies or {}:
+        build_tiny_decoder(repository, name, seed=99)
     return path
 
 
@@ -252,7 +256,8 @@ def growing(tmp_path_factory):
     old, new_elsewhere = before_join[:3], before_join[3]
     new_on_joiner = next(m for m in probe if target[m] == addresses[2])
     decoders = [*old, new_elsewhere, new_on_joiner]
-    config = load_config(write_fleet(directory, decoders, hosts=2, listed=3, port=port, big=False))
+    config = load_config(write_fleet(directory, decoders, hosts=2, listed=3, port=port, big=False,
+                                     copies={"lm-twice": 2}))
     mesh = start(config, directory)
     try:
         yield {"mesh": mesh, "directory": directory, "addresses": addresses, "old": old,
@@ -286,6 +291,39 @@ def test_a_host_that_joins_takes_new_models_and_busy_ones_stay(growing):
         assert growing["new_elsewhere"] in ready_on(addresses[0]) | ready_on(addresses[1])
     finally:
         joiner.stop()
+
+
+def test_a_host_that_reports_nonsense_is_ignored_with_a_log_line(growing):
+    """A host at the third address runs another config (a model the router's fleet lacks): the router
+    logs it once and leaves it out, so the model whose hash it wins is served by another host."""
+    mesh, addresses, config = growing["mesh"], growing["addresses"], growing["config"]
+    router = config.services.router.address
+    variant = write_config_variant(config, growing["directory"] / "stranger.yaml",
+                                   port=int(addresses[2].rsplit(":", 1)[1]), replicas=1)
+    data = yaml.safe_load(variant.read_text())
+    data["fleet"]["stranger-lm"] = {"task": "text-generation", "tier": "cold"}
+    variant.write_text(yaml.safe_dump(data, sort_keys=False))
+    stranger = Mesh(load_config(variant), log_dir=growing["directory"] / "logs-stranger", services=("model_host",),
+                    env={"XDG_CACHE_HOME": str(growing["directory"] / "cache")})
+    stranger.start(timeout_s=90)
+    try:
+        wait_for(lambda: router_logged(mesh, "model host ignored: its report makes no sense", addresses[2]), 15,
+                 "the router ignoring the stranger", interval_s=0.2)
+        model = growing["new_on_joiner"]  # its first choice is the third address
+        assert ask(router, model) == "OK"
+        assert model not in ready_on(addresses[2])
+        assert model in ready_on(addresses[0]) | ready_on(addresses[1])
+        assert router_logged(mesh, "model host ignored: its report makes no sense", addresses[2]) == 1  # once
+    finally:
+        stranger.stop()
+
+
+def test_a_model_with_two_copies_is_loaded_on_two_hosts(growing):
+    router, mesh = growing["config"].services.router.address, growing["mesh"]
+    assert ask(router, "lm-twice") == "OK"  # one host loads it for the call, the next in its order in the background
+    hosts = list(host_addresses(mesh).values())
+    wait_for(lambda: all("lm-twice" in ready_on(a) for a in hosts), 15, "lm-twice READY on both hosts", interval_s=0.2)
+    assert router_logged(mesh, "loading another copy", "lm-twice")
 
 
 def test_a_hung_host_hands_its_calls_on_and_serves_again_after_sigcont(growing):

@@ -21,7 +21,10 @@ placement target, which loads it on demand:
   so a load does not push out an idle model while another host has room.
 * `copies` (per model in `fleet:`): while fewer hosts than that have the model READY, the
   next hosts in its order are asked to load it (`LoadModel`, in the background) while calls
-  go to the copies that are READY. A placement that cannot be satisfied (fewer usable hosts
+  go to the copies that are READY. A busy model gets one more copy whenever every READY copy
+  has `max_num_seqs` calls in flight (its slots full, calls queueing); calls prefer the first
+  copies in the model's order, so the extra ones idle when the load passes and their hosts
+  unload them after `keep_alive`. A placement that cannot be satisfied (fewer usable hosts
   than copies, or none that can hold the model) degrades to the hosts that can, and counts it.
 
 A host that reports nonsense — more memory used than its budget, models the router's fleet
@@ -141,10 +144,12 @@ class HostView:
 
     @property
     def free_bytes(self) -> float:
-        """The budget left, less what loads this router sent here since the refresh will take."""
+        """The budget left, less what loads under way there (and those this router sent since the
+        refresh) will take: a LOADING model is not in the host's used bytes yet."""
         if not self.budget_bytes:
             return UNLIMITED_WEIGHT
-        coming = sum(self.models[m].load_bytes for m in self.expected if m in self.models and not self.ready(m))
+        coming = sum(status.load_bytes for name, status in self.models.items()
+                     if not status.ready and (status.loading or name in self.expected))
         return max(self.budget_bytes - self.used_bytes - coming, 0)
 
     def can_hold(self, size_bytes: int) -> bool:
@@ -209,10 +214,13 @@ def model_size(model: str, hosts: Iterable[HostView]) -> int:
 
 
 def choose(model: str, hosts: Sequence[HostView], copies: int = 1, exclude: frozenset[str] = frozenset(),
-           turn: int = 0) -> Choice:
-    """Where a call for `model` goes: the least busy host that has it READY (`turn` takes turns
-    between equally busy ones, so identical replicas share the calls), else its target. Raises Unavailable when no host is usable, and
-    ResourceExhausted (naming the sizes) when the model is larger than every usable host's budget."""
+           busy_at: int = 0) -> Choice:
+    """Where a call for `model` goes: the least busy host that has it READY (between equally busy
+    ones, the first in the model's order, so copies beyond the first get calls only under load and
+    leave by their keep_alive when it passes), else its target. With `busy_at`, a model whose every
+    READY copy has that many calls in flight (its slots full) asks for one more copy. Raises
+    Unavailable when no host is usable, and ResourceExhausted (naming the sizes) when the model is
+    larger than every usable host's budget."""
     usable = [h for h in hosts if h.usable and h.address not in exclude]
     if not usable:
         down = ", ".join(f"{h.address} ({h.problem or 'down'})" for h in hosts) or "none configured"
@@ -229,13 +237,15 @@ def choose(model: str, hosts: Sequence[HostView], copies: int = 1, exclude: froz
     holding = set(id(h) for h in ready)
     missing = max(copies - len(ready), 0)
     if ready:
-        least = min(h.in_flight(model) for h in ready)
-        ties = sorted((h for h in ready if h.in_flight(model) == least), key=lambda h: h.address)
-        best = ties[turn % len(ties)]
+        rank = {id(h): i for i, h in enumerate(order)}
+        best = min(ready, key=lambda h: (h.in_flight(model), rank.get(id(h), len(order)), h.address))
         spare = [h for h in order if id(h) not in holding and not h.loading(model)]
         loading = sum(1 for h in order if id(h) not in holding and h.loading(model))
+        short_by = max(missing - loading - len(spare), 0)  # configured copies no usable host can take
+        if busy_at and best.in_flight(model) >= busy_at:
+            missing = max(missing, 1)  # every copy is full: one more, while a host has room for it
         wanted = max(missing - loading, 0)
-        return Choice(best, tuple(spare[:wanted]), short_by=max(wanted - len(spare), 0))
+        return Choice(best, tuple(spare[:wanted]), short_by=short_by)
     loading = [h for h in order if h.loading(model)]
     target = loading[0] if loading else order[0]  # a load under way is shared, not started twice
     others = [h for h in order if h is not target and not h.loading(model)]
@@ -299,8 +309,8 @@ class _Host:
 
 
 class ModelHosts:
-    """Every model host, as one stub-like object the router calls: `Generate` and `Embed` pick
-    the host per call (see the module's docstring)."""
+    """Every model host, as one stub-like object the router calls: `Generate`, `Embed` and `Score`
+    pick the host per call (see the module's docstring)."""
 
     def __init__(self, targets: Sequence[str], fleet: dict[str, ModelSpec], security: SecurityConfig | None = None,
                  refresh_s: float = REFRESH_S, channel_options: Sequence[tuple[str, object]] = ()):
@@ -315,7 +325,6 @@ class ModelHosts:
         self._loads: set[asyncio.Task] = set()
         self._shared_refresh: asyncio.Task | None = None
         self._rounds = 0
-        self._turn = 0
         self._logged: dict[str, str] = {}  # address -> the last problem logged (one line per change)
 
     # -- lifecycle
@@ -433,8 +442,8 @@ class ModelHosts:
         return spec.copies if spec is not None else 1
 
     def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> _Host:
-        self._turn += 1
-        choice = choose(model, self.views, self.copies(model), exclude, self._turn)
+        spec = self.fleet.get(model)
+        choice = choose(model, self.views, self.copies(model), exclude, busy_at=spec.max_num_seqs if spec else 0)
         if choice.short_by:
             DEGRADED.labels(model, "fewer hosts than copies").inc()
         for extra in choice.load_also:
