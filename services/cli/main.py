@@ -59,6 +59,9 @@ def cmd_up(args) -> int:
     print(f"all services SERVING in {time.monotonic() - started:.1f} s (logs in {mesh.log_dir}):")
     for name, service in mesh.processes.items():
         print(f"  {name:<11} {service.settings.address:<22} pid {service.process.pid}")
+    if "gateway" in mesh.processes:
+        gateway = f"{'https' if config.security.tls else 'http'}://{config.services.gateway.address}"
+        print(f"OpenAI API at {gateway}/v1, review page at {gateway}/review")
     print("Ctrl-C or SIGTERM stops them.", flush=True)
 
     stop = threading.Event()
