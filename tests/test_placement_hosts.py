@@ -15,6 +15,7 @@ Loopback only; every process is stopped by PID (Mesh.stop), a stopped one resume
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,7 +44,8 @@ DECODER_KEYS = "{task: text-generation, tier: warm, max_num_seqs: 256, max_conte
 
 
 def write_fleet(directory: Path, decoders: list[str], *, hosts: int, listed: int | None = None,
-                budget_mb: int = 0, port: int | None = None, big: bool = True, copies: dict[str, int] | None = None) -> Path:
+                budget_mb: int = 0, port: int | None = None, big: bool = True, copies: dict[str, int] | None = None,
+                huge: str = "") -> Path:
     """Config: `hosts` model-host replicas (ports p..p+hosts-1); the router lists `listed` of them."""
     listed = listed or hosts
     port = port or free_port_run(max(hosts, listed))
@@ -62,6 +64,7 @@ def write_fleet(directory: Path, decoders: list[str], *, hosts: int, listed: int
         "  tiny-embed: {task: embedding, tier: hot}",
         *(f"  {name}: {DECODER_KEYS if big else '{task: text-generation, tier: warm}'}" for name in decoders),
         *(f"  {name}: {{task: text-generation, tier: warm, copies: {n}}}" for name, n in (copies or {}).items()),
+        *([f"  {huge}: {DECODER_KEYS}"] if huge else []),
         "routes:",
         f"  chat: {{primary: {decoders[0]}}}",
     ]
@@ -73,6 +76,8 @@ def write_fleet(directory: Path, decoders: list[str], *, hosts: int, listed: int
         build_tiny_decoder(repository, name, seed=seed, **(BIG if big else {}))
     for name in copies or {}:
         build_tiny_decoder(repository, name, seed=99)
+    if huge:
+        build_tiny_decoder(repository, huge, seed=98, kv_heads=6)  # 384 MiB of KV slots
     return path
 
 
@@ -156,11 +161,12 @@ DECODERS = [f"lm-{letter}" for letter in "abcde"]
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     directory = tmp_path_factory.mktemp("placement")
-    config = load_config(write_fleet(directory, DECODERS, hosts=3, budget_mb=BUDGET_MB))
+    config = load_config(write_fleet(directory, DECODERS, hosts=3, budget_mb=BUDGET_MB, huge="lm-huge"))
     mesh = start(config, directory)
     try:
         for address in host_addresses(mesh).values():
             wait_ready(address, ["tiny-embed"])
+            wait_for(lambda a=address: router_logged(mesh, "model host usable", a), 10, f"the router using {address}")
         yield mesh
     finally:
         mesh.stop()
@@ -188,6 +194,15 @@ def test_a_fleet_larger_than_one_host_is_served_by_all_of_them(fleet):
     rows = {line.split()[0]: line for line in status.splitlines() if line.strip()}
     for name, models in held.items():
         assert all(hosts[name] in rows[m] and m in rows[hosts[name]] for m in models), status
+
+
+def test_a_model_larger_than_every_host_is_refused_naming_sizes(fleet):
+    outcome = ask(fleet.config.services.router.address, "lm-huge")
+    assert outcome.startswith("RESOURCE_EXHAUSTED: "), outcome
+    # 384 MiB of KV slots plus its files x 1.2
+    assert re.search(r"model `lm-huge` needs 38\d MB, more than the memory budget of every model host "
+                     r"\(the largest: 300 MB at 127\.0\.0\.1:\d+\); raise services\.model_host\.memory_budget_mb", outcome), outcome
+    assert not any("lm-huge" in ready_on(a) for a in host_addresses(fleet).values())
 
 
 def test_kill_9_of_a_host_its_models_serve_elsewhere_and_no_idempotent_call_is_lost(fleet):
@@ -260,6 +275,8 @@ def growing(tmp_path_factory):
                                      copies={"lm-twice": 2}))
     mesh = start(config, directory)
     try:
+        for address in addresses[:2]:
+            wait_for(lambda a=address: router_logged(mesh, "model host usable", a), 10, f"the router using {address}")
         yield {"mesh": mesh, "directory": directory, "addresses": addresses, "old": old,
                "new_elsewhere": new_elsewhere, "new_on_joiner": new_on_joiner, "config": config}
     finally:

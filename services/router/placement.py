@@ -63,6 +63,7 @@ from services.common.logs import log_event
 log = logging.getLogger("mirador.router.placement")
 
 REFRESH_S = 2.0  # every host's health and models are read this often (and at once after a failure)
+DOWN_RETRY_S = 0.5  # a host that is down is asked again this often (one probe at a time), so it is back soon
 PROBE_TIMEOUT_S = 1.0  # a host that does not answer its health check and ListModels within this is down
 DNS_EVERY = 5  # a `dns:` target is resolved again every this many refreshes
 MAX_ATTEMPTS = 3  # hosts one call is tried on before its first answer
@@ -345,7 +346,12 @@ class ModelHosts:
 
     async def _keep_refreshing(self) -> None:
         while True:
-            await asyncio.sleep(self.refresh_s)
+            next_round = time.monotonic() + self.refresh_s
+            while (left := next_round - time.monotonic()) > 0:
+                await asyncio.sleep(min(DOWN_RETRY_S, left))
+                for address, host in list(self.hosts.items()):
+                    if host.listed and not host.view.healthy:
+                        self.suspect(address)
             self._rounds += 1
             if self._rounds % DNS_EVERY == 0 and any(dns_name(t) for t in self.targets):
                 await self._resolve()
