@@ -132,6 +132,15 @@ def test_copies_load_on_the_next_hosts_in_order():
     assert short.short_by == 1
 
 
+def test_a_host_whose_fleet_lacks_the_model_is_not_asked():
+    old = host("old:1", other=ModelOnHost(UNLOADED))
+    new = host("new:1", other=ModelOnHost(UNLOADED), added=ModelOnHost(UNLOADED))
+    assert {choose("added", [old, new]).host.address for _ in range(3)} == {"new:1"}
+    with pytest.raises(Unavailable, match=r"no model host can take a call for `added` now; hosts: old:1 \(its fleet "
+                                          r"has no `added`\)"):
+        choose("added", [old])
+
+
 def test_excluded_and_down_hosts_are_skipped():
     hosts = [host(f"10.0.0.{i}:50061") for i in range(3)]
     order = placement_order("m", hosts)

@@ -222,10 +222,18 @@ def choose(model: str, hosts: Sequence[HostView], copies: int = 1, exclude: froz
     READY copy has that many calls in flight (its slots full) asks for one more copy. Raises
     Unavailable when no host is usable, and ResourceExhausted (naming the sizes) when the model is
     larger than every usable host's budget."""
-    usable = [h for h in hosts if h.usable and h.address not in exclude]
+    # a host whose fleet lacks the model (an older config) would only answer NOT_FOUND
+    usable = [h for h in hosts if h.usable and h.address not in exclude and (model in h.models or not h.models)]
     if not usable:
-        down = ", ".join(f"{h.address} ({h.problem or 'down'})" for h in hosts) or "none configured"
-        raise Unavailable(f"no model host can take a call for `{model}` now; hosts: {down}")
+        def why(h: HostView) -> str:
+            if not h.healthy:
+                return "down"
+            if h.problem:
+                return f"ignored: {h.problem}"
+            return "tried already" if h.address in exclude else f"its fleet has no `{model}`"
+
+        hosts_said = ", ".join(f"{h.address} ({why(h)})" for h in hosts) or "none configured"
+        raise Unavailable(f"no model host can take a call for `{model}` now; hosts: {hosts_said}")
     size = model_size(model, hosts)
     order = placement_order(model, usable, size)
     if not order:
