@@ -64,6 +64,29 @@ def schema_exists(schema: str) -> bool:
         return connection.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is not None
 
 
+def terminate_backends(application_name: str, timeout_s: float = 10.0) -> int:
+    """What a server restart does to a client's connections: the server ends every session of
+    `application_name` on the test database, and this returns once they are gone (the server
+    has closed their sockets), with how many there were."""
+    import time
+
+    import psycopg
+
+    query = ("SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = current_database() "
+             "AND pid <> pg_backend_pid()")
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        pids = [row[0] for row in admin.execute(query, (application_name,)).fetchall()]
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            alive = {row[0] for row in admin.execute(query, (application_name,)).fetchall()}
+            if not alive & set(pids):
+                break
+            time.sleep(0.02)
+    return len(pids)
+
+
 def drop_redis_prefix(prefix: str) -> None:
     import redis
 

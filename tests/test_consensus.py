@@ -26,7 +26,7 @@ from services.common.config import MiradorConfig, load_config
 from services.common.model_repository import ModelRepository
 from services.consensus import fanout, voting
 from services.common.decision_prompt import decision_messages
-from state_servers import POSTGRES_URL, drop_schema, new_schema_name, require_postgres
+from state_servers import POSTGRES_URL, drop_schema, new_schema_name, require_postgres, terminate_backends
 from tiny_models import build_tiny_decoder, build_tiny_encoder, write_corrupt_model
 
 VOTERS = ["voter-a", "voter-b", "voter-c"]
@@ -506,9 +506,7 @@ def test_a_postgresql_that_hangs_or_drops_us_costs_the_calls_in_flight_not_the_n
         code, details = status_of(lambda: decide(consensus, disputed[0], threshold=1.0, request_id="while-locked"))
         assert code == grpc.StatusCode.UNAVAILABLE, details
         assert "statement_timeout_ms (1000 ms); nothing was written, retry" in details
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
-                      "'mirador-consensus' AND datname = current_database()")
+    assert terminate_backends("mirador-consensus")  # what a PostgreSQL restart does to its connections
     _, verdict = decide(consensus, disputed[0], threshold=1.0, request_id="while-locked")  # the retry succeeds
     assert verdict.escalated and verdict.escalation_id
     assert consensus.GetStats(consensus_pb2.GetStatsRequest(), timeout=10).decisions == before + 1

@@ -27,7 +27,14 @@ from services.consensus.escalations import (
     SqliteEscalationStore,
     UnknownEscalation,
 )
-from state_servers import POSTGRES_URL, drop_schema, new_schema_name, pg_schema, require_postgres  # noqa: F401
+from state_servers import (  # noqa: F401
+    POSTGRES_URL,
+    drop_schema,
+    new_schema_name,
+    pg_schema,
+    require_postgres,
+    terminate_backends,
+)
 
 BACKENDS = ["sqlite", "postgresql"]
 
@@ -264,11 +271,7 @@ def test_connections_the_server_dropped_are_replaced_before_the_next_call(pg_sch
     store = open_pg(pg_schema)
     try:
         record = store.record_decision(tally(), case())
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-            killed = admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
-                                   "'mirador-consensus' AND pid <> pg_backend_pid() AND query NOT LIKE '%%pg_terminate%%' "
-                                   "AND datname = current_database()").fetchall()
-        assert killed
+        assert terminate_backends("mirador-consensus")
         assert store.get(record.id) == record
         assert store.record_decision(tally(), case("after")).request_id == "after"
     finally:
