@@ -194,3 +194,28 @@ def test_production_overlay_sets_namespace_image_and_replicas():
     for deployment in deployments.values():
         assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == \
             "registry.example.com/mirador/mirador:0.1.0"
+
+
+def test_consensus_and_router_replicas_share_state_through_urls_from_a_secret(rendered, monkeypatch):
+    """Two consensus replicas on one PostgreSQL, routers on it and Redis (docs/state.md); the URLs
+    come from the Secret `mirador-state` into those pods only, and the ConfigMap names the variables."""
+    _, _, documents = rendered
+    deployments = by_kind(documents, "Deployment")
+    assert deployments["mirador-consensus"]["spec"]["replicas"] >= 2
+    assert by_kind(documents, "PodDisruptionBudget")["mirador-consensus"]["spec"]["minAvailable"] == 1
+    wanted = {"mirador-consensus": {"MIRADOR_DATABASE_URL": "database-url"},
+              "mirador-router": {"MIRADOR_DATABASE_URL": "database-url", "MIRADOR_REDIS_URL": "redis-url"}}
+    for name, deployment in deployments.items():
+        env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        from_secret = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+        assert from_secret == {variable: {"name": "mirador-state", "key": key}
+                               for variable, key in wanted.get(name, {}).items()}, name
+    (configmap,) = by_kind(documents, "ConfigMap").values()
+    for variable in ("MIRADOR_DATABASE_URL", "MIRADOR_REDIS_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    state = parse_config(configmap["data"]["mirador.yaml"], "configmap").state  # loads where they are not set
+    assert (state.database_url_env, state.redis_url_env) == ("MIRADOR_DATABASE_URL", "MIRADOR_REDIS_URL")
+    monkeypatch.setenv("MIRADOR_DATABASE_URL", "postgresql://mirador@postgres.db:5432/mirador")
+    monkeypatch.setenv("MIRADOR_REDIS_URL", "redis://redis.cache:6379/0")
+    state = parse_config(configmap["data"]["mirador.yaml"], "configmap").state  # as the consensus and router read it
+    assert state.database_url.endswith("/mirador") and state.redis_url.startswith("redis://redis.cache")

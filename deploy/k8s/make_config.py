@@ -1,4 +1,4 @@
-"""Writes deploy/k8s/base/mirador.yaml: config/mirador.yaml with the cluster's `services:`.
+"""Writes deploy/k8s/base/mirador.yaml: config/mirador.yaml with the cluster's `services:` and `state:`.
 
     python deploy/k8s/make_config.py        (re-run after editing config/mirador.yaml;
                                              tests/test_k8s_manifests.py fails when stale)
@@ -39,7 +39,6 @@ services:
     host: 0.0.0.0
     port: 50052
     target: dns:///mirador-consensus:50052    # where the router and the gateway dial it
-    escalation_db: /var/lib/mirador/escalations.sqlite3
   quantizer:
     host: 0.0.0.0
     port: 50053
@@ -55,6 +54,12 @@ services:
     port: 8080
 
 model_repository: /models      # the image carries the fleet (`mirador fleet build` at image build time)
+
+# Replicas share their state (docs/state.md): the URLs come from the Secret `mirador-state`
+# (keys database-url, redis-url) as environment variables of the consensus and router pods.
+state:
+  database_url_env: MIRADOR_DATABASE_URL   # review queue (consensus), rollout decisions (router)
+  redis_url_env: MIRADOR_REDIS_URL         # sessions and rate limits (router)
 
 """
 
