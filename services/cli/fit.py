@@ -29,7 +29,9 @@ def estimated_bytes(config: MiradorConfig, name: str, repository: ModelRepositor
     except (ModelNotFoundError, ModelRepositoryError):
         return None
     files = int(manifest.size_bytes * ESTIMATE_FACTOR)
-    kv = reserved_bytes_for(manifest.generation, spec.max_num_seqs, spec.max_context) if manifest.generation else 0
+    # Only decoders hold KV slots; an encoder or a classifier has `generation` facts but no cache.
+    decoder = spec.task == "text-generation" and "past_key_values" in (manifest.generation or {})
+    kv = reserved_bytes_for(manifest.generation, spec.max_num_seqs, spec.max_context) if decoder else 0
     how = f"{manifest.size_bytes / MB:.0f} MB of files x {ESTIMATE_FACTOR:g}"
     if kv:
         how += f" + {kv / MB:.0f} MB of KV slots ({spec.max_num_seqs} x {spec.max_context} tokens)"
