@@ -14,6 +14,9 @@ pool, the server's default synchronous_commit=on).
    `--threads` clients; decides per second with each backend, `--rounds` times in turn
    (SQLite, PostgreSQL, SQLite, ...: the machine's load drifts), compared by their medians.
    Goal: PostgreSQL >= 0.9x SQLite.
+3. Kill -9 mid-run (`--kill-decides`, default 1000): two consensus replicas on one PostgreSQL,
+   clients alternating between them, one replica SIGKILLed when 30 % are acknowledged and its
+   failed calls retried on the other with the same request id. Goal: 0 lost, 0 duplicated.
 
 PostgreSQL runs in a schema of its own (dropped afterwards). Writes <out>/state.json and
 the report fragment <out>/state.md.
@@ -149,6 +152,88 @@ def decide_throughput(directory: Path, backend: str, url: str, schema: str, deci
             **percentiles_ms(latencies)}
 
 
+def kill_run(directory: Path, url: str, schema: str, decides: int, threads: int, kill_after: float = 0.3) -> dict:
+    """`decides` Decides with their own request ids from `threads` clients, alternating two
+    consensus replicas on one PostgreSQL; replica B is SIGKILLed once `kill_after` of them are
+    acknowledged, and every call that fails is retried on replica A with the same request id.
+    Then the database is read: every acknowledged request must have exactly the case its
+    client was told (lost = acknowledged but absent or different; duplicated = two cases)."""
+    import signal
+
+    import grpc
+    import psycopg
+    import yaml
+    from mirador.v1 import common_pb2, consensus_pb2, consensus_pb2_grpc
+
+    from conftest import free_port, write_config
+    from services.cli.supervisor import Mesh
+    from services.common.config import load_config
+
+    fleet = "fleet:\n" + "".join(f"  {m}: {{task: text-generation, tier: hot}}\n" for m in VOTERS)
+    state = f"state:\n  database_url: {url}\n  database_schema: {schema}\n"
+    run_dir = directory / "kill"
+    run_dir.mkdir()
+    (run_dir / "models").symlink_to(directory / "models")
+    path = write_config(run_dir, body=fleet + state, service_extra={"consensus": "max_concurrent_rpcs: 256"})
+    data = yaml.safe_load(path.read_text())
+    data["services"]["consensus"]["port"] = free_port()
+    path_b = path.with_name("mirador.b.yaml")
+    path_b.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {"XDG_CACHE_HOME": str(directory / "cache")}
+    mesh_a = Mesh(load_config(path), log_dir=run_dir / "logs-a", services=("model_host", "consensus"), env=env)
+    mesh_b = Mesh(load_config(path_b), log_dir=run_dir / "logs-b", services=("consensus",), env=env)
+    mesh_a.start(timeout_s=120)
+    mesh_b.start(timeout_s=120)
+    acknowledged: dict[str, str] = {}
+    failed_calls, unanswered = [], []
+    killed_at = None
+    try:
+        channels = [grpc.insecure_channel(m.config.services.consensus.address) for m in (mesh_a, mesh_b)]
+        survivor, doomed = (consensus_pb2_grpc.ConsensusStub(c) for c in channels)
+
+        def decide(index: int) -> None:
+            request = consensus_pb2.DecideRequest(
+                route="compliance", models=VOTERS, options=["Y", "N", "R"], consensus_threshold=1.0,
+                request_id=f"kill-{index}",
+                messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=f"Is request {index} ok?")])
+            stub = doomed if index % 2 else survivor
+            for _ in range(5):
+                try:
+                    acknowledged[request.request_id] = list(stub.Decide(request, timeout=60))[-1].verdict.escalation_id
+                    return
+                except grpc.RpcError as exc:
+                    failed_calls.append(exc.code().name)
+                    stub = survivor
+            unanswered.append(request.request_id)
+
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            futures = [pool.submit(decide, i) for i in range(decides)]
+            while len(acknowledged) < kill_after * decides:
+                time.sleep(0.005)
+            os.kill(mesh_b.processes["consensus"].process.pid, signal.SIGKILL)
+            killed_at = len(acknowledged)
+            for future in futures:
+                future.result()
+        elapsed = time.perf_counter() - started
+        for channel in channels:
+            channel.close()
+    finally:
+        mesh_b.stop()
+        mesh_a.stop()
+    with psycopg.connect(url) as connection:
+        rows = connection.execute(f"SELECT request_id, id FROM {schema}.escalations WHERE request_id LIKE 'kill-%'")
+        stored: dict[str, list[str]] = {}
+        for request_id, case_id in rows.fetchall():
+            stored.setdefault(request_id, []).append(case_id)
+    lost = [r for r, case_id in acknowledged.items() if stored.get(r) != [case_id]]
+    duplicated = [r for r, cases in stored.items() if len(cases) > 1]
+    return {"decides": decides, "threads": threads, "acknowledged": len(acknowledged), "killed_after": killed_at,
+            "failed_calls": len(failed_calls), "failed_codes": sorted(set(failed_calls)), "unanswered": len(unanswered),
+            "cases_stored": sum(len(c) for c in stored.values()), "lost": len(lost), "duplicated": len(duplicated),
+            "seconds": elapsed}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="100 writes, 60 decides")
@@ -156,12 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--decides", type=int, default=240)
     parser.add_argument("--rounds", type=int, default=3, help="Decide runs per backend, alternating")
+    parser.add_argument("--kill-decides", type=int, default=1000, help="Decides of the kill -9 run (0: none)")
     parser.add_argument("--database-url", default=os.environ.get("MIRADOR_TEST_DATABASE_URL",
                                                                  "postgresql://postgres@127.0.0.1:5432/test"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     if args.quick:
-        args.writes, args.decides, args.rounds = 100, 60, 1
+        args.writes, args.decides, args.rounds, args.kill_decides = 100, 60, 1, 200
 
     machine = fragment.machine()
     print(f"machine: {machine}")
@@ -196,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
                     results["decides"].append(row)
                     print(f"decide round {round_} {backend:10}: {row['decides_per_s']:.1f}/s p50 {row['p50_ms']:.1f} ms "
                           f"p99 {row['p99_ms']:.1f} ms")
+            if args.kill_decides:
+                kill_schema = f"{schema}_kill"
+                try:
+                    results["kill"] = kill_run(directory, args.database_url, kill_schema, args.kill_decides,
+                                               args.threads)
+                finally:
+                    drop_schema(args.database_url, kill_schema)
+                print(f"kill -9: {results['kill']}")
         finally:
             drop_schema(args.database_url, schema)
 
@@ -224,6 +318,19 @@ def main(argv: list[str] | None = None) -> int:
                        "Decide end to end (consensus process, three tiny decoders, every decision escalated)"),
         fragment.table(["goal", "target", "measured", ""], goal_rows, "Goals (issue 15)"),
     ]
+    if "kill" in results:
+        k = results["kill"]
+        tables.append(fragment.table(
+            ["decides", "clients", "acknowledged", "B killed after", "failed calls (retried)", "unanswered",
+             "cases stored", "lost", "duplicated"],
+            [[k["decides"], k["threads"], k["acknowledged"], k["killed_after"], k["failed_calls"], k["unanswered"],
+              k["cases_stored"], k["lost"], k["duplicated"]]],
+            "Two replicas on one PostgreSQL, replica B killed -9 mid-run, its failed calls retried on A"))
+        results["goals"]["kill_lost_duplicated"] = [k["lost"], k["duplicated"]]
+        results["goals"]["kill_met"] = k["lost"] == 0 and k["duplicated"] == 0 and k["unanswered"] == 0
+        tables[2] = fragment.table(["goal", "target", "measured", ""], goal_rows + [[
+            "escalations lost / duplicated, two replicas, one killed -9", "0 / 0", f"{k['lost']} / {k['duplicated']}",
+            "met" if results["goals"]["kill_met"] else "NOT met"]], "Goals (issue 15)")
     for block in tables:
         print()
         print(block)
