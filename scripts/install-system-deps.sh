@@ -8,6 +8,9 @@
 #             and tests/test_gateway.py (the `openai` npm package against the gateway)
 #   chromium + chromium-driver (Debian): tests/test_gateway_review.py drives the review page with
 #             Selenium (the `dev` extra) through the system chromedriver; nothing is downloaded
+#   PostgreSQL (127.0.0.1:5432, trust auth, database `test`) and Redis (127.0.0.1:6379) run on
+#             this project's machines already: the shared-state tests use them (tests/state_servers.py;
+#             they skip without them, and fail with CI=true).
 #   kubectl   is on this project's machines already (it renders deploy/k8s with
 #             `kubectl kustomize`); tests/test_k8s_manifests.py skips without it.
 set -euo pipefail
