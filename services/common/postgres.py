@@ -5,9 +5,9 @@ decisions. No service's tables here; each store brings its own migrations.
 Every pooled connection runs with the configured schema as `search_path` and
 `statement_timeout`, and is checked before each use (without a round trip: a connection
 the server closed has something to read; dead ones are replaced at once), so a restarted
-server costs the calls in flight (UNAVAILABLE, with a sentence) and not the ones after. Connections are in autocommit mode:
-a read is one statement, one round trip; a write is an explicit transaction. Queries are
-written in the `?` style (as for SQLite) and translated here.
+server costs the calls in flight (UNAVAILABLE, with a sentence) and not the ones after.
+Connections are in autocommit mode: a read is one statement, one round trip; a write is an
+explicit transaction. Queries are written in the `?` style (as for SQLite) and translated here.
 
 Migrations run in one transaction holding a transaction-level advisory lock named after
 the schema (one lock for every store in it, so that two never create the schema at once):
