@@ -23,8 +23,8 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.channels import open_channel
-from services.common.config import (HTTP_SERVICE_NAMES, SERVICE_NAMES, MiradorConfig, SecurityConfig, ServiceSettings,
-                                    load_config)
+from services.common.config import HTTP_SERVICE_NAMES, SERVICE_NAMES, MiradorConfig, SecurityConfig, load_config
+from services.common.settings import ServiceSettings
 
 # Start order: what others call first. (They start in parallel; this is the log order.)
 START_ORDER = ("model_host", "quantizer", "consensus", "router", "gateway")

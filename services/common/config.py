@@ -7,167 +7,57 @@ collected before raising so a user fixes them in one pass.
 The article's own route syntax loads as is: the top-level key `models:` is
 accepted as the article's name for `routes:`.
 
-Why one module of ~740 lines: the typed sections and the checks across them (a route naming a
-model, ports that clash, an embedding model that must exist) are read by one reader in one pass;
-YAML handling lives in yaml_reader.py, the `state:` section in state_settings.py, and each
-service setting declares its own reader beside its field. Next step (issue 16): each service's
-settings class beside that service's code.
+Why one module (~630 lines): each service declares its own settings beside its code
+(services/<name>/settings.py, on services/common/settings.py's base, every field naming its
+reader); this module reads
+`services.<name>:` into the class that service declares, the fleet, the routes and the security
+section, and checks them against each other (a route naming a model, ports that clash, an
+embedding model that must exist) in one pass. YAML handling lives in yaml_reader.py, the
+`state:` section in state_settings.py.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from services.common.settings import ServiceSettings
 from services.common.yaml_reader import ConfigError, ConfigProblem, YamlReader
 from services.common.state_settings import StateSettings, read_state
 from services.defaults import DEFAULT_CONFIG_PATH
+
+if TYPE_CHECKING:  # each service's own settings (services/<name>/settings.py), for readers and type checkers
+    from services.consensus.settings import ConsensusSettings
+    from services.gateway.settings import GatewaySettings
+    from services.model_host.settings import ModelHostSettings
+    from services.quantizer.settings import QuantizerSettings
+    from services.router.settings import RouterSettings
 
 CONFIG_ENV_VAR = "MIRADOR_CONFIG"
 
 TASKS = ("text-generation", "embedding", "classification")
 TIERS = ("hot", "warm", "cold")
 PRIORITIES = ("normal", "critical")
-# How the router spreads model-host calls: `placement` sends each model to hosts that hold it
-# (services/router/placement.py), `round_robin` treats the hosts as identical replicas, `auto`
-# is placement with several hosts (or a dns: name) and the one host otherwise.
-MODEL_HOST_BALANCING = ("auto", "placement", "round_robin")
 SERVICE_NAMES = ("router", "consensus", "quantizer", "model_host")
 DEFAULT_PORTS = {"router": 50051, "consensus": 50052, "quantizer": 50053, "model_host": 50061, "gateway": 8080}
 # Services that speak HTTP, not gRPC (no grpc.health.v1; `mirador up` checks their /healthz).
 HTTP_SERVICE_NAMES = ("gateway",)
 
 
-
 # --------------------------------------------------------------------------- typed config
 
-# How each service setting is read from YAML: every field of a *Settings class names its reader in
-# its metadata (`_setting(default, reader)`), so a new setting is declared in one place.
-Read = Callable[["_Reader", yaml.Node, str], Any]
 
-
-def _setting(default: Any, read: Read) -> Any:
-    return field(default=default, metadata={"read": read})
-
-
-def _whole(minimum: int, maximum: int | None = None) -> Read:
-    return lambda reader, node, key: reader.integer(node, key, minimum=minimum, maximum=maximum)
-
-
-def _text(reader: "_Reader", node: yaml.Node, key: str) -> str | None:
-    return reader.string(node, key)
-
-
-def _choice(choices: tuple[str, ...]) -> Read:
-    return lambda reader, node, key: reader.string(node, key, choices=choices)
-
-
-def _seconds(reader: "_Reader", node: yaml.Node, key: str) -> float | None:
-    return reader.duration_s(node, key)
-
-
-def _one_target(reader: "_Reader", node: yaml.Node, key: str) -> str | None:
-    found = reader.targets(node, key)
-    if found is not None and len(found) > 1:
-        reader.problem(node, key, "give one target (host:port or dns:///name:port)")
-        return None
-    return found[0] if found else None
-
-
-@dataclass(frozen=True)
-class ServiceSettings:
-    """Where one service listens and how much it takes on."""
-
-    host: str = _setting("127.0.0.1", _text)
-    port: int = _setting(0, _whole(1, 65535))
-    max_concurrent_rpcs: int = _setting(256, _whole(1))  # calls beyond it are refused with RESOURCE_EXHAUSTED
-    shutdown_grace_s: float = _setting(5.0, _seconds)  # in-flight calls get this long to finish on SIGTERM
-    metrics_port: int = _setting(0, _whole(0, 65535))  # Prometheus /metrics over HTTP on this port (same host); 0 = off
-    # Where the other services and the CLI reach this one, when not at host:port (which is where it
-    # listens: 0.0.0.0 in a pod): a gRPC target such as dns:///mirador-consensus:50052.
-    target: str = _setting("", _one_target)
-
-    @property
-    def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @property
-    def client_target(self) -> str:
-        """What a caller dials: `target`, else host:port."""
-        return self.target or self.address
-
-
-@dataclass(frozen=True)
-class RouterSettings(ServiceSettings):
-    default_route: str | None = _setting(None, _text)  # where low-confidence requests go
-    min_confidence: float = _setting(0.5, lambda r, n, k: r.fraction(n, k))  # below it the default route answers
-    # fleet model that embeds requests for classification
-    embedding_model: str = _setting("minilm-l6", _text)
-    # Model-host addresses the router balances over (gRPC round_robin with health checks).
-    # Empty = every replica of services.model_host (see ServicesConfig.model_host_targets).
-    model_host_targets: tuple[str, ...] = _setting((), lambda r, n, k: r.targets(n, k))
-    model_host_balancing: str = _setting("auto", _choice(MODEL_HOST_BALANCING))
-    # Per-client rate limit (token bucket): requests/s each client may send; 0 = off. A client is
-    # its `x-mirador-client` metadata value, else its peer IP. Burst 0 = one second's worth.
-    rate_limit_per_client: float = _setting(0.0, lambda r, n, k: r.rate(n, k))
-    rate_limit_burst: int = _setting(0, _whole(0))
-    # JSON file keeping rollouts rolled back or promoted across restarts;
-    # empty = <state dir>/rollouts.json (see services/router/rollouts.py)
-    rollout_state: str = _setting("", _text)
-
-
-@dataclass(frozen=True)
-class ModelHostSettings(ServiceSettings):
-    memory_budget_mb: int = _setting(0, _whole(0))  # 0 = no budget
-    execution_providers: tuple[str, ...] = _setting(("CPUExecutionProvider",), lambda r, n, k: r.names(n, k))
-    intra_op_threads: int = _setting(0, _whole(0))  # ONNX Runtime threads per session; 0 = one per core
-    max_batch_size: int = _setting(16, _whole(1))  # dynamic batching of Embed calls; 1 = off
-    max_queue_delay_ms: int = _setting(2, _whole(0))  # how long a batch waits for more calls
-    # how often idle warm/cold models are checked against keep_alive
-    reaper_interval_s: float = _setting(1.0, _seconds)
-    replicas: int = _setting(1, _whole(1, 64))  # processes `mirador up` starts; replica i listens on port + i
-    # Calls waiting for or running on one model; more get RESOURCE_EXHAUSTED at once
-    # (a share is kept for routes with `priority: critical`, see services/model_host/admission.py).
-    max_queue_per_model: int = _setting(32, _whole(1))
-    # Prompt tokens a decoder's engine prefills per iteration while other sequences decode: smaller
-    # keeps their tokens flowing while a long prompt joins, larger prefills it sooner.
-    prefill_chunk_tokens: int = _setting(32, _whole(1))
-
-    def replica(self, index: int) -> "ModelHostSettings":
-        """The settings of replica `index` (0 = this one): the same, listening on port + index."""
-        metrics_port = self.metrics_port + index if self.metrics_port else 0
-        return replace(self, port=self.port + index, metrics_port=metrics_port, replicas=1)
-
-    @property
-    def replica_addresses(self) -> tuple[str, ...]:
-        return tuple(self.replica(i).address for i in range(self.replicas))
-
-
-@dataclass(frozen=True)
-class ConsensusSettings(ServiceSettings):
-    escalation_db: str = _setting("", _text)  # SQLite file; empty = <state dir>/escalations.sqlite3
-    # embeds free-text answers to compare them (an embedding model of the fleet)
-    embedding_model: str = _setting("minilm-l6", _text)
-
-
-@dataclass(frozen=True)
-class QuantizerSettings(ServiceSettings):
-    block_size: int = _setting(32, _whole(1))
-
-
-@dataclass(frozen=True)
-class GatewaySettings(ServiceSettings):
-    """The OpenAI-compatible HTTP gateway in front of the router (services/gateway/)."""
-
-    port: int = _setting(DEFAULT_PORTS["gateway"], _whole(1, 65535))
-    max_body_bytes: int = _setting(1 << 20, _whole(1024))  # larger request bodies are refused with 413
+def service_settings_type(name: str) -> type[ServiceSettings]:
+    """The settings class a service declares beside its code (services/<name>/settings.py, `SETTINGS`):
+    looked up by name, so common imports no service."""
+    return importlib.import_module(f"services.{name}.settings").SETTINGS
 
 
 @dataclass(frozen=True)
@@ -176,7 +66,8 @@ class ServicesConfig:
     consensus: ConsensusSettings
     quantizer: QuantizerSettings
     model_host: ModelHostSettings
-    gateway: GatewaySettings = field(default_factory=GatewaySettings)  # not in items(): it speaks HTTP
+    # not in items(): it speaks HTTP
+    gateway: GatewaySettings = field(default_factory=lambda: service_settings_type("gateway")())
 
     def items(self) -> list[tuple[str, ServiceSettings]]:
         return [(name, getattr(self, name)) for name in SERVICE_NAMES]
@@ -380,20 +271,13 @@ class _Reader(YamlReader):
         return MiradorConfig(path=path, services=services, fleet=fleet, routes=routes, model_repository=repository,
                              security=security, state=state)
 
-    _SERVICE_TYPES = {
-        "router": RouterSettings,
-        "consensus": ConsensusSettings,
-        "quantizer": QuantizerSettings,
-        "model_host": ModelHostSettings,
-        "gateway": GatewaySettings,
-    }
     def read_services(self, node: yaml.Node | None, root: yaml.Node) -> ServicesConfig:
         names = (*SERVICE_NAMES, *HTTP_SERVICE_NAMES)
         entries = self.mapping(node, "services", names) if node is not None else {}
         built: dict[str, ServiceSettings] = {}
         seen_addresses: dict[tuple[str, int], str] = {}
         for name in names:
-            settings_type = self._SERVICE_TYPES[name]
+            settings_type = service_settings_type(name)
             key_node, value_node = entries.get(name, (None, None))
             values = self.read_service(value_node, f"services.{name}", settings_type) if value_node else {}
             values.setdefault("port", DEFAULT_PORTS[name])
@@ -428,7 +312,7 @@ class _Reader(YamlReader):
         (model-host replica i serves /metrics on metrics_port + i)."""
         def ports(name: str, settings: ServiceSettings, metrics: bool) -> list[int]:
             first = settings.metrics_port if metrics else settings.port
-            count = settings.replicas if isinstance(settings, ModelHostSettings) else 1
+            count = getattr(settings, "replicas", 1)  # model-host replica i serves on port + i
             return [first + i for i in range(count)] if first else []
 
         taken: dict[tuple[str, int], str] = {}

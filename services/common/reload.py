@@ -12,7 +12,8 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from services.common.config import ConfigError, SecurityConfig, ServiceSettings, load_config
+from services.common.config import ConfigError, SecurityConfig, load_config
+from services.common.settings import ServiceSettings
 from services.common.logs import log_event
 
 if TYPE_CHECKING:

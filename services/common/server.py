@@ -26,7 +26,8 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from services.common import telemetry
-from services.common.config import ConfigError, MiradorConfig, SecurityConfig, ServiceSettings, load_config
+from services.common.config import ConfigError, MiradorConfig, SecurityConfig, load_config
+from services.common.settings import ServiceSettings
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.interceptors import HandlerInterceptor
 from services.common.logs import configure_logging, log_event

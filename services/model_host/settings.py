@@ -1,0 +1,37 @@
+"""`services.model_host:` in the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from services.common.settings import ServiceSettings, names, seconds, setting, whole
+
+
+@dataclass(frozen=True)
+class ModelHostSettings(ServiceSettings):
+    memory_budget_mb: int = setting(0, whole(0))  # 0 = no budget
+    execution_providers: tuple[str, ...] = setting(("CPUExecutionProvider",), names)
+    intra_op_threads: int = setting(0, whole(0))  # ONNX Runtime threads per session; 0 = one per core
+    max_batch_size: int = setting(16, whole(1))  # dynamic batching of Embed calls; 1 = off
+    max_queue_delay_ms: int = setting(2, whole(0))  # how long a batch waits for more calls
+    # how often idle warm/cold models are checked against keep_alive
+    reaper_interval_s: float = setting(1.0, seconds)
+    replicas: int = setting(1, whole(1, 64))  # processes `mirador up` starts; replica i listens on port + i
+    # Calls waiting for or running on one model; more get RESOURCE_EXHAUSTED at once
+    # (a share is kept for routes with `priority: critical`, see services/model_host/admission.py).
+    max_queue_per_model: int = setting(32, whole(1))
+    # Prompt tokens a decoder's engine prefills per iteration while other sequences decode: smaller
+    # keeps their tokens flowing while a long prompt joins, larger prefills it sooner.
+    prefill_chunk_tokens: int = setting(32, whole(1))
+
+    def replica(self, index: int) -> "ModelHostSettings":
+        """The settings of replica `index` (0 = this one): the same, listening on port + index."""
+        metrics_port = self.metrics_port + index if self.metrics_port else 0
+        return replace(self, port=self.port + index, metrics_port=metrics_port, replicas=1)
+
+    @property
+    def replica_addresses(self) -> tuple[str, ...]:
+        return tuple(self.replica(i).address for i in range(self.replicas))
+
+
+SETTINGS = ModelHostSettings
