@@ -344,7 +344,7 @@ def test_a_model_with_two_copies_is_loaded_on_two_hosts(growing):
 
 
 def test_a_hung_host_hands_its_calls_on_and_serves_again_after_sigcont(growing):
-    mesh, addresses = growing["mesh"], growing["addresses"]
+    mesh = growing["mesh"]
     router = growing["config"].services.router.address
     model = growing["old"][0]
     assert ask(router, model) == "OK"
