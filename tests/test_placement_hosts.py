@@ -366,3 +366,36 @@ def test_a_hung_host_hands_its_calls_on_and_serves_again_after_sigcont(growing):
     wait_for(lambda: router_logged(mesh, "model host usable", hung_address) > usable_before, 15,
              f"{hung} usable again after SIGCONT", interval_s=0.2)
     assert ask(router, model) == "OK"
+
+
+def test_a_host_that_stops_serving_loses_its_models_without_errors(growing):
+    """SIGTERM: the host says NOT_SERVING and drains; calls keep being answered, by the others."""
+    mesh = growing["mesh"]
+    router = growing["config"].services.router.address
+    model = growing["old"][1]
+    assert ask(router, model) == "OK"
+    leaving = next(name for name, address in host_addresses(mesh).items() if model in ready_on(address))
+    process = mesh.processes[leaving].process
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def calling(index: int) -> None:
+        while not stop.is_set() and len(outcomes) < 2000:
+            outcomes.append(ask(router, model) if index else embed(router))
+
+    threads = [threading.Thread(target=calling, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    errors = [o for o in outcomes if o != "OK"]
+    print(f"\n[placement] SIGTERM of {leaving} holding {model}: {len(outcomes)} calls, {len(errors)} errors")
+    assert not errors, errors
+    assert any(model in ready_on(a) for n, a in host_addresses(mesh).items() if n != leaving)
