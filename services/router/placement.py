@@ -1,8 +1,8 @@
 """Which model host serves a call, when the model hosts hold different models (placement).
 
-The router keeps a view of every model host — health, memory budget, what a load could free,
-and which models are READY there — refreshed every REFRESH_S and at once after a call failed
-there. A call goes to a host that has its model READY (the least busy one, counting this
+The router keeps a view of every model host — health, memory budget and use, which models are
+READY there and what each takes to load — refreshed every REFRESH_S, at once after a call failed
+there, and every DOWN_RETRY_S while a host is down. A call goes to a host that has its model READY (the least busy one, counting this
 router's own calls since the last refresh). When none has it, the call goes to the model's
 placement target, which loads it on demand:
 
