@@ -37,6 +37,22 @@ def _security(config: MiradorConfig | SecurityConfig | None) -> SecurityConfig:
     return config.security
 
 
+# A peer that stops answering (hung, stopped, its machine gone without closing the connection) is
+# noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS: its calls fail UNAVAILABLE and the
+# channel reconnects, instead of every call waiting for its deadline. The servers accept these
+# pings (services/common/server.py: server_options).
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),  # an idle channel to a dead peer is found too
+    ("grpc.http2.max_pings_without_data", 0),     # a long stream waiting for its next token still pings
+    # grpcio 1.85 ends an unanswered ping after this, not after keepalive_timeout_ms (default 60 s)
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+]
+
+
 def _single_host(target: str) -> str | None:
     """The one host of an `ipv4:`/`ipv6:` address list whose addresses all share it, else None."""
     scheme, _, addresses = target.partition(":")
@@ -58,7 +74,7 @@ def open_channel(
     service called there (`router` adds the bearer token when one is configured).
     `aio=True` gives a `grpc.aio.Channel` (for use inside a service), else a blocking one."""
     security = _security(config)
-    options = [*options, *channel_options(security.tls)]
+    options = [*KEEPALIVE_OPTIONS, *options, *channel_options(security.tls)]
     if security.tls is not None and not security.tls.server_name and (host := _single_host(target)):
         # An `ipv4:a:p1,a:p2` list (replicas) has no host name of its own to check certificates
         # against; when every address is the same host, that host is the name.

@@ -164,7 +164,11 @@ def server_options() -> list[tuple[str, int]]:
     # bind silently and steal half the calls. Off, a busy port fails to bind.
     # Messages up to 16 MiB are received so that an oversized field gets our own
     # INVALID_ARGUMENT naming the field and its limit, not grpcio's generic refusal.
-    return [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    # Clients ping every few seconds to notice a hung peer (services/common/channels.py); without these,
+    # grpcio would count the pings as abuse and close the connection with its calls.
+    return [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+            ("grpc.http2.max_ping_strikes", 0)]
 
 
 async def serve(service: MiradorService, settings: ServiceSettings, stop_event: asyncio.Event | None = None,
