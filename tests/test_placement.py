@@ -1,4 +1,4 @@
-"""The placement maths (services/router/placement.py): weighted rendezvous hashing, the choice
+"""The placement maths (services/router/placement_policy.py): weighted rendezvous hashing, the choice
 of a host per call, and what a host's report must say to be believed. Pure functions, no
 processes (tests/test_placement_hosts.py runs real model hosts)."""
 
@@ -12,7 +12,7 @@ from mirador.v1 import model_host_pb2
 
 from services.common.config import ModelSpec
 from services.common.errors import ResourceExhausted, Unavailable
-from services.router.placement import (
+from services.router.placement_policy import (
     HostView,
     ModelOnHost,
     choose,

@@ -107,7 +107,7 @@ def _print_placement(config: MiradorConfig) -> bool:
     model with the hosts that hold it (what the router's placement sees)."""
     import asyncio
 
-    from services.router.placement import HostView, hosts_table, nonsense, read_listing, resolve
+    from services.router.placement_policy import HostView, hosts_table, nonsense, read_listing, resolve
 
     views = []
     for address in asyncio.run(resolve(config.services.model_host_targets)):

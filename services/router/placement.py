@@ -42,13 +42,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import math
-import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -57,8 +54,9 @@ from prometheus_client import Counter, Gauge
 
 from services.common.channels import open_channel
 from services.common.config import MiradorConfig, ModelSpec, SecurityConfig
-from services.common.errors import ResourceExhausted, ServiceError, Unavailable
+from services.common.errors import ServiceError, Unavailable
 from services.common.logs import log_event
+from services.router.placement_policy import HostView, choose, dns_name, nonsense, read_listing, resolve
 
 log = logging.getLogger("mirador.router.placement")
 
@@ -68,8 +66,6 @@ PROBE_TIMEOUT_S = 1.0  # a host that does not answer its health check and ListMo
 DNS_EVERY = 5  # a `dns:` target is resolved again every this many refreshes
 MAX_ATTEMPTS = 3  # hosts one call is tried on before its first answer
 LOAD_TIMEOUT_S = 120.0  # a background LoadModel of an extra copy
-UNLIMITED_WEIGHT = float(1 << 40)  # a host without a budget (0) weighs like one with 1 TiB free
-MIN_WEIGHT_SHARE = 0.02  # a full host still weighs this share of its budget: it can evict
 RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 MODEL_HOST_SERVICE = model_host_pb2.DESCRIPTOR.services_by_name["ModelHost"].full_name
 
@@ -87,221 +83,6 @@ def uses_placement(config: MiradorConfig) -> bool:
     if balancing == "auto":
         return len(targets) > 1 or targets[0].startswith("dns:")
     return balancing == "placement"
-
-
-# --------------------------------------------------------------------------- the view of one host
-
-
-@dataclass(frozen=True)
-class ModelOnHost:
-    """One model as a host reported it."""
-
-    state: int  # model_host_pb2.ModelState
-    in_flight: int = 0
-    memory_bytes: int = 0  # held now (READY)
-    load_bytes: int = 0  # what a load takes (0 = unknown / not built)
-    pinned: bool = False  # hot tier: never evicted
-
-    @property
-    def ready(self) -> bool:
-        return self.state == model_host_pb2.MODEL_STATE_READY
-
-    @property
-    def loading(self) -> bool:
-        return self.state == model_host_pb2.MODEL_STATE_LOADING
-
-
-@dataclass
-class HostView:
-    """What the router knows of one model host, from its last refresh."""
-
-    address: str
-    healthy: bool = False  # SERVING and answered ListModels at the last refresh
-    problem: str = ""  # why it is left out although it answers (nonsense in its report); "" = none
-    budget_bytes: int = 0  # 0 = unlimited
-    used_bytes: int = 0
-    models: dict[str, ModelOnHost] = field(default_factory=dict)
-    refreshed_at: float = 0.0  # monotonic
-    # models this router sent there to load since the refresh (so the next calls follow them)
-    expected: dict[str, float] = field(default_factory=dict)
-    # this router's calls in flight there, per model (between refreshes the host's own counts lag)
-    calls_here: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def usable(self) -> bool:
-        return self.healthy and not self.problem
-
-    def ready(self, model: str) -> bool:
-        status = self.models.get(model)
-        return status is not None and status.ready
-
-    def loading(self, model: str) -> bool:
-        status = self.models.get(model)
-        return (status is not None and status.loading) or model in self.expected
-
-    def in_flight(self, model: str) -> int:
-        status = self.models.get(model)
-        return (status.in_flight if status else 0) + self.calls_here.get(model, 0)
-
-    @property
-    def free_bytes(self) -> float:
-        """The budget left, less what loads under way there (and those this router sent since the
-        refresh) will take: a LOADING model is not in the host's used bytes yet."""
-        if not self.budget_bytes:
-            return UNLIMITED_WEIGHT
-        coming = sum(status.load_bytes for name, status in self.models.items()
-                     if not status.ready and (status.loading or name in self.expected))
-        return max(self.budget_bytes - self.used_bytes - coming, 0)
-
-    def can_hold(self, size_bytes: int) -> bool:
-        return not self.budget_bytes or not size_bytes or size_bytes <= self.budget_bytes
-
-    def weight(self) -> float:
-        if not self.budget_bytes:
-            return UNLIMITED_WEIGHT
-        return max(self.free_bytes, self.budget_bytes * MIN_WEIGHT_SHARE, 1.0)
-
-
-def nonsense(listing: model_host_pb2.ListModelsResponse, fleet: dict[str, ModelSpec]) -> str:
-    """Why a host's ListModels cannot be believed, or "" when it can."""
-    if listing.memory_budget_bytes and listing.memory_used_bytes > listing.memory_budget_bytes:
-        free = (listing.memory_budget_bytes - listing.memory_used_bytes) / 2**20
-        return f"reports {free:.0f} MB free memory (used {listing.memory_used_bytes} of {listing.memory_budget_bytes} bytes)"
-    unknown = sorted(m.name for m in listing.models if m.name not in fleet)
-    if unknown:
-        return (f"reports models the router's fleet does not have ({', '.join(unknown[:5])}); "
-                "is it running another config?")
-    return ""
-
-
-def read_listing(listing: model_host_pb2.ListModelsResponse, fleet: dict[str, ModelSpec]) -> dict[str, ModelOnHost]:
-    return {m.name: ModelOnHost(state=m.state, in_flight=m.requests_in_flight, memory_bytes=m.memory_bytes,
-                                load_bytes=m.load_bytes, pinned=m.tier == model_host_pb2.MODEL_TIER_HOT)
-            for m in listing.models}
-
-
-# --------------------------------------------------------------------------- choosing (pure)
-
-
-def hash_unit(model: str, address: str) -> float:
-    """A pseudo-random number in (0, 1), fixed for the pair (the same in every router process)."""
-    digest = hashlib.blake2b(f"{model}\x00{address}".encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "big") + 0.5) / 2.0**64
-
-
-def rendezvous_score(model: str, address: str, weight: float) -> float:
-    return -weight / math.log(hash_unit(model, address))
-
-
-def placement_order(model: str, hosts: Iterable[HostView], size_bytes: int = 0) -> list[HostView]:
-    """The usable hosts that can hold `model`, best target first: weighted rendezvous hashing, among
-    the hosts where it fits without evicting anything first (when its size is known), so a load
-    does not push out an idle model while another host has room."""
-    candidates = [h for h in hosts if h.usable and h.can_hold(size_bytes)]
-    return sorted(candidates, key=lambda h: (bool(size_bytes) and h.free_bytes >= size_bytes,
-                                             rendezvous_score(model, h.address, h.weight()), h.address), reverse=True)
-
-
-@dataclass(frozen=True)
-class Choice:
-    host: HostView  # where this call goes
-    load_also: tuple[HostView, ...] = ()  # hosts to load another copy on, in the background
-    short_by: int = 0  # copies asked for that no usable host can hold
-
-
-def model_size(model: str, hosts: Iterable[HostView]) -> int:
-    """What loading `model` takes, as the hosts report it (the largest report; 0 = unknown)."""
-    return max((h.models[model].load_bytes for h in hosts if model in h.models), default=0)
-
-
-def choose(model: str, hosts: Sequence[HostView], copies: int = 1, exclude: frozenset[str] = frozenset(),
-           busy_at: int = 0) -> Choice:
-    """Where a call for `model` goes: the least busy host that has it READY (between equally busy
-    ones, the first in the model's order, so copies beyond the first get calls only under load and
-    leave by their keep_alive when it passes), else its target. With `busy_at`, a model whose every
-    READY copy has that many calls in flight (its slots full) asks for one more copy. Raises
-    Unavailable when no host is usable, and ResourceExhausted (naming the sizes) when the model is
-    larger than every usable host's budget."""
-    # a host whose fleet lacks the model (an older config) would only answer NOT_FOUND
-    usable = [h for h in hosts if h.usable and h.address not in exclude and (model in h.models or not h.models)]
-    if not usable:
-        def why(h: HostView) -> str:
-            if not h.healthy:
-                return "down"
-            if h.problem:
-                return f"ignored: {h.problem}"
-            return "tried already" if h.address in exclude else f"its fleet has no `{model}`"
-
-        hosts_said = ", ".join(f"{h.address} ({why(h)})" for h in hosts) or "none configured"
-        raise Unavailable(f"no model host can take a call for `{model}` now; hosts: {hosts_said}")
-    size = model_size(model, hosts)
-    order = placement_order(model, usable, size)
-    if not order:
-        largest = max(usable, key=lambda h: h.budget_bytes)
-        raise ResourceExhausted(
-            f"model `{model}` needs {size / 2**20:.0f} MB, more than the memory budget of every model host "
-            f"(the largest: {largest.budget_bytes / 2**20:.0f} MB at {largest.address}); raise "
-            "services.model_host.memory_budget_mb or shrink the model (mirador quantize)")
-    ready = [h for h in usable if h.ready(model)]
-    holding = set(id(h) for h in ready)
-    missing = max(copies - len(ready), 0)
-    if ready:
-        rank = {id(h): i for i, h in enumerate(order)}
-        best = min(ready, key=lambda h: (h.in_flight(model), rank.get(id(h), len(order)), h.address))
-        spare = [h for h in order if id(h) not in holding and not h.loading(model)]
-        loading = sum(1 for h in order if id(h) not in holding and h.loading(model))
-        short_by = max(missing - loading - len(spare), 0)  # configured copies no usable host can take
-        if busy_at and best.in_flight(model) >= busy_at:
-            missing = max(missing, 1)  # every copy is full: one more, while a host has room for it
-        wanted = max(missing - loading, 0)
-        return Choice(best, tuple(spare[:wanted]), short_by=short_by)
-    loading = [h for h in order if h.loading(model)]
-    target = loading[0] if loading else order[0]  # a load under way is shared, not started twice
-    others = [h for h in order if h is not target and not h.loading(model)]
-    wanted = max(copies - 1 - (len(loading) - 1 if loading else 0), 0)
-    return Choice(target, tuple(others[:wanted]), short_by=max(wanted - len(others), 0))
-
-
-# --------------------------------------------------------------------------- targets
-
-
-def dns_name(target: str) -> tuple[str, int] | None:
-    """(name, port) of a `dns:[//authority/]name:port` target, else None."""
-    if not target.startswith("dns:"):
-        return None
-    rest = target[4:]
-    if rest.startswith("//"):
-        rest = rest[2:].partition("/")[2]
-    name, _, port = rest.rpartition(":")
-    return (name.strip("[]"), int(port)) if name and port.isdigit() else None
-
-
-def address_of(family: int, ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
-
-
-async def resolve(targets: Sequence[str]) -> list[str]:
-    """The host addresses behind `targets`: `ip:port` and `host:port` as they are, every record of a
-    `dns:` name (a Kubernetes headless Service lists one per pod). A name that does not resolve
-    gives no address (logged): the other hosts still serve."""
-    addresses: list[str] = []
-    loop = asyncio.get_running_loop()
-    for target in targets:
-        named = dns_name(target)
-        if named is None:
-            addresses.append(target)
-            continue
-        name, port = named
-        try:
-            records = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            log_event(log, "model-host name does not resolve", logging.WARNING, target=target, error=str(exc))
-            continue
-        for family, _, _, _, sockaddr in records:
-            address = address_of(family, sockaddr[0], port)
-            if address not in addresses:
-                addresses.append(address)
-    return addresses
 
 
 # --------------------------------------------------------------------------- the live view
@@ -654,17 +435,3 @@ class _HostWentDown(Exception):
 def _call_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     """An error that reads like a model host's own, so the servicer treats it the same (fallbacks)."""
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
-
-
-def hosts_table(views: Iterable[HostView]) -> list[str]:
-    """Lines for `mirador status`: each host, its budget and the models READY there."""
-    lines = []
-    for view in views:
-        state = "usable" if view.usable else (f"ignored: {view.problem}" if view.healthy else "down")
-        budget = f"{view.used_bytes / 2**20:.0f}/{view.budget_bytes / 2**20:.0f} MB" if view.budget_bytes else \
-            f"{view.used_bytes / 2**20:.0f} MB (no budget)"
-        ready = ", ".join(sorted(m for m, s in view.models.items() if s.ready)) or "-"
-        lines.append(f"{view.address:<22} {state:<8} {budget:<16} {ready}")
-    return lines
-
-
