@@ -14,6 +14,10 @@ other process migrates in at the same time.
 
 Votes, messages and verdicts are stored as JSON (the servicer converts its messages to
 plain dicts); resolved cases are kept for audit.
+
+Why one module of ~510 lines: the queries are written once for both backends, and the schema,
+its migrations and the store that runs them are one contract; escalations_pg.py holds only what
+PostgreSQL does differently.
 """
 
 from __future__ import annotations
