@@ -254,6 +254,7 @@ def test_a_named_model_answers_alone_and_a_conversation_is_sent_whole(router):
 def test_a_named_model_that_fails_has_no_fallback(router):
     code, details = error_of(lambda: router.Ask(router_pb2.AskRequest(text="hi", model="broken-lm"), timeout=60))
     assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION) and "broken-lm" in details
+    assert "route ``" not in details, details  # no empty route name: the message names the model asked for
 
 
 def test_a_raw_prompt_is_continued_without_the_chat_template(router):

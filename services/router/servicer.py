@@ -230,7 +230,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self.rollouts.record(model, Outcome.OK, first_token_ms)
             return
         codes = {f.code for f in failures}
-        message = f"no model of route `{decision.route}` could answer: " + "; ".join(f.reason for f in failures)
+        reasons = "; ".join(f.reason for f in failures)
+        message = (f"no model of route `{decision.route}` could answer: {reasons}" if decision.route
+                   else f"the model asked for could not answer: {reasons}")
         if codes == {grpc.StatusCode.DEADLINE_EXCEEDED}:
             raise DeadlineExceeded(message)
         raise ServiceError(message, codes.pop() if len(codes) == 1 else grpc.StatusCode.UNAVAILABLE)
