@@ -4,8 +4,8 @@ plain values of `fanout` (asking the models), `voting` (the maths) and `escalati
 
 from __future__ import annotations
 
-import contextlib
 import asyncio
+import contextlib
 import math
 import time
 import uuid

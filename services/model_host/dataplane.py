@@ -8,8 +8,8 @@ run in worker threads. The event loop only moves messages.
 
 from __future__ import annotations
 
-import contextlib
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass

@@ -9,8 +9,8 @@ Analyze measures sensitivities only and writes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import asyncio
+import contextlib
 import logging
 import threading
 import time

@@ -3,8 +3,8 @@ model (with fallbacks) or of the consensus service, keeping sessions."""
 
 from __future__ import annotations
 
-import contextlib
 import asyncio
+import contextlib
 import time
 import uuid
 
