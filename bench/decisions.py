@@ -495,12 +495,8 @@ class Votes:
 
 
 def plot_risk_coverage(args, votes: Votes, escalation: SimpleNamespace, per_source: dict) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e '.[bench]'): no PNG", file=sys.stderr)
+    plt = fragment.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5.5, 4))
     cov = [1 - r["escalated"] for r in escalation.rc]

@@ -69,3 +69,19 @@ def machine() -> dict:
 def describe(machine: dict) -> str:
     """One line for a fragment: CPU, cores, memory."""
     return f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']:.0f} GiB"
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (said once on stderr) when
+    matplotlib is not installed: a bench then writes its tables without the PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        import sys
+
+        print("matplotlib not installed (pip install -e '.[bench]'): no PNG", file=sys.stderr)
+        return None
+    return plt

@@ -455,13 +455,8 @@ def report(result: dict, out: Path, name: str = "soak") -> None:
 
 
 def plot(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"matplotlib is missing (pip install -e '.[bench]'): no {path.name}")
+    plt = fragment.pyplot()
+    if plt is None:
         return
     capacity = result["capacity"]
     fig, axes = plt.subplots(3 if capacity else 2, 1, figsize=(9, 10 if capacity else 7))

@@ -411,13 +411,8 @@ def print_tables(results: dict) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed (pip install -e '.[bench]'): no PNG", file=sys.stderr)
+    plt = fragment.pyplot()
+    if plt is None:
         return
     figure, axis = plt.subplots(figsize=(8, 5.5))
     for name, entry in {**results["single_models"], **results["votes"]}.items():
