@@ -1,6 +1,6 @@
 """`mirador`: run the mesh and talk to it.
 
-    mirador up [--config FILE] [--replicas N]  start all four services, Ctrl-C to stop
+    mirador up [--config FILE] [--replicas N]  start all four services (restarting any that dies), Ctrl-C to stop
     mirador status                       health of each service, models the host knows
     mirador ask "TEXT" [--route R]       stream an answer through the router
     mirador route "TEXT"                 which route and model, as JSON, without generating
@@ -30,7 +30,8 @@ from services.common import telemetry
 from services.common.channels import open_channel
 from services.common.config import ConfigError, MiradorConfig, load_config
 from services.common.paths import state_dir
-from services.cli.supervisor import START_ORDER, UP_SERVICES, Mesh, MeshStartError, health_status, http_health_status
+from services.cli.supervisor import (START_ORDER, UP_SERVICES, Mesh, MeshGaveUp, MeshStartError, RestartPolicy,
+                                     health_status, http_health_status)
 from services.common.config import HTTP_SERVICE_NAMES
 from services.cli.quantize import add_quantize_command
 from services.cli.review import add_review_commands
@@ -52,7 +53,8 @@ def _config(args) -> MiradorConfig:
 def cmd_up(args) -> int:
     config = _config(args)
     mesh = Mesh(config, log_dir=Path(args.log_dir) if args.log_dir else state_dir() / "logs", replicas=args.replicas,
-                services=UP_SERVICES)
+                services=UP_SERVICES,
+                restarts=RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window))
     started = time.monotonic()
     print(f"starting the mesh from {mesh.config.path} ...", flush=True)
     mesh.start(timeout_s=args.timeout)
@@ -68,12 +70,13 @@ def cmd_up(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.is_set():
-        exited = {n: s.process.poll() for n, s in mesh.processes.items() if s.process.poll() is not None}
-        if exited:
-            print(f"a service exited on its own: {exited}; stopping the others", file=sys.stderr)
+        try:  # a service that dies is started again (with backoff) rather than taking the mesh down
+            mesh.keep_up(lambda line: print(line, file=sys.stderr, flush=True))
+        except MeshGaveUp as exc:
+            print(str(exc), file=sys.stderr, flush=True)
             mesh.stop()
             return 1
-        stop.wait(0.5)
+        stop.wait(0.2)
     print("stopping ...", flush=True)
     codes = mesh.stop()
     print("stopped: " + ", ".join(f"{n} (exit {c})" for n, c in codes.items()))
@@ -315,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", help="where the services write their logs")
     up.add_argument("--replicas", type=int, metavar="N",
                     help="model-host processes to run, on ports port..port+N-1 (default: services.model_host.replicas)")
+    up.add_argument("--max-restarts", type=int, default=RestartPolicy.max_restarts, metavar="N",
+                    help="restarts of one service within --restart-window before giving up and stopping the mesh "
+                         "(default: %(default)s)")
+    up.add_argument("--restart-window", type=float, default=RestartPolicy.window_s, metavar="SECONDS",
+                    help="the window --max-restarts counts in (default: %(default)s)")
     up.set_defaults(run=cmd_up)
 
     commands.add_parser("status", help="health of each service and the models it knows").set_defaults(run=cmd_status)

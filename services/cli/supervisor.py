@@ -1,4 +1,5 @@
-"""Starts the services as separate processes, waits until they are SERVING, stops them.
+"""Starts the services as separate processes, waits until they are SERVING, keeps them up
+(a process that dies is started again, with backoff), stops them.
 
 `mirador up` and the tests start the mesh through this one module, so the tests
 exercise exactly what a user runs.
@@ -15,8 +16,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import yaml
@@ -90,6 +93,7 @@ class ServiceProcess:
     settings: ServiceSettings
     process: subprocess.Popen
     log_path: Path
+    restart_at: float | None = None  # monotonic time of a restart that is due (the process has exited)
 
     def log_tail(self, lines: int = 15) -> str:
         try:
@@ -142,6 +146,39 @@ def _port_key(name: str) -> str:
 
 
 @dataclass
+class RestartPolicy:
+    """When a service process that died is started again: after `base_delay_s`, doubling with each
+    restart still inside `window_s` up to `max_delay_s`; and not at all once it has been restarted
+    `max_restarts` times within `window_s` (a process that keeps dying has a reason a restart will
+    not fix, and restarting it for ever would hide it). A process that stays up for a whole window
+    starts again from `base_delay_s`. Pure: the times are given, so it is tested without processes."""
+
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+    max_restarts: int = 5
+    window_s: float = 300.0
+    history: dict[str, deque] = field(default_factory=dict)  # name -> monotonic times of its restarts
+
+    def restarts_in_window(self, name: str, now: float) -> int:
+        times = self.history.setdefault(name, deque())
+        while times and now - times[0] > self.window_s:
+            times.popleft()
+        return len(times)
+
+    def next_delay(self, name: str, now: float) -> float | None:
+        """The delay before restarting `name`, which exited at `now`; None to give up. Records the restart."""
+        earlier = self.restarts_in_window(name, now)
+        if earlier >= self.max_restarts:
+            return None
+        self.history[name].append(now)
+        return min(self.max_delay_s, self.base_delay_s * 2 ** earlier)
+
+
+class MeshGaveUp(RuntimeError):
+    """A service died more often than its restart policy allows."""
+
+
+@dataclass
 class Mesh:
     """The services of one config, each in its own process.
 
@@ -159,6 +196,7 @@ class Mesh:
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     replicas: int | None = None
     env: dict[str, str] = field(default_factory=dict)  # added to the children's environment
+    restarts: RestartPolicy = field(default_factory=RestartPolicy)
 
     def __post_init__(self) -> None:
         if self.replicas is not None and self.replicas != self.config.services.model_host.replicas:
@@ -238,6 +276,31 @@ class Mesh:
                 )
             if waiting:
                 time.sleep(0.1)
+
+    def keep_up(self, say: Callable[[str], None], now: float | None = None) -> None:
+        """One round of supervision: a service process that exited without being asked to is
+        started again after its restart policy's delay, with one line to `say` each time. Raises
+        MeshGaveUp (the mesh still running; the caller stops it) once one has died too often."""
+        now = time.monotonic() if now is None else now
+        for name, service in self.processes.items():
+            code = service.process.poll()
+            if code is None:
+                continue
+            if service.restart_at is None:
+                delay = self.restarts.next_delay(name, now)
+                if delay is None:
+                    raise MeshGaveUp(
+                        f"{name} exited with code {code} after {self.restarts.max_restarts} restarts within "
+                        f"{self.restarts.window_s:g} s; giving up and stopping the mesh. Its log ({service.log_path}) "
+                        f"ends with:\n{service.log_tail()}"
+                    )
+                service.restart_at = now + delay
+                count = self.restarts.restarts_in_window(name, now)
+                say(f"{name} (pid {service.process.pid}) exited with code {code}; restarting it in {delay:g} s "
+                    f"(restart {count} of at most {self.restarts.max_restarts} within {self.restarts.window_s:g} s)")
+            elif now >= service.restart_at:
+                self.processes[name] = restarted = self._spawn(name, service.settings)
+                say(f"{name} restarted as pid {restarted.process.pid}")
 
     def stop(self, grace_s: float | None = None) -> dict[str, int | None]:
         """SIGTERM to every process by PID, then SIGKILL after its grace period. Returns exit codes."""
