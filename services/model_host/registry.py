@@ -9,6 +9,8 @@
   even after evicting everything evictable is refused, saying how much it needs.
 - One load at a time: concurrent calls for a cold model share one load, and a
   caller that gives up does not abort the load others wait for.
+- Which idle model a load evicts is the tier policy's choice (services/model_host/tiering.py):
+  the configured tiers, or usage-driven promotion.
 - Hooks (`RegistryHook`) let batching and metrics follow loads and unloads
   without being wired into this class.
 
@@ -30,6 +32,7 @@ from services.common.errors import FailedPrecondition, ResourceExhausted, Unavai
 from services.common.logs import log_event
 from services.common.model_repository import ModelManifest, ModelNotFoundError, ModelRepository, ModelRepositoryError
 from services.model_host.runtimes import ModelRuntime
+from services.model_host.tiering import StaticTiers, UsageTiers
 
 log = logging.getLogger("mirador.model_host.registry")
 
@@ -132,6 +135,7 @@ class ModelRegistry:
     memory_meter: MemoryMeter = process_rss_bytes
     clock: Callable[[], float] = time.monotonic
     hooks: list[RegistryHook] = field(default_factory=list)
+    tiers: StaticTiers | UsageTiers = field(default_factory=StaticTiers)
     records: dict[str, ModelRecord] = field(init=False)
 
     def __post_init__(self):
@@ -167,6 +171,10 @@ class ModelRegistry:
     @property
     def used_bytes(self) -> int:
         return sum(r.loaded_bytes for r in self.records.values())
+
+    def promoted(self) -> set[str]:
+        """Models the tier policy treats as hot now because they are used most (none with `static`)."""
+        return self.tiers.promoted(self.records.values(), self.needed_bytes, self.budget_bytes, self.clock())
 
     def record(self, name: str) -> ModelRecord:
         return self.records[name]
@@ -234,10 +242,9 @@ class ModelRegistry:
         free = self.budget_bytes - self.used_bytes
         if needed <= free:
             return
-        candidates = sorted(
+        candidates = self.tiers.eviction_order(
             (r for r in self.records.values() if r.state == State.READY and not r.pinned and r.in_flight == 0),
-            key=lambda r: (r.spec.tier != "cold", r.last_used),  # cold first, then least recently used
-        )
+            self.records.values(), self.needed_bytes, self.budget_bytes, self.clock())
         reclaimable = sum(r.loaded_bytes for r in candidates)
         if needed > free + reclaimable:
             raise ResourceExhausted(
@@ -276,9 +283,11 @@ class ModelRegistry:
         """Unloads warm and cold models idle for longer than their keep_alive."""
         now = self.clock()
         reaped = []
+        promoted = self.promoted()
         for record in self.records.values():
             idle_s = now - record.last_used
-            if record.state == State.READY and not record.pinned and record.in_flight == 0 and idle_s >= record.spec.keep_alive_s:
+            if (record.state == State.READY and not record.pinned and record.in_flight == 0
+                    and idle_s >= record.spec.keep_alive_s and record.name not in promoted):
                 self._unload(record, reason=f"idle for {idle_s:.0f} s (keep_alive {record.spec.keep_alive_s:g} s)")
                 reaped.append(record.name)
         return reaped
@@ -312,6 +321,7 @@ class ModelRegistry:
             record = await self.ensure_loaded(name)
         record.in_flight += 1
         record.requests_total += 1
+        self.tiers.record_use(name, self.clock())
         try:
             yield record
         finally:

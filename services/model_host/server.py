@@ -24,6 +24,7 @@ from services.model_host.loader import SessionSettings, default_optimized_cache,
 from services.model_host.observability import ObservabilityHook
 from services.model_host.registry import MB, ModelRegistry
 from services.model_host.servicer import ModelHostServicer
+from services.model_host.tiering import tier_policy
 
 # Encoder and classifier work runs in these threads (ONNX Runtime releases the GIL while it runs);
 # each decoder runs on its own engine thread.
@@ -64,6 +65,7 @@ class ModelHostService(MiradorService):
             loader=partial(load_runtime, settings=session_settings),
             budget_bytes=settings.memory_budget_mb * MB,
             hooks=[self.batching, self.engines],
+            tiers=tier_policy(settings),
         )
         self.registry.hooks.append(ObservabilityHook(self.registry, self.batching))  # after batching
         dataplane = DataPlane(self.registry, self.executor, self.batching, faults, self.engines)

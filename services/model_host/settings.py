@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from services.common.settings import ServiceSettings, names, seconds, setting, whole
+from services.common.settings import ServiceSettings, choice, fraction, names, seconds, setting, whole
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,14 @@ class ModelHostSettings(ServiceSettings):
     # Prompt tokens a decoder's engine prefills per iteration while other sequences decode: smaller
     # keeps their tokens flowing while a long prompt joins, larger prefills it sooner.
     prefill_chunk_tokens: int = setting(32, whole(1))
+    # Which idle models a load evicts (services/model_host/tiering.py): `static`, the configured tiers
+    # (cold before warm, least recently used first); `usage`, the most-used models become hot by
+    # themselves (decayed call counts, half-life below; at least promote_after_calls of them; at most
+    # promote_share of the budget) and one-off loads evict the least used first.
+    tier_policy: str = setting("static", choice(("static", "usage")))
+    usage_half_life_s: float = setting(600.0, seconds)
+    promote_after_calls: int = setting(3, whole(1))
+    promote_share: float = setting(0.75, fraction)
 
     def replica(self, index: int) -> "ModelHostSettings":
         """The settings of replica `index` (0 = this one): the same, listening on port + index."""
