@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from mirador.v1 import common_pb2, router_pb2, router_pb2_grpc
+from mirador.v1 import common_pb2, model_host_pb2, model_host_pb2_grpc, router_pb2, router_pb2_grpc
 
 from conftest import write_config
 from services.cli.supervisor import Mesh
@@ -23,6 +23,7 @@ fleet:
   tiny-lm: {task: text-generation, tier: hot}
   tiny-lm-b: {task: text-generation, tier: hot}
   tiny-lm-slow: {task: text-generation, tier: hot}
+  tiny-lm-slower: {task: text-generation, tier: hot}
   broken-lm: {task: text-generation, tier: cold}
   tiny-embed: {task: embedding, tier: hot}
 routes:
@@ -34,6 +35,7 @@ routes:
     examples: [one two three four, count to ten please, the sum of 42 and 17, multiply 3 by 9, 1 2 3 4 5 6 7]
   flaky: {primary: broken-lm, fallback: tiny-lm, timeout_ms: 20000}
   slow: {primary: tiny-lm-slow, fallback: tiny-lm, timeout_ms: 3000}
+  late: {primary: tiny-lm-slow, fallback: tiny-lm-slower, timeout_ms: 4000}
   lonely: {primary: broken-lm}
   default: {primary: tiny-lm}
 """
@@ -47,11 +49,12 @@ def mesh(tmp_path_factory):
     build_tiny_decoder(repository, "tiny-lm", seed=0)
     build_tiny_decoder(repository, "tiny-lm-b", seed=1)
     build_tiny_decoder(repository, "tiny-lm-slow", seed=2)
+    build_tiny_decoder(repository, "tiny-lm-slower", seed=3)
     build_tiny_encoder(repository, "tiny-embed")
     write_corrupt_model(repository, "broken-lm")
     config = write_config(directory, service_extra={"router": ROUTER_SETTINGS.format(floor=0.0)}, body=ROUTES)
     mesh = Mesh(load_config(config), log_dir=directory / "logs", services=("router", "model_host"),
-                env={DELAY_ENV: "tiny-lm-slow=2500", "XDG_CACHE_HOME": str(directory / "cache")})
+                env={DELAY_ENV: "tiny-lm-slow=2500,tiny-lm-slower=6000", "XDG_CACHE_HOME": str(directory / "cache")})
     try:
         mesh.start(timeout_s=60)
         yield mesh
@@ -153,6 +156,27 @@ def test_fallback_answers_when_the_primary_is_too_slow(router):
     _, summary = ask(router, "hi", route="slow")
     assert summary.model == "tiny-lm" and summary.fell_back
     assert list(summary.attempted_models) == ["tiny-lm-slow", "tiny-lm"]
+
+
+def test_a_late_primary_keeps_its_place_when_its_fallback_is_slower(mesh, router):
+    """The soak's lost calls: a primary slow under load (2.5 s of the route's 4 s), a fallback slower
+    still (6 s). The fallback joins at 2 s, the primary is not cancelled, answers first, and the
+    fallback's call is cancelled on the host."""
+    started = time.monotonic()
+    _, summary = ask(router, "hi", route="late")
+    assert summary.model == "tiny-lm-slow" and not summary.fell_back
+    assert list(summary.attempted_models) == ["tiny-lm-slow", "tiny-lm-slower"]
+    assert summary.usage.completion_tokens == 4
+    assert 2.5 <= time.monotonic() - started < 4.0
+    with grpc.insecure_channel(mesh.config.services.model_host.address) as channel:
+        host = model_host_pb2_grpc.ModelHostStub(channel)
+        deadline = time.monotonic() + 2.0
+        while True:
+            models = {m.name: m for m in host.ListModels(model_host_pb2.ListModelsRequest(), timeout=5).models}
+            if not models["tiny-lm-slower"].requests_in_flight or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert models["tiny-lm-slower"].requests_in_flight == 0  # the overtaken call left the host
 
 
 def test_failing_model_opens_its_circuit_and_requests_stop_paying_for_it(router):

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from dataclasses import dataclass
 
 import grpc
 from mirador.v1 import common_pb2, consensus_pb2, consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc
@@ -23,8 +24,8 @@ from services.router.rollouts import Outcome, Plan, Rollouts
 from services.router.routing import RouteTable
 from services.router.sessions import SessionStore
 
-# With a fallback behind it, a model must start answering within this share of
-# the time left, so the fallback still has time to answer.
+# With a fallback behind it, a model that has not begun answering within this share of its time
+# is late: the fallback joins it, and the first of them to answer answers.
 FIRST_TOKEN_SHARE = 0.5
 # Shadow and comparison calls are the first traffic to shed: past this many in flight, none is sent.
 MAX_MIRRORS_IN_FLIGHT = 8
@@ -40,6 +41,17 @@ EMBED_TIMEOUT_S = 60.0
 
 def chat(turns: list[tuple[str, str]]) -> list[common_pb2.ChatMessage]:
     return [common_pb2.ChatMessage(role=ROLES[role], content=content) for role, content in turns]
+
+
+@dataclass
+class _Attempt:
+    """One model asked for the answer, until it begins answering."""
+
+    model: str
+    call: grpc.aio.UnaryStreamCall
+    first: asyncio.Future  # its first message (or _AttemptFailed)
+    started: float  # perf_counter
+    late_at: float  # monotonic: when the next model joins
 
 
 class _AttemptFailed(Exception):
@@ -172,70 +184,111 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     # ------------------------------------------------------------------ one model, with fallbacks
 
     async def _generate(self, decision: router_pb2.RouteDecision, messages, request, request_id: str, deadline: float):
-        models = [decision.model, *decision.fallbacks]
+        """The first of the route's models to begin answering answers. The primary is asked first; the
+        next model joins when the ones asked have failed, or are late (no first message within
+        FIRST_TOKEN_SHARE of the time they had). A late model is not cancelled: under load its
+        place in its host's queue is worth more than a fresh start elsewhere (the soak's lost calls
+        were primaries cancelled at half their time for fallbacks that then ran out of it)."""
+        waiting = [decision.model, *decision.fallbacks]  # models not asked yet, in order
         attempted: list[str] = []
         failures: list[_AttemptFailed] = []
-        for position, model in enumerate(models):
-            breaker = self.breakers[model]
-            if not breaker.allow():
-                failures.append(_AttemptFailed(model, grpc.StatusCode.UNAVAILABLE, f"model `{model}`: circuit open after repeated failures"))
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                breaker.release()
-                failures.append(_AttemptFailed(model, grpc.StatusCode.DEADLINE_EXCEEDED, f"model `{model}`: no time left"))
-                break
-            attempted.append(model)
-            has_next = position < len(models) - 1
-            started = time.perf_counter()
-            call = self.model_host.Generate(
-                model_host_pb2.GenerateRequest(request_id=request_id, model=model, messages=messages, prompt=request.prompt,
-                                               sampling=request.sampling),
-                timeout=remaining, metadata=self._priority_metadata(decision.route),
-            )
-            try:
-                # a rollout's candidate is never the caller's problem: whatever it fails with, the stable version answers
-                first = await self._first_message(call, model, remaining * FIRST_TOKEN_SHARE if has_next else remaining,
-                                                  any_failure_retryable=has_next and self.rollouts.is_candidate(model))
-            except _AttemptFailed as failure:
-                call.cancel()
-                if failure.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    breaker.release()  # busy (full queue) or slow under load is not broken: fall back, keep it in rotation
-                else:
-                    breaker.record_failure()
-                busy = failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                self.rollouts.record(model, Outcome.IGNORED if busy else Outcome.FAILED)
-                failures.append(failure)
-                continue
-            except BaseException:
-                call.cancel()
-                breaker.release()
-                self.rollouts.record(model, Outcome.IGNORED)
-                raise
-            first_token_ms = (time.perf_counter() - started) * 1000
-            # This model has begun to answer: from here on, its answer is the answer.
-            try:
-                async with contextlib.aclosing(self._relay(call, first, decision, model, attempted)) as relayed:
-                    async for response in relayed:
-                        yield response
-            except grpc.aio.AioRpcError as exc:
-                breaker.record_failure()
-                self.rollouts.record(model, Outcome.FAILED)
-                raise ServiceError(f"model `{model}` on the model host failed after it began answering: {exc.details()}", exc.code()) from None
-            except BaseException:  # cancelled or closed: the model stops generating now, not when the call is freed
-                call.cancel()
-                self.rollouts.record(model, Outcome.IGNORED)
-                raise
-            breaker.record_success()
-            self.rollouts.record(model, Outcome.OK, first_token_ms)
-            return
-        codes = {f.code for f in failures}
-        reasons = "; ".join(f.reason for f in failures)
-        message = (f"no model of route `{decision.route}` could answer: {reasons}" if decision.route
-                   else f"the model asked for could not answer: {reasons}")
-        if codes == {grpc.StatusCode.DEADLINE_EXCEEDED}:
-            raise DeadlineExceeded(message)
-        raise ServiceError(message, codes.pop() if len(codes) == 1 else grpc.StatusCode.UNAVAILABLE)
+        racing: dict[asyncio.Task, _Attempt] = {}  # each asked model's wait for its first message
+        winner: tuple[_Attempt, object] | None = None
+        try:
+            while winner is None:
+                latest = max(racing.values(), key=lambda a: a.late_at, default=None)
+                if waiting and (latest is None or time.monotonic() >= latest.late_at):
+                    model = waiting.pop(0)
+                    if not self.breakers[model].allow():
+                        failures.append(_AttemptFailed(model, grpc.StatusCode.UNAVAILABLE, f"model `{model}`: circuit open after repeated failures"))
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self.breakers[model].release()
+                        failures.append(_AttemptFailed(model, grpc.StatusCode.DEADLINE_EXCEEDED, f"model `{model}`: no time left"))
+                        waiting.clear()
+                        continue
+                    attempt = self._ask(model, decision, messages, request, request_id, remaining, has_next=bool(waiting))
+                    attempted.append(model)
+                    racing[attempt.first] = attempt
+                    continue
+                if not racing:
+                    break
+                # every wait ends by the deadline on its own (_first_message); only a joining model needs a timer
+                join_in = max(0.0, latest.late_at - time.monotonic()) if waiting else None
+                done, _ = await asyncio.wait(racing, timeout=join_in, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    attempt = racing.pop(task)
+                    try:
+                        winner = attempt, task.result()
+                        break
+                    except _AttemptFailed as failure:
+                        self._attempt_failed(attempt, failure)
+                        failures.append(failure)
+                    except BaseException:
+                        self._abandon(attempt, overtaken=False)
+                        raise
+        finally:
+            for attempt in racing.values():  # overtaken, or the caller left: they stop now
+                self._abandon(attempt, overtaken=winner is not None)
+        if winner is None:
+            codes = {f.code for f in failures}
+            reasons = "; ".join(f.reason for f in failures)
+            message = (f"no model of route `{decision.route}` could answer: {reasons}" if decision.route
+                       else f"the model asked for could not answer: {reasons}")
+            if codes == {grpc.StatusCode.DEADLINE_EXCEEDED}:
+                raise DeadlineExceeded(message)
+            raise ServiceError(message, codes.pop() if len(codes) == 1 else grpc.StatusCode.UNAVAILABLE)
+        attempt, first = winner
+        model, call, breaker = attempt.model, attempt.call, self.breakers[attempt.model]
+        first_token_ms = (time.perf_counter() - attempt.started) * 1000
+        # This model has begun to answer: from here on, its answer is the answer.
+        try:
+            async with contextlib.aclosing(self._relay(call, first, decision, model, attempted)) as relayed:
+                async for response in relayed:
+                    yield response
+        except grpc.aio.AioRpcError as exc:
+            breaker.record_failure()
+            self.rollouts.record(model, Outcome.FAILED)
+            raise ServiceError(f"model `{model}` on the model host failed after it began answering: {exc.details()}", exc.code()) from None
+        except BaseException:  # cancelled or closed: the model stops generating now, not when the call is freed
+            call.cancel()
+            self.rollouts.record(model, Outcome.IGNORED)
+            raise
+        breaker.record_success()
+        self.rollouts.record(model, Outcome.OK, first_token_ms)
+
+    def _ask(self, model: str, decision: router_pb2.RouteDecision, messages, request, request_id: str,
+             remaining: float, has_next: bool) -> _Attempt:
+        started, now = time.perf_counter(), time.monotonic()
+        call = self.model_host.Generate(
+            model_host_pb2.GenerateRequest(request_id=request_id, model=model, messages=messages, prompt=request.prompt,
+                                           sampling=request.sampling),
+            timeout=remaining, metadata=self._priority_metadata(decision.route),
+        )
+        # a rollout's candidate is never the caller's problem: whatever it fails with, the stable version answers
+        first = asyncio.ensure_future(self._first_message(
+            call, model, remaining, any_failure_retryable=has_next and self.rollouts.is_candidate(model)))
+        late_at = now + remaining * (FIRST_TOKEN_SHARE if has_next else 1.0)
+        return _Attempt(model, call, first, started, late_at)
+
+    def _attempt_failed(self, attempt: _Attempt, failure: _AttemptFailed) -> None:
+        attempt.call.cancel()
+        if failure.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED):
+            self.breakers[attempt.model].release()  # busy (full queue) or slow under load is not broken: keep it in rotation
+        else:
+            self.breakers[attempt.model].record_failure()
+        busy = failure.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        self.rollouts.record(attempt.model, Outcome.IGNORED if busy else Outcome.FAILED)
+
+    def _abandon(self, attempt: _Attempt, overtaken: bool) -> None:
+        """A model that did not answer first (or whose caller left) stops now. It is not broken, but a
+        rollout's candidate overtaken because it was late counts as a failed call, as it did alone."""
+        attempt.first.cancel()
+        attempt.call.cancel()
+        self.breakers[attempt.model].release()
+        late = overtaken and time.monotonic() >= attempt.late_at
+        self.rollouts.record(attempt.model, Outcome.FAILED if late else Outcome.IGNORED)
 
     def _priority_metadata(self, route_name: str) -> tuple[tuple[str, str], ...] | None:
         route = self.routes.routes.get(route_name)
