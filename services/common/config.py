@@ -99,6 +99,9 @@ class ModelSpec:
     max_context: int = 1024
     # Model hosts that keep it loaded when the router places models across hosts (hot models may ask for more)
     copies: int = 1
+    # Classifiers: the fleet embedding model whose session this one runs on, as a small head over its
+    # pooled embedding (the encoder loads once for all its heads, and is counted once in the budget)
+    encoder: str | None = None
 
     @property
     def artifact(self) -> str:
@@ -232,6 +235,7 @@ class _Reader(YamlReader):
     def __init__(self, path: str):
         super().__init__(path)
         self.service_nodes: dict[str, yaml.Node] = {}  # "services.router.default_route" -> its value's node
+        self.encoder_nodes: dict[str, yaml.Node] = {}  # head model -> its `encoder:` value's node
 
     # -- sections
 
@@ -345,7 +349,7 @@ class _Reader(YamlReader):
         return values
 
     _MODEL_KEYS = ("task", "recipe", "version", "capabilities", "tier", "keep_alive", "description",
-                   "rollout", "max_num_seqs", "max_context", "copies")
+                   "rollout", "max_num_seqs", "max_context", "copies", "encoder")
     _ROLLOUT_KEYS = ("version", "mode", "share", "window", "min_calls", "max_error_rate", "max_latency_ratio",
                      "max_disagreement")
 
@@ -391,7 +395,23 @@ class _Reader(YamlReader):
                 candidate = candidate_name(name, spec.rollout.version)
                 fleet[candidate] = replace(spec, name=candidate, version=spec.rollout.version, rollout=None,
                                            recipe=None, repository_name=name)
+            if "encoder" in entries:
+                self.check_encoder(entries["encoder"][1], f"{key}.encoder", spec)
+        for spec in fleet.values():  # the encoder may be defined after its heads
+            if spec.encoder is not None and spec.encoder not in fleet:
+                embedding = ", ".join(sorted(n for n, s in fleet.items() if s.task == "embedding")) or "none"
+                self.problem(self.encoder_nodes[spec.name], f"fleet.{spec.name}.encoder",
+                             f"model `{spec.encoder}` is not in `fleet:`; embedding models defined: {embedding}")
+            elif spec.encoder is not None and fleet[spec.encoder].task != "embedding":
+                self.problem(self.encoder_nodes[spec.name], f"fleet.{spec.name}.encoder",
+                             f"`{spec.encoder}` has task {fleet[spec.encoder].task}; a head runs on an embedding model")
         return fleet
+
+    def check_encoder(self, node: yaml.Node, key: str, spec: ModelSpec) -> None:
+        self.encoder_nodes[spec.name] = node
+        if spec.task != "classification":
+            self.problem(node, key, f"only classification models run as a head on an encoder; `{spec.name}` has "
+                                    f"task {spec.task}: remove `encoder:`")
 
     def read_rollout(self, node: yaml.Node, key: str, stable_version: str | None) -> RolloutSpec | None:
         entries = self.mapping(node, key, self._ROLLOUT_KEYS)

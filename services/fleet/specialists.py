@@ -5,7 +5,10 @@ Each specialist is one ONNX graph from the tokenizer's ids to `probabilities`
 graph), served by the model host like any other model (task `classification`).
 
 * `topics-minilm`: the built minilm-l6 encoder + mean pooling + L2 normalisation
-  + a multinomial logistic head, appended to the encoder's graph.
+  + a multinomial logistic head, appended to the encoder's graph (`model.onnx`). The head alone
+  is written too (`head.onnx`: `sentence_embedding` -> `probabilities`), so a model host can run
+  it on minilm-l6's own session (`fleet.topics-minilm.encoder: minilm-l6`) instead of a second
+  copy of the encoder.
 * `topics-bow`: a bag of WordPiece ids counted inside the graph (ScatterElements
   with add), sub-linear TF-IDF, L2 normalisation, a multinomial logistic head.
   It shares minilm-l6's tokenizer and nothing else.
@@ -97,6 +100,24 @@ def minilm_pooled_graph(encoder_path: Path):
 def minilm_classifier_graph(encoder_path: Path, weights: np.ndarray, bias: np.ndarray, temperature: float):
     model = minilm_pooled_graph(encoder_path)
     append_head(model.graph, Nodes(model.graph, "topics_head"), "sentence_embedding", weights, bias, temperature)
+    return model
+
+
+HEAD_INPUT = "sentence_embedding"
+
+
+def head_graph(weights: np.ndarray, bias: np.ndarray, temperature: float):
+    """The same head as minilm_classifier_graph's, alone: `sentence_embedding` [B, D] -> `probabilities`
+    [B, L]. A few KB; the model host runs it on the shared encoder's pooled embeddings."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([], "topics_head", [
+        helper.make_tensor_value_info(HEAD_INPUT, TensorProto.FLOAT, ["batch_size", int(weights.shape[0])])], [])
+    append_head(graph, Nodes(graph, "topics_head"), HEAD_INPUT, weights, bias, temperature)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
     return model
 
 
@@ -297,6 +318,7 @@ class Specialist:
         _, weights, bias, bag = self.fit(raw, labels)
         weights, bias = weights.astype(np.float32), bias.astype(np.float32)
         if self.settings.representation == REPRESENTATION_MINILM:
+            self.head = head_graph(weights, bias, temperature)  # the same weights, for serving on a shared encoder
             return minilm_classifier_graph(self.base_dir / "model.onnx", weights, bias, temperature)
         return bow_classifier_graph(bag, weights, bias, temperature)
 
@@ -347,7 +369,15 @@ class SpecialistBuild:
         onnx.save(model, str(output_dir / "model.onnx"))
         tokenizer = specialist.tokenizer  # padding off, truncation at max_length
         tokenizer.save(str(output_dir / "tokenizer.json"))
-        self._check(output_dir, specialist, examples[:8], FleetBuildError)
+        whole = self._check(output_dir, specialist, examples[:8], FleetBuildError)
+        files = {"model": "model.onnx", "tokenizer": "tokenizer.json"}
+        head = None
+        if recipe.graph.get("head") and getattr(specialist, "head", None) is not None:
+            onnx.save(specialist.head, str(output_dir / "head.onnx"))
+            self._check_head(output_dir / "head.onnx", raw[:8], whole, FleetBuildError)
+            files["head"] = "head.onnx"
+            # What the head expects of its encoder's embeddings (the model host checks them at load).
+            head = {"input": HEAD_INPUT, "encoder": base.name, "pooling": "mean", "normalize": True}
         input_names = [i.name for i in model.graph.input]
         generation = {
             "labels": list(TOPIC_LABELS),
@@ -355,6 +385,7 @@ class SpecialistBuild:
             "output": "probabilities",
             "max_length": settings.max_length,
             "representation": settings.representation,
+            **({"head": head} if head else {}),
             "calibration": {
                 "temperature": cv.temperature,
                 "applied": "in-graph (logits / temperature before the softmax)",
@@ -371,7 +402,7 @@ class SpecialistBuild:
             },
         }
         return ExportOutcome(
-            files={"model": "model.onnx", "tokenizer": "tokenizer.json"},
+            files=files,
             architecture={REPRESENTATION_MINILM: "bert+mean-pool+logistic", REPRESENTATION_BOW: "wordpiece-tfidf+logistic",
                           REPRESENTATION_CHAR: "char-ngram-tfidf+naive-bayes"}[settings.representation],
             generation=generation,
@@ -394,3 +425,15 @@ class SpecialistBuild:
         if probabilities.shape != (len(examples), len(TOPIC_LABELS)) or \
                 np.abs(probabilities.sum(axis=1) - 1).max() > 1e-4:
             raise error(f"the built classifier gives {probabilities.shape} outputs that are not distributions")
+        return probabilities
+
+    @staticmethod
+    def _check_head(path: Path, features: np.ndarray, whole: np.ndarray, error) -> None:
+        """The head alone, on the examples' pooled embeddings, gives the whole graph's probabilities."""
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        probabilities = session.run(["probabilities"], {HEAD_INPUT: features.astype(np.float32)})[0]
+        gap = float(np.abs(probabilities - whole).max())
+        if gap > 1e-4:
+            raise error(f"the head graph's probabilities differ from the whole graph's by {gap:.2g}")

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from services.common.logs import log_event
 from services.common.model_repository import ModelManifest
 from services.model_host.runtimes import ModelRuntime
-from services.model_host.runtimes.classifier import ClassifierRuntime
+from services.model_host.runtimes.classifier import ClassifierRuntime, HeadClassifierRuntime
 from services.model_host.runtimes.decoder import DecoderRuntime
 from services.model_host.runtimes.encoder import EncoderRuntime
 
@@ -132,11 +132,22 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def load_runtime(manifest: ModelManifest, settings: SessionSettings) -> ModelRuntime:
-    """Loads a model for serving. Raises with a readable reason when the files are unusable."""
+def load_runtime(manifest: ModelManifest, settings: SessionSettings,
+                 encoder: EncoderRuntime | None = None) -> ModelRuntime:
+    """Loads a model for serving. Raises with a readable reason when the files are unusable.
+    With `encoder` (a classifier declared as a head on it), only the manifest's `head` graph is loaded."""
     tokenizer = Tokenizer.from_file(str(manifest.path_of("tokenizer"))) if "tokenizer" in manifest.files else None
     if manifest.task in ("text-generation", "embedding", "classification") and tokenizer is None:
         raise ValueError(f"{manifest.reference} has no tokenizer file; add `tokenizer` to the manifest's files")
+    if encoder is not None:
+        if manifest.task != "classification" or "head" not in manifest.files:
+            raise ValueError(f"{manifest.reference} has no `head` graph to run on {encoder.manifest.reference}; "
+                             "rebuild it (`mirador fleet build`) or remove `encoder:` from its fleet entry")
+        options = _options(settings)
+        options.intra_op_num_threads = 1  # one small MatMul: a thread pool costs more than it saves
+        session = ort.InferenceSession(str(manifest.path_of("head")), options,
+                                       providers=usable_providers(settings.providers))
+        return HeadClassifierRuntime(manifest, session, tokenizer, encoder)
     session = create_session(manifest, settings)
     if manifest.task == "text-generation":
         return DecoderRuntime(manifest, session, tokenizer)

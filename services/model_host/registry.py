@@ -13,6 +13,9 @@
   the configured tiers, or usage-driven promotion.
 - Hooks (`RegistryHook`) let batching and metrics follow loads and unloads
   without being wired into this class.
+- A classifier declared as a head on an encoder (`fleet.NAME.encoder`) loads that encoder first
+  and runs on its session; the encoder is counted once, and is held (pinned: never evicted nor
+  reaped) while any of its heads is loading or loaded.
 
 The loader and the memory meter are injected, so the policy is testable
 without real models.
@@ -25,6 +28,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import AsyncIterator, Callable, Protocol
 
 from services.common.config import ModelSpec
@@ -79,6 +83,9 @@ class ModelRecord:
         if self.measured_bytes:
             return self.measured_bytes
         size = self.manifest.size_bytes if self.manifest else 0
+        if self.spec.encoder and self.manifest and "head" in self.manifest.files:  # the head, not the whole graph
+            size = sum(self.manifest.path_of(role).stat().st_size for role in ("head", "tokenizer")
+                       if role in self.manifest.files)
         return int(size * ESTIMATE_FACTOR)
 
     @property
@@ -165,8 +172,12 @@ class ModelRegistry:
 
     def needed_bytes(self, record: ModelRecord) -> int:
         """What loading `record` will take: measured at its last load, else estimated from its files
-        plus what the hooks reserve for it."""
-        return record.measured_bytes or record.needed_bytes + self.reserved_bytes(record)
+        plus what the hooks reserve for it; for a head, plus its encoder's when that is not loaded."""
+        own = record.measured_bytes or record.needed_bytes + self.reserved_bytes(record)
+        encoder = self.records.get(record.spec.encoder) if record.spec.encoder else None
+        if encoder is not None and encoder.state != State.READY:
+            own += self.needed_bytes(encoder)
+        return own
 
     @property
     def used_bytes(self) -> int:
@@ -207,6 +218,32 @@ class ModelRegistry:
         return record
 
     async def _load(self, record: ModelRecord) -> None:
+        encoder = await self._hold_encoder(record) if record.spec.encoder else None
+        try:
+            await self._load_alone(record, encoder)
+        finally:
+            if encoder is not None and record.state != State.READY:
+                self._release_encoder(record)
+
+    async def _hold_encoder(self, head: ModelRecord) -> ModelRecord:
+        """Loads a head's encoder and pins it until no head of it is loading or loaded."""
+        if head.spec.encoder not in self.records:
+            raise FailedPrecondition(f"model `{head.name}` is a head on `{head.spec.encoder}`, which this host's "
+                                     "fleet does not have; add it under `fleet:`")
+        encoder = await self.ensure_loaded(head.spec.encoder)
+        encoder.pinned = True  # no await since it became READY: nothing can have evicted it
+        return encoder
+
+    def heads_of(self, encoder: ModelRecord) -> list[ModelRecord]:
+        """The heads of `encoder` that are loading or loaded (what holds it in memory)."""
+        return [r for r in self.records.values()
+                if r.spec.encoder == encoder.name and r.state in (State.LOADING, State.READY)]
+
+    def _release_encoder(self, head: ModelRecord) -> None:
+        encoder = self.records[head.spec.encoder]
+        encoder.pinned = encoder.spec.tier == "hot" or any(h is not head for h in self.heads_of(encoder))
+
+    async def _load_alone(self, record: ModelRecord, encoder: ModelRecord | None) -> None:
         async with self._load_lock:
             if record.state == State.READY:
                 return
@@ -215,7 +252,9 @@ class ModelRegistry:
             before = self.memory_meter()
             started = time.perf_counter()
             try:
-                runtime = await asyncio.get_running_loop().run_in_executor(None, self.loader, record.manifest)
+                load = partial(self.loader, record.manifest, encoder=encoder.runtime) if encoder else \
+                    partial(self.loader, record.manifest)
+                runtime = await asyncio.get_running_loop().run_in_executor(None, load)
             except Exception as exc:  # noqa: BLE001 - a broken model must not take the host down
                 record.state, record.detail = State.FAILED, f"failed to load: {exc}"
                 record.failed_at = self.clock()
@@ -266,11 +305,18 @@ class ModelRegistry:
             record.runtime.close()
         record.runtime = None
         record.state, record.detail = State.UNLOADED, reason
+        if record.spec.encoder in self.records:
+            self._release_encoder(record)
         log_event(log, "model unloaded", model=record.name, reason=reason)
 
     async def unload(self, name: str) -> ModelRecord:
         record = self.records[name]
         async with self._load_lock:
+            heads = [h.name for h in self.heads_of(record)]
+            if heads and record.state == State.READY:
+                raise FailedPrecondition(
+                    f"model `{name}` is the encoder of loaded head(s) {', '.join(heads)}; unload them first"
+                )
             if record.in_flight:
                 raise FailedPrecondition(
                     f"model `{name}` is serving {record.in_flight} call(s); unload it when they have finished"

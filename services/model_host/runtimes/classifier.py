@@ -83,3 +83,37 @@ class ClassifierRuntime(ModelRuntime):
                 feeds["token_type_ids"] = np.zeros_like(ids)
             result[rows] = self.session.run([self.output_name], feeds)[0]
         return result
+
+
+class HeadClassifierRuntime(ClassifierRuntime):
+    """A classifier declared as a head on a shared encoder (`fleet.NAME.encoder`): its own session is
+    only the head graph (`sentence_embedding` [B, D] -> `probabilities`), run on the pooled embedding
+    the encoder's runtime computes once per text for all its heads (`EncoderRuntime.embed_for_heads`).
+    The manifest's `generation.head` says what the head expects of the embedding; a mismatch is
+    refused at load rather than served as wrong scores."""
+
+    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: Tokenizer, encoder):
+        super().__init__(manifest, session, tokenizer)
+        head = manifest.generation.get("head") or {}
+        self.encoder = encoder
+        self.head_input = head.get("input", "sentence_embedding")
+        if self.head_input not in self.input_names:
+            raise ValueError(f"{manifest.reference}: the head graph has no input {self.head_input!r}")
+        wanted = {"pooling": head.get("pooling", "mean"), "normalize": bool(head.get("normalize", True))}
+        has = {"pooling": encoder.pooling, "normalize": encoder.normalize}
+        if wanted != has:
+            raise ValueError(f"{manifest.reference}: the head was trained on {wanted} embeddings; "
+                             f"{encoder.manifest.reference} gives {has}")
+        width = session.get_inputs()[0].shape[-1]
+        probe = encoder.embed(["probe"]).shape[1]
+        if isinstance(width, int) and width != probe:
+            raise ValueError(f"{manifest.reference}: the head reads {width}-d embeddings; "
+                             f"{encoder.manifest.reference} gives {probe}-d")
+        if self.tokenizer.get_vocab() != encoder.tokenizer.get_vocab():
+            raise ValueError(f"{manifest.reference}: its tokenizer is not {encoder.manifest.reference}'s; "
+                             "a head must be trained on its encoder's tokens")
+
+    def classify(self, texts: list[str]) -> np.ndarray:
+        rows = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        embeddings = self.encoder.embed_for_heads(rows)
+        return self.session.run([self.output_name], {self.head_input: embeddings})[0].astype(np.float64)

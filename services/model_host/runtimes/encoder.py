@@ -8,7 +8,10 @@ from tokenizers import Tokenizer
 
 from services.common.model_repository import ModelManifest
 from services.model_host.runtimes import ModelRuntime
+from services.model_host.runtimes.embedding_cache import EmbeddingCache
 from services.model_host.runtimes.text import plain_text_tokenizer
+
+HEAD_BATCH_SIZE = 16  # as ClassifierRuntime batches: rows of similar length together
 
 
 class EncoderRuntime(ModelRuntime):
@@ -26,6 +29,7 @@ class EncoderRuntime(ModelRuntime):
         self.tokenizer = plain_text_tokenizer(tokenizer)
         self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer.no_padding()
+        self.head_cache = EmbeddingCache()  # pooled embeddings of the texts its heads were asked about
 
     @property
     def dimension(self) -> int:
@@ -36,13 +40,31 @@ class EncoderRuntime(ModelRuntime):
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Returns one row per text, L2-normalised when the manifest says so."""
-        encodings = self.tokenizer.encode_batch(texts)
-        width = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(texts), width), dtype=np.int64)
+        return self._pooled([e.ids for e in self.tokenizer.encode_batch(texts)])
+
+    def embed_for_heads(self, rows: list[list[int]]) -> np.ndarray:
+        """Pooled embeddings of token ids (a head's tokenizer's), each computed once while it stays in
+        `head_cache`, whichever head asks. Uncached rows run in batches of similar lengths."""
+        return self.head_cache.get_or_compute(rows, self._pooled_sorted)
+
+    def _pooled_sorted(self, rows: list[list[int]]) -> np.ndarray:
+        order = np.argsort([len(row) for row in rows], kind="stable")
+        out = None
+        for start in range(0, len(order), HEAD_BATCH_SIZE):
+            chosen = order[start: start + HEAD_BATCH_SIZE]
+            pooled = self._pooled([rows[i] for i in chosen])
+            if out is None:
+                out = np.zeros((len(rows), pooled.shape[1]), dtype=np.float32)
+            out[chosen] = pooled
+        return out
+
+    def _pooled(self, rows: list[list[int]]) -> np.ndarray:
+        width = max(1, max(len(row) for row in rows))
+        ids = np.zeros((len(rows), width), dtype=np.int64)
         mask = np.zeros_like(ids)
-        for row, encoding in enumerate(encodings):
-            ids[row, : len(encoding.ids)] = encoding.ids
-            mask[row, : len(encoding.ids)] = 1
+        for row, tokens in enumerate(rows):
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = np.zeros_like(ids)
