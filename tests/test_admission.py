@@ -2,6 +2,7 @@
 past it, a share kept for critical routes) and per-client rate limits at the router.
 Units with fake clocks, then real processes with tiny models slowed by fault injection."""
 
+import hashlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from services.common.errors import ResourceExhausted
 from services.common.model_repository import ModelRepository
 from services.model_host.admission import Admission, reserved_for_critical
 from services.model_host.faults import ENV_VAR as DELAY_ENV
+from services.router.identity import CallerIdentity
 from services.router.rate_limit import RateLimiter, client_of
 from tiny_models import build_tiny_decoder
 
@@ -105,10 +107,18 @@ class _Context:
         return self._peer
 
 
-def test_client_identity_is_the_metadata_value_else_the_peer_ip_without_port():
-    assert client_of(_Context((("x-mirador-client", "billing-batch"),))) == "billing-batch"
+def test_without_a_token_the_identity_is_the_peer_ip_and_metadata_is_not_believed():
+    assert client_of(_Context((("x-mirador-client", "billing-batch"),))) == "10.1.2.3"
     assert client_of(_Context()) == "10.1.2.3"
     assert client_of(_Context(peer="ipv6:[::1]:5000")) == "[::1]"
+
+
+def test_with_a_token_the_identity_is_the_token_or_the_client_its_holder_names():
+    identify = CallerIdentity("s3cret-token")
+    assert identify(_Context()) == identify(_Context(peer="ipv4:10.9.9.9:1")) == "token:" + hashlib.sha256(
+        b"s3cret-token").hexdigest()[:12]  # the same on every replica and for every address, never the token
+    assert identify(_Context((("x-mirador-client", "billing-batch"),))) == "billing-batch"  # the gateway's clients
+    assert CallerIdentity("other-token")(_Context()) != identify(_Context())
 
 
 def test_config_keys_are_read_and_checked(tmp_path):
@@ -142,7 +152,13 @@ routes:
   chat: {primary: tiny-lm}
   slow: {primary: tiny-lm-slow, timeout_ms: 20000}
   slow-critical: {primary: tiny-lm-slow, timeout_ms: 20000, priority: critical}
+security:
+  auth:
+    bearer_token_file: router-token.txt
 """
+# With a token, the token holder names the clients it speaks for in `x-mirador-client` (as the
+# gateway does); without one, that metadata is ignored (services/router/identity.py).
+AUTH = ("authorization", "Bearer admission-test-token")
 SLOW_S = 1.5
 LIMIT = 4  # 3 normal places + 1 kept for critical calls
 USER = common_pb2.ROLE_USER
@@ -154,6 +170,7 @@ def mesh(tmp_path_factory):
     repository = ModelRepository(directory / "models")
     build_tiny_decoder(repository, "tiny-lm")
     build_tiny_decoder(repository, "tiny-lm-slow", seed=2)
+    (directory / "router-token.txt").write_text(AUTH[1].split()[1] + "\n")
     config = write_config(directory, body=FLEET, service_extra={
         "router": "rate_limit_per_client: 2\nrate_limit_burst: 3",
         "model_host": f"max_queue_per_model: {LIMIT}",
@@ -264,7 +281,7 @@ def test_a_flood_is_shed_and_the_host_stays_up(mesh, host):
 
 def _ask(router, route, client):
     request = router_pb2.AskRequest(text="hi", route=route, sampling=common_pb2.SamplingParams(max_tokens=2))
-    return list(router.Ask(request, timeout=30, metadata=(("x-mirador-client", client),)))
+    return list(router.Ask(request, timeout=30, metadata=(("x-mirador-client", client), AUTH)))
 
 
 def test_router_relays_shedding_and_critical_routes_get_the_kept_place(mesh, host):
@@ -288,7 +305,7 @@ def test_router_rate_limits_each_client(mesh):
 
         def route(client):
             return router.Route(router_pb2.RouteRequest(text="hi", route="chat"), timeout=5,
-                                metadata=(("x-mirador-client", client),))
+                                metadata=(("x-mirador-client", client), AUTH))
 
         for _ in range(3):  # the burst
             route("greedy")

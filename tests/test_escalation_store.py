@@ -137,6 +137,22 @@ def test_a_case_is_resolved_once_with_one_of_its_options(backend):
     assert (stats.resolved, stats.reviewer_overrides) == (1, 1)
 
 
+def test_resolved_cases_past_the_retention_are_deleted_and_pending_ones_never(backend):
+    store = backend.open()
+    old = store.record_decision(tally(), case("old"), now=1000.0)
+    store.resolve(old.id, "N", "ana", now=2000.0)
+    pending = store.record_decision(tally(), case("pending"), now=1000.0)
+    recent = store.record_decision(tally(), case("recent"), now=1000.0)
+    store.resolve(recent.id, "Y", "ana", now=9000.0)
+    assert store.purge_resolved(older_than_s=5000.0, now=10_000.0) == 1  # resolved before 5000: only `old`
+    assert {r.id for r in store.list()} == {pending.id, recent.id}
+    with pytest.raises(UnknownEscalation):
+        store.get(old.id)
+    assert store.purge_resolved(older_than_s=0.0, now=1e12) == 1  # everything resolved goes; pending stays
+    assert [r.id for r in store.list()] == [pending.id]
+    assert (store.stats().escalations, store.stats().resolved) == (3, 2)  # the counters are not rewritten
+
+
 def test_a_request_id_escalates_once_and_its_twin_is_not_counted(backend):
     store = backend.open()
     first = store.record_decision(tally(), case("same"))

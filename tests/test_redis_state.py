@@ -13,7 +13,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from services.common.errors import ResourceExhausted, Unavailable
+from services.common.errors import PermissionDenied, ResourceExhausted, Unavailable
 from services.common.state_settings import StateSettings
 from services.router.rate_limit import RateLimiter, RedisRateLimiter
 from services.router.redis_link import RedisLink
@@ -54,6 +54,19 @@ def test_a_session_keeps_its_turns_in_order(sessions):
     assert store.history("s-1") == [("user", "hello"), ("assistant", "hi there"),
                                      ("user", "how are you?"), ("assistant", "fine")]
     assert store.history("s-2") == []
+
+
+def test_a_session_belongs_to_the_caller_that_started_it(sessions):
+    store, other_replica = sessions(), sessions()
+    store.record("mine", "my pin is 1234", "noted", "alice")
+    for reader in (store, other_replica):
+        assert reader.history("mine", "alice") == [("user", "my pin is 1234"), ("assistant", "noted")]
+        with pytest.raises(PermissionDenied) as refused:
+            reader.history("mine", "bob")
+        assert "session `mine` was started by another client" in refused.value.message
+        assert "1234" not in refused.value.message
+    other_replica.record("mine", "injected", "turn", "bob")  # another caller's turn is not recorded
+    assert [content for _, content in store.history("mine", "alice")] == ["my pin is 1234", "noted"]
 
 
 def test_a_session_is_bounded_in_turns_and_characters(sessions):

@@ -28,8 +28,13 @@ fleet:
 routes:
   one: {primary: tiny-lm}
   two: {primary: tiny-lm-b}
+security:
+  auth:
+    bearer_token_file: router-token.txt
 """
 RATE, BURST = 2, 4
+# The token's holder names the clients it speaks for (services/router/identity.py), as the gateway does.
+AUTH = ("authorization", "Bearer replicas-test-token-0123")
 
 
 def replica_config(path, name: str, **state) -> object:
@@ -50,6 +55,7 @@ def routers(tmp_path_factory):
     build_tiny_decoder(repository, "tiny-lm-b", seed=1)
     build_tiny_encoder(repository, "tiny-embed")
     settings = f"embedding_model: tiny-embed\nrate_limit_per_client: {RATE}\nrate_limit_burst: {BURST}"
+    (directory / "router-token.txt").write_text(AUTH[1].split()[1])
     path = write_config(directory, service_extra={"router": settings}, body=ROUTES)
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
     shared = {"redis_url": REDIS_URL, "redis_prefix": prefix}
@@ -75,7 +81,7 @@ def routers(tmp_path_factory):
 def ask(router, text, route, session, client):
     responses = list(router.Ask(router_pb2.AskRequest(
         text=text, route=route, session_id=session, sampling=common_pb2.SamplingParams(max_tokens=3)),
-        metadata=(("x-mirador-client", client),), timeout=60))
+        metadata=(("x-mirador-client", client), AUTH), timeout=60))
     return responses[-1].summary
 
 
@@ -83,7 +89,7 @@ def test_a_session_continues_across_router_replicas(routers):
     a, b, _ = routers
     turns = []
     for index, (router, route) in enumerate([(a, "one"), (b, "two"), (a, "two"), (b, "one")]):
-        summary = ask(router, f"turn {index}", route, "shared-session", client=f"session-{index}")
+        summary = ask(router, f"turn {index}", route, "shared-session", client="session-owner")  # 4 = the burst
         assert summary.session_id == "shared-session" and summary.session_warning == ""
         turns.append(summary)
     # Each replica's model saw every earlier turn, whichever replica recorded it: the prompt grows.
@@ -99,7 +105,7 @@ def test_a_rate_limit_holds_for_both_replicas_together(routers):
     for index in range(16):  # alternating replicas, faster than 2/s: the burst, plus at most a token or two
         try:
             (a, b)[index % 2].Route(router_pb2.RouteRequest(text="hi", route="one"),
-                                    metadata=(("x-mirador-client", "one-client"),), timeout=10)
+                                    metadata=(("x-mirador-client", "one-client"), AUTH), timeout=10)
             admitted += 1
         except grpc.RpcError as exc:
             refused.append((exc.code(), exc.details()))
@@ -119,5 +125,5 @@ def test_without_redis_a_router_answers_without_history_and_says_so(routers):
     alone = ask(nowhere, "again", "one", "", client="lonely")
     assert second.usage.prompt_tokens == alone.usage.prompt_tokens  # no history was sent along
     for _ in range(BURST + 4):  # rate limits fail open: every call goes through
-        nowhere.Route(router_pb2.RouteRequest(text="hi", route="one"), metadata=(("x-mirador-client", "lonely"),),
+        nowhere.Route(router_pb2.RouteRequest(text="hi", route="one"), metadata=(("x-mirador-client", "lonely"), AUTH),
                       timeout=10)

@@ -2,6 +2,8 @@
 
     MIRADOR_INJECT_CRASH="after-escalation-commit"   # consensus: die once an escalation is committed,
                                                      # before the verdict is sent
+    MIRADOR_INJECT_INTERNAL_ERROR="/mirador.v1.Router/Route"   # any service: these methods fail with an
+                                                     # unexpected exception (what a bug looks like to a client)
 
 Read once at start from the environment, never from the config file, so a production
 config cannot turn it on by accident; logged loudly when set. A name the service does
@@ -18,6 +20,7 @@ from typing import Mapping
 from services.common.logs import log_event
 
 CRASH_ENV_VAR = "MIRADOR_INJECT_CRASH"
+INTERNAL_ERROR_ENV_VAR = "MIRADOR_INJECT_INTERNAL_ERROR"
 log = logging.getLogger("mirador.faults")
 
 
@@ -46,3 +49,18 @@ class CrashPoints:
             log_event(log, "FAULT INJECTION: killing this process", logging.WARNING, service=self.service,
                       point=point, pid=os.getpid())
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InjectedFault(RuntimeError):
+    """The unexpected exception MIRADOR_INJECT_INTERNAL_ERROR raises (it quotes a made-up secret,
+    so a test can see that nothing of an exception reaches the client)."""
+
+
+def injected_internal_errors(service: str, environ: Mapping[str, str] = os.environ) -> frozenset[str]:
+    """The methods ("/package.Service/Method") that fail as a bug would, from MIRADOR_INJECT_INTERNAL_ERROR."""
+    value = environ.get(INTERNAL_ERROR_ENV_VAR, "")
+    methods = frozenset(filter(None, (part.strip() for part in value.split(","))))
+    if methods:
+        log_event(log, "FAULT INJECTION ACTIVE: these methods fail with an unexpected error", logging.WARNING,
+                  service=service, methods=sorted(methods))
+    return methods

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import uuid
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +30,7 @@ from services.common import telemetry
 from services.common.config import ConfigError, MiradorConfig, SecurityConfig, load_config
 from services.common.settings import ServiceSettings
 from services.common.errors import InvalidArgument, ServiceError
+from services.common.faults import InjectedFault, injected_internal_errors
 from services.common.interceptors import HandlerInterceptor
 from services.common.logs import configure_logging, log_event
 from services.common.reload import ConfigReloader
@@ -80,6 +82,7 @@ class ErrorMappingInterceptor(HandlerInterceptor):
 
     def __init__(self, service: str):
         self.service = service
+        self.injected = injected_internal_errors(service)  # fault injection for tests; empty otherwise
 
     def wrap_deserializer(self, deserializer):
         """Lets undecodable bytes reach the handler wrapper, which answers INVALID_ARGUMENT
@@ -91,7 +94,7 @@ class ErrorMappingInterceptor(HandlerInterceptor):
             try:
                 return deserializer(data)
             except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others
-                return _UndecodableRequest(repr(exc))
+                return _UndecodableRequest(str(exc) or type(exc).__name__)
 
         return deserialize
 
@@ -99,6 +102,7 @@ class ErrorMappingInterceptor(HandlerInterceptor):
         async def unary(request, context):
             try:
                 _reject_undecodable(request, method)
+                self._inject(method)
                 return await behaviour(request, context)
             except Exception as exc:  # noqa: BLE001 - every error becomes a status
                 await self._abort(context, exc, method)
@@ -109,6 +113,7 @@ class ErrorMappingInterceptor(HandlerInterceptor):
         async def stream(request, context):
             try:
                 _reject_undecodable(request, method)
+                self._inject(method)
                 async with contextlib.aclosing(behaviour(request, context)) as responses:
                     async for response in responses:
                         yield response
@@ -117,6 +122,10 @@ class ErrorMappingInterceptor(HandlerInterceptor):
 
         return stream
 
+    def _inject(self, method: str) -> None:
+        if method in self.injected:
+            raise InjectedFault(f"injected fault in {method}: secret=/etc/mirador/hunter2 at 0x7f00dead")
+
     async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
@@ -124,9 +133,15 @@ class ErrorMappingInterceptor(HandlerInterceptor):
             await context.abort(exc.code, _bounded(exc.message))
         if isinstance(exc, grpc.aio.AioRpcError):
             await context.abort(exc.code(), _bounded(f"{exc.details()}"))
-        log_event(log, "unhandled error", logging.ERROR, method=method, error=repr(exc))
-        log.debug("traceback", exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL, _bounded(f"{self.service} failed on {method}: {exc!r}; see its log"))
+        # The caller gets a sentence and an id, never the exception (it may quote internals); the
+        # log line with the same id has the exception and its traceback.
+        error_id = uuid.uuid4().hex[:16]
+        log.error("unhandled error", exc_info=exc,
+                  extra={"fields": {"method": method, "error_id": error_id, "error": repr(exc)[:500]}})
+        await context.abort(grpc.StatusCode.INTERNAL,
+                            f"the {self.service} failed on {method} because of a fault of its own, not of this request "
+                            f"(error id {error_id}); retry, and if it happens again report the id: the {self.service}'s "
+                            "log has the details under it")
 
 
 # A status message travels percent-encoded in a header; past the client's metadata limit (16 KiB)

@@ -54,6 +54,10 @@ def rate(reader: "YamlReader", node: yaml.Node, key: str) -> float | None:
     return reader.rate(node, key)
 
 
+def boolean(reader: "YamlReader", node: yaml.Node, key: str) -> bool | None:
+    return reader.boolean(node, key)
+
+
 def names(reader: "YamlReader", node: yaml.Node, key: str) -> tuple[str, ...] | None:
     return reader.names(node, key)
 

@@ -13,7 +13,8 @@ The schema is versioned (`MIGRATIONS`, one entry per step and dialect, recorded 
 other process migrates in at the same time.
 
 Votes, messages and verdicts are stored as JSON (the servicer converts its messages to
-plain dicts); resolved cases are kept for audit.
+plain dicts); resolved cases are kept for audit, for good or until `purge_resolved` deletes
+those resolved before a cut-off (`services.consensus.escalation_retention_days`).
 
 Why one module of ~510 lines: the queries are written once for both backends, and the schema,
 its migrations and the store that runs them are one contract; escalations_pg.py holds only what
@@ -410,6 +411,14 @@ class EscalationStore:
                        "WHERE route = ?", (int(override), record.route))
             row = db.execute("SELECT * FROM escalations WHERE id = ?", (escalation_id,)).fetchone()
         return _record(row)
+
+    def purge_resolved(self, older_than_s: float, now: float | None = None) -> int:
+        """Deletes the cases resolved more than `older_than_s` ago (their conversations, votes and
+        resolutions); pending cases are never deleted, and the counters keep counting them.
+        Returns how many were deleted."""
+        cutoff = (time.time() if now is None else now) - older_than_s
+        with self._transaction() as db:
+            return db.execute("DELETE FROM escalations WHERE state = ? AND resolved_at < ?", (RESOLVED, cutoff)).rowcount
 
     # ------------------------------------------------------------------ counters
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sqlite3
 
@@ -19,6 +21,7 @@ from services.consensus.escalations import EscalationStore, SqliteEscalationStor
 from services.consensus.servicer import CRASH_POINTS, ConsensusServicer
 
 log = logging.getLogger("mirador.consensus")
+PURGE_INTERVAL_S = 3600.0  # how often resolved cases past their retention are deleted (also at start)
 
 
 def open_escalation_store(config: MiradorConfig) -> EscalationStore:
@@ -59,6 +62,7 @@ class ConsensusService(MiradorService):
         self.servicer = ConsensusServicer(config, store=open_escalation_store(config),
                                           crash_points=CrashPoints.from_environment(self.name, CRASH_POINTS))
         self.channel: grpc.aio.Channel | None = None
+        self.purging: asyncio.Task | None = None  # deletes resolved cases past their retention
 
     @property
     def grpc_service_names(self) -> list[str]:
@@ -70,6 +74,22 @@ class ConsensusService(MiradorService):
     async def on_start(self) -> None:
         self.channel = model_host_channel(self.config.services.model_host_targets, self.config.security)
         self.servicer.model_host = model_host_pb2_grpc.ModelHostStub(self.channel)
+        days = self.config.services.consensus.escalation_retention_days
+        if days:
+            self.purging = asyncio.create_task(self._purge_resolved(days), name="escalation retention")
+
+    async def _purge_resolved(self, days: int) -> None:
+        """Deletes the cases resolved more than `days` ago, now and every PURGE_INTERVAL_S; a database
+        that does not answer is logged and tried again at the next round (calls are not affected)."""
+        while True:
+            try:
+                deleted = await asyncio.to_thread(self.servicer.store.purge_resolved, days * 86_400.0)
+                log_event(log, "resolved escalations past their retention deleted", retention_days=days,
+                          deleted=deleted)
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log_event(log, "escalation retention: purge failed, retried in an hour", logging.WARNING,
+                          error=str(exc)[:300])
+            await asyncio.sleep(PURGE_INTERVAL_S)
 
     async def on_config_reload(self, new_config: MiradorConfig) -> None:
         """The review queue's database is opened once: a reload that moves it needs a restart."""
@@ -82,6 +102,10 @@ class ConsensusService(MiradorService):
             log_event(log, "config reload: restart the consensus to apply these changes", logging.WARNING, keys=moved)
 
     async def on_stop(self) -> None:
+        if self.purging is not None:
+            self.purging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.purging
         if self.channel is not None:
             await self.channel.close()
         if self.servicer.store is not None:

@@ -43,7 +43,6 @@ from starlette.routing import Route
 from services.common import telemetry
 from services.common.channels import open_channel
 from services.common.config import MiradorConfig
-from services.common.logs import log_event
 from services.gateway import requests as openai_requests
 from services.gateway import review
 from services.gateway.answers import Answer, completion_logprobs, token_logprob
@@ -450,12 +449,17 @@ async def _review_error(request: Request, exc: ReviewError) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log_event(log, "unexpected error", logging.ERROR, path=request.url.path, error=repr(exc)[:500])
+    # The client gets a sentence and an id, never the exception; the log line with the id has the traceback.
+    error_id = uuid.uuid4().hex[:16]
+    log.error("unexpected error", exc_info=exc,
+              extra={"fields": {"path": request.url.path, "error_id": error_id, "error": repr(exc)[:500]}})
     if _is_review_page(request):
         return review.error_page(request, ReviewError(500, "Something went wrong", "The review page failed "
-                                                      "unexpectedly (the gateway logged it); retry, and report it if "
-                                                      "it persists."))
-    return GatewayError(500, "the gateway failed unexpectedly (logged); retry, and report it if it persists").response()
+                                                      f"unexpectedly (error id {error_id}, in the gateway's log); "
+                                                      "retry, and report the id if it persists."))
+    return GatewayError(500, f"the gateway failed because of a fault of its own, not of this request (error id "
+                             f"{error_id}); retry, and if it happens again report the id: the gateway's log has the "
+                             "details under it").response()
 
 
 def build_app(config: MiradorConfig) -> Starlette:

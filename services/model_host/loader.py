@@ -37,6 +37,7 @@ def default_optimized_cache() -> Path:
 class SessionSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per core)
+    thread_spinning: bool = False  # idle intra-op threads spin before sleeping (see ModelHostSettings)
     optimized_cache: Path | None = None  # None = do not keep optimised graphs
     # Fault injection only (faults.py): called with the model's name once its session exists and
     # its optimised graph is written but not yet moved into the cache.
@@ -86,6 +87,7 @@ def create_session(manifest: ModelManifest, settings: SessionSettings) -> ort.In
 def _options(settings: SessionSettings) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.thread_spinning else "0")
     options.log_severity_level = 3  # warnings about optimised-graph portability are handled by the cache key
     return options
 

@@ -48,6 +48,7 @@ class ModelHostService(MiradorService):
         session_settings = SessionSettings(
             providers=settings.execution_providers,
             intra_op_threads=settings.intra_op_threads,
+            thread_spinning=settings.thread_spinning,
             optimized_cache=default_optimized_cache(),
             during_load=faults.during_load if faults.load_delays else None,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from services.common.settings import ServiceSettings, choice, fraction, names, seconds, setting, whole
+from services.common.settings import ServiceSettings, boolean, choice, fraction, names, seconds, setting, whole
 
 
 @dataclass(frozen=True)
@@ -12,6 +12,10 @@ class ModelHostSettings(ServiceSettings):
     memory_budget_mb: int = setting(0, whole(0))  # 0 = no budget
     execution_providers: tuple[str, ...] = setting(("CPUExecutionProvider",), names)
     intra_op_threads: int = setting(0, whole(0))  # ONNX Runtime threads per session; 0 = one per core
+    # Whether ONNX Runtime's idle worker threads spin before they sleep. Off: a host runs several
+    # sessions at once (engines, Embed batches, Scores) beside the other services, and spinning
+    # threads take the cores the others wait for (bench/thread_spinning.py measures both).
+    thread_spinning: bool = setting(False, boolean)
     max_batch_size: int = setting(16, whole(1))  # dynamic batching of Embed calls; 1 = off
     max_queue_delay_ms: int = setting(2, whole(0))  # how long a batch waits for more calls
     # how often idle warm/cold models are checked against keep_alive

@@ -5,8 +5,9 @@
         rate_limit_per_client: 20   # requests per second, sustained; 0 = no limit
         rate_limit_burst: 40        # bucket size; 0 = one second's worth (max(1, rate))
 
-A client is the value of its `x-mirador-client` metadata, else its peer IP address
-(without the port, so reconnecting does not reset a bucket). A call that finds its
+A client is the caller's identity (identity.py): its bearer token (or the client a token
+holder names), else its peer IP address without the port. Never metadata a caller picks
+without a token. A call that finds its
 client's bucket empty gets RESOURCE_EXHAUSTED naming the limit and when a token
 will be there again (also in the `retry-after-ms` trailing metadata).
 
@@ -26,30 +27,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 from services.common.errors import ResourceExhausted, Unavailable
+from services.router.identity import CallerIdentity
 from services.router.redis_link import RedisDown, RedisLink
 
-CLIENT_METADATA_KEY = "x-mirador-client"
 RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 MAX_CLIENTS = 10_000
-MAX_CLIENT_ID_CHARS = 128
 
 
 def client_of(context) -> str:
-    """`x-mirador-client` metadata, else the peer's address without its port."""
-    try:
-        for key, value in context.invocation_metadata() or ():
-            if key == CLIENT_METADATA_KEY and isinstance(value, str) and value.strip():
-                return value.strip()[:MAX_CLIENT_ID_CHARS]
-    except Exception:  # noqa: BLE001 - no metadata: fall back to the peer
-        pass
-    try:
-        peer = context.peer() or ""
-    except Exception:  # noqa: BLE001
-        peer = ""
-    # "ipv4:127.0.0.1:5432", "ipv6:[::1]:5432", "unix:/path"
-    if peer.startswith(("ipv4:", "ipv6:")):
-        return peer.partition(":")[2].rpartition(":")[0] or peer
-    return peer or "unknown"
+    """The caller's identity without a bearer token: its peer address (identity.py)."""
+    return CallerIdentity()(context)
 
 
 @dataclass
@@ -111,12 +98,13 @@ class RateLimiter:
         error.retry_after_ms = max(1, math.ceil(retry_after_s * 1000))
         raise error
 
-    def admit(self, context) -> None:
-        """`check` for the caller of this call; on refusal also sets the `retry-after-ms` trailing metadata."""
+    def admit(self, context, client: str | None = None) -> None:
+        """`check` for the caller of this call (`client`: its identity, else its peer address); on
+        refusal also sets the `retry-after-ms` trailing metadata."""
         if not self.enabled:
             return
         try:
-            self.check(client_of(context))
+            self.check(client if client is not None else client_of(context))
         except ResourceExhausted as error:
             try:
                 context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(error.retry_after_ms)),))

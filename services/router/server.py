@@ -19,6 +19,7 @@ from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
 from services.router.fallback import Breakers
 from services.router.placement import ModelHosts, uses_placement
+from services.router.identity import CallerIdentity
 from services.router.rate_limit import RateLimiter, RedisRateLimiter
 from services.router.redis_link import RedisLink
 from services.router.rollout_control import RolloutControlServicer
@@ -54,6 +55,8 @@ class RouterService(MiradorService):
         self.redis = RedisLink(config.state) if config.state.uses_redis else None
         self.servicer = SessionWarningRouterServicer(self.routes, self._sessions(), Breakers(), self.rollouts)
         self.servicer.rate_limiter = self._rate_limiter(config)
+        # with a bearer token, callers are known by it; without one, by their address (identity.py)
+        self.servicer.identify = CallerIdentity(config.security.bearer_token)
         self.servicer.fleet = config.fleet
         self.model_host_channel: grpc.aio.Channel | None = None
         self.model_hosts: ModelHosts | None = None  # with placement: every host, and what each holds

@@ -19,6 +19,7 @@ from services.common.config import ModelSpec, RouteSpec
 from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.validation import require_messages, require_sampling, require_text
 from services.router.fallback import RETRYABLE, Breakers
+from services.router.identity import CallerIdentity
 from services.router.rate_limit import RateLimiter
 from services.router.rollouts import Outcome, Plan, Rollouts
 from services.router.routing import RouteTable
@@ -70,17 +71,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.model_host: model_host_pb2_grpc.ModelHostStub | None = None  # set on start
         self.consensus: consensus_pb2_grpc.ConsensusStub | None = None  # set on start
         self.rate_limiter: RateLimiter | None = None  # per-client limits (rate_limit.py); None = none
+        self.identify = CallerIdentity()  # who calls (identity.py): rate limits and sessions count by it
         self.fleet: dict[str, ModelSpec] = {}  # for requests that name a model (AskRequest.model, Embed)
 
     async def Route(self, request: router_pb2.RouteRequest, context) -> router_pb2.RouteDecision:
         if self.rate_limiter is not None:
-            self.rate_limiter.admit(context)
+            self.rate_limiter.admit(context, self.identify(context))
         require_text(request.text, "text")
         return await self.routes.decide(request.text, request.route, timeout_s=context.time_remaining())
 
     async def Embed(self, request: model_host_pb2.EmbedRequest, context) -> model_host_pb2.EmbedResponse:
         if self.rate_limiter is not None:
-            self.rate_limiter.admit(context)
+            self.rate_limiter.admit(context, self.identify(context))
         self._fleet_model(request.model, "embedding")
         remaining = context.time_remaining()
         try:
@@ -99,8 +101,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise InvalidArgument(f"model `{name}` does {spec.task}, not {task}; use one of: {known}")
         return spec
 
-    def _conversation(self, request: router_pb2.AskRequest) -> tuple[list[common_pb2.ChatMessage], str]:
-        """Validates the request's input; returns its turns (session history included) and the text to route by."""
+    def _conversation(self, request: router_pb2.AskRequest, caller: str) -> tuple[list[common_pb2.ChatMessage], str]:
+        """Validates the request's input; returns its turns (the history of `caller`'s session included)
+        and the text to route by."""
         given = [name for name in ("text", "messages", "prompt") if getattr(request, name)]
         if len(given) > 1:
             raise InvalidArgument(f"set one of `text`, `messages` or `prompt`, not {' and '.join(given)}")
@@ -117,7 +120,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         require_text(request.text, "text")
         if request.session_id:
             self.sessions.validate_id(request.session_id)
-            return chat([*self.sessions.history(request.session_id), ("user", request.text)]), request.text
+            return chat([*self.sessions.history(request.session_id, caller), ("user", request.text)]), request.text
         return chat([("user", request.text)]), request.text
 
     def _model_decision(self, request: router_pb2.AskRequest) -> router_pb2.RouteDecision:
@@ -128,9 +131,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                         reason=router_pb2.ROUTE_REASON_EXPLICIT)
 
     async def Ask(self, request: router_pb2.AskRequest, context):
+        caller = self.identify(context)
         if self.rate_limiter is not None:
-            self.rate_limiter.admit(context)
-        messages, routing_text = self._conversation(request)
+            self.rate_limiter.admit(context, caller)
+        messages, routing_text = self._conversation(request, caller)
         require_sampling(request.sampling)
         received = time.perf_counter()
         if request.model:
@@ -179,7 +183,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if not answered.done():
                 answered.set_result((summary.model, summary.text) if summary is not None else None)
         if request.session_id and summary is not None:
-            self.sessions.record(request.session_id, request.text, summary.text)
+            self.sessions.record(request.session_id, request.text, summary.text, caller)
 
     # ------------------------------------------------------------------ one model, with fallbacks
 

@@ -3,7 +3,10 @@ answered by a different model. Bounded: per session (turns and characters),
 in number of sessions (least recently used goes first) and in time (TTL).
 
 In process by default (`SessionStore`); in Redis when `state.redis_url` is set
-(`RedisSessionStore`), so every router replica continues every session."""
+(`RedisSessionStore`), so every router replica continues every session.
+
+A session belongs to the caller that started it (its identity, services/router/identity.py):
+another caller naming the same id is refused with PERMISSION_DENIED, never shown its turns."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, PermissionDenied
 from services.router.redis_link import RedisDown, RedisLink
 
 MAX_SESSION_ID_LENGTH = 128
@@ -24,6 +27,14 @@ MAX_SESSION_ID_LENGTH = 128
 class Session:
     turns: list[tuple[str, str]] = field(default_factory=list)  # (role, content)
     last_used: float = 0.0
+    owner: str = ""  # the identity of the caller that started it
+
+
+def not_yours(session_id: str) -> PermissionDenied:
+    return PermissionDenied(
+        f"session `{session_id}` was started by another client: a session belongs to the client that started it "
+        "(its bearer token, or its address without one) and no other can read or continue it; start a session "
+        "with a new `session_id`")
 
 
 class SessionStore:
@@ -41,13 +52,20 @@ class SessionStore:
         if len(session_id) > MAX_SESSION_ID_LENGTH or not session_id.isprintable():
             raise InvalidArgument(f"`session_id` must be at most {MAX_SESSION_ID_LENGTH} printable characters")
 
-    def history(self, session_id: str) -> list[tuple[str, str]]:
+    def history(self, session_id: str, owner: str = "") -> list[tuple[str, str]]:
+        """The session's turns; PermissionDenied when another caller (`owner`) started it."""
         self._expire()
         session = self._sessions.get(session_id)
+        if session is not None and session.owner != owner:
+            raise not_yours(session_id)
         return list(session.turns) if session else []
 
-    def record(self, session_id: str, user: str, assistant: str) -> None:
-        session = self._sessions.pop(session_id, None) or Session()
+    def record(self, session_id: str, user: str, assistant: str, owner: str = "") -> None:
+        """Appends one exchange; a session another caller started in the meantime is left alone."""
+        session = self._sessions.get(session_id)
+        if session is not None and session.owner != owner:
+            return
+        session = self._sessions.pop(session_id, None) or Session(owner=owner)
         session.turns += [("user", user), ("assistant", assistant)]
         session.turns = session.turns[-self.max_turns :]
         while sum(len(content) for _, content in session.turns) > self.max_chars and len(session.turns) > 2:
@@ -75,12 +93,19 @@ class SessionStore:
 _HISTORY_MISSING: contextvars.ContextVar[str] = contextvars.ContextVar("session_history_missing", default="")
 
 # Appends one exchange and applies the same bounds as SessionStore.record, atomically (two
-# replicas recording turns of one session at once both keep theirs). Turns are
-# [role, content, characters]: Lua counts bytes, the bound counts characters.
+# replicas recording turns of one session at once both keep theirs). The value is
+# {owner, turns}; turns are [role, content, characters]: Lua counts bytes, the bound counts
+# characters. A session another caller owns is left alone (returns -1).
 _RECORD = """
 local raw = redis.call('GET', KEYS[1])
 local turns = {}
-if raw then turns = cjson.decode(raw) end
+if raw then
+  local ok, stored = pcall(cjson.decode, raw)
+  if ok and type(stored) == 'table' and stored.owner ~= nil then
+    if stored.owner ~= ARGV[8] then return -1 end
+    if type(stored.turns) == 'table' then turns = stored.turns end
+  end
+end
 table.insert(turns, {'user', ARGV[1], tonumber(ARGV[2])})
 table.insert(turns, {'assistant', ARGV[3], tonumber(ARGV[4])})
 local max_turns, max_chars = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -92,7 +117,7 @@ while chars > max_chars and #turns > 2 do
   table.remove(turns, 1)
   table.remove(turns, 1)
 end
-redis.call('SET', KEYS[1], cjson.encode(turns), 'PX', ARGV[7])
+redis.call('SET', KEYS[1], cjson.encode({owner = ARGV[8], turns = turns}), 'PX', ARGV[7])
 return #turns
 """
 
@@ -111,7 +136,7 @@ class RedisSessionStore(SessionStore):
     def _key(self, session_id: str) -> str:
         return self.link.key("session", session_id)
 
-    def history(self, session_id: str) -> list[tuple[str, str]]:
+    def history(self, session_id: str, owner: str = "") -> list[tuple[str, str]]:
         _HISTORY_MISSING.set("")
         try:
             raw = self.link.call("sessions", lambda client: client.get(self._key(session_id)))
@@ -120,17 +145,24 @@ class RedisSessionStore(SessionStore):
             _HISTORY_MISSING.set(f"answered without the session's earlier turns: {down}")
             return []
         try:
-            turns = json.loads(raw) if raw else []
-            return [(str(role), str(content)) for role, content, *_ in turns] if isinstance(turns, list) else []
-        except (ValueError, TypeError):  # not ours (a stray key under our prefix): start afresh
+            stored = json.loads(raw) if raw else {}
+        except ValueError:  # not ours (a stray key under our prefix): start afresh
+            return []
+        if not isinstance(stored, dict) or "owner" not in stored:  # not ours, or an older format: start afresh
+            return []
+        if stored["owner"] != owner:
+            raise not_yours(session_id)
+        try:
+            return [(str(role), str(content)) for role, content, *_ in stored.get("turns") or []]
+        except (ValueError, TypeError):
             return []
 
-    def record(self, session_id: str, user: str, assistant: str) -> None:
+    def record(self, session_id: str, user: str, assistant: str, owner: str = "") -> None:
         try:
             self.link.call("sessions", lambda client: self._record(
                 keys=[self._key(session_id)],
                 args=[user, len(user), assistant, len(assistant), self.max_turns, self.max_chars,
-                      max(1, int(self.ttl_s * 1000))], client=client))
+                      max(1, int(self.ttl_s * 1000)), owner], client=client))
         except RedisDown:
             self.link.count_unavailable("sessions", "turn_not_recorded")
 
