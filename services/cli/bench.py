@@ -78,6 +78,8 @@ BENCHES = [
                      "(first token and inter-token p50), on the real fleet and on a tiny model"),
     Bench("batched_prefill", "whether prefills batched across requests (Score calls of one fan-out) pay on this "
                              "machine: ms per prompt at batch 1/2/4"),
+    Bench("thread_spinning", "ONNX Runtime's idle-thread spinning on and off: one session alone and two at once "
+                             "(decode + embed, two decoders), the model host's own loader and KV slots"),
     Bench("quantizer", "mixed-precision quantization of SmolLM2: size, perplexity, KL, decode speed",
           quick_args=None, no_quick_reason="no short mode: its per-layer sensitivity pass alone takes ~10 minutes "
                                            "here (run it with `--only quantizer`)"),
