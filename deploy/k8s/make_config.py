@@ -53,7 +53,7 @@ services:
     host: 0.0.0.0
     port: 8080
 
-model_repository: /models      # the image carries the fleet (`mirador fleet build` at image build time)
+model_repository: /models      # shared volume (models-volume.yaml): seeded from the image's /opt/mirador/models, written by the quantizer
 
 # Replicas share their state (docs/state.md): the URLs come from the Secret `mirador-state`
 # (keys database-url, redis-url) as environment variables of the consensus and router pods.
