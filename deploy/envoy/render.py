@@ -125,14 +125,15 @@ def _cluster(name: str, endpoints: list[Address], service_name: str, health_inte
 
 def envoy_config(
     model_hosts: list[Address],
-    router: Address | None = None,
+    router: Address | list[Address] | None = None,
     listen: Address = ("127.0.0.1", 8080),
     admin: Address = ("127.0.0.1", 9901),
     health_interval_s: float = 1.0,
     per_try_timeout_s: float = 1.0,
     retries: int = 3,
 ) -> dict:
-    """The whole Envoy bootstrap config as a dict."""
+    """The whole Envoy bootstrap config as a dict. `router` is one address, or the addresses of
+    router replicas (balanced round robin like the model hosts; they share their state: docs/state.md)."""
     if not model_hosts:
         raise ValueError("at least one model host is needed")
     model_host_routes = [
@@ -162,7 +163,8 @@ def envoy_config(
             "route": {"cluster": "router", "timeout": "0s",
                       "retry_policy": _retry_policy("connect-failure,refused-stream", retries, None)},
         })
-        clusters.append(_cluster("router", [router], ROUTER_SERVICE, health_interval_s))
+        routers = [router] if isinstance(router, tuple) else list(router)
+        clusters.append(_cluster("router", routers, ROUTER_SERVICE, health_interval_s))
     http_connection_manager = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "mirador",
