@@ -185,7 +185,10 @@ class ModelRegistry:
 
     def promoted(self) -> set[str]:
         """Models the tier policy treats as hot now because they are used most (none with `static`)."""
-        return self.tiers.promoted(self.records.values(), self.needed_bytes, self.budget_bytes, self.clock())
+        return self.tiers.promoted(self._in_memory(), self.needed_bytes, self.budget_bytes, self.clock())
+
+    def _in_memory(self) -> list[ModelRecord]:
+        return [r for r in self.records.values() if r.state in (State.READY, State.LOADING)]
 
     def record(self, name: str) -> ModelRecord:
         return self.records[name]
@@ -283,7 +286,7 @@ class ModelRegistry:
             return
         candidates = self.tiers.eviction_order(
             (r for r in self.records.values() if r.state == State.READY and not r.pinned and r.in_flight == 0),
-            self.records.values(), self.needed_bytes, self.budget_bytes, self.clock())
+            self._in_memory(), self.needed_bytes, self.budget_bytes, self.clock())
         reclaimable = sum(r.loaded_bytes for r in candidates)
         if needed > free + reclaimable:
             raise ResourceExhausted(
@@ -362,12 +365,14 @@ class ModelRegistry:
     @contextlib.asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[ModelRecord]:
         """Marks a call in flight on a loaded model (so it is not evicted) for the block's duration."""
+        # Counted before the load, so that a model loaded for this call does not look unused to
+        # loads that follow while it waits for its turn.
+        self.tiers.record_use(name, self.clock())
         record = await self.ensure_loaded(name)
         while record.state != State.READY:  # evicted between its load and our turn: load again
             record = await self.ensure_loaded(name)
         record.in_flight += 1
         record.requests_total += 1
-        self.tiers.record_use(name, self.clock())
         try:
             yield record
         finally:

@@ -5,11 +5,13 @@
   whatever was not used in the last moments, however often it is used.
 - `usage`: the most-used models become hot by themselves. Each model's calls are counted with
   exponential decay (`usage_half_life_s`), so the count follows what is used now. A model whose
-  decayed count reaches `promote_after_calls` is *promoted*, the most used first, until promoted
-  models would hold more than `promote_share` of the budget (the rest stays for everything else).
+  decayed count reaches `promote_after_calls` is *promoted* (of the models in memory), the most used
+  first, until promoted models would hold more than `promote_share` of the budget (the rest stays
+  for everything else). Counts are per host: a model served elsewhere now counts there.
   A promoted model is evicted only after every unpromoted one, and is not unloaded for idleness
   while it stays promoted. Among unpromoted models the least used go first (then the least
-  recently used), so a one-off load evicts another one-off rather than a model in steady use.
+  recently used), so a one-off load evicts another one-off rather than a model in steady use. A
+  call is counted when it arrives, before any load, so a model loaded for it is not the next victim.
   Evicting by count rather than recency is what keeps a hit rate near the share of calls of the
   models that fit when requests are independent draws from a skewed distribution (Zipf).
 
