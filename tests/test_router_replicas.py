@@ -127,3 +127,49 @@ def test_without_redis_a_router_answers_without_history_and_says_so(routers):
     for _ in range(BURST + 4):  # rate limits fail open: every call goes through
         nowhere.Route(router_pb2.RouteRequest(text="hi", route="one"), metadata=(("x-mirador-client", "lonely"), AUTH),
                       timeout=10)
+
+
+def test_a_hung_redis_never_stalls_the_router_event_loop(tmp_path):
+    """Redis that accepts connections and never answers (a listening socket nobody reads):
+    each rate-limit check waits its redis_timeout_ms (1 s) on the link's threads, so while one
+    does, the same router answers a health check at once; the call itself is admitted after
+    the timeout (rate_limit_without_redis: open). On the event loop, the check would wait 1 s."""
+    import socket
+    import threading
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    try:
+        path = write_config(tmp_path, service_extra={"router": "rate_limit_per_client: 5"}, body=ROUTES.split("security:")[0])
+        config = replica_config(path, "hung", redis_url=f"redis://127.0.0.1:{hung.getsockname()[1]}/0",
+                                redis_timeout_ms=1000)
+        mesh = Mesh(config, log_dir=tmp_path / "logs", services=("router",))
+        mesh.start(timeout_s=60)
+        try:
+            with grpc.insecure_channel(config.services.router.address) as channel:
+                router, health = router_pb2_grpc.RouterStub(channel), health_pb2_grpc.HealthStub(channel)
+                health.Check(health_pb2.HealthCheckRequest(), timeout=10)  # the channel is connected
+                outcome = {}
+
+                def route():
+                    started = time.monotonic()
+                    router.Route(router_pb2.RouteRequest(text="hi", route="one"), timeout=10)
+                    outcome["route_s"] = time.monotonic() - started
+
+                caller = threading.Thread(target=route)
+                caller.start()
+                time.sleep(0.3)  # the check is waiting on the hung Redis now
+                started = time.monotonic()
+                health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                health_s = time.monotonic() - started
+                caller.join(15)
+            assert outcome.get("route_s", 0) >= 0.9, outcome  # it did wait for Redis, then was let through
+            assert health_s < 0.4, health_s  # the loop was free meanwhile
+        finally:
+            mesh.stop()
+    finally:
+        hung.close()

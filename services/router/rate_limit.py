@@ -106,11 +106,19 @@ class RateLimiter:
         try:
             self.check(client if client is not None else client_of(context))
         except ResourceExhausted as error:
-            try:
-                context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(error.retry_after_ms)),))
-            except Exception:  # noqa: BLE001 - the message says it too
-                pass
+            _retry_after(context, error)
             raise
+
+    async def admit_async(self, context, client: str) -> None:
+        """`admit`, for the servicer's event loop: in process it is a few arithmetic operations."""
+        self.admit(context, client)
+
+
+def _retry_after(context, error: ResourceExhausted) -> None:
+    try:
+        context.set_trailing_metadata(((RETRY_AFTER_METADATA_KEY, str(error.retry_after_ms)),))
+    except Exception:  # noqa: BLE001 - the message says it too
+        pass
 
 
 # One token bucket per client in a Redis hash, taken from atomically by every router replica.
@@ -168,3 +176,13 @@ class RedisRateLimiter(RateLimiter):
         if int(taken):
             return
         self._refuse(client, float(tokens))
+
+    async def admit_async(self, context, client: str) -> None:
+        """`admit` with the Redis round trip on the link's threads, never on the event loop."""
+        if not self.enabled:
+            return
+        try:
+            await self.link.run(self.check, client)
+        except ResourceExhausted as error:
+            _retry_after(context, error)
+            raise

@@ -8,15 +8,20 @@ dead server costs one timeout per second, not one per call. Each call made witho
 is counted in `mirador_state_redis_unavailable_total{use, outcome}`; going down and coming
 back are logged once each.
 
-The calls are synchronous: a local Redis answers in well under a millisecond, and the
-bound above caps what a sick one can cost the event loop.
+The commands are synchronous (redis-py's client), so the router never runs them on its event
+loop: `run` hands them to a small thread pool of this link's own, and a slow or hung Redis
+holds one of those threads for at most `redis_timeout_ms` while the loop keeps serving
+(health checks, calls without a session, streams in flight).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import redis
@@ -30,6 +35,9 @@ from services.common.state_settings import StateSettings, redact_url
 
 log = logging.getLogger("mirador.router.redis")
 COOLDOWN_S = 1.0
+# Threads that wait on Redis for the event loop. Each command is bounded by redis_timeout_ms and
+# a failure skips Redis for COOLDOWN_S, so a few suffice; past them, calls queue for a thread.
+REDIS_THREADS = 16
 
 REDIS_UNAVAILABLE = Counter(
     "mirador_state_redis_unavailable",
@@ -59,6 +67,12 @@ class RedisLink:
         self._down_until = 0.0
         self._down_reason = ""
         self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=REDIS_THREADS, thread_name_prefix="redis")
+
+    async def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` (which talks to Redis through `call`) on this link's threads, off the
+        event loop. Context variables do not follow it there: return what the caller needs."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(function, *args))
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -93,4 +107,5 @@ class RedisLink:
         REDIS_UNAVAILABLE.labels(use, outcome).inc()
 
     def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()

@@ -76,13 +76,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def Route(self, request: router_pb2.RouteRequest, context) -> router_pb2.RouteDecision:
         if self.rate_limiter is not None:
-            self.rate_limiter.admit(context, self.identify(context))
+            await self.rate_limiter.admit_async(context, self.identify(context))
         require_text(request.text, "text")
         return await self.routes.decide(request.text, request.route, timeout_s=context.time_remaining())
 
     async def Embed(self, request: model_host_pb2.EmbedRequest, context) -> model_host_pb2.EmbedResponse:
         if self.rate_limiter is not None:
-            self.rate_limiter.admit(context, self.identify(context))
+            await self.rate_limiter.admit_async(context, self.identify(context))
         self._fleet_model(request.model, "embedding")
         remaining = context.time_remaining()
         try:
@@ -101,7 +101,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             raise InvalidArgument(f"model `{name}` does {spec.task}, not {task}; use one of: {known}")
         return spec
 
-    def _conversation(self, request: router_pb2.AskRequest, caller: str) -> tuple[list[common_pb2.ChatMessage], str]:
+    async def _conversation(self, request: router_pb2.AskRequest, caller: str) -> tuple[list[common_pb2.ChatMessage], str]:
         """Validates the request's input; returns its turns (the history of `caller`'s session included)
         and the text to route by."""
         given = [name for name in ("text", "messages", "prompt") if getattr(request, name)]
@@ -120,7 +120,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         require_text(request.text, "text")
         if request.session_id:
             self.sessions.validate_id(request.session_id)
-            return chat([*self.sessions.history(request.session_id, caller), ("user", request.text)]), request.text
+            history = await self.sessions.history_async(request.session_id, caller)
+            return chat([*history, ("user", request.text)]), request.text
         return chat([("user", request.text)]), request.text
 
     def _model_decision(self, request: router_pb2.AskRequest) -> router_pb2.RouteDecision:
@@ -133,8 +134,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Ask(self, request: router_pb2.AskRequest, context):
         caller = self.identify(context)
         if self.rate_limiter is not None:
-            self.rate_limiter.admit(context, caller)
-        messages, routing_text = self._conversation(request, caller)
+            await self.rate_limiter.admit_async(context, caller)
+        messages, routing_text = await self._conversation(request, caller)
         require_sampling(request.sampling)
         received = time.perf_counter()
         if request.model:
@@ -183,7 +184,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if not answered.done():
                 answered.set_result((summary.model, summary.text) if summary is not None else None)
         if request.session_id and summary is not None:
-            self.sessions.record(request.session_id, request.text, summary.text, caller)
+            await self.sessions.record_async(request.session_id, request.text, summary.text, caller)
 
     # ------------------------------------------------------------------ one model, with fallbacks
 

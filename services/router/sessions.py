@@ -75,6 +75,13 @@ class SessionStore:
         while len(self._sessions) > self.max_sessions:
             self._sessions.popitem(last=False)
 
+    async def history_async(self, session_id: str, owner: str = "") -> list[tuple[str, str]]:
+        """`history`, for the servicer's event loop (in process it touches only memory)."""
+        return self.history(session_id, owner)
+
+    async def record_async(self, session_id: str, user: str, assistant: str, owner: str = "") -> None:
+        self.record(session_id, user, assistant, owner)
+
     def _expire(self) -> None:
         cutoff = self.clock() - self.ttl_s
         while self._sessions and next(iter(self._sessions.values())).last_used < cutoff:
@@ -137,25 +144,38 @@ class RedisSessionStore(SessionStore):
         return self.link.key("session", session_id)
 
     def history(self, session_id: str, owner: str = "") -> list[tuple[str, str]]:
-        _HISTORY_MISSING.set("")
+        turns, missing = self._read(session_id, owner)
+        _HISTORY_MISSING.set(missing)
+        return turns
+
+    async def history_async(self, session_id: str, owner: str = "") -> list[tuple[str, str]]:
+        """`history` with the Redis round trip on the link's threads, never on the event loop."""
+        turns, missing = await self.link.run(self._read, session_id, owner)
+        _HISTORY_MISSING.set(missing)  # set here, in the call's own context, for warning()
+        return turns
+
+    async def record_async(self, session_id: str, user: str, assistant: str, owner: str = "") -> None:
+        await self.link.run(self.record, session_id, user, assistant, owner)
+
+    def _read(self, session_id: str, owner: str) -> tuple[list[tuple[str, str]], str]:
+        """(the session's turns, why they are missing: "" unless Redis could not be read)."""
         try:
             raw = self.link.call("sessions", lambda client: client.get(self._key(session_id)))
         except RedisDown as down:
             self.link.count_unavailable("sessions", "answered_without_history")
-            _HISTORY_MISSING.set(f"answered without the session's earlier turns: {down}")
-            return []
+            return [], f"answered without the session's earlier turns: {down}"
         try:
             stored = json.loads(raw) if raw else {}
         except ValueError:  # not ours (a stray key under our prefix): start afresh
-            return []
+            return [], ""
         if not isinstance(stored, dict) or "owner" not in stored:  # not ours, or an older format: start afresh
-            return []
+            return [], ""
         if stored["owner"] != owner:
             raise not_yours(session_id)
         try:
-            return [(str(role), str(content)) for role, content, *_ in stored.get("turns") or []]
+            return [(str(role), str(content)) for role, content, *_ in stored.get("turns") or []], ""
         except (ValueError, TypeError):
-            return []
+            return [], ""
 
     def record(self, session_id: str, user: str, assistant: str, owner: str = "") -> None:
         try:
