@@ -1,7 +1,7 @@
 """A fleet three times what the model hosts can hold: 78 models on 4 model-host processes behind one
 router with placement, under Zipf(1.0) traffic, for three tier policies; then kill -9 of one host.
 
-    python bench/fleet_scale.py [--minutes 10] [--rate 5] [--quick] [--out bench/results]
+    python bench/fleet_scale.py [--minutes 10] [--rate 2] [--quick] [--out bench/results]
 
 The fleet: the real models a router call reaches by name (the SmolLM2 graphs through Ask, minilm-l6
 through Embed; the topic classifiers answer only inside consensus routes, whose model-host calls
@@ -697,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=None, help="minutes of traffic per policy (default 10)")
     parser.add_argument("--kill-minutes", type=float, default=None, help="the kill run's minutes (default 3)")
-    parser.add_argument("--rate", type=float, default=5.0, help="calls per second (Poisson arrivals)")
+    parser.add_argument("--rate", type=float, default=2.0,
+                        help="calls per second (Poisson arrivals; 2 keeps a 2-core machine below saturation)")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the models' popularity")
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens per Ask")
     parser.add_argument("--max-in-flight", type=int, default=48, help="calls at once at most (more are shed)")

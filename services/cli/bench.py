@@ -89,6 +89,8 @@ BENCHES = [
     Bench("memory_growth", "model-host RSS over load/unload/stream rounds, clean and with a leaking control"),
     Bench("soak", "capacity probe, then an open-loop soak at a stated load through the router: "
                   "throughput, latency, errors, RSS, availability"),
+    Bench("fleet_scale", "78 models (73 synthetic) on 4 model hosts holding a third of them, one placing router, "
+                         "Zipf traffic: static tiers vs LRU vs usage-driven promotion, then kill -9 of one host"),
 ]
 
 
