@@ -7,6 +7,7 @@ lifecycle; the real fleet (minilm-l6 + topics-minilm) for the scores and the mem
 model-host process."""
 
 import asyncio
+import json
 import threading
 import time
 
@@ -261,12 +262,16 @@ def test_real_topics_heads_share_one_minilm_and_score_as_the_whole_graph(tmp_pat
     # topics-minilm-b: a second head of the same artefact (the fleet has one minilm specialist);
     # topics-minilm-whole: the same model as one whole graph, the encoder inside it
     config_path = write_config(tmp_path, body=REAL_FLEET)
-    # The two extra names are the same repository model: a repository of links points them at it.
+    # The two extra names are the same repository model: a repository of links points them at its files.
     links = tmp_path / "repo"
     for name, source in (("minilm-l6", "minilm-l6"), ("topics-minilm", "topics-minilm"),
                          ("topics-minilm-b", "topics-minilm"), ("topics-minilm-whole", "topics-minilm")):
-        (links / name).mkdir(parents=True)
-        (links / name / "1").symlink_to(repository.get(source).directory, target_is_directory=True)
+        built = repository.get(source)
+        folder = links / name / built.version
+        folder.mkdir(parents=True)
+        for file in built.files.values():
+            (folder / file).symlink_to(built.directory / file)
+        (folder / "manifest.json").write_text(json.dumps({**built.to_dict(), "name": name}))
     config_path.write_text(config_path.read_text().replace(f"model_repository: {tmp_path / 'models'}",
                                                            f"model_repository: {links}"))
     mesh = Mesh(load_config(config_path), log_dir=tmp_path / "logs", services=("model_host",),
@@ -290,7 +295,7 @@ def test_real_topics_heads_share_one_minilm_and_score_as_the_whole_graph(tmp_pat
             by_head, by_whole = probabilities("topics-minilm"), probabilities("topics-minilm-whole")
             np.testing.assert_allclose(by_head, by_whole, atol=1e-5)
             assert [options[i] for i in by_head.argmax(axis=1)[:5]] == \
-                ["business", "sport", "politics", "entertainment", "tech"]
+                ["business", "sports", "politics", "entertainment", "tech"]
             np.testing.assert_allclose(probabilities("topics-minilm-b"), by_head, atol=1e-6)
             sizes = {m.name: m.memory_bytes / MB
                      for m in stub.ListModels(model_host_pb2.ListModelsRequest(), timeout=5).models}

@@ -104,12 +104,15 @@ class HeadClassifierRuntime(ClassifierRuntime):
         if wanted != has:
             raise ValueError(f"{manifest.reference}: the head was trained on {wanted} embeddings; "
                              f"{encoder.manifest.reference} gives {has}")
-        width = session.get_inputs()[0].shape[-1]
-        probe = encoder.embed(["probe"]).shape[1]
-        if isinstance(width, int) and width != probe:
+        width, gives = session.get_inputs()[0].shape[-1], encoder.session.get_outputs()[0].shape[-1]
+        if isinstance(width, int) and isinstance(gives, int) and width != gives:
             raise ValueError(f"{manifest.reference}: the head reads {width}-d embeddings; "
-                             f"{encoder.manifest.reference} gives {probe}-d")
-        if self.tokenizer.get_vocab() != encoder.tokenizer.get_vocab():
+                             f"{encoder.manifest.reference} gives {gives}-d")
+        if self.tokenizer.to_str() == encoder.tokenizer.to_str():
+            # The same tokenizer, truncation included (the usual case): share the encoder's. A tokenizer is
+            # ~4 MB here, 40x the head's session, so this is most of what a head would cost.
+            self.tokenizer = encoder.tokenizer
+        elif self.tokenizer.get_vocab() != encoder.tokenizer.get_vocab():
             raise ValueError(f"{manifest.reference}: its tokenizer is not {encoder.manifest.reference}'s; "
                              "a head must be trained on its encoder's tokens")
 
