@@ -88,8 +88,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def soak_config(directory: Path, tiny: bool) -> Path:
-    """The default config (or the tiny test fleet) with every service on a free port and no metrics."""
+def soak_config(directory: Path, tiny: bool, overrides: list[str] = ()) -> Path:
+    """The default config (or the tiny test fleet) with every service on a free port and no metrics,
+    and `overrides` (`SERVICE.KEY=VALUE`, VALUE read as YAML) for A/B runs of a setting."""
     if tiny:
         from conftest import write_config
         from services.common.model_repository import ModelRepository
@@ -108,6 +109,12 @@ def soak_config(directory: Path, tiny: bool) -> Path:
         service.update(port=free_port(), metrics_port=0)
         data["services"][name] = service
     data["services"]["consensus"]["escalation_db"] = str(directory / "escalations.sqlite3")
+    for override in overrides:
+        dotted, _, value = override.partition("=")
+        service, _, key = dotted.partition(".")
+        if service not in data["services"] or not key or not value:
+            raise SystemExit(f"--set {override}: write SERVICE.KEY=VALUE, e.g. model_host.thread_spinning=true")
+        data["services"][service][key] = yaml.safe_load(value)
     path = directory / "soak.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -121,7 +128,7 @@ PROBE_MIN_CALLS = 10  # a probe level runs until this many calls started (at mos
 def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="mirador-soak-") as tmp:
         directory = Path(tmp)
-        config = load_config(soak_config(directory, args.tiny))
+        config = load_config(soak_config(directory, args.tiny, args.set))
         missing = [r for r, _ in MIX if r and r not in config.routes]
         if missing:
             raise SystemExit(f"the config lacks routes {missing}")
@@ -365,6 +372,7 @@ def summarise(calls: list[Call], rss, soak_began: float, elapsed: float, rate: f
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "fleet": "tiny test models" if args.tiny else "default fleet (smollm2-135m-instruct-fused-mixed on the generation routes, minilm-l6, ...)",
         "mode": "quick" if args.quick else "full", "max_tokens": args.max_tokens, "deadline_s": args.deadline_s,
+        "settings_overridden": list(args.set),
         "mix": {r or "classified": w for r, w in MIX},
         "capacity": capacity,
         "load": {"arrivals": f"{'Poisson' if args.arrivals == 'poisson' else 'evenly spaced'} arrivals (open loop)",
@@ -392,7 +400,8 @@ def markdown(result: dict, name: str) -> list[str]:
     lat, ftl, load = result["latency_ms"], result["first_token_ms"], result["load"]
     parts = [f"{result['fleet']}; {result['machine']}; load average at start {result['load_average_start'][0]}, "
              f"at end {result['load_average_end'][0]}; max_tokens {result['max_tokens']}, client deadline "
-             f"{result['deadline_s']:g} s; route mix {json.dumps(result['mix'])}."]
+             f"{result['deadline_s']:g} s; route mix {json.dumps(result['mix'])}"
+             + (f"; settings overridden: {', '.join(result['settings_overridden'])}." if result.get("settings_overridden") else ".")]
     capacity = result["capacity"]
     if capacity:
         parts.append(fragment.table(
@@ -517,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-s", type=float, default=2.0, help="RSS sampling interval")
     parser.add_argument("--quick", action="store_true", help="short run: 8 s probe levels, 30 s soak")
     parser.add_argument("--tiny", action="store_true", help="tiny test models instead of the default fleet")
+    parser.add_argument("--set", action="append", default=[], metavar="SERVICE.KEY=VALUE",
+                        help="override a service setting of the default config (repeatable), for A/B runs")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--name", default=None, help="output files NAME.json/.png/.md (default soak, soak-quick with --quick)")
     args = parser.parse_args(argv)
