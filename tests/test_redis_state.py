@@ -236,3 +236,70 @@ def test_the_in_process_limiter_is_unchanged():
     limiter.check("c")
     with pytest.raises(ResourceExhausted):
         limiter.check("c")
+
+
+# --------------------------------------------------------------------------- rollout windows, shared
+
+
+def _rollout_replicas(tmp_path, windows_for):
+    """Two routers' Rollouts of one candidate (min_calls 4, max_error_rate 0.5), each with the
+    windows `windows_for(index)` gives (None = judged on its own calls)."""
+    from conftest import write_config
+    from services.common.config import load_config
+    from services.router.rollouts import RolloutStateFile, Rollouts
+
+    body = ('fleet:\n  lm:\n    task: text-generation\n    version: "1"\n'
+            '    rollout: {version: "2", min_calls: 4, max_error_rate: 0.5, window: 10}\n'
+            'routes:\n  chat: {primary: lm}\n')
+    config = load_config(write_config(tmp_path, body=body))
+    replicas = [Rollouts(config, RolloutStateFile(tmp_path / f"rollouts-{i}.json")) for i in range(2)]
+    for index, replica in enumerate(replicas):
+        windows = windows_for(index)
+        if windows is not None:
+            replica.share_windows(windows)
+    return replicas
+
+
+def _wait_for(predicate, timeout_s=5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_two_routers_fill_one_rollout_window_and_either_rolls_back_for_both_calls(redis_prefix, tmp_path):
+    from services.router.rollout_windows import SharedWindows
+    from services.router.rollouts import Outcome, State
+
+    shared = SharedWindows(link(redis_prefix))
+    a, b = _rollout_replicas(tmp_path, lambda index: shared)
+    for replica in (a, b, a, b):  # two failed candidate calls each: 4 in the shared window
+        replica.record("lm@2", Outcome.FAILED)
+    assert _wait_for(lambda: b.get("lm").state == State.ROLLED_BACK), b.get("lm").window()
+    assert "over the candidate's last 4 calls" in b.get("lm").reason
+    assert a.get("lm").state == State.ACTIVE  # a adopts it through the shared decisions (PostgreSQL), not here
+    assert b.get("lm").window().candidate_calls == 4
+
+
+def test_without_shared_windows_each_router_judges_only_its_own_calls(tmp_path):
+    from services.router.rollouts import Outcome, State
+
+    a, b = _rollout_replicas(tmp_path, lambda index: None)
+    for replica in (a, b, a, b):
+        replica.record("lm@2", Outcome.FAILED)
+    assert a.get("lm").state == b.get("lm").state == State.ACTIVE  # 2 calls each: below min_calls
+    assert a.get("lm").window().candidate_calls == 2
+
+
+def test_with_redis_down_a_router_judges_its_own_calls(tmp_path):
+    from services.router.rollout_windows import SharedWindows
+    from services.router.rollouts import Outcome, State
+
+    before = unavailable("rollouts", "judged_on_own_calls")
+    (a, _) = _rollout_replicas(tmp_path, lambda index: SharedWindows(link("x:", url=NOWHERE, redis_timeout_ms=100)))
+    for _ in range(4):
+        a.record("lm@2", Outcome.FAILED)
+    assert _wait_for(lambda: a.get("lm").state == State.ROLLED_BACK)
+    assert unavailable("rollouts", "judged_on_own_calls") >= before + 1

@@ -9,6 +9,8 @@ its PID and the schema and keys are removed afterwards.
   earlier turn.
 * A client's rate limit of N/s holds for the two together: four threads hammering through
   Envoy for a few seconds are admitted burst + N x elapsed calls, within 10 %.
+* A broken canary is judged on the calls of both routers together (shared windows in Redis):
+  4 failed calls, 2 through each router, reach min_calls 4 and roll it back for both.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import uuid
 import grpc
 import pytest
 import yaml
-from mirador.v1 import common_pb2, router_pb2, router_pb2_grpc
+from mirador.v1 import common_pb2, router_pb2, router_pb2_grpc, rollouts_pb2, rollouts_pb2_grpc
 
 from conftest import free_port, write_config
 from services.cli.supervisor import Mesh
@@ -39,7 +41,7 @@ from state_servers import (
     require_redis,
 )
 from test_load_balancing import envoy_binary, envoy_render
-from tiny_models import build_tiny_decoder, build_tiny_encoder
+from tiny_models import build_tiny_decoder, build_tiny_encoder, write_corrupt_model
 
 RATE, BURST = 20, 5
 TOKEN = "envoy-replicas-token-0123"
@@ -48,8 +50,14 @@ ROUTES = """
 fleet:
   tiny-lm: {task: text-generation, tier: hot}
   tiny-embed: {task: embedding, tier: hot}
+  lm:
+    task: text-generation
+    tier: hot
+    version: "1"
+    rollout: {version: "2", share: 1.0, window: 10, min_calls: 4, max_latency_ratio: 1000}
 routes:
   one: {primary: tiny-lm}
+  canary: {primary: lm, timeout_ms: 20000}
 security:
   auth:
     bearer_token_file: router-token.txt
@@ -96,6 +104,8 @@ def fronted(tmp_path_factory):
     repository = ModelRepository(directory / "models")
     build_tiny_decoder(repository, "tiny-lm", seed=0)
     build_tiny_encoder(repository, "tiny-embed")
+    build_tiny_decoder(repository, "lm", "1", seed=1)
+    write_corrupt_model(repository, "lm", "2")  # a broken candidate: every call to it fails
     (directory / "router-token.txt").write_text(TOKEN)
     path = write_config(directory, body=ROUTES, service_extra={
         "router": f"embedding_model: tiny-embed\nrate_limit_per_client: {RATE}\nrate_limit_burst: {BURST}"})
@@ -217,3 +227,29 @@ def test_a_rate_limit_holds_for_two_routers_behind_envoy_together(fronted):
     assert refused[0] > admitted[0]  # the clients asked for far more than the limit
     assert abs(admitted[0] - expected) <= 0.1 * expected, (admitted[0], expected)
     assert min(shares) >= 0.1 * admitted[0], shares  # both routers admitted calls: the limit is shared
+
+
+def test_a_broken_canary_is_judged_on_both_routers_calls_together(fronted):
+    stub, routers = fronted
+    before = [served(c, "Ask") for c in routers]
+    for _ in range(4):  # round robin: 2 through each router, each below min_calls 4 on its own
+        responses = list(stub.Ask(router_pb2.AskRequest(text="hello", route="canary",
+                                                        sampling=common_pb2.SamplingParams(max_tokens=2)),
+                                  metadata=(("x-mirador-client", "canary-client"), AUTH), timeout=60))
+        assert responses[-1].summary.model == "lm" and responses[-1].summary.fell_back  # lm@2 failed, lm answered
+    shares = [served(c, "Ask") - b for c, b in zip(routers, before)]
+    print(f"canary calls per router: {shares}")
+    assert min(shares) >= 1, shares
+
+    def rollout_on(config):
+        with grpc.insecure_channel(config.services.router.address) as channel:
+            listing = rollouts_pb2_grpc.RolloutsStub(channel).ListRollouts(
+                rollouts_pb2.ListRolloutsRequest(), metadata=(AUTH,), timeout=10)
+        return next(r for r in listing.rollouts if r.model == "lm")
+
+    deadline = time.monotonic() + 10  # judged on the Redis link's threads; adopted through PostgreSQL every 2 s
+    while not all(rollout_on(c).state == rollouts_pb2.ROLLOUT_STATE_ROLLED_BACK for c in routers):
+        assert time.monotonic() < deadline, [rollout_on(c) for c in routers]
+        time.sleep(0.2)
+    reasons = [rollout_on(c).reason for c in routers]
+    assert all("error rate 1.00 over the candidate's last 4 calls" in r for r in reasons), reasons

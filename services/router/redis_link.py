@@ -74,6 +74,15 @@ class RedisLink:
         event loop. Context variables do not follow it there: return what the caller needs."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(function, *args))
 
+    def submit(self, function: Callable[..., Any], *args: Any) -> None:
+        """`function(*args)` on this link's threads, not waited for (rollout judging); its errors are logged."""
+        def run() -> None:
+            try:
+                function(*args)
+            except Exception as exc:  # noqa: BLE001 - a background job: log, never lose the thread
+                log.error("background redis job failed", exc_info=exc)
+        self._executor.submit(run)
+
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 

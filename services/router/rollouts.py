@@ -13,10 +13,10 @@ rolls the model back to its stable version, with the reason recorded. Rolled
 back and promoted states are written to a small JSON file, so a restarted
 router keeps them; promotion is only ever an operator's decision.
 
-One router process judges its own traffic: with several router replicas each
-judges (and may roll back) on its own. With `state.database_url` the decisions live in
-PostgreSQL (rollout_store_pg.py) and every replica adopts the others' (`adopt`), so a
-rollback or a promotion holds for all of them.
+One router process judges its own traffic, unless `state.redis_url` is set: then every
+replica fills and judges the same windows (rollout_windows.py). With `state.database_url`
+the decisions live in PostgreSQL (rollout_store_pg.py) and every replica adopts the others'
+(`adopt`), so a rollback or a promotion holds for all of them.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mirador.v1 import rollouts_pb2 as pb
 from prometheus_client import Counter, Gauge
@@ -40,6 +41,9 @@ from services.common.config import ConfigError, ConfigProblem, MiradorConfig, Ro
 from services.common.errors import FailedPrecondition, NotFound, ServiceError
 from services.common.logs import log_event
 from services.common.paths import state_file
+
+if TYPE_CHECKING:
+    from services.router.rollout_windows import SharedWindows
 
 log = logging.getLogger("mirador.router.rollouts")
 
@@ -116,7 +120,7 @@ class RolloutStateFile:
 
 class Rollout:
     def __init__(self, model: str, stable_version: str, spec: RolloutSpec, saved: dict | None,
-                 rng: random.Random, clock=time.time):
+                 rng: random.Random, clock=time.time, windows: "SharedWindows | None" = None):
         self.model, self.stable_version, self.spec = model, stable_version, spec
         self.candidate = candidate_name(model, spec.version)
         self.rng, self.clock = rng, clock
@@ -126,6 +130,8 @@ class Rollout:
         self.candidate_calls: deque[tuple[bool, float | None]] = deque(maxlen=spec.window)  # (failed, first token ms)
         self.stable_first_token_ms: deque[float] = deque(maxlen=spec.window)
         self.comparisons: deque[bool] = deque(maxlen=spec.window)  # True = disagreed
+        self.windows = windows  # shared with the other router replicas (Redis), or None: this router's own
+        self._lock = threading.RLock()  # shared windows are judged on the Redis link's threads
         self._publish_state()
 
     # ------------------------------------------------------------------ routing
@@ -148,18 +154,37 @@ class Rollout:
         if outcome in (Outcome.IGNORED, Outcome.SHED) or self.state != State.ACTIVE:
             return None
         if role == "candidate":
-            self.candidate_calls.append((outcome == Outcome.FAILED, first_token_ms))
+            shared = self._shared("calls", [outcome == Outcome.FAILED, first_token_ms])
+            with self._lock:
+                _fill(self.candidate_calls, (outcome == Outcome.FAILED, first_token_ms),
+                      None if shared is None else [(bool(failed), ms) for failed, ms in shared])
         elif outcome == Outcome.OK and first_token_ms is not None:
-            self.stable_first_token_ms.append(first_token_ms)
-        return self._judge()
+            shared = self._shared("stable", first_token_ms)
+            with self._lock:
+                _fill(self.stable_first_token_ms, first_token_ms, shared)
+        with self._lock:
+            return self._judge()
 
     def compare(self, stable_text: str, candidate_text: str) -> str | None:
         if self.state != State.ACTIVE:
             return None
-        self.comparisons.append(answers_disagree(stable_text, candidate_text))
-        return self._judge()
+        disagreed = answers_disagree(stable_text, candidate_text)
+        shared = self._shared("comparisons", disagreed)
+        with self._lock:
+            _fill(self.comparisons, disagreed, None if shared is None else [bool(d) for d in shared])
+            return self._judge()
+
+    def _shared(self, kind: str, entry) -> list | None:
+        """The shared window of `kind` with `entry` appended, or None (no Redis, or Redis down)."""
+        if self.windows is None:
+            return None
+        return self.windows.push(self.candidate, kind, entry, self.spec.window)
 
     def window(self) -> pb.RolloutWindow:
+        with self._lock:
+            return self._window()
+
+    def _window(self) -> pb.RolloutWindow:
         calls = len(self.candidate_calls)
         errors = sum(failed for failed, _ in self.candidate_calls)
         candidate_p50 = _median([ms for failed, ms in self.candidate_calls if not failed and ms is not None])
@@ -176,6 +201,8 @@ class Rollout:
 
     def _judge(self) -> str | None:
         w, spec = self.window(), self.spec
+        if self.state != State.ACTIVE:  # another thread judged first
+            return None
         cause = reason = None
         if w.candidate_calls >= spec.min_calls and w.error_rate > spec.max_error_rate:
             cause, reason = "errors", (f"error rate {w.error_rate:.2f} over the candidate's last {w.candidate_calls} calls "
@@ -231,6 +258,15 @@ class Rollout:
         return rollout
 
 
+def _fill(window: deque, entry, shared: list | None) -> None:
+    """The window becomes the shared one when there is one, else gets `entry` appended."""
+    if shared is None:
+        window.append(entry)
+    else:
+        window.clear()
+        window.extend(shared)
+
+
 def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
@@ -243,6 +279,7 @@ class Rollouts:
         self.state_file = state_file
         self.rng = rng or random.Random()
         self.by_model: dict[str, Rollout] = {}
+        self.windows: SharedWindows | None = None  # set by share_windows (state.redis_url)
         self.configure(config)
 
     @classmethod
@@ -283,6 +320,13 @@ class Rollouts:
                           candidate=rollout.candidate, state=state, reason=rollout.reason)
         return changed
 
+    def share_windows(self, windows: "SharedWindows") -> None:
+        """Judges every rollout on the windows all router replicas fill (rollout_windows.py); the
+        Redis round trips of `record` and `compare` then run on the Redis link's threads."""
+        self.windows = windows
+        for rollout in self.by_model.values():
+            rollout.windows = windows
+
     def configure(self, config: MiradorConfig) -> None:
         saved = self.state_file.load()
         rollouts = {}
@@ -294,7 +338,8 @@ class Rollouts:
                 rollouts[name] = current
             else:
                 key = candidate_name(name, spec.rollout.version)
-                rollouts[name] = Rollout(name, spec.version, spec.rollout, saved.get(key), self.rng)
+                rollouts[name] = Rollout(name, spec.version, spec.rollout, saved.get(key), self.rng,
+                                         windows=self.windows)
         self.by_model = rollouts
 
     def plan(self, model: str) -> Plan:
@@ -319,12 +364,28 @@ class Rollouts:
 
     def record(self, model: str, outcome: str, first_token_ms: float | None = None) -> None:
         rollout = self.owner(model)
-        if rollout is not None and rollout.record(model, outcome, first_token_ms) is not None:
+        if rollout is None:
+            return
+        if rollout.windows is not None and outcome not in (Outcome.IGNORED, Outcome.SHED):
+            rollout.windows.link.submit(self._record, rollout, model, outcome, first_token_ms)  # off the event loop
+        else:
+            self._record(rollout, model, outcome, first_token_ms)
+
+    def _record(self, rollout: Rollout, model: str, outcome: str, first_token_ms: float | None) -> None:
+        if rollout.record(model, outcome, first_token_ms) is not None:
             self._save(rollout)
 
     def compare(self, model: str, stable_text: str, candidate_text: str) -> None:
         rollout = self.by_model.get(model)
-        if rollout is not None and rollout.compare(stable_text, candidate_text) is not None:
+        if rollout is None:
+            return
+        if rollout.windows is not None:
+            rollout.windows.link.submit(self._compare, rollout, stable_text, candidate_text)
+        else:
+            self._compare(rollout, stable_text, candidate_text)
+
+    def _compare(self, rollout: Rollout, stable_text: str, candidate_text: str) -> None:
+        if rollout.compare(stable_text, candidate_text) is not None:
             self._save(rollout)
 
     def get(self, model: str) -> Rollout:

@@ -23,6 +23,7 @@ from services.router.identity import CallerIdentity
 from services.router.rate_limit import RateLimiter, RedisRateLimiter
 from services.router.redis_link import RedisLink
 from services.router.rollout_control import RolloutControlServicer
+from services.router.rollout_windows import SharedWindows
 from services.router.rollouts import Rollouts
 from services.router.routing import RouteTable, classified_routes
 from services.router.servicer import RouterServicer
@@ -53,6 +54,8 @@ class RouterService(MiradorService):
         self.routes = self._route_table(config)
         self.rollouts = Rollouts.from_config(config)
         self.redis = RedisLink(config.state) if config.state.uses_redis else None
+        if self.redis is not None:  # every router replica judges the same rollout windows
+            self.rollouts.share_windows(SharedWindows(self.redis))
         self.servicer = SessionWarningRouterServicer(self.routes, self._sessions(), Breakers(), self.rollouts)
         self.servicer.rate_limiter = self._rate_limiter(config)
         # with a bearer token, callers are known by it; without one, by their address (identity.py)
