@@ -20,7 +20,8 @@ class RouterSettings(ServiceSettings):
     model_host_targets: tuple[str, ...] = setting((), targets)
     model_host_balancing: str = setting("auto", choice(MODEL_HOST_BALANCING))
     # Per-client rate limit (token bucket): requests/s each client may send; 0 = off. A client is
-    # its `x-mirador-client` metadata value, else its peer IP. Burst 0 = one second's worth.
+    # its identity (identity.py): its bearer token, or the client a token holder names, else its
+    # peer IP. Burst 0 = one second's worth.
     rate_limit_per_client: float = setting(0.0, rate)
     rate_limit_burst: int = setting(0, whole(0))
     # JSON file keeping rollouts rolled back or promoted across restarts;
