@@ -167,7 +167,7 @@ def test_an_internal_fault_sends_a_sentence_and_an_error_id_never_the_exception(
                                                     "routes:\n  chat: {primary: tiny-lm}\n"))
     services = ("model_host", "consensus", "quantizer", "router", "gateway")
     with started(Mesh(config, log_dir=tmp_path / "logs", services=services,
-                      env={INTERNAL_ERROR_ENV_VAR: ",".join(FAULTY.values()),
+                      env={INTERNAL_ERROR_ENV_VAR: ",".join([*FAULTY.values(), "/v1/models"]),
                            "XDG_CACHE_HOME": str(tmp_path / "cache")})) as mesh:
         for service, method in FAULTY.items():
             error = call_raw(getattr(config.services, service).address, method)
@@ -186,6 +186,14 @@ def test_an_internal_fault_sends_a_sentence_and_an_error_id_never_the_exception(
                            json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         message = reply.json()["error"]["message"]
         assert reply.status_code == 502 and ERROR_ID.search(message) and "hunter2" not in message, reply.text
+        # The gateway's own fault: HTTP 500, a sentence and an id; the gateway's log has the traceback.
+        reply = httpx.get(f"http://{config.services.gateway.address}/v1/models", timeout=30)
+        message = reply.json()["error"]["message"]
+        found = ERROR_ID.search(message)
+        assert reply.status_code == 500 and found and "the gateway failed because of a fault of its own" in message
+        assert "hunter2" not in reply.text and "InjectedFault" not in reply.text, reply.text
+        logged = [e for e in log_entries(mesh, "gateway") if e.get("error_id") == found.group(1)]
+        assert len(logged) == 1 and "Traceback" in logged[0]["exception"], logged
 
 
 # --------------------------------------------------------------------------- retention of escalated conversations

@@ -43,6 +43,7 @@ from starlette.routing import Route
 from services.common import telemetry
 from services.common.channels import open_channel
 from services.common.config import MiradorConfig
+from services.common.faults import InjectedFault, injected_internal_errors
 from services.gateway import requests as openai_requests
 from services.gateway import review
 from services.gateway.answers import Answer, completion_logprobs, token_logprob
@@ -462,6 +463,23 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
                              "details under it").response()
 
 
+class _InjectedFaults:
+    """MIRADOR_INJECT_INTERNAL_ERROR naming HTTP paths (tests): those requests fail as a bug would."""
+
+    def __init__(self, app, paths: frozenset[str]):
+        self.app, self.paths = app, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") in self.paths:
+            raise InjectedFault(f"injected fault in {scope['path']}: secret=/etc/mirador/hunter2 at 0x7f00dead")
+        await self.app(scope, receive, send)
+
+
+def _fault_injection() -> list[Middleware]:
+    paths = frozenset(p for p in injected_internal_errors("gateway") if not p.startswith("/mirador."))
+    return [Middleware(_InjectedFaults, paths=paths)] if paths else []
+
+
 def build_app(config: MiradorConfig) -> Starlette:
     gateway = Gateway(config)
     pages = review.ReviewPages()
@@ -491,7 +509,7 @@ def build_app(config: MiradorConfig) -> Starlette:
         ],
         exception_handlers={GatewayError: _gateway_error, ReviewError: _review_error, HTTPException: _http_error,
                             Exception: _unexpected},
-        middleware=[Middleware(MetricsMiddleware)],
+        middleware=[Middleware(MetricsMiddleware), *_fault_injection()],
         lifespan=lifespan,
     )
     app.state.gateway = gateway
