@@ -78,6 +78,7 @@ HOLD_SHARE = 1 / 3  # the hosts' budgets together hold this share of the fleet's
 ESTIMATE_FACTOR = 1.2  # as services/model_host/registry.py estimates a model before its first load
 MAX_NUM_SEQS, MAX_CONTEXT = 2, 512  # every decoder's KV slots here
 STATIC_TIERS = (10, 20, 48)  # the article's hot / warm / cold
+PIN_SHARE = 0.75  # static tiers pin hot models in at most this share of a host's budget (as usage promotes)
 POLICIES = ("static-tiers", "lru", "usage")
 REAL_MODELS = {  # the real fleet's models a router call names: name -> call
     "smollm2-135m-instruct-fused-mixed": "generate", "smollm2-135m-instruct-fused": "generate",
@@ -178,12 +179,14 @@ def ceiling(models: list[Model], budget_bytes: int) -> float:
 
 
 def hot_assignment(models: list[Model], budget_bytes: int) -> dict[str, int]:
-    """Static tiers: each hot model pinned on one host, the largest first onto the emptiest host."""
+    """Static tiers: each hot model pinned on one host, the largest first onto the emptiest host, in at
+    most PIN_SHARE of its budget (measured sizes can exceed the estimates, and pinned models cannot
+    be evicted to make up for it)."""
     hot = sorted(models[:STATIC_TIERS[0]], key=lambda m: -m.need_bytes)
     used, where = [0] * HOSTS, {}
     for m in hot:
         host = min(range(HOSTS), key=lambda h: used[h])
-        if used[host] + m.need_bytes > budget_bytes:
+        if used[host] + m.need_bytes > PIN_SHARE * budget_bytes:
             continue  # a hot model no host can pin beside the others stays warm
         used[host] += m.need_bytes
         where[m.name] = host

@@ -4,9 +4,10 @@ one-off loads that plain LRU lets push it out; a rarely used one is not promoted
 
 import asyncio
 
-from services.model_host.registry import MB, State
+from services.common.config import ModelSpec
+from services.model_host.registry import MB, ModelRegistry, State
 from services.model_host.tiering import StaticTiers, UsageTiers
-from test_registry import make_registry
+from test_registry import FakeRepository, MeteredLoader, make_registry
 
 SIZES = {"busy": 100, "rare": 100, "one-a": 100, "one-b": 100, "one-c": 100}
 
@@ -75,5 +76,22 @@ def test_a_promoted_model_is_not_reaped_for_idleness():
         clock.now += 30
         assert registry.reap_idle() == ["rare"]
         assert registry.record("busy").state == State.READY
+
+    asyncio.run(run())
+
+
+def test_a_load_that_measures_more_than_its_estimate_evicts_until_the_budget_holds():
+    async def run():
+        files = {"a": 100, "b": 100, "big": 50}  # `big` is estimated at 60 MB from its files ...
+        loader = MeteredLoader({"a": 100, "b": 100, "big": 200})  # ... and takes 200 once loaded
+        fleet = {n: ModelSpec(name=n, task="text-generation", tier="warm") for n in files}
+        registry = ModelRegistry(fleet, FakeRepository(files), loader, budget_bytes=300 * MB, memory_meter=loader.meter)
+        registry.refresh()
+        for name in ("a", "b", "big"):
+            async with registry.use(name):
+                pass
+        assert registry.used_bytes <= registry.budget_bytes  # a host over its budget is ignored by placement
+        assert registry.record("a").state == State.UNLOADED and "more than estimated" in registry.record("a").detail
+        assert registry.record("big").state == State.READY
 
     asyncio.run(run())

@@ -275,6 +275,7 @@ class ModelRegistry:
                 hook.on_model_load(record)
             log_event(log, "model loaded", model=record.name, load_ms=round(record.load_ms),
                       memory_mb=round(record.measured_bytes / MB, 1), provider=runtime.execution_provider)
+            self._trim_to_budget(record)
 
     def _make_room(self, record: ModelRecord) -> None:
         """Evicts idle unpinned models until `record` fits, or refuses."""
@@ -298,6 +299,21 @@ class ModelRegistry:
             if needed <= self.budget_bytes - self.used_bytes:
                 break
             self._unload(victim, reason=f"evicted to make room for {record.name}")
+
+    def _trim_to_budget(self, loaded: ModelRecord) -> None:
+        """A first load can measure more than its estimate: evicts idle models until the budget holds
+        again (a host reporting more used than its budget reads as nonsense to the router's placement)."""
+        if not self.budget_bytes or self.used_bytes <= self.budget_bytes:
+            return
+        candidates = self.tiers.eviction_order(
+            (r for r in self.records.values()
+             if r.state == State.READY and not r.pinned and r.in_flight == 0 and r is not loaded),
+            self._in_memory(), self.needed_bytes, self.budget_bytes, self.clock())
+        for victim in candidates:
+            if self.used_bytes <= self.budget_bytes:
+                break
+            self._unload(victim, reason=f"evicted to make room for {loaded.name} (it measured "
+                                        f"{loaded.measured_bytes / MB:.0f} MB, more than estimated)")
 
     # ------------------------------------------------------------------ unloading
 
