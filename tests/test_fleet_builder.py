@@ -131,6 +131,22 @@ def test_changed_recipe_or_damaged_files_trigger_a_rebuild(repository):
     assert stale_reason(repository, bumped).startswith("files changed on disk")
 
 
+def test_an_exporter_that_copies_its_sources_facts_does_not_make_the_model_stale(repository):
+    """The quantizer's manifest carries its source model's extra facts, recipe_hash included: the
+    built model must record its own recipe's hash, or every build would rebuild it."""
+    toolchain = FakeToolchain()
+
+    def export_with_source_facts(recipe, source, output_dir, progress):
+        outcome = toolchain.export(recipe, source, output_dir, progress)
+        return dataclasses.replace(outcome, extra={"recipe_hash": "the source's", "quantization": {"bits": 8}})
+
+    build_fleet(repository, progress=False, cache_dir=repository.root.parent / "cache", only=["minilm-l6"],
+                fetcher=toolchain.fetch, exporter=export_with_source_facts, report=lambda line: None)
+    manifest = repository.get("minilm-l6")
+    assert manifest.extra["recipe_hash"] == recipe_hash(MINILM_L6) and manifest.extra["quantization"] == {"bits": 8}
+    assert stale_reason(repository, MINILM_L6) is None
+
+
 def test_force_rebuilds_an_up_to_date_model(repository):
     toolchain = FakeToolchain()
     toolchain.build(repository, only=["minilm-l6"])

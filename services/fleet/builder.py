@@ -264,6 +264,9 @@ def _manifest_for(recipe: Recipe, outcome: ExportOutcome, started: float) -> Mod
         licence=recipe.licence,
         generation=outcome.generation,
         extra={
+            # The exporter's facts first: the quantizer's carry its source's recipe_hash, which must not
+            # stand for this recipe's (every build would then find the model stale and rebuild it).
+            **outcome.extra,
             "recipe_hash": recipe_hash(recipe),
             "built_by": "mirador fleet build",
             "export_task": recipe.export_task,
@@ -271,7 +274,6 @@ def _manifest_for(recipe: Recipe, outcome: ExportOutcome, started: float) -> Mod
             "build_seconds": round(time.perf_counter() - started, 1),
             "build_timings": outcome.timings,
             "build_peak_rss_bytes": outcome.peak_rss_bytes,
-            **outcome.extra,
         },
     )
 
