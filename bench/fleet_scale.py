@@ -237,7 +237,7 @@ def write_config(path: Path, models: list[Model], ports: dict, host: int | None,
     for m in models:
         task = "embedding" if m.call == "embed" else "text-generation"
         tier = tiers.get(m.name, "warm")
-        if tier == "hot" and host is not None and tiers.get(f"{m.name}@") != str(host):
+        if tier == "hot" and tiers.get(f"{m.name}@") != str(host):
             tier = "warm"  # pinned on its own host only
         extra = f", max_num_seqs: {MAX_NUM_SEQS}, max_context: {MAX_CONTEXT}" if m.call == "generate" else ""
         lines.append(f"  {m.name}: {{task: {task}, tier: {tier}, keep_alive: 1h{extra}}}")
@@ -253,8 +253,8 @@ class Fleet:
     def __init__(self, directory: Path, models: list[Model], policy: str, budget_bytes: int, args):
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        ports = {"hosts": free_ports(HOSTS), "router": free_ports(1), "others": free_ports(3),
-                 "repository": str(args.root / "models")}
+        base = free_ports(HOSTS + 4)  # one run: the hosts, the router, and three the config must name
+        ports = {"hosts": base, "router": base + HOSTS, "others": base + HOSTS + 1, "repository": str(args.root / "models")}
         tiers: dict[str, str] = {}
         if policy == "static-tiers":
             hot, warm = STATIC_TIERS[0], STATIC_TIERS[0] + STATIC_TIERS[1]
@@ -500,9 +500,19 @@ def run_policy(policy: str, models: list[Model], budget_bytes: int, args, direct
         elapsed = asyncio.run(traffic.open_loop(args.seconds, t0))
         sampler.stop()
         loads, evictions = host_events(fleet, wall0)
+        router_saw = router_events(fleet)
     finally:
         fleet.stop()
-    return finish(policy, traffic.calls, models, loads, evictions, sampler.samples, fleet, elapsed, args)
+    return {**finish(policy, traffic.calls, models, loads, evictions, sampler.samples, fleet, elapsed, args),
+            "router_saw": router_saw}
+
+
+def router_events(fleet: Fleet) -> dict:
+    """How often the router found a host down or ignored it (its report made no sense), and sent a call
+    to the next host: signs of a host too busy to answer its probes, or over its budget."""
+    text = fleet.router.processes["router"].log_path.read_text(errors="replace")
+    return {"host_down": text.count('"model host down'), "host_ignored": text.count('"model host ignored'),
+            "sent_to_next_host": text.count('"call sent to the next model host"')}
 
 
 def finish(policy, calls, models, loads, evictions, samples, fleet, elapsed, args) -> dict:
@@ -657,6 +667,10 @@ def markdown(result: dict, name: str) -> list[str]:
         for i, h in enumerate(p["hosts"]):
             host_rows.append([p["policy"], i, h["rss_mb_mean"], h["rss_mb_peak"], h["budget_used_mb_peak"],
                               h["ready_at_end"]])
+    parts.append(fragment.table(["policy", "host found down", "host ignored (report made no sense)",
+                                 "calls sent to the next host"],
+                                [[p["policy"], *p["router_saw"].values()] for p in result["policies"]],
+                                title="What the router saw (its log)"))
     failures = [[p["policy"], e["code"], e["message"], e["calls"]] for p in result["policies"] for e in p["error_samples"]]
     if failures:
         parts.append(fragment.table(["policy", "status", "message (numbers as N)", "calls"], failures,
