@@ -20,7 +20,7 @@ MB = 2**20
 
 def estimated_bytes(config: MiradorConfig, name: str, repository: ModelRepository) -> tuple[int, str] | None:
     """(bytes, how they add up) for a built model of the fleet; None when it is not built."""
-    from services.model_host.engine.kv_slots import reserved_bytes_for  # the host's own formulas
+    from services.model_host.engine.kv_slots import decoder_cache_bytes, reserved_bytes_for  # the host's own formulas
     from services.model_host.registry import ESTIMATE_FACTOR
 
     spec = config.fleet[name]
@@ -31,10 +31,12 @@ def estimated_bytes(config: MiradorConfig, name: str, repository: ModelRepositor
     files = int(manifest.size_bytes * ESTIMATE_FACTOR)
     # Only decoders hold KV slots; an encoder or a classifier has `generation` facts but no cache.
     decoder = spec.task == "text-generation" and "past_key_values" in (manifest.generation or {})
-    kv = reserved_bytes_for(manifest.generation, spec.max_num_seqs, spec.max_context) if decoder else 0
+    kv = decoder_cache_bytes(manifest.generation, spec.max_num_seqs, spec.max_context) if decoder else 0
     how = f"{manifest.size_bytes / MB:.0f} MB of files x {ESTIMATE_FACTOR:g}"
     if kv:
-        how += f" + {kv / MB:.0f} MB of KV slots ({spec.max_num_seqs} x {spec.max_context} tokens)"
+        slots = reserved_bytes_for(manifest.generation, spec.max_num_seqs, spec.max_context)
+        how += (f" + {slots / MB:.0f} MB of KV slots ({spec.max_num_seqs} x {spec.max_context} tokens)"
+                f" + {(kv - slots) / MB:.0f} MB of Score's prefix cache")
     return files + kv, how
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from services.model_host.engine.kv_slots import reserved_bytes_for
+from services.model_host.engine.kv_slots import decoder_cache_bytes
 from services.model_host.engine.loop import DecoderEngine, EngineSettings
 from services.model_host.registry import ModelRecord
 from services.model_host.runtimes.decoder import DecoderRuntime
@@ -29,11 +29,12 @@ class EngineHook:
         self.engines: dict[str, DecoderEngine] = {}
 
     def reserved_bytes(self, record: ModelRecord) -> int:
-        """KV memory the model's engine holds for its slots (counted in its size; known before a load)."""
+        """KV memory the model holds for its engine's slots and Score's prefix cache (counted in its
+        size; known before a load)."""
         if record.spec.task != "text-generation" or record.manifest is None:
             return 0
         settings = self.settings_for(record)
-        return reserved_bytes_for(record.manifest.generation, settings.max_num_seqs, settings.max_context)
+        return decoder_cache_bytes(record.manifest.generation, settings.max_num_seqs, settings.max_context)
 
     def on_model_load(self, record: ModelRecord) -> None:
         if isinstance(record.runtime, DecoderRuntime):

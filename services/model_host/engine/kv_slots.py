@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.model_host.runtimes.decoder import DecodeState, DecoderRuntime, kv_dtype
+from services.model_host.runtimes.prefix_cache import PREFIX_CACHE_TOKENS
 
 
 class KVSlots:
@@ -60,13 +61,22 @@ def slots_for(runtime: DecoderRuntime, slots: int, max_context: int) -> KVSlots:
     return PerSequenceSlots(runtime, slots, max_context)
 
 
+def kv_bytes_per_token(runtime_facts: dict) -> int:
+    past = runtime_facts["past_key_values"]
+    return int(past["num_layers"]) * len(past["kinds"]) * int(runtime_facts["num_kv_heads"]) * int(
+        runtime_facts["head_dim"]) * np.dtype(kv_dtype(runtime_facts)).itemsize
+
+
 def reserved_bytes_for(runtime_facts: dict, slots: int, max_context: int) -> int:
     """The KV memory `slots` full sequences hold, from a manifest's `generation` facts (known
     before a load): preallocated by `SharedKVSlots`, the bound that `PerSequenceSlots` grows to."""
-    past = runtime_facts["past_key_values"]
-    per_token = int(past["num_layers"]) * len(past["kinds"]) * int(runtime_facts["num_kv_heads"]) * int(
-        runtime_facts["head_dim"]) * np.dtype(kv_dtype(runtime_facts)).itemsize
-    return per_token * slots * min(max_context, int(runtime_facts.get("max_position_embeddings", max_context)))
+    return kv_bytes_per_token(runtime_facts) * slots * min(
+        max_context, int(runtime_facts.get("max_position_embeddings", max_context)))
+
+
+def decoder_cache_bytes(runtime_facts: dict, slots: int, max_context: int) -> int:
+    """Every KV cache a loaded decoder may hold: its engine's slots and Score's prefix cache."""
+    return reserved_bytes_for(runtime_facts, slots, max_context) + PREFIX_CACHE_TOKENS * kv_bytes_per_token(runtime_facts)
 
 
 def runtime_kv_bytes(runtime: DecoderRuntime, slots: int, max_context: int) -> int:

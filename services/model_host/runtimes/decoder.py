@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 from services.common.model_repository import ModelManifest
 from services.model_host.runtimes import ModelRuntime
+from services.model_host.runtimes.prefix_cache import PrefixCache
 from services.model_host.runtimes.sampling import log_softmax
 from services.model_host.runtimes.text import ChatTemplate, Prompt, PromptEncoder
 
@@ -64,6 +65,8 @@ class DecoderRuntime(ModelRuntime):
         self.max_length = int(generation.get("max_position_embeddings", 2048))
         # Whether option rows can run as one batch on a shared cache (fused attention ops may refuse).
         self.batched_continuation = bool(generation.get("batched_continuation", True))
+        # Beginnings of the prompts Score prefilled (the decision instructions every vote starts with).
+        self.prefix_cache = PrefixCache()
 
     # -- text
 
@@ -104,12 +107,17 @@ class DecoderRuntime(ModelRuntime):
         presents = dict(zip(self.past_inputs, outputs[1:]))
         return outputs[0].astype(np.float32, copy=False), presents  # sampling works in float32
 
-    def prefill(self, prompt_ids: list[int]) -> tuple[DecodeState, np.ndarray]:
-        """Runs the prompt; returns the state and the logits for the first new token."""
+    def prefill(self, prompt_ids: list[int], reuse_prefix: bool = False) -> tuple[DecodeState, np.ndarray]:
+        """Runs the prompt; returns the state and the logits for the first new token. With
+        `reuse_prefix`, only the part after the longest beginning in `prefix_cache` runs."""
         if len(prompt_ids) >= self.max_length:
             raise ValueError(f"the prompt is {len(prompt_ids)} tokens; this model takes at most {self.max_length - 1}")
-        ids = np.asarray([prompt_ids], dtype=np.int64)
-        logits, past = self._run(ids, np.ones_like(ids), self._empty_past(1), 0, keep=1)
+        cached, past = self.prefix_cache.longest(prompt_ids) if reuse_prefix else (0, None)
+        ids = np.asarray([prompt_ids[cached:]], dtype=np.int64)
+        mask = np.ones((1, len(prompt_ids)), dtype=np.int64)
+        logits, past = self._run(ids, mask, past if past is not None else self._empty_past(1), cached, keep=1)
+        if reuse_prefix:
+            self.prefix_cache.add(prompt_ids, past)
         return DecodeState(past=past, length=len(prompt_ids), token_ids=list(prompt_ids)), logits[0, -1]
 
     def step(self, state: DecodeState, token_id: int) -> np.ndarray:
@@ -135,7 +143,7 @@ class DecoderRuntime(ModelRuntime):
         if len(prompt_ids) + longest > self.max_length:
             raise ValueError(f"the prompt ({len(prompt_ids)} tokens) and its longest option ({longest} tokens) are "
                              f"longer than this model reads ({self.max_length} tokens); shorten them")
-        state, first_logits = self.prefill(prompt_ids)
+        state, first_logits = self.prefill(prompt_ids, reuse_prefix=True)  # the decision instructions, once
         first_logprobs = log_softmax(first_logits)
         # Option rows run in small groups (one at a time where the graph needs it), and of each group's
         # logits only the option tokens' log-probabilities are kept: memory stays bounded by the group,
