@@ -1,4 +1,4 @@
-"""The placement maths (services/router/placement_policy.py): weighted rendezvous hashing, the choice
+"""The placement maths (services/common/placement_policy.py): weighted rendezvous hashing, the choice
 of a host per call, and what a host's report must say to be believed. Pure functions, no
 processes (tests/test_placement_hosts.py runs real model hosts)."""
 
@@ -12,7 +12,7 @@ from mirador.v1 import model_host_pb2
 
 from services.common.config import ModelSpec
 from services.common.errors import ResourceExhausted, Unavailable
-from services.router.placement_policy import (
+from services.common.placement_policy import (
     HostView,
     ModelOnHost,
     choose,
@@ -243,7 +243,7 @@ def test_loads_sent_since_the_refresh_count_against_a_host():
 
 def test_config_keys_and_their_mistakes():
     from services.common.config import ConfigError, parse_config
-    from services.router.placement import uses_placement
+    from services.common.placement import uses_placement
 
     fleet = "fleet:\n  m: {task: text-generation, copies: 2}\nroutes:\n  r: {primary: m}\n"
     two = "services:\n  router: {model_host_targets: [127.0.0.1:1, 127.0.0.1:2]%s}\n"

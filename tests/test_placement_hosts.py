@@ -33,7 +33,7 @@ from fault_scenarios import listing, models_of, wait_for, wait_ready
 from services.cli.supervisor import Mesh, write_config_variant
 from services.common.config import load_config
 from services.common.model_repository import ModelRepository
-from services.router.placement_policy import HostView, placement_order
+from services.common.placement_policy import HostView, placement_order
 from test_load_balancing import free_port_run
 from tiny_models import build_tiny_decoder, build_tiny_encoder
 

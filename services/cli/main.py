@@ -110,7 +110,7 @@ def _print_placement(config: MiradorConfig) -> bool:
     model with the hosts that hold it (what the router's placement sees)."""
     import asyncio
 
-    from services.router.placement_policy import HostView, hosts_table, nonsense, read_listing, resolve
+    from services.common.placement_policy import HostView, hosts_table, nonsense, read_listing, resolve
 
     views = []
     for address in asyncio.run(resolve(config.services.model_host_targets)):
@@ -145,7 +145,7 @@ def cmd_status(args) -> int:
         health = probe(settings.address, config=config)
         healthy &= health == "SERVING"
         print(f"{name:<11} {settings.address:<22} {health}")
-    from services.router.placement import uses_placement
+    from services.common.placement import uses_placement
 
     if uses_placement(config):
         if not _print_placement(config):

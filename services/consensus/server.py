@@ -1,5 +1,8 @@
 """Wires the consensus process: the escalation store (SQLite file, or PostgreSQL when
-`state.database_url` is set) and the channel to the model hosts."""
+`state.database_url` is set) and the model hosts: placed as the router places them
+(services/common/placement.py: each member goes to a host that has it READY, else to its
+placement target), or one channel balanced round robin, as `services.router.model_host_balancing`
+decides for both."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from services.common.channels import model_host_channel
 from services.common.config import ConfigError, ConfigProblem, MiradorConfig
 from services.common.faults import CrashPoints
 from services.common.logs import log_event
+from services.common.placement import ModelHosts, uses_placement
 from services.common.server import MiradorService, run_service_main
 from services.common.paths import state_file
 from services.consensus.escalations import EscalationStore, SqliteEscalationStore, StoreError
@@ -62,6 +66,7 @@ class ConsensusService(MiradorService):
         self.servicer = ConsensusServicer(config, store=open_escalation_store(config),
                                           crash_points=CrashPoints.from_environment(self.name, CRASH_POINTS))
         self.channel: grpc.aio.Channel | None = None
+        self.model_hosts: ModelHosts | None = None  # with placement: every host, and what each holds
         self.purging: asyncio.Task | None = None  # deletes resolved cases past their retention
 
     @property
@@ -72,8 +77,14 @@ class ConsensusService(MiradorService):
         consensus_pb2_grpc.add_ConsensusServicer_to_server(self.servicer, server)
 
     async def on_start(self) -> None:
-        self.channel = model_host_channel(self.config.services.model_host_targets, self.config.security)
-        self.servicer.model_host = model_host_pb2_grpc.ModelHostStub(self.channel)
+        if uses_placement(self.config):
+            self.model_hosts = ModelHosts(self.config.services.model_host_targets, self.config.fleet, self.config.security)
+            await self.model_hosts.start()
+            self.servicer.model_host = self.model_hosts
+            log_event(log, "members placed across model hosts", hosts=self.model_hosts.describe())
+        else:
+            self.channel = model_host_channel(self.config.services.model_host_targets, self.config.security)
+            self.servicer.model_host = model_host_pb2_grpc.ModelHostStub(self.channel)
         days = self.config.services.consensus.escalation_retention_days
         if days:
             self.purging = asyncio.create_task(self._purge_resolved(days), name="escalation retention")
@@ -100,6 +111,8 @@ class ConsensusService(MiradorService):
         ) if before != after]
         if moved:
             log_event(log, "config reload: restart the consensus to apply these changes", logging.WARNING, keys=moved)
+        if self.model_hosts is not None:
+            self.model_hosts.fleet = new_config.fleet
 
     async def on_stop(self) -> None:
         if self.purging is not None:
@@ -108,6 +121,8 @@ class ConsensusService(MiradorService):
                 await self.purging
         if self.channel is not None:
             await self.channel.close()
+        if self.model_hosts is not None:
+            await self.model_hosts.close()
         if self.servicer.store is not None:
             self.servicer.store.close()
 

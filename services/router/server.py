@@ -18,7 +18,7 @@ from services.common.config import MiradorConfig
 from services.common.logs import log_event
 from services.common.server import MiradorService, run_service_main
 from services.router.fallback import Breakers
-from services.router.placement import ModelHosts, uses_placement
+from services.common.placement import ModelHosts, uses_placement
 from services.router.identity import CallerIdentity
 from services.router.rate_limit import RateLimiter, RedisRateLimiter
 from services.router.redis_link import RedisLink

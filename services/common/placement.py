@@ -1,6 +1,7 @@
 """Which model host serves a call, when the model hosts hold different models (placement).
 
-The router keeps a view of every model host — health, memory budget and use, which models are
+Its caller (the router; the consensus service for its members' calls: both use this module)
+keeps a view of every model host — health, memory budget and use, which models are
 READY there and what each takes to load — refreshed every REFRESH_S, at once after a call failed
 there, and every DOWN_RETRY_S while a host is down. A call goes to a host that has its model READY (the least busy one, counting this
 router's own calls since the last refresh). When none has it, the call goes to the model's
@@ -35,7 +36,9 @@ host; so is a call still waiting for its first answer on a host that the refresh
 caller's, as with a single host.
 
 Round robin over identical replicas (gRPC's `round_robin` or Envoy/HAProxy) remains the other
-way, chosen with `services.router.model_host_balancing: round_robin` (see server.py).
+way, chosen with `services.router.model_host_balancing: round_robin` (see router/server.py and
+consensus/server.py: the one key decides for both). The metrics keep their `mirador_router_` names in
+both processes, so one dashboard reads either.
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ from services.common.channels import open_channel
 from services.common.config import MiradorConfig, ModelSpec, SecurityConfig
 from services.common.errors import ServiceError, Unavailable
 from services.common.logs import log_event
-from services.router.placement_policy import HostView, choose, dns_name, nonsense, read_listing, resolve
+from services.common.placement_policy import HostView, choose, dns_name, nonsense, read_listing, resolve
 
-log = logging.getLogger("mirador.router.placement")
+log = logging.getLogger("mirador.placement")
 
 REFRESH_S = 2.0  # every host's health and models are read this often (and at once after a failure)
 DOWN_RETRY_S = 0.5  # a host that is down is asked again this often (one probe at a time), so it is back soon

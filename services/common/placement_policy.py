@@ -21,7 +21,7 @@ from services.common.config import ModelSpec
 from services.common.errors import ResourceExhausted, Unavailable
 from services.common.logs import log_event
 
-log = logging.getLogger("mirador.router.placement")
+log = logging.getLogger("mirador.placement")
 
 UNLIMITED_WEIGHT = float(1 << 40)  # a host without a budget (0) weighs like one with 1 TiB free
 MIN_WEIGHT_SHARE = 0.02  # a full host still weighs this share of its budget: it can evict
