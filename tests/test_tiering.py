@@ -95,3 +95,22 @@ def test_a_load_that_measures_more_than_its_estimate_evicts_until_the_budget_hol
         assert registry.record("big").state == State.READY
 
     asyncio.run(run())
+
+
+def test_a_model_loaded_for_waiting_calls_is_not_evicted_before_they_run():
+    """Cold models are evicted first whatever their recency: without the waiting count, the next
+    load took a cold model loaded a moment ago for calls still waiting for it, and they loaded it again."""
+
+    async def run():
+        registry, loader, clock = make_registry({"a": "cold", "b": "cold", "c": "cold"},
+                                                {"a": 100, "b": 100, "c": 100}, budget_mb=250)
+        for name in ("a", "b"):
+            clock.now += 1
+            async with registry.use(name):
+                pass
+        registry.record("a").waiting = 1  # a call for `a` has seen its load finish, not yet run
+        await registry.ensure_loaded("c")
+        assert registry.record("a").state == State.READY and registry.record("b").state == State.UNLOADED
+        assert loader.loads == ["a", "b", "c"]
+
+    asyncio.run(run())

@@ -70,6 +70,7 @@ class ModelRecord:
     last_used: float = 0.0  # monotonic
     requests_total: int = 0
     in_flight: int = 0
+    waiting: int = 0  # calls waiting for its load: once loaded, it is theirs before the next load's eviction
     load_ms: float = 0.0
     failed_at: float | None = None  # monotonic time of the last failed load
     pinned: bool = False
@@ -84,8 +85,9 @@ class ModelRecord:
             return self.measured_bytes
         size = self.manifest.size_bytes if self.manifest else 0
         if self.spec.encoder and self.manifest and "head" in self.manifest.files:  # the head, not the whole graph
-            size = sum(self.manifest.path_of(role).stat().st_size for role in ("head", "tokenizer")
-                       if role in self.manifest.files)
+            with contextlib.suppress(OSError):  # a missing file: its load will say so; estimate from the manifest
+                size = sum(self.manifest.path_of(role).stat().st_size for role in ("head", "tokenizer")
+                           if role in self.manifest.files)
         return int(size * ESTIMATE_FACTOR)
 
     @property
@@ -286,7 +288,8 @@ class ModelRegistry:
         if needed <= free:
             return
         candidates = self.tiers.eviction_order(
-            (r for r in self.records.values() if r.state == State.READY and not r.pinned and r.in_flight == 0),
+            (r for r in self.records.values()
+             if r.state == State.READY and not r.pinned and r.in_flight == 0 and not r.waiting),
             self._in_memory(), self.needed_bytes, self.budget_bytes, self.clock())
         reclaimable = sum(r.loaded_bytes for r in candidates)
         if needed > free + reclaimable:
@@ -307,7 +310,7 @@ class ModelRegistry:
             return
         candidates = self.tiers.eviction_order(
             (r for r in self.records.values()
-             if r.state == State.READY and not r.pinned and r.in_flight == 0 and r is not loaded),
+             if r.state == State.READY and not r.pinned and r.in_flight == 0 and not r.waiting and r is not loaded),
             self._in_memory(), self.needed_bytes, self.budget_bytes, self.clock())
         for victim in candidates:
             if self.used_bytes <= self.budget_bytes:
@@ -351,7 +354,7 @@ class ModelRegistry:
         promoted = self.promoted()
         for record in self.records.values():
             idle_s = now - record.last_used
-            if (record.state == State.READY and not record.pinned and record.in_flight == 0
+            if (record.state == State.READY and not record.pinned and record.in_flight == 0 and not record.waiting
                     and idle_s >= record.spec.keep_alive_s and record.name not in promoted):
                 self._unload(record, reason=f"idle for {idle_s:.0f} s (keep_alive {record.spec.keep_alive_s:g} s)")
                 reaped.append(record.name)
@@ -384,9 +387,14 @@ class ModelRegistry:
         # Counted before the load, so that a model loaded for this call does not look unused to
         # loads that follow while it waits for its turn.
         self.tiers.record_use(name, self.clock())
-        record = await self.ensure_loaded(name)
-        while record.state != State.READY:  # evicted between its load and our turn: load again
-            record = await self.ensure_loaded(name)
+        record = self.records[name]
+        record.waiting += 1  # a load for another model must not evict this one before our turn
+        try:
+            await self.ensure_loaded(name)
+            while record.state != State.READY:  # unloaded on request between its load and our turn: load again
+                await self.ensure_loaded(name)
+        finally:
+            record.waiting -= 1
         record.in_flight += 1
         record.requests_total += 1
         try:
