@@ -308,3 +308,47 @@ def test_real_topics_heads_share_one_minilm_and_score_as_the_whole_graph(tmp_pat
     # minilm-l6 + two specialists: one encoder's memory plus heads, where whole graphs cost one encoder each
     assert sizes["minilm-l6"] + sizes["topics-minilm"] + sizes["topics-minilm-b"] < 1.1 * encoder
 
+
+
+def test_a_consensus_fan_out_to_two_heads_embeds_each_text_once(repository):
+    """Real processes: a model host and a consensus; the Decide asks both heads about one text."""
+    import urllib.request
+
+    from mirador.v1 import common_pb2, consensus_pb2, consensus_pb2_grpc
+
+    from conftest import free_port
+
+    metrics_port = free_port()
+    body = f"""
+fleet:
+  tiny-embed: {{task: embedding, tier: hot}}
+  tiny-topics: {{task: classification, tier: warm, encoder: tiny-embed}}
+  tiny-other: {{task: classification, tier: warm, encoder: tiny-embed}}
+routes:
+  topics: {{primary: tiny-topics, validators: [tiny-other], consensus_threshold: 0.1, options: [{', '.join(LABELS)}]}}
+"""
+    directory = repository.root.parent
+    config = load_config(write_config(directory, service_extra={"model_host": f"metrics_port: {metrics_port}"},
+                                      body=body))
+    mesh = Mesh(config, log_dir=directory / "logs", services=("model_host", "consensus"),
+                env={"XDG_CACHE_HOME": str(directory / "cache")})
+    mesh.start(timeout_s=60)
+
+    def head_embeddings() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        return {line.split('result="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line.startswith('mirador_model_head_embeddings_total{encoder="tiny-embed"')}
+
+    try:
+        with grpc.insecure_channel(config.services.consensus.address) as channel:
+            stub = consensus_pb2_grpc.ConsensusStub(channel)
+            for text in TEXTS[:2]:
+                request = consensus_pb2.DecideRequest(
+                    route="topics", models=["tiny-topics", "tiny-other"], options=LABELS, consensus_threshold=0.1,
+                    messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=text)])
+                votes = [r.vote for r in stub.Decide(request, timeout=30) if r.HasField("vote")]
+                assert sorted(v.model for v in votes) == ["tiny-other", "tiny-topics"]
+                assert all(not v.error for v in votes), [v.error for v in votes]
+        assert head_embeddings() == {"computed": 2.0, "reused": 2.0}  # one encoder run per text, for both heads
+    finally:
+        mesh.stop()

@@ -19,7 +19,7 @@ import time
 import weakref
 
 from prometheus_client import REGISTRY, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from services.common import telemetry
 from services.common.config import TIERS
@@ -118,6 +118,15 @@ class RegistryCollector:
             in_flight.add_metric([r.name], r.in_flight)
         yield memory
         yield in_flight
+        heads = CounterMetricFamily(
+            "mirador_model_head_embeddings", "Pooled embeddings the classifier heads of an encoder asked for: computed, "
+            "or reused (another head's call had the same text); since the encoder's load", labels=["encoder", "result"])
+        for r in records:
+            cache = getattr(r.runtime, "head_cache", None) if r.state == State.READY else None
+            if cache is not None and (cache.hits or cache.misses):
+                heads.add_metric([r.name, "computed"], cache.misses)
+                heads.add_metric([r.name, "reused"], cache.hits)
+        yield heads
         yield GaugeMetricFamily("mirador_model_host_memory_used_bytes", "Memory held by loaded models (the budget's use)",
                                 value=registry.used_bytes)
         if registry.budget_bytes:
