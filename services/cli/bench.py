@@ -80,6 +80,9 @@ BENCHES = [
                              "machine: ms per prompt at batch 1/2/4"),
     Bench("thread_spinning", "ONNX Runtime's idle-thread spinning on and off: one session alone and two at once "
                              "(decode + embed, two decoders), the model host's own loader and KV slots"),
+    Bench("shared_weights", "two sessions of one SmolLM2 graph: RSS with ONNX Runtime's add_initializer sharing, "
+                            "with and without prepacking, and what each costs in decode speed",
+          quick_args=("--models", "fused-int8", "--tokens", "4")),
     Bench("quantizer", "mixed-precision quantization of SmolLM2: size, perplexity, KL, decode speed",
           quick_args=None, no_quick_reason="no short mode: its per-layer sensitivity pass alone takes ~10 minutes "
                                            "here (run it with `--only quantizer`)"),
