@@ -16,6 +16,7 @@ from services.model_host.engine import DecoderEngine, EngineSettings
 from services.model_host.engine.kv_slots import PerSequenceSlots, SharedKVSlots
 from services.model_host.engine.sequence import GenerationRequest
 from services.model_host.loader import SessionSettings, load_runtime
+from services.model_host.runtimes.prefix_cache import PrefixCache
 from tests.tiny_models import build_tiny_decoder, build_tiny_fused_decoder, chat_tokenizer, chatml, greedy_reference
 
 PROMPTS = ["hi", "tell me a story about the sea", "a", "what is two plus two and why", "ok then",
@@ -47,6 +48,13 @@ def _request(text: str, max_tokens: int = 12, **sampling) -> GenerationRequest:
 
     return GenerationRequest("tiny", "1", [("user", text)], "", SamplingSettings(max_tokens=max_tokens, **sampling),
                              time.perf_counter(), Timings())
+
+
+def _messages_request(messages: list[tuple[str, str]], max_tokens: int = 12) -> GenerationRequest:
+    import time
+
+    return GenerationRequest("tiny", "1", messages, "", SamplingSettings(max_tokens=max_tokens), time.perf_counter(),
+                             Timings())
 
 
 async def _collect(engine: DecoderEngine, request: GenerationRequest) -> tuple[list[int], GenerationSummary]:
@@ -85,6 +93,34 @@ def test_greedy_output_does_not_depend_on_the_batch(graph, request):
         assert {s.finish_reason for _, s in together} == {"length"}
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("graph", ["fused", "optimum_style"])
+def test_a_shared_beginning_comes_from_the_prefix_cache_and_changes_no_answer(graph, request):
+    """Every chat here begins with the same system turn (and the conversations with the same
+    turns): the first prompt prefills it, the others copy it from the engine's prefix cache, and
+    each answer equals that of an engine keeping nothing (the same chunk computed the beginning)."""
+    runtime = request.getfixturevalue(graph)
+    cached, plain = _engine(runtime), _engine(runtime)
+    plain.prefixes = PrefixCache(capacity_tokens=0)
+    conversation = [("user", "hi"), ("assistant", "hello, how can I help"), ("user", "one more question please")]
+    asks = [*([("user", p)] for p in PROMPTS), conversation, conversation[:2] + [("user", "and another")]]
+    try:
+        async def scenario(engine):
+            return [await _collect(engine, _messages_request(messages)) for messages in asks]
+
+        with_cache, without = asyncio.run(scenario(cached)), asyncio.run(scenario(plain))
+        assert [t for t, _ in with_cache] == [t for t, _ in without]
+        assert [s.confidence.token_logprobs for _, s in with_cache] == [s.confidence.token_logprobs for _, s in without]
+        system_turn = runtime.prompt_ids_and_shared([("user", "x")], "")[1]
+        two_turns = runtime.prompt_ids_and_shared(conversation, "")[1]
+        assert 0 < system_turn < two_turns
+        # every chat after the first took the system turn; the last conversation its first two turns
+        assert cached.prefixes.reused_tokens == system_turn * (len(PROMPTS) - 1) + two_turns
+        assert plain.prefixes.reused_tokens == 0
+    finally:
+        cached.stop()
+        plain.stop()
 
 
 def test_the_engine_matches_a_cache_free_reference(optimum_style):

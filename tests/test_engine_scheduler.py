@@ -14,6 +14,7 @@ class Fake:
     prompt_ids: list[int] = field(default_factory=lambda: [1] * 5)
     slot: int | None = None
     prefilled: int = 0
+    shared_prefix: int = 0
 
 
 def _run_prefills(scheduler: Scheduler) -> list[tuple[Fake, int, int]]:

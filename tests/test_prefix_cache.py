@@ -12,7 +12,7 @@ from services.common.decision_prompt import SYSTEM, USER
 from services.common.model_repository import ModelRepository
 from services.model_host.engine.kv_slots import decoder_cache_bytes, kv_bytes_per_token, reserved_bytes_for
 from services.model_host.loader import SessionSettings, load_runtime
-from services.model_host.runtimes.prefix_cache import PREFIX_CACHE_TOKENS, PrefixCache
+from services.model_host.runtimes.prefix_cache import PREFIX_CACHE_TOKENS, PREFIX_CACHES_PER_DECODER, PrefixCache
 from tiny_models import build_tiny_decoder, build_tiny_fused_decoder
 
 OPTIONS = ["compliant", "non-compliant", "needs review"]
@@ -77,4 +77,5 @@ def test_the_cache_keeps_within_its_bound_least_recently_used_out():
 def test_the_prefix_cache_is_counted_in_a_decoders_size(runtime):
     facts = runtime.manifest.generation
     slots = reserved_bytes_for(facts, 4, 256)
-    assert decoder_cache_bytes(facts, 4, 256) == slots + PREFIX_CACHE_TOKENS * kv_bytes_per_token(facts)
+    prefixes = PREFIX_CACHES_PER_DECODER * PREFIX_CACHE_TOKENS * kv_bytes_per_token(facts)
+    assert decoder_cache_bytes(facts, 4, 256) == slots + prefixes

@@ -36,7 +36,7 @@ def estimated_bytes(config: MiradorConfig, name: str, repository: ModelRepositor
     if kv:
         slots = reserved_bytes_for(manifest.generation, spec.max_num_seqs, spec.max_context)
         how += (f" + {slots / MB:.0f} MB of KV slots ({spec.max_num_seqs} x {spec.max_context} tokens)"
-                f" + {(kv - slots) / MB:.0f} MB of Score's prefix cache")
+                f" + {(kv - slots) / MB:.0f} MB of prefix caches")
     return files + kv, how
 
 

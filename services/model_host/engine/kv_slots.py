@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from services.model_host.runtimes.decoder import DecodeState, DecoderRuntime, kv_dtype
-from services.model_host.runtimes.prefix_cache import PREFIX_CACHE_TOKENS
+from services.model_host.runtimes.prefix_cache import PREFIX_CACHE_TOKENS, PREFIX_CACHES_PER_DECODER
 
 
 class KVSlots:
@@ -47,6 +47,16 @@ class KVSlots:
 
     def release(self, slot: int) -> None:
         """The slot's sequence left; its cache may be reused."""
+
+    # A prompt's shared beginning, copied out of a slot once prefilled and into another instead of
+    # running it again (the engine's prefix cache). Arrays are [1, kv_heads, tokens, head_dim].
+    copies_prefixes = False
+
+    def copy_out(self, slot: int, tokens: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def copy_in(self, slot: int, past: dict[str, np.ndarray], tokens: int) -> None:
+        raise NotImplementedError
 
 
 def kv_device(providers: list[str]) -> str:
@@ -75,8 +85,9 @@ def reserved_bytes_for(runtime_facts: dict, slots: int, max_context: int) -> int
 
 
 def decoder_cache_bytes(runtime_facts: dict, slots: int, max_context: int) -> int:
-    """Every KV cache a loaded decoder may hold: its engine's slots and Score's prefix cache."""
-    return reserved_bytes_for(runtime_facts, slots, max_context) + PREFIX_CACHE_TOKENS * kv_bytes_per_token(runtime_facts)
+    """Every KV cache a loaded decoder may hold: its engine's slots and its two prefix caches."""
+    prefixes = PREFIX_CACHES_PER_DECODER * PREFIX_CACHE_TOKENS
+    return reserved_bytes_for(runtime_facts, slots, max_context) + prefixes * kv_bytes_per_token(runtime_facts)
 
 
 def runtime_kv_bytes(runtime: DecoderRuntime, slots: int, max_context: int) -> int:
@@ -156,6 +167,18 @@ class SharedKVSlots(KVSlots):
     def release(self, slot: int) -> None:
         self.filled[slot] = 0
 
+    @property
+    def copies_prefixes(self) -> bool:
+        return self.device == "cpu"  # device buffers would need a copy through the host: not worth it
+
+    def copy_out(self, slot: int, tokens: int) -> dict[str, np.ndarray]:
+        return {name: self.buffers[name][slot : slot + 1, :, :tokens, :].copy() for name in self.runtime.past_inputs}
+
+    def copy_in(self, slot: int, past: dict[str, np.ndarray], tokens: int) -> None:
+        for name in self.runtime.past_inputs:
+            self.buffers[name][slot, :, :tokens, :] = past[name][0, :, :tokens, :]
+        self.filled[slot] = tokens
+
 
 class PerSequenceSlots(KVSlots):
     def __init__(self, runtime: DecoderRuntime, slots: int, max_context: int):
@@ -183,3 +206,11 @@ class PerSequenceSlots(KVSlots):
 
     def release(self, slot: int) -> None:
         self.states.pop(slot, None)
+
+    copies_prefixes = True
+
+    def copy_out(self, slot: int, tokens: int) -> dict[str, np.ndarray]:
+        return {name: value[:, :, :tokens, :].copy() for name, value in self.states[slot].past.items()}
+
+    def copy_in(self, slot: int, past: dict[str, np.ndarray], tokens: int) -> None:
+        self.states[slot] = DecodeState(past={name: value[:, :, :tokens, :] for name, value in past.items()}, length=tokens)

@@ -26,6 +26,7 @@ from services.model_host.engine.kv_slots import KVSlots, slots_for
 from services.model_host.engine.scheduler import Scheduler
 from services.model_host.engine.sequence import GenerationRequest, Sequence
 from services.model_host.runtimes.decoder import DecoderRuntime
+from services.model_host.runtimes.prefix_cache import PrefixCache
 
 log = logging.getLogger("mirador.model_host.engine")
 
@@ -53,6 +54,9 @@ class DecoderEngine:
         self.settings = settings
         self.slots: KVSlots = slots_for(runtime, settings.max_num_seqs, settings.max_context)
         self.scheduler = Scheduler(settings.max_num_seqs, settings.prefill_chunk_tokens)
+        # Shared prompt beginnings (a chat's system turn) by their exact ids, copied into a slot
+        # instead of prefilled again; the same chunk computed them, so answers do not change.
+        self.prefixes = PrefixCache()
         self.on_step = on_step  # called with each decode step's batch size (metrics)
         self._lock = threading.Condition()
         self._incoming: deque[Sequence] = deque()
@@ -181,7 +185,10 @@ class DecoderEngine:
             sequence, first, end = plan.prefill
             if first == 0:
                 sequence.prefill_started = time.perf_counter()
+                first, end = self._take_shared_beginning(sequence, end)
             logits = self.slots.prefill(sequence.slot, sequence.prompt_ids[first:end], first)
+            if end == sequence.shared_prefix and self.slots.copies_prefixes:
+                self.prefixes.put(sequence.prompt_ids[:end], self.slots.copy_out(sequence.slot, end))
             if self.scheduler.prefilled(sequence, end):
                 sequence.length = len(sequence.prompt_ids)
                 if sequence.accept(logits):
@@ -197,6 +204,17 @@ class DecoderEngine:
                 sequence.length += 1
                 if sequence.accept(row):
                     self._complete(sequence)
+
+    def _take_shared_beginning(self, sequence: Sequence, end: int) -> tuple[int, int]:
+        """The first chunk to run: after the shared beginning when the cache has it (copied into
+        the sequence's slot), else the planned one."""
+        shared = sequence.shared_prefix
+        past = self.prefixes.get(sequence.prompt_ids[:shared]) if shared and self.slots.copies_prefixes else None
+        if past is None:
+            return 0, end
+        self.slots.copy_in(sequence.slot, past, shared)
+        self.scheduler.prefilled(sequence, shared)  # never the whole prompt: the last message follows
+        return shared, self.scheduler.chunk_end(sequence, shared)
 
     def _complete(self, sequence: Sequence) -> None:
         self._leave(sequence)

@@ -2,14 +2,17 @@
 it is tested with fake steps (tests/test_engine_scheduler.py).
 
 A sequence waits (first come, first served) until a slot is free, takes the lowest free
-slot, has its prompt prefilled in chunks of at most `prefill_chunk_tokens`, then decodes
+slot, has its prompt prefilled in chunks of at most `prefill_chunk_tokens` (the first chunk
+ending where its shared beginning does, which the engine may copy from its prefix cache
+instead of running), then decodes
 one token per iteration until it finishes or is cancelled, when its slot is free at once.
 Each iteration runs one prefill chunk (of the oldest sequence still prefilling) and one
 decode step over every decoding sequence: a long prompt joining costs the others at most
 one chunk's time per token, never its whole prefill.
 
-Chunk boundaries depend only on the prompt (0, chunk, 2*chunk, ...), never on what else is
-running: a sequence's computation is the same alone or in a full batch.
+Chunk boundaries depend only on the prompt (its shared beginning, then every `chunk` tokens),
+never on what else is running or was cached: a sequence's computation is the same alone, in
+a full batch, or with its beginning taken from the cache (computed by the same chunk).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Scheduled(Protocol):
     """What the scheduler needs of a sequence; the engine's `Sequence` has these."""
 
     prompt_ids: list[int]
+    shared_prefix: int  # the first chunk ends here (0: no shared beginning)
     slot: int | None
     prefilled: int  # prompt tokens already in the slot's cache
 
@@ -68,9 +72,13 @@ class Scheduler:
         plan = Plan(decode=list(self.decoding))
         if self.prefilling:
             sequence = self.prefilling[0]
-            end = min(sequence.prefilled + self.prefill_chunk_tokens, len(sequence.prompt_ids))
-            plan.prefill = (sequence, sequence.prefilled, end)
+            plan.prefill = (sequence, sequence.prefilled, self.chunk_end(sequence, sequence.prefilled))
         return plan
+
+    def chunk_end(self, sequence: Scheduled, start: int) -> int:
+        """Where the prefill chunk starting at `start` ends: the shared beginning is chunked on its own."""
+        limit = sequence.shared_prefix if start < sequence.shared_prefix else len(sequence.prompt_ids)
+        return min(start + self.prefill_chunk_tokens, limit)
 
     def prefilled(self, sequence: Scheduled, end: int) -> bool:
         """Records a prefill chunk; True when the whole prompt is in (the sequence decodes from now on)."""

@@ -49,6 +49,7 @@ class Sequence:
     request: GenerationRequest
     emit: Callable[[object], None]  # TokenEvent, GenerationSummary or an exception; thread-safe
     prompt_ids: list[int] = field(default_factory=list)
+    shared_prefix: int = 0  # leading prompt tokens other prompts may share (before the last message)
     slot: int | None = None
     prefilled: int = 0
     length: int = 0  # tokens in the slot's cache
@@ -66,7 +67,7 @@ class Sequence:
         """Renders and tokenizes the prompt (raises InvalidArgument with what to change)."""
         request = self.request
         try:
-            ids = runtime.prompt_ids(request.messages, request.prompt)
+            ids, self.shared_prefix = runtime.prompt_ids_and_shared(request.messages, request.prompt)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         if not ids:

@@ -82,6 +82,13 @@ class DecoderRuntime(ModelRuntime):
         Raises ValueError with what to change."""
         return self.encode(self.render_chat(messages) if messages else prompt)
 
+    def prompt_ids_and_shared(self, messages: list[tuple[str, str]], prompt: str) -> tuple[list[int], int]:
+        """`prompt_ids`, and how many of them come before the last message (the part other
+        prompts may share: 0 for a raw prompt or a single message)."""
+        rendered = self.render_chat(messages) if messages else prompt
+        ids = self.encode(rendered)
+        return ids, self.prompts.shared_length(rendered, ids)
+
     # -- model
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:

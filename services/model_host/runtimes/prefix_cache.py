@@ -3,12 +3,15 @@ starting the same way is prefilled from where they part.
 
 Every consensus question is asked with the same decision instructions (a system turn of ~27
 tokens out of ~70, services/common/decision_prompt.py), and a Score's prefill was most of the
-model host's work in the soak. Only prompts prefilled outside the engine use it (Score); the
-engine's streams do not, so a generation's tokens never depend on what was asked before it.
+model host's work in the soak: Score takes the longest cached beginning (`longest`/`add`).
+The engine keeps its own cache of exact shared beginnings (`get`/`put`: a chat's system turn,
+computed by the same prefill chunk whatever follows it, services/model_host/engine/scheduler.py),
+so a generation's tokens never depend on what was asked before it.
 
-The cache is bounded in tokens (`PREFIX_CACHE_TOKENS`, counted in the model's size by the
-engine hook) and evicts the least recently used entry. A K/V row at position i depends only on
-tokens 0..i, so any leading slice of a cached entry is the cache of that shorter prefix.
+Each cache is bounded in tokens (`PREFIX_CACHE_TOKENS`; a decoder's two are counted in its
+size by the engine hook) and evicts the least recently used entry. A K/V row at position i
+depends only on tokens 0..i, so any leading slice of a cached entry is the cache of that
+shorter prefix.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-PREFIX_CACHE_TOKENS = 256  # tokens of KV cache kept per decoder (SmolLM2 fp32: 46 KB a token)
+PREFIX_CACHE_TOKENS = 256  # tokens of KV cache per cache (SmolLM2 fp32: 46 KB a token)
+PREFIX_CACHES_PER_DECODER = 2  # Score's and the engine's
 MIN_REUSE_TOKENS = 8  # a shorter common beginning is not worth a second forward pass
 
 
@@ -60,10 +64,27 @@ class PrefixCache:
     def add(self, ids: list[int], past: dict[str, np.ndarray]) -> None:
         """Keeps the first tokens of a prompt just prefilled (at most half the capacity, so one long
         prompt never takes it all) with their KV cache."""
-        keep = min(len(ids), self.capacity_tokens // 2)
+        self._keep(tuple(ids[: min(len(ids), self.capacity_tokens // 2)]), past)
+
+    def get(self, ids: list[int]) -> dict[str, np.ndarray] | None:
+        """The KV cache of exactly `ids`, kept by `put`; None when it is not here."""
+        key = tuple(ids)
+        with self._lock:
+            past = self._entries.get(key)
+            if past is not None:
+                self._entries.move_to_end(key)
+                self.reused_tokens += len(key)
+            return past
+
+    def put(self, ids: list[int], past: dict[str, np.ndarray]) -> None:
+        """Keeps exactly `ids` (when at most half the capacity) with their KV cache."""
+        if len(ids) <= self.capacity_tokens // 2:
+            self._keep(tuple(ids), past)
+
+    def _keep(self, key: tuple[int, ...], past: dict[str, np.ndarray]) -> None:
+        keep = len(key)
         if keep < self.min_tokens:
             return
-        key = tuple(ids[:keep])
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)

@@ -35,6 +35,9 @@ class Prompt:
     markers, which are token ids placed by the host, never parsed out of text."""
 
     pieces: tuple[str | int, ...]
+    # How many leading pieces come before the last message: the part many prompts share (the
+    # system turn, or a conversation so far), which the engine may take from its prefix cache.
+    shared_pieces: int = 0
 
 
 class PromptEncoder:
@@ -75,6 +78,14 @@ class PromptEncoder:
             if token == self._control_unk:
                 chars[start:end] = [UNREADABLE] * (end - start)
         return self.tokenizer.encode("".join(chars), add_special_tokens=False)
+
+    def shared_length(self, prompt: str | Prompt, ids: list[int]) -> int:
+        """How many of `ids` (the prompt's) encode its shared pieces (0 when none, or when they
+        are not a prefix of the whole: a post-processor that adds tokens at the end)."""
+        if not isinstance(prompt, Prompt) or not prompt.shared_pieces:
+            return 0
+        shared = self.encode(Prompt(prompt.pieces[: prompt.shared_pieces]))
+        return len(shared) if len(shared) < len(ids) and ids[: len(shared)] == shared else 0
 
     def encode(self, prompt: str | Prompt) -> list[int]:
         pieces = prompt.pieces if isinstance(prompt, Prompt) else (prompt,)
@@ -139,18 +150,24 @@ class ChatTemplate:
         if self.default_system_prompt and (not messages or messages[0][0] != "system"):
             messages = [("system", self.default_system_prompt), *messages]
         pieces: list[str | int] = []
+        last_message_at = 0
         for role, content in messages:
             if role not in ROLE_NAMES:
                 raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLE_NAMES)}")
+            last_message_at = len(pieces)
             pieces += self._fill(self._message, {"role": role, "content": content})
         pieces += self._fill(self._generation_prompt, {})
         merged: list[str | int] = []  # adjacent text is one piece, encoded as the old whole string was
-        for piece in pieces:
+        shared = 0
+        for index, piece in enumerate(pieces):
+            if index == last_message_at and len(messages) > 1:
+                # the shared part ends here, unless this text runs on from the previous piece's
+                shared = 0 if isinstance(piece, str) and merged and isinstance(merged[-1], str) else len(merged)
             if isinstance(piece, str) and merged and isinstance(merged[-1], str):
                 merged[-1] += piece
             elif piece != "":
                 merged.append(piece)
-        return Prompt(tuple(merged))
+        return Prompt(tuple(merged), shared)
 
     @staticmethod
     def _fill(template: tuple, values: dict[str, str]) -> list[str | int]:
