@@ -125,6 +125,8 @@ def test_model_host_metrics_follow_generation_embedding_and_loads(metered_mesh):
     assert value(host_metrics, "mirador_model_time_to_first_token_seconds_count", model="tiny-lm") == 2
     assert value(host_metrics, "mirador_model_prefill_seconds_count", model="tiny-lm", operation="generate") == 2
     assert value(host_metrics, "mirador_model_prompt_tokens_total", model="tiny-lm") > 0
+    # both chats begin with the model's system turn: the second took it from the engine's prefix cache
+    assert value(host_metrics, "mirador_model_prefix_cache_tokens_total", model="tiny-lm", operation="generate") > 0
     assert value(host_metrics, "mirador_model_batch_size_count", model="tiny-embed") == 1
     assert value(host_metrics, "mirador_model_batch_size_sum", model="tiny-embed") == 2
     assert value(host_metrics, "mirador_model_loads_total", model="tiny-lm", tier="hot") == 1

@@ -49,6 +49,8 @@ DECODE_TOKEN_SECONDS = Histogram("mirador_model_decode_seconds_per_token", "Mean
                                  "of one call, seconds", ["model"], buckets=_TOKEN_SECONDS)
 DECODE_BATCH_SIZE = Histogram("mirador_model_decode_batch_size", "Sequences in one batched decode step (continuous "
                               "batching)", ["model"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+PREFIX_TOKENS = Counter("mirador_model_prefix_cache_tokens", "Prompt tokens taken from a prefix cache instead of "
+                        "prefilled again", ["model", "operation"])
 BATCH_SIZE = Histogram("mirador_model_batch_size", "Items per dynamic batch (Embed)", ["model"],
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
@@ -161,6 +163,11 @@ def prefilled(model: str, started: float, tokens: int, ended: float | None = Non
 def decode_step(model: str, batch_size: int) -> None:
     """One batched decode step of a decoder's engine, over `batch_size` sequences (engine thread)."""
     DECODE_BATCH_SIZE.labels(model).observe(batch_size)
+
+
+def prefix_reused(model: str, operation: str, tokens: int) -> None:
+    """`tokens` of a prompt came from a prefix cache (`generate`: the engine's; `score`: Score's)."""
+    PREFIX_TOKENS.labels(model, operation).inc(tokens)
 
 
 def decoded(model: str, started: float, tokens: int, first_token_ms: float, finish_reason: str) -> None:

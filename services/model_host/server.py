@@ -59,7 +59,8 @@ class ModelHostService(MiradorService):
                                   prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
                                   step_delay_s=faults.token_delays.get(record.name, 0.0))
 
-        self.engines = EngineHook(engine_settings, on_step=observability.decode_step)
+        self.engines = EngineHook(engine_settings, on_step=observability.decode_step,
+                                  on_prefix_reuse=observability.prefix_reused)
         self.registry = ModelRegistry(
             fleet=config.fleet,
             repository=ModelRepository(config.model_repository),

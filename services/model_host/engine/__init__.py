@@ -23,9 +23,11 @@ class EngineHook:
     (its slots and context from the fleet spec)."""
 
     def __init__(self, settings_for: Callable[[ModelRecord], EngineSettings],
-                 on_step: Callable[[str, int], None] | None = None):
+                 on_step: Callable[[str, int], None] | None = None,
+                 on_prefix_reuse: Callable[[str, str, int], None] | None = None):
         self.settings_for = settings_for
         self.on_step = on_step
+        self.on_prefix_reuse = on_prefix_reuse  # (model, "generate" | "score", tokens): metrics
         self.engines: dict[str, DecoderEngine] = {}
 
     def reserved_bytes(self, record: ModelRecord) -> int:
@@ -39,7 +41,11 @@ class EngineHook:
     def on_model_load(self, record: ModelRecord) -> None:
         if isinstance(record.runtime, DecoderRuntime):
             step = (lambda size, name=record.name: self.on_step(name, size)) if self.on_step else None
-            self.engines[record.name] = DecoderEngine(record.name, record.runtime, self.settings_for(record), step)
+            engine = self.engines[record.name] = DecoderEngine(record.name, record.runtime, self.settings_for(record), step)
+            if self.on_prefix_reuse is not None:
+                reuse = self.on_prefix_reuse
+                engine.prefixes.on_reuse = lambda tokens, name=record.name: reuse(name, "generate", tokens)
+                record.runtime.prefix_cache.on_reuse = lambda tokens, name=record.name: reuse(name, "score", tokens)
 
     def on_model_unload(self, record: ModelRecord) -> None:
         engine = self.engines.pop(record.name, None)

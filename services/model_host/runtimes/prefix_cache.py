@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Callable
 
 import numpy as np
 
@@ -35,9 +36,11 @@ def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, capacity_tokens: int = PREFIX_CACHE_TOKENS, min_tokens: int = MIN_REUSE_TOKENS):
+    def __init__(self, capacity_tokens: int = PREFIX_CACHE_TOKENS, min_tokens: int = MIN_REUSE_TOKENS,
+                 on_reuse: Callable[[int], None] | None = None):
         self.capacity_tokens = capacity_tokens
         self.min_tokens = min_tokens
+        self.on_reuse = on_reuse  # called with the tokens of each hit (metrics)
         self._entries: OrderedDict[tuple[int, ...], dict[str, np.ndarray]] = OrderedDict()  # least recent first
         self._lock = threading.Lock()
         self.reused_tokens = 0  # tokens not prefilled again, since load (tests, metrics)
@@ -58,7 +61,7 @@ class PrefixCache:
             if best < self.min_tokens:
                 return 0, None
             self._entries.move_to_end(best_key)
-            self.reused_tokens += best
+            self._reused(best)
             return best, {name: value[:, :, :best, :] for name, value in self._entries[best_key].items()}
 
     def add(self, ids: list[int], past: dict[str, np.ndarray]) -> None:
@@ -73,13 +76,18 @@ class PrefixCache:
             past = self._entries.get(key)
             if past is not None:
                 self._entries.move_to_end(key)
-                self.reused_tokens += len(key)
+                self._reused(len(key))
             return past
 
     def put(self, ids: list[int], past: dict[str, np.ndarray]) -> None:
         """Keeps exactly `ids` (when at most half the capacity) with their KV cache."""
         if len(ids) <= self.capacity_tokens // 2:
             self._keep(tuple(ids), past)
+
+    def _reused(self, tokens: int) -> None:
+        self.reused_tokens += tokens
+        if self.on_reuse is not None:
+            self.on_reuse(tokens)
 
     def _keep(self, key: tuple[int, ...], past: dict[str, np.ndarray]) -> None:
         keep = len(key)
