@@ -538,7 +538,9 @@ def finish(policy, calls, models, loads, evictions, samples, fleet, elapsed, arg
                    "budget_used_mb_peak": max((v for v in used[i] if v is not None), default=None),
                    "ready_at_end": len(samples[-1]["ready"][i] or []) if samples else None}
                   for i in range(HOSTS)],
-        "loads": loads, "evicted": evictions, "samples": samples,
+        "loads": loads, "evicted": evictions,
+        "samples": [{**x, "ready": [None if r is None else len(r) for r in x["ready"]]} for x in samples],  # counts
+        "ready_at_end": samples[-1]["ready"] if samples else None,
         "calls_trace": [(round(c.at_s, 2), c.model, c.code, c.miss, None if c.first_s is None else round(c.first_s * 1000, 1))
                         for c in calls],
     }
