@@ -22,12 +22,16 @@ from services.router.redis_link import RedisDown, RedisLink
 
 WINDOW_TTL_S = 7 * 86_400  # an idle rollout's windows go away after a week
 
-# Appends one entry, keeps the last ARGV[2], returns the window oldest first.
+# Appends one entry, keeps the last ARGV[2], returns the push's sequence number (KEYS[2]) and the
+# window oldest first. Replicas judge on their Redis link's threads, so replies can come back out
+# of order: the sequence number lets a replica keep the newest window it has seen.
 _PUSH = """
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return redis.call('LRANGE', KEYS[1], 0, -1)
+local seq = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return {seq, redis.call('LRANGE', KEYS[1], 0, -1)}
 """
 
 
@@ -36,13 +40,14 @@ class SharedWindows:
         self.link = link
         self._push = link.script(_PUSH)
 
-    def push(self, candidate: str, kind: str, entry: Any, window: int) -> list[Any] | None:
-        """Appends `entry` to the shared window; returns the window (entries as JSON values), or
-        None when Redis cannot be used now (the caller keeps its own window)."""
+    def push(self, candidate: str, kind: str, entry: Any, window: int) -> tuple[int, list[Any]] | None:
+        """Appends `entry` to the shared window; returns the push's sequence number (it grows with
+        every push to this window) and the window (entries as JSON values), or None when Redis
+        cannot be used now (the caller keeps its own window)."""
+        key = self.link.key("rollout", candidate, kind)
         try:
-            raw = self.link.call("rollouts", lambda client: self._push(
-                keys=[self.link.key("rollout", candidate, kind)], args=[json.dumps(entry), window, WINDOW_TTL_S * 1000],
-                client=client))
+            seq, raw = self.link.call("rollouts", lambda client: self._push(
+                keys=[key, key + ":seq"], args=[json.dumps(entry), window, WINDOW_TTL_S * 1000], client=client))
         except RedisDown:
             self.link.count_unavailable("rollouts", "judged_on_own_calls")
             return None
@@ -52,4 +57,4 @@ class SharedWindows:
                 entries.append(json.loads(item))
             except ValueError:  # not ours (a stray value under our prefix)
                 continue
-        return entries
+        return int(seq), entries

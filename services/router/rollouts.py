@@ -132,6 +132,7 @@ class Rollout:
         self.comparisons: deque[bool] = deque(maxlen=spec.window)  # True = disagreed
         self.windows = windows  # shared with the other router replicas (Redis), or None: this router's own
         self._lock = threading.RLock()  # shared windows are judged on the Redis link's threads
+        self._seen_seq: dict[str, int] = {}  # per window kind: the newest shared window taken
         self._publish_state()
 
     # ------------------------------------------------------------------ routing
@@ -154,14 +155,11 @@ class Rollout:
         if outcome in (Outcome.IGNORED, Outcome.SHED) or self.state != State.ACTIVE:
             return None
         if role == "candidate":
-            shared = self._shared("calls", [outcome == Outcome.FAILED, first_token_ms])
-            with self._lock:
-                _fill(self.candidate_calls, (outcome == Outcome.FAILED, first_token_ms),
-                      None if shared is None else [(bool(failed), ms) for failed, ms in shared])
-        elif outcome == Outcome.OK and first_token_ms is not None:
-            shared = self._shared("stable", first_token_ms)
-            with self._lock:
-                _fill(self.stable_first_token_ms, first_token_ms, shared)
+            failed = outcome == Outcome.FAILED
+            return self._add("calls", self.candidate_calls, [failed, first_token_ms],
+                             lambda entries: [(bool(f), ms) for f, ms in entries])
+        if outcome == Outcome.OK and first_token_ms is not None:
+            return self._add("stable", self.stable_first_token_ms, first_token_ms, list)
         with self._lock:
             return self._judge()
 
@@ -169,16 +167,25 @@ class Rollout:
         if self.state != State.ACTIVE:
             return None
         disagreed = answers_disagree(stable_text, candidate_text)
-        shared = self._shared("comparisons", disagreed)
-        with self._lock:
-            _fill(self.comparisons, disagreed, None if shared is None else [bool(d) for d in shared])
-            return self._judge()
+        return self._add("comparisons", self.comparisons, disagreed, lambda entries: [bool(d) for d in entries])
 
-    def _shared(self, kind: str, entry) -> list | None:
-        """The shared window of `kind` with `entry` appended, or None (no Redis, or Redis down)."""
-        if self.windows is None:
-            return None
-        return self.windows.push(self.candidate, kind, entry, self.spec.window)
+    def _add(self, kind: str, window: deque, entry, decode) -> str | None:
+        """Adds `entry` to the window of `kind` (the shared one when there is one) and judges.
+
+        The fill and the judgement happen under one lock, and a shared window older than one
+        already taken (replies of concurrent pushes come back in any order) is not taken: the
+        push that completed a window is judged on it."""
+        shared = None if self.windows is None else self.windows.push(self.candidate, kind, entry, self.spec.window)
+        with self._lock:
+            if shared is None:
+                window.append(tuple(entry) if isinstance(entry, list) else entry)
+            else:
+                seq, entries = shared
+                if seq > self._seen_seq.get(kind, 0):
+                    self._seen_seq[kind] = seq
+                    window.clear()
+                    window.extend(decode(entries))
+            return self._judge()
 
     def window(self) -> pb.RolloutWindow:
         with self._lock:
@@ -256,15 +263,6 @@ class Rollout:
         if self.changed_at:
             rollout.changed_at.FromJsonString(self.changed_at)
         return rollout
-
-
-def _fill(window: deque, entry, shared: list | None) -> None:
-    """The window becomes the shared one when there is one, else gets `entry` appended."""
-    if shared is None:
-        window.append(entry)
-    else:
-        window.clear()
-        window.extend(shared)
 
 
 def _median(values: list[float]) -> float:
