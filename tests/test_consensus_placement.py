@@ -10,12 +10,11 @@ import time
 import grpc
 from mirador.v1 import common_pb2, consensus_pb2, consensus_pb2_grpc, model_host_pb2, model_host_pb2_grpc
 
-from conftest import free_port
 from fault_scenarios import models_of
+from placement_mesh import write_placement_config
 from services.cli.supervisor import Mesh
 from services.common.config import load_config
 from services.common.model_repository import ModelRepository
-from test_load_balancing import free_port_run
 from tiny_models import build_tiny_decoder, build_tiny_encoder
 
 MEMBERS = ["tiny-a", "tiny-b", "tiny-c"]
@@ -23,25 +22,11 @@ OPTIONS = ["approve", "reject"]
 
 
 def write(directory, balancing: str):
-    port = free_port_run(2)
-    lines = [
-        "services:",
-        f"  model_host: {{port: {port}, replicas: 2, shutdown_grace_s: 2s}}",
-        f"  router: {{port: {free_port()}, model_host_targets: [127.0.0.1:{port}, 127.0.0.1:{port + 1}], "
-        f"model_host_balancing: {balancing}, rollout_state: {directory / 'rollouts.json'}}}",
-        f"  consensus: {{port: {free_port()}, shutdown_grace_s: 2s, escalation_db: {directory / 'escalations.sqlite3'}}}",
-        f"  quantizer: {{port: {free_port()}}}",
-        f"  gateway: {{port: {free_port()}}}",
-        f"model_repository: {directory / 'models'}",
-        "fleet:",
-        "  tiny-embed: {task: embedding, tier: hot}",
-        *(f"  {name}: {{task: text-generation, tier: warm}}" for name in MEMBERS),
-        "routes:",
-        f"  vote: {{primary: {MEMBERS[0]}, validators: [{', '.join(MEMBERS[1:])}], consensus_threshold: 0.5, "
-        "options: [approve, reject]}",
-    ]
-    path = directory / "mirador.yaml"
-    path.write_text("\n".join(lines) + "\n")
+    fleet = {"tiny-embed": "{task: embedding, tier: hot}",
+             **{name: "{task: text-generation, tier: warm}" for name in MEMBERS}}
+    routes = {"vote": f"{{primary: {MEMBERS[0]}, validators: [{', '.join(MEMBERS[1:])}], consensus_threshold: 0.5, "
+                      "options: [approve, reject]}"}
+    path = write_placement_config(directory, fleet, routes, hosts=2, router={"model_host_balancing": balancing})
     repository = ModelRepository(directory / "models")
     build_tiny_encoder(repository, "tiny-embed")
     for seed, name in enumerate(MEMBERS):

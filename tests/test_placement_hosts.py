@@ -28,8 +28,8 @@ import pytest
 import yaml
 from mirador.v1 import common_pb2, model_host_pb2, router_pb2, router_pb2_grpc
 
-from conftest import free_port
 from fault_scenarios import listing, models_of, wait_for, wait_ready
+from placement_mesh import write_placement_config
 from services.cli.supervisor import Mesh, write_config_variant
 from services.common.config import load_config
 from services.common.model_repository import ModelRepository
@@ -47,29 +47,12 @@ def write_fleet(directory: Path, decoders: list[str], *, hosts: int, listed: int
                 budget_mb: int = 0, port: int | None = None, big: bool = True, copies: dict[str, int] | None = None,
                 huge: str = "") -> Path:
     """Config: `hosts` model-host replicas (ports p..p+hosts-1); the router lists `listed` of them."""
-    listed = listed or hosts
-    port = port or free_port_run(max(hosts, listed))
-    budget = f", memory_budget_mb: {budget_mb}" if budget_mb else ""
-    targets = ", ".join(f"127.0.0.1:{port + i}" for i in range(listed))
-    lines = [
-        "services:",
-        f"  model_host: {{port: {port}, replicas: {hosts}, shutdown_grace_s: 2s{budget}}}",
-        f"  router: {{port: {free_port()}, shutdown_grace_s: 2s, model_host_targets: [{targets}], "
-        f"rollout_state: {directory / 'rollouts.json'}}}",
-        f"  consensus: {{port: {free_port()}}}",
-        f"  quantizer: {{port: {free_port()}}}",
-        f"  gateway: {{port: {free_port()}}}",
-        f"model_repository: {directory / 'models'}",
-        "fleet:",
-        "  tiny-embed: {task: embedding, tier: hot}",
-        *(f"  {name}: {DECODER_KEYS if big else '{task: text-generation, tier: warm}'}" for name in decoders),
-        *(f"  {name}: {{task: text-generation, tier: warm, copies: {n}}}" for name, n in (copies or {}).items()),
-        *([f"  {huge}: {DECODER_KEYS}"] if huge else []),
-        "routes:",
-        f"  chat: {{primary: {decoders[0]}}}",
-    ]
-    path = directory / "mirador.yaml"
-    path.write_text("\n".join(lines) + "\n")
+    fleet = {"tiny-embed": "{task: embedding, tier: hot}",
+             **{name: DECODER_KEYS if big else "{task: text-generation, tier: warm}" for name in decoders},
+             **{name: f"{{task: text-generation, tier: warm, copies: {n}}}" for name, n in (copies or {}).items()},
+             **({huge: DECODER_KEYS} if huge else {})}
+    path = write_placement_config(directory, fleet, {"chat": f"{{primary: {decoders[0]}}}"}, hosts=hosts, listed=listed,
+                                  port=port, model_host={"memory_budget_mb": budget_mb} if budget_mb else None)
     repository = ModelRepository(directory / "models")
     build_tiny_encoder(repository, "tiny-embed")
     for seed, name in enumerate(decoders):
