@@ -82,7 +82,7 @@ def confidence_pb(c: Confidence) -> common_pb2.ConfidenceMetadata:
     )
 
 
-def status_pb(record: ModelRecord, load_bytes: int = 0) -> pb.ModelStatus:
+def status_pb(record: ModelRecord, load_bytes: int = 0, promoted: bool = False) -> pb.ModelStatus:
     status = pb.ModelStatus(
         name=record.name,
         version=record.manifest.version if record.manifest else "",
@@ -97,6 +97,8 @@ def status_pb(record: ModelRecord, load_bytes: int = 0) -> pb.ModelStatus:
         load_ms=record.load_ms,
         detail=record.detail,
         load_bytes=load_bytes,
+        pinned=record.pinned,
+        promoted=promoted,
     )
     if record.last_used_wall:
         status.last_used.CopyFrom(timestamp_pb2.Timestamp(seconds=int(record.last_used_wall)))
@@ -175,8 +177,9 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         log_event(log, "list models")  # one line per call: the load-balancing tests count them per replica
         self.registry.refresh()
+        promoted = self.registry.promoted()
         return pb.ListModelsResponse(
-            models=[status_pb(record, self._load_bytes(record))
+            models=[status_pb(record, self._load_bytes(record), record.name in promoted)
                     for record in (self.registry.record(name) for name in sorted(self.registry.records))],
             memory_budget_bytes=self.registry.budget_bytes,
             memory_used_bytes=self.registry.used_bytes,

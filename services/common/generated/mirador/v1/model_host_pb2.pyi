@@ -147,7 +147,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., dimension: _Optional[int] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("name", "version", "task", "tier", "state", "ready", "memory_bytes", "last_used", "requests_total", "requests_in_flight", "execution_provider", "load_ms", "detail", "load_bytes")
+    __slots__ = ("name", "version", "task", "tier", "state", "ready", "memory_bytes", "last_used", "requests_total", "requests_in_flight", "execution_provider", "load_ms", "detail", "load_bytes", "pinned", "promoted")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,8 @@ class ModelStatus(_message.Message):
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     LOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     task: ModelTask
@@ -176,7 +178,9 @@ class ModelStatus(_message.Message):
     load_ms: float
     detail: str
     load_bytes: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., task: _Optional[_Union[ModelTask, str]] = ..., tier: _Optional[_Union[ModelTier, str]] = ..., state: _Optional[_Union[ModelState, str]] = ..., ready: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requests_total: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., execution_provider: _Optional[str] = ..., load_ms: _Optional[float] = ..., detail: _Optional[str] = ..., load_bytes: _Optional[int] = ...) -> None: ...
+    pinned: bool
+    promoted: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., task: _Optional[_Union[ModelTask, str]] = ..., tier: _Optional[_Union[ModelTier, str]] = ..., state: _Optional[_Union[ModelState, str]] = ..., ready: _Optional[bool] = ..., memory_bytes: _Optional[int] = ..., last_used: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requests_total: _Optional[int] = ..., requests_in_flight: _Optional[int] = ..., execution_provider: _Optional[str] = ..., load_ms: _Optional[float] = ..., detail: _Optional[str] = ..., load_bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., promoted: _Optional[bool] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("model",)
