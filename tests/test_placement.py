@@ -161,17 +161,88 @@ def test_a_model_larger_than_every_budget_is_refused_naming_sizes():
 
 
 def test_nonsense_reports_are_recognised():
-    fleet = {"m": ModelSpec("m", "text-generation")}
-    ok = model_host_pb2.ListModelsResponse(models=[model_host_pb2.ModelStatus(name="m")], memory_budget_bytes=10,
-                                           memory_used_bytes=5)
-    assert nonsense(ok, fleet) == ""
-    negative = model_host_pb2.ListModelsResponse(memory_budget_bytes=10 * MB, memory_used_bytes=30 * MB)
-    assert "-20 MB free memory" in nonsense(negative, fleet)
+    fleet = {"m": ModelSpec("m", "text-generation"), "n": ModelSpec("n", "text-generation")}
+
+    def listing(used: int, budget: int = 10 * MB, **held: tuple[int, int]) -> model_host_pb2.ListModelsResponse:
+        return model_host_pb2.ListModelsResponse(
+            models=[model_host_pb2.ModelStatus(name=name, state=state, memory_bytes=size)
+                    for name, (state, size) in held.items()], memory_budget_bytes=budget, memory_used_bytes=used)
+
+    assert nonsense(listing(5 * MB, m=(READY, 5 * MB)), fleet) == ""
+    # more loaded than the budget is believed: pinned models measured over their estimate, a shrunk budget
+    assert nonsense(listing(30 * MB, m=(READY, 30 * MB)), fleet) == ""
+    negative = listing(2**64 - 20 * MB, m=(READY, 2**64 - 20 * MB))
+    assert nonsense(negative, fleet) == f"reports negative memory (memory_used_bytes {-20 * MB}, m.memory_bytes {-20 * MB})"
+    assert nonsense(listing(9 * MB, m=(READY, 5 * MB)), fleet) == \
+        f"reports {9 * MB} bytes used, but its models hold {5 * MB}"
+    assert nonsense(listing(5 * MB, m=(READY, 2 * MB), n=(UNLOADED, 3 * MB)), fleet) == \
+        "reports memory held by models that are not loaded (n)"
     unknown = model_host_pb2.ListModelsResponse(models=[model_host_pb2.ModelStatus(name="stranger")])
     assert "stranger" in nonsense(unknown, fleet)
     ignored = host("a:1")
     ignored.problem = nonsense(unknown, fleet)
     assert not ignored.usable and "ignored" in hosts_table([ignored])[0]
+    # a host over its budget has no free memory, and a little weight (it can evict idle models)
+    over = host("b:1", budget_mb=100, used_mb=150)
+    assert over.usable and over.free_bytes == 0 and over.weight() == 2 * MB
+
+
+def pinned_and_evictable(model: str, pinned: bool = True) -> list[HostView]:
+    """Two hosts of 300 MB, neither with room for a 100 MB `model` without evicting: `pinned:1`
+    holds 250 MB of a hot model, `evictable:1` 280 MB of idle warm ones."""
+    size = {model: ModelOnHost(UNLOADED, load_bytes=100 * MB)}
+    return [host("pinned:1", budget_mb=300, used_mb=250, hot=ModelOnHost(READY, memory_bytes=250 * MB, pinned=pinned),
+                 **size),
+            host("evictable:1", budget_mb=300, used_mb=280, idle=ModelOnHost(READY, memory_bytes=280 * MB), **size)]
+
+
+def test_a_host_whose_pinned_models_leave_no_room_is_passed_over():
+    chosen = {m: choose(m, pinned_and_evictable(m)) for m in MODELS[:200]}
+    assert {c.host.address for c in chosen.values()} == {"evictable:1"}
+    # the placement could not be met as the hash asked for the models whose first host is the pinned one: counted
+    passed = [m for m, c in chosen.items() if c.passed_over]
+    assert passed and all(chosen[m].passed_over[0].address == "pinned:1" for m in passed)
+    assert 0.2 < len(passed) / len(chosen) < 0.8
+    # the negative control: were the 250 MB evictable, the hash would send a share of them there
+    unpinned = {choose(m, pinned_and_evictable(m, pinned=False)).host.address for m in MODELS[:200]}
+    assert unpinned == {"pinned:1", "evictable:1"}
+    # `copies` degrade to the hosts that can hold it
+    two = choose("m", pinned_and_evictable("m"), copies=2)
+    assert two.host.address == "evictable:1" and two.load_also == () and two.short_by == 1
+
+
+def test_a_model_that_only_pinned_memory_keeps_out_is_refused_naming_it():
+    hosts = pinned_and_evictable("m")
+    hosts[1].models["idle"] = ModelOnHost(READY, memory_bytes=280 * MB, pinned=True)
+    with pytest.raises(ResourceExhausted) as refused:
+        choose("m", hosts)
+    assert refused.value.message == (
+        "model `m` needs 100 MB, and every model host whose budget could hold it has too much of it pinned by hot "
+        "models: pinned:1 (300 MB budget, 250 MB pinned), evictable:1 (300 MB budget, 280 MB pinned); make some of "
+        "them warm (fleet.NAME.tier), raise services.model_host.memory_budget_mb or shrink the model (mirador quantize)")
+
+
+def test_a_host_busy_loading_comes_after_one_with_room_beside_its_pinned_models():
+    def hosts_for(model: str) -> list[HostView]:
+        size = {model: ModelOnHost(UNLOADED, load_bytes=100 * MB)}
+        return [host("loading:1", budget_mb=300, used_mb=250, idle=ModelOnHost(READY, memory_bytes=250 * MB),
+                     big=ModelOnHost(LOADING, load_bytes=250 * MB), **size),
+                host("idle:1", budget_mb=300, used_mb=280, idle=ModelOnHost(READY, memory_bytes=280 * MB), **size)]
+
+    # neither fits it without evicting; the first would wait for a 250 MB load to pass, the second need not
+    assert {choose(m, hosts_for(m)).host.address for m in MODELS[:100]} == {"idle:1"}
+
+
+def test_status_shows_each_hosts_models_with_their_tier_there():
+    view = host("a:1", budget_mb=1000, used_mb=300,
+                embed=ModelOnHost(READY, memory_bytes=50 * MB, pinned=True, tier="hot"),
+                busy=ModelOnHost(READY, memory_bytes=150 * MB, tier="warm", promoted=True),
+                idle=ModelOnHost(READY, memory_bytes=100 * MB, tier="cold"),
+                coming=ModelOnHost(LOADING, tier="warm"), gone=ModelOnHost(UNLOADED, tier="warm"))
+    line = hosts_table([view])[0]
+    assert line.split()[:3] == ["a:1", "usable", "300/1000"]
+    assert "50 pinned" in line
+    assert line.endswith("busy [hot, promoted], coming [warm, loading], embed [hot], idle [cold]"), line
 
 
 def test_dns_targets_are_resolved_to_every_address():

@@ -90,7 +90,7 @@ def test_a_load_that_measures_more_than_its_estimate_evicts_until_the_budget_hol
         for name in ("a", "b", "big"):
             async with registry.use(name):
                 pass
-        assert registry.used_bytes <= registry.budget_bytes  # a host over its budget is ignored by placement
+        assert registry.used_bytes <= registry.budget_bytes  # idle models go rather than the host staying over
         assert registry.record("a").state == State.UNLOADED and "more than estimated" in registry.record("a").detail
         assert registry.record("big").state == State.READY
 

@@ -124,13 +124,15 @@ def _print_placement(config: MiradorConfig) -> bool:
             view.budget_bytes, view.used_bytes = listing.memory_budget_bytes, listing.memory_used_bytes
             view.models = read_listing(listing, config.fleet)
         views.append(view)
-    print(f"\n{'model host':<22} {'state':<8} {'memory':<16} ready models")
+    print(f"\n{'model host':<22} {'state':<8} {'memory (used/budget)':<24} "
+          "models [tier there] (READY unless loading)")
     for line in hosts_table(views):
         print(line)
     width = max([24, *(len(name) for name in config.fleet)])
-    print(f"\n{'model':<{width}} {'task':<16} {'tier':<5} {'copies':<6} ready on")
+    print(f"\n{'model':<{width}} {'task':<16} {'tier':<5} {'copies':<6} "
+          "ready on (promoted: made hot there by its use)")
     for name, spec in sorted(config.fleet.items()):
-        holders = [v.address for v in views if v.ready(name)]
+        holders = [v.address + (" (promoted)" if v.models[name].promoted else "") for v in views if v.ready(name)]
         print(f"{name:<{width}} {spec.task:<16} {spec.tier:<5} {spec.copies:<6} {', '.join(holders) or '-'}")
     return any(v.healthy for v in views)
 

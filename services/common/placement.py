@@ -17,9 +17,12 @@ placement target, which loads it on demand:
   models (the `-w/ln(u)` form is the weighted HRW of Schindelhauer and Schomaker, 2005).
 * The weight is the host's free memory (budget minus what its loaded models hold), so emptier
   hosts take more new models; a full host keeps a small weight (it can evict idle models), and
-  a host whose whole budget is smaller than the model is no candidate at all. Hosts where the
-  model fits without evicting anything come first (its size is what the hosts report it takes),
-  so a load does not push out an idle model while another host has room.
+  a host whose budget less its pinned (hot) models is smaller than the model is no candidate at
+  all: it would refuse the load (RESOURCE_EXHAUSTED), so the model goes to its next host in hash
+  order, counted as a degraded placement. Hosts where the model fits without evicting anything
+  come first, then those where it fits beside their pinned models and the loads under way (its
+  size is what the hosts report it takes), so a load does not push out an idle model while
+  another host has room.
 * `copies` (per model in `fleet:`): while fewer hosts than that have the model READY, the
   next hosts in its order are asked to load it (`LoadModel`, in the background) while calls
   go to the copies that are READY. A busy model gets one more copy whenever every READY copy
@@ -28,8 +31,10 @@ placement target, which loads it on demand:
   unload them after `keep_alive`. A placement that cannot be satisfied (fewer usable hosts
   than copies, or none that can hold the model) degrades to the hosts that can, and counts it.
 
-A host that reports nonsense — more memory used than its budget, models the router's fleet
-does not have — is left out, with a log line, until it reports sense again. Calls that fail
+A host that reports nonsense — negative sizes, a used total its models do not add up to, models
+the router's fleet does not have — is left out, with a log line, until it reports sense again.
+More loaded than its budget is not nonsense (pinned models and KV slots can measure more than
+their estimates, a reload can shrink the budget): such a host has no free memory, that is all. Calls that fail
 before their first answer (the host is down, busy, or its load failed) are sent to the next
 host; so is a call still waiting for its first answer on a host that the refresh finds down
 (hung: SIGSTOP, a network partition). Once a stream has begun, its host's failure is the
@@ -57,7 +62,7 @@ from prometheus_client import Counter, Gauge
 
 from services.common.channels import open_channel
 from services.common.config import MiradorConfig, ModelSpec, SecurityConfig
-from services.common.errors import ServiceError, Unavailable
+from services.common.errors import ResourceExhausted, ServiceError, Unavailable
 from services.common.logs import log_event
 from services.common.placement_policy import HostView, choose, dns_name, nonsense, read_listing, resolve
 
@@ -241,9 +246,17 @@ class ModelHosts:
 
     def pick(self, model: str, exclude: frozenset[str] = frozenset()) -> _Host:
         spec = self.fleet.get(model)
-        choice = choose(model, self.views, self.copies(model), exclude, busy_at=spec.max_num_seqs if spec else 0)
+        try:
+            choice = choose(model, self.views, self.copies(model), exclude, busy_at=spec.max_num_seqs if spec else 0)
+        except ResourceExhausted:
+            DEGRADED.labels(model, "no host can hold it").inc()
+            raise
         if choice.short_by:
             DEGRADED.labels(model, "fewer hosts than copies").inc()
+        if choice.passed_over:
+            DEGRADED.labels(model, "no room beside pinned models").inc()
+            log_event(log, "model placed past hosts whose pinned models leave it no room", model=model,
+                      address=choice.host.address, passed_over=[h.address for h in choice.passed_over])
         for extra in choice.load_also:
             self._load_copy(model, self.hosts[extra.address])
         host = self.hosts[choice.host.address]

@@ -23,6 +23,7 @@ from services.common.logs import log_event
 
 log = logging.getLogger("mirador.placement")
 
+NEGATIVE = 1 << 63  # a uint64 this large is a negative number sent as unsigned
 UNLIMITED_WEIGHT = float(1 << 40)  # a host without a budget (0) weighs like one with 1 TiB free
 MIN_WEIGHT_SHARE = 0.02  # a full host still weighs this share of its budget: it can evict
 
@@ -38,7 +39,9 @@ class ModelOnHost:
     in_flight: int = 0
     memory_bytes: int = 0  # held now (READY)
     load_bytes: int = 0  # what a load takes (0 = unknown / not built)
-    pinned: bool = False  # hot tier: never evicted
+    pinned: bool = False  # never evicted now (hot tier, or the encoder of a loaded head)
+    tier: str = ""  # configured: hot, warm, cold
+    promoted: bool = False  # usage-driven tiering treats it as hot now (still evictable)
 
     @property
     def ready(self) -> bool:
@@ -81,18 +84,40 @@ class HostView:
         status = self.models.get(model)
         return (status.in_flight if status else 0) + self.calls_here.get(model, 0)
 
+    def coming_bytes(self, but: str = "") -> int:
+        """What loads under way there (and those this router sent since the refresh) will take, other
+        than `but`'s: a LOADING model is not in the host's used bytes yet."""
+        return sum(status.load_bytes for name, status in self.models.items()
+                   if name != but and not status.ready and (status.loading or name in self.expected))
+
+    def pinned_bytes(self, but: str = "") -> int:
+        """What the host's pinned models (never evicted) hold, other than `but`."""
+        return sum(status.memory_bytes for name, status in self.models.items()
+                   if name != but and status.ready and status.pinned)
+
     @property
     def free_bytes(self) -> float:
-        """The budget left, less what loads under way there (and those this router sent since the
-        refresh) will take: a LOADING model is not in the host's used bytes yet."""
+        """The budget left, less what loads under way there will take (loaded bytes over the budget
+        are possible: pinned models that measured more than their estimate, a shrunk budget)."""
         if not self.budget_bytes:
             return UNLIMITED_WEIGHT
-        coming = sum(status.load_bytes for name, status in self.models.items()
-                     if not status.ready and (status.loading or name in self.expected))
-        return max(self.budget_bytes - self.used_bytes - coming, 0)
+        return max(self.budget_bytes - self.used_bytes - self.coming_bytes(), 0)
 
-    def can_hold(self, size_bytes: int) -> bool:
+    def room_for(self, model: str) -> float:
+        """What `model` could have there by evicting every idle model: the budget less the pinned
+        models and the loads under way (a load finishes before the next begins, so those pass)."""
+        if not self.budget_bytes:
+            return UNLIMITED_WEIGHT
+        return self.budget_bytes - self.pinned_bytes(model) - self.coming_bytes(model)
+
+    def within_budget(self, size_bytes: int) -> bool:
         return not self.budget_bytes or not size_bytes or size_bytes <= self.budget_bytes
+
+    def can_hold(self, size_bytes: int, model: str = "") -> bool:
+        """Whether a load of `size_bytes` could ever succeed there: within the budget less what the
+        pinned models hold (the host refuses a load that only pinned memory stands in the way of)."""
+        return (not self.budget_bytes or not size_bytes
+                or size_bytes <= self.budget_bytes - self.pinned_bytes(model))
 
     def weight(self) -> float:
         if not self.budget_bytes:
@@ -101,10 +126,22 @@ class HostView:
 
 
 def nonsense(listing: model_host_pb2.ListModelsResponse, fleet: dict[str, ModelSpec]) -> str:
-    """Why a host's ListModels cannot be believed, or "" when it can."""
-    if listing.memory_budget_bytes and listing.memory_used_bytes > listing.memory_budget_bytes:
-        free = (listing.memory_budget_bytes - listing.memory_used_bytes) / 2**20
-        return f"reports {free:.0f} MB free memory (used {listing.memory_used_bytes} of {listing.memory_budget_bytes} bytes)"
+    """Why a host's ListModels cannot be believed, or "" when it can. More bytes loaded than the
+    budget is believed: pinned (hot) models and KV slots can measure more than their estimates, and
+    a reloaded config can shrink the budget below what is pinned. Negative sizes (a uint64 from a
+    signed number) and a used total that is not what its models hold are not."""
+    sizes = {"memory_budget_bytes": listing.memory_budget_bytes, "memory_used_bytes": listing.memory_used_bytes,
+             **{f"{m.name}.memory_bytes": m.memory_bytes for m in listing.models},
+             **{f"{m.name}.load_bytes": m.load_bytes for m in listing.models}}
+    negative = [f"{key} {value - 2**64}" for key, value in sizes.items() if value >= NEGATIVE]
+    if negative:
+        return f"reports negative memory ({', '.join(negative[:3])})"
+    held = sum(m.memory_bytes for m in listing.models)
+    if held != listing.memory_used_bytes:
+        return f"reports {listing.memory_used_bytes} bytes used, but its models hold {held}"
+    phantom = sorted(m.name for m in listing.models if m.memory_bytes and m.state != model_host_pb2.MODEL_STATE_READY)
+    if phantom:
+        return f"reports memory held by models that are not loaded ({', '.join(phantom[:5])})"
     unknown = sorted(m.name for m in listing.models if m.name not in fleet)
     if unknown:
         return (f"reports models the router's fleet does not have ({', '.join(unknown[:5])}); "
@@ -114,8 +151,13 @@ def nonsense(listing: model_host_pb2.ListModelsResponse, fleet: dict[str, ModelS
 
 def read_listing(listing: model_host_pb2.ListModelsResponse, fleet: dict[str, ModelSpec]) -> dict[str, ModelOnHost]:
     return {m.name: ModelOnHost(state=m.state, in_flight=m.requests_in_flight, memory_bytes=m.memory_bytes,
-                                load_bytes=m.load_bytes, pinned=m.tier == model_host_pb2.MODEL_TIER_HOT)
+                                load_bytes=m.load_bytes, pinned=m.pinned or m.tier == model_host_pb2.MODEL_TIER_HOT,
+                                tier=TIER_NAMES.get(m.tier, ""), promoted=m.promoted)
             for m in listing.models}
+
+
+TIER_NAMES = {model_host_pb2.MODEL_TIER_HOT: "hot", model_host_pb2.MODEL_TIER_WARM: "warm",
+              model_host_pb2.MODEL_TIER_COLD: "cold"}
 
 
 # --------------------------------------------------------------------------- choosing (pure)
@@ -132,11 +174,14 @@ def rendezvous_score(model: str, address: str, weight: float) -> float:
 
 
 def placement_order(model: str, hosts: Iterable[HostView], size_bytes: int = 0) -> list[HostView]:
-    """The usable hosts that can hold `model`, best target first: weighted rendezvous hashing, among
-    the hosts where it fits without evicting anything first (when its size is known), so a load
-    does not push out an idle model while another host has room."""
-    candidates = [h for h in hosts if h.usable and h.can_hold(size_bytes)]
+    """The usable hosts that can hold `model` (beside their pinned models), best target first:
+    weighted rendezvous hashing, among the hosts where it fits without evicting anything first,
+    then those where it fits beside their pinned models and the loads under way (when its size is
+    known), so a load does not push out an idle model while another host has room, nor wait for
+    another load to pass."""
+    candidates = [h for h in hosts if h.usable and h.can_hold(size_bytes, model)]
     return sorted(candidates, key=lambda h: (bool(size_bytes) and h.free_bytes >= size_bytes,
+                                             bool(size_bytes) and h.room_for(model) >= size_bytes,
                                              rendezvous_score(model, h.address, h.weight()), h.address), reverse=True)
 
 
@@ -145,6 +190,8 @@ class Choice:
     host: HostView  # where this call goes
     load_also: tuple[HostView, ...] = ()  # hosts to load another copy on, in the background
     short_by: int = 0  # copies asked for that no usable host can hold
+    # hosts whose hash would have put a new load there before `host`, but whose pinned models leave no room
+    passed_over: tuple[HostView, ...] = ()
 
 
 def model_size(model: str, hosts: Iterable[HostView]) -> int:
@@ -175,10 +222,18 @@ def choose(model: str, hosts: Sequence[HostView], copies: int = 1, exclude: froz
     size = model_size(model, hosts)
     order = placement_order(model, usable, size)
     if not order:
-        largest = max(usable, key=lambda h: h.budget_bytes)
+        big_enough = [h for h in usable if h.within_budget(size)]
+        if not big_enough:
+            largest = max(usable, key=lambda h: h.budget_bytes)
+            raise ResourceExhausted(
+                f"model `{model}` needs {size / 2**20:.0f} MB, more than the memory budget of every model host "
+                f"(the largest: {largest.budget_bytes / 2**20:.0f} MB at {largest.address}); raise "
+                "services.model_host.memory_budget_mb or shrink the model (mirador quantize)")
+        held = ", ".join(f"{h.address} ({h.budget_bytes / 2**20:.0f} MB budget, {h.pinned_bytes(model) / 2**20:.0f} MB "
+                         "pinned)" for h in big_enough)
         raise ResourceExhausted(
-            f"model `{model}` needs {size / 2**20:.0f} MB, more than the memory budget of every model host "
-            f"(the largest: {largest.budget_bytes / 2**20:.0f} MB at {largest.address}); raise "
+            f"model `{model}` needs {size / 2**20:.0f} MB, and every model host whose budget could hold it has too "
+            f"much of it pinned by hot models: {held}; make some of them warm (fleet.NAME.tier), raise "
             "services.model_host.memory_budget_mb or shrink the model (mirador quantize)")
     ready = [h for h in usable if h.ready(model)]
     holding = set(id(h) for h in ready)
@@ -197,7 +252,21 @@ def choose(model: str, hosts: Sequence[HostView], copies: int = 1, exclude: froz
     target = loading[0] if loading else order[0]  # a load under way is shared, not started twice
     others = [h for h in order if h is not target and not h.loading(model)]
     wanted = max(copies - 1 - (len(loading) - 1 if loading else 0), 0)
-    return Choice(target, tuple(others[:wanted]), short_by=max(wanted - len(others), 0))
+    return Choice(target, tuple(others[:wanted]), short_by=max(wanted - len(others), 0),
+                  passed_over=() if loading else _passed_over(model, usable, target, size))
+
+
+def _passed_over(model: str, usable: Sequence[HostView], target: HostView, size: int) -> tuple[HostView, ...]:
+    """The hosts that would have come before `target` had pinned memory not counted: their budget
+    holds the model, their pinned models leave it no room, and their hash scores higher (a target
+    where the model fits without evicting comes first either way)."""
+    def score(h: HostView) -> float:
+        return rendezvous_score(model, h.address, h.weight())
+
+    if not size or target.free_bytes >= size:
+        return ()
+    return tuple(h for h in usable
+                 if h.within_budget(size) and not h.can_hold(size, model) and score(h) > score(target))
 
 
 # --------------------------------------------------------------------------- targets
@@ -242,13 +311,28 @@ async def resolve(targets: Sequence[str]) -> list[str]:
     return addresses
 
 
+def tier_shown(status: ModelOnHost) -> str:
+    """How `mirador status` shows a model's tier on one host: its configured tier, `hot, promoted`
+    where usage-driven tiering made it hot there, `pinned` for an encoder held by its heads."""
+    if status.promoted:
+        return "hot, promoted"
+    if status.pinned and status.tier != "hot":
+        return "pinned"
+    return status.tier or "?"
+
+
 def hosts_table(views: Iterable[HostView]) -> list[str]:
-    """Lines for `mirador status`: each host, its budget and the models READY there."""
+    """Lines for `mirador status`: each host, its memory (pinned included) and the models in memory
+    there, READY unless marked loading, each with its tier on that host."""
     lines = []
     for view in views:
         state = "usable" if view.usable else (f"ignored: {view.problem}" if view.healthy else "down")
+        pinned = view.pinned_bytes()
         budget = f"{view.used_bytes / 2**20:.0f}/{view.budget_bytes / 2**20:.0f} MB" if view.budget_bytes else \
             f"{view.used_bytes / 2**20:.0f} MB (no budget)"
-        ready = ", ".join(sorted(m for m, s in view.models.items() if s.ready)) or "-"
-        lines.append(f"{view.address:<22} {state:<8} {budget:<16} {ready}")
+        if pinned:
+            budget += f", {pinned / 2**20:.0f} pinned"
+        models = ", ".join(f"{name} [{tier_shown(s)}{', loading' if s.loading else ''}]"
+                           for name, s in sorted(view.models.items()) if s.ready or s.loading) or "-"
+        lines.append(f"{view.address:<22} {state:<8} {budget:<24} {models}")
     return lines

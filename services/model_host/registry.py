@@ -305,7 +305,7 @@ class ModelRegistry:
 
     def _trim_to_budget(self, loaded: ModelRecord) -> None:
         """A first load can measure more than its estimate: evicts idle models until the budget holds
-        again (a host reporting more used than its budget reads as nonsense to the router's placement)."""
+        again (pinned ones stay, so a host can report more used than its budget; placement believes it)."""
         if not self.budget_bytes or self.used_bytes <= self.budget_bytes:
             return
         candidates = self.tiers.eviction_order(
