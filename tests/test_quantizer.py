@@ -107,6 +107,59 @@ def test_packing_matches_what_matmulnbits_computes(bits, K, N, block):
     assert error < {8: 0.01, 4: 0.15, 2: 0.7}[bits]
 
 
+@pytest.mark.parametrize("code, K, N, block", [(quant.Q4F, 64, 48, 32), (quant.Q4F, 200, 3, 64),
+                                               (quant.Q2F, 70, 24, 32), (quant.Q2F, 96, 40, 16)])
+def test_float_minimum_codes_are_what_matmulnbits_plus_block_offsets_compute(code, K, N, block):
+    """MatMulNBits at its default zero point plus block_sum(x) @ offsets (the writer's form) computes
+    x @ dequantize(packed); the bytes are `quantized_bytes`."""
+    rng = np.random.default_rng(code + K)
+    weight = rng.standard_normal((K, N)).astype(np.float32)
+    packed = quant.pack(weight, code, block)
+    assert packed.code == code and packed.nbytes == quant.quantized_bytes(K, N, code, block)
+    blocks = quant.k_blocks(K, block)
+    indicator = np.repeat(np.eye(blocks, dtype=np.float32), block, axis=0)[:K]
+    nodes = [helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y0"], domain="com.microsoft", K=K, N=N,
+                              bits=quant.nbits(code), block_size=block, accuracy_level=0),
+             helper.make_node("MatMul", ["A", "I"], ["sums"]), helper.make_node("MatMul", ["sums", "O"], ["Y1"]),
+             helper.make_node("Add", ["Y0", "Y1"], ["Y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, N])],
+        initializer=[numpy_helper.from_array(packed.data, "B"), numpy_helper.from_array(packed.scales, "S"),
+                     numpy_helper.from_array(indicator, "I"), numpy_helper.from_array(packed.offsets, "O")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    a = rng.standard_normal((5, K)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    np.testing.assert_allclose(y, a @ quant.dequantize(packed), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_float_minimum_search_beats_min_max_rounding_and_is_exact_on_a_q4_1_grid(bits):
+    rng = np.random.default_rng(bits)
+    weight = rng.standard_normal((256, 64)).astype(np.float32)
+    importance = rng.random(256).astype(np.float32) + 0.1
+
+    def err(packed, a=None):
+        a = np.ones(256, np.float32) if a is None else a
+        return float(np.sum(a[:, None] * (quant.dequantize(packed) - weight) ** 2))
+
+    plain = quant.pack_float_min(weight, bits, 32, steps=0)  # min/max rounding only
+    searched = quant.pack_float_min(weight, bits, 32)
+    weighted = quant.pack_float_min(weight, bits, 32, importance=importance)
+    assert err(searched) < 0.95 * err(plain)
+    assert err(weighted, importance) <= err(searched, importance) + 1e-6
+    assert err(quant.pack(weight, bits, 32)) > err(searched)  # integer zero point, ORT's RTN
+    # Weights on a Q4_1 grid (w = d q + m, q in 0..15, as SmolLM2's GGUF stores them): 4f is exact.
+    d, m = rng.random((64, 8, 1)) * 0.01, -rng.random((64, 8, 1)) * 0.05
+    q = rng.integers(0, 16, (64, 8, 32))
+    q[:, :, 0], q[:, :, 1] = 0, 15
+    grid = np.ascontiguousarray((d * q + m).reshape(64, 256).T.astype(np.float32))
+    if bits == 4:
+        assert np.abs(quant.dequantize(quant.pack(grid, quant.Q4F, 32)) - grid).max() < 1e-6
+        assert np.abs(quant.dequantize(quant.pack(grid, 4, 32)) - grid).max() > 1e-4
+
+
 @pytest.mark.parametrize("bits, block", [(8, 16), (8, 32), (4, 32), (4, 64), (2, 32), (2, 128)])
 def test_gather_block_quantized_reads_the_transposed_packing(bits, block):
     """GatherBlockQuantized (uint8, 3-D [V, H/b, b] form) over the MatMulNBits packing of E^T returns
@@ -281,6 +334,34 @@ def test_tied_head_is_untied_and_every_embedding_head_choice_is_written_exactly(
         if e == h == 8:
             assert np.abs(logits - reference).max() < 0.05 * np.abs(reference).max()
     assert prober.kl({emb.name: packs.fake(emb, 2)}) > prober.kl({emb.name: packs.fake(emb, 4)}) > 0
+
+
+def test_float_minimum_layers_are_written_exactly_and_compute_what_the_probe_feeds(tied):
+    """Every MatMul at 4f or 2f (the head too, beside an integer-coded or fp32 embedding): exact initializer
+    bytes (one block-sum indicator per K, one block sum per input), and the written model computes what
+    the probe computes with the dequantized weights."""
+    _, manifest = tied
+    decoder = DecoderGraph.load(manifest.path_of("model"))
+    packs = PackCache(decoder, 32)
+    windows = np.random.default_rng(2).integers(3, 200, size=(2, 16))
+    prober = Prober(decoder, windows)
+    emb = next(layer for layer in decoder.layers if layer.kind == "gather")
+    matmuls = [layer for layer in decoder.layers if layer.kind == "matmul"]
+    for code, emb_code in ((quant.Q4F, 4), (quant.Q2F, 0), (quant.Q4F, 8)):
+        bits = {**{layer.name: code for layer in matmuls}, emb.name: emb_code}
+        bits[matmuls[1].name] = 4  # an integer-coded neighbour reading the same input as a float-minimum one
+        model = build_model(decoder, packs, bits, accuracy_level=0)
+        assert initializer_bytes(model) == quantizer_bytes(decoder, bits), code
+        ops = [n.op_type for n in model.graph.node]
+        inputs = {layer.node: next(n for n in decoder.model.graph.node if n.name == layer.node).input[0]
+                  for layer in matmuls if bits[layer.name] == code}
+        assert ops.count("MatMulNBits") == len(matmuls) and ops.count("Add") >= len(inputs)
+        block_sums = [n for n in model.graph.node if n.name.endswith("/block_sum")]
+        assert len(block_sums) == len(set(inputs.values()))  # one per input, shared
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        logits = session.run(["logits"], decoder_feeds(session, windows))[0]
+        replacements = {name: packs.fake(decoder.layer(name), b) for name, b in bits.items() if b}
+        np.testing.assert_allclose(prober.logits(replacements), logits, atol=2e-3, rtol=1e-4)
 
 
 def quantizer_bytes(decoder, bits):
@@ -482,6 +563,8 @@ def test_a_budget_is_never_answered_worse_than_a_uniform_allocation_within_it(ti
     result = quantizer.run(repository, QuantizeOptions(budget_bits=4.0, output_name="tiny-tied-b4", **FAST))
     written = result.manifest.extra["quantization"]["layer_bits"]
     assert quantizer.mean_bits(written) <= 4.0
+    # --budget-bits 4 is uniform-4-all's size: the mix is compared at equal size
+    assert quantizer.weight_bytes(written) <= quantizer.weight_bytes(quantizer.uniform_all_bits(4))
     for bits in (quantizer.uniform_all_bits(4), quantizer.uniform_all_bits(2)):
         if quantizer.mean_bits(bits) <= 4.0:
             assert quantizer.joint_kl(written) <= quantizer.joint_kl(bits) + 1e-12

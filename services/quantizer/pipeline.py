@@ -30,7 +30,7 @@ from services.quantizer.sensitivity import (
     PackCache, Prober, TextSource, analyze, token_windows,
 )
 from services.quantizer.writer import (
-    ACCURACY_LEVEL, NODE_OVERHEAD_BYTES, build_model, graph_overhead_bytes, item_bytes, next_version,
+    ACCURACY_LEVEL, NODE_OVERHEAD_BYTES, build_model, graph_overhead_bytes, item_bytes, max_shared_bytes, next_version,
     predicted_weight_bytes, stage_files,
 )
 
@@ -41,7 +41,7 @@ Progress = Callable[[str, int, int, str], None]
 
 @dataclass
 class QuantizeOptions:
-    budget_bits: float | None = None       # mean nominal bits per (untied) MatMul weight
+    budget_bits: float | None = None       # the size of every layer at this many bits (see budget_bits_to_weight_bytes)
     budget_mb: float | None = None         # total model size on disk, MB (10^6 bytes)
     block_size: int = 32
     calibration: TextSource | None = None  # None = packaged calibration.txt
@@ -51,7 +51,7 @@ class QuantizeOptions:
     eval_windows: int = 8
     eval_tokens: int = 128
     measure_bits: tuple[int, ...] = (4, 2)
-    estimate_bits: tuple[int, ...] = (8,)
+    estimate_bits: tuple[int, ...] = (8, quant.Q4F, quant.Q2F)
     output_name: str | None = None
     # Neither budget_bits nor budget_mb: the model written is the smallest mix within ppl_tolerance of fp32.
     search_steps: int = 5       # budgets tried when searching the smallest size within 2% of fp32
@@ -91,6 +91,7 @@ class _Candidates:
     u4: dict[str, int]
     u8_all: dict[str, int]
     u4_all: dict[str, int]
+    u4f_all: dict[str, int]
     at_u4: dict[str, int]
     at_u4_all: dict[str, int]
     at_u8_all: dict[str, int]
@@ -165,8 +166,13 @@ class Quantizer:
                 for layer in self.decoder.layers}
 
     def uniform_all_bits(self, bits: int) -> dict[str, int]:
-        """Every layer at `bits`, the embedding (when its width holds whole blocks) and lm_head included."""
-        return {layer.name: (quant.FP32 if not self._quantizable(layer) else bits) for layer in self.decoder.layers}
+        """Every layer at `bits`, the embedding (when its width holds whole blocks) and lm_head included.
+        A float-minimum code applies to the MatMuls; the embedding then takes its integer form."""
+        def code(layer) -> int:
+            if not self._quantizable(layer):
+                return quant.FP32
+            return quant.nbits(bits) if layer.kind == "gather" and quant.is_float_min(bits) else bits
+        return {layer.name: code(layer) for layer in self.decoder.layers}
 
     def _quantizable(self, layer) -> bool:
         return layer.kind == "matmul" or layer.shape[0] % self.block_size == 0
@@ -178,6 +184,8 @@ class Quantizer:
         """The allocation's cost of `bits` on a layer: its measured (or estimated) single-layer KL,
         times the bit-width's interaction factor (1 unless `allocate_calibrated` measured one)."""
         return 0.0 if bits == quant.FP32 else s.kl[bits] * self.interaction.get(bits, 1.0)
+
+    BIT_CHOICES = (quant.FP32, 8, 4, 2, quant.Q4F, quant.Q2F)
 
     def joint_kl(self, bits: dict[str, int], only: int | None = None) -> float:
         """Measured calibration KL with every layer (or those at `only` bits) quantized as in `bits` at once."""
@@ -191,7 +199,7 @@ class Quantizer:
         sens = {s.layer.name: s for s in self._sensitivity_by_layer()}
         return float(sum(sens[n].kl[b] for n, b in bits.items() if b != quant.FP32 and (only is None or b == only)))
 
-    def allocate_calibrated(self, weight_budget: float, rounds: int = 3, bit_choices=(quant.FP32, 8, 4, 2),
+    def allocate_calibrated(self, weight_budget: float, rounds: int = 3, bit_choices=BIT_CHOICES,
                             log: list | None = None) -> dict[str, int]:
         """`allocate_bytes` with the additive model corrected by measurement.
 
@@ -244,10 +252,29 @@ class Quantizer:
             out.append((item, options))
         return out
 
-    def allocate_bytes(self, weight_budget: float, bit_choices=(quant.FP32, 8, 4, 2)) -> dict[str, int]:
+    def allocate_bytes(self, weight_budget: float, bit_choices=BIT_CHOICES) -> dict[str, int]:
         """Least total sensitivity with initializer bytes <= weight_budget (exact: each option's cost is
-        its real bytes, scales and zero points included; see writer.item_bytes)."""
+        its real bytes, scales and zero points included; see writer.item_bytes). With float-minimum
+        codes offered, the block-sum indicators they may share are reserved up front (<= 0.4 MB)."""
         fixed = self.decoder.initializer_bytes(exclude=self.decoder.weight_names())
+        integer = tuple(b for b in bit_choices if not quant.is_float_min(b))
+        if integer == tuple(bit_choices):
+            return self._allocate_bytes(weight_budget, bit_choices, fixed)
+        # Two exact solves, the better kept: integer codes only (no reserve), and every code with the
+        # indicators reserved (what the float-minimum layers may share; <= 0.4 MB for SmolLM2).
+        solutions = [self._allocate_bytes(weight_budget, integer, fixed)]
+        try:
+            solutions.append(self._allocate_bytes(weight_budget, bit_choices,
+                                                  fixed + max_shared_bytes(self.decoder, self.block_size)))
+        except BudgetError:
+            pass  # too tight for the reserve
+        return min(solutions, key=self._total_penalty)
+
+    def _total_penalty(self, bits: dict[str, int]) -> float:
+        sens = {s.layer.name: s for s in self._sensitivity_by_layer()}
+        return sum(self.penalty(sens[name], b) for name, b in bits.items())
+
+    def _allocate_bytes(self, weight_budget: float, bit_choices, fixed: float) -> dict[str, int]:
         items = self._items(bit_choices, lambda item, combo: item_bytes(self.decoder, item, combo, self.block_size))
         try:
             solved = allocation.solve([options for _, options in items], weight_budget - fixed, unit=1024.0)
@@ -260,16 +287,19 @@ class Quantizer:
         assert self.weight_bytes(bits) <= weight_budget
         return bits
 
-    def allocate_mean_bits(self, mean_bits: float) -> dict[str, int]:
-        """Least total sensitivity with mean nominal bits (32 for fp32) over every layer's weights <= mean_bits.
-        Nominal: an embedding and its untied head count as two weights each, with no sharing discount
-        (the byte budget, `allocate_bytes`, is the exact one)."""
-        total = sum(layer.numel for layer in self.decoder.layers)
-        items = self._items((quant.FP32, 8, 4, 2), lambda item, combo: sum(
-            (32 if b == quant.FP32 else b) * layer.numel for layer, b in zip(item, combo)))
-        unit = max(1.0, float(2 ** int(np.log2(max(1.0, total * 30 / 200_000)))))
-        solved = allocation.solve([options for _, options in items], mean_bits * total, unit=unit)
-        return {layer.name: b for (item, _), combo in zip(items, solved.labels) for layer, b in zip(item, combo)}
+    def budget_bits_to_weight_bytes(self, budget_bits: float) -> float:
+        """A budget in bits per weight as bytes: the weight bytes of every layer at that many bits
+        (`uniform_all_bits`: 2, 4 or 8 bits, integer zero points, scales and zero points included;
+        32 = fp32), linear between those points. So `--budget-bits 4` is exactly uniform-4-all's size,
+        and the mix is compared with uniform allocations at equal size."""
+        points = [(2.0, 2), (4.0, 4), (8.0, 8), (32.0, quant.FP32)]
+        sizes = [(b, float(self.weight_bytes(self.uniform_all_bits(code)))) for b, code in points]
+        if budget_bits <= sizes[0][0]:
+            return sizes[0][1] * budget_bits / sizes[0][0]
+        for (b0, w0), (b1, w1) in zip(sizes, sizes[1:]):
+            if budget_bits <= b1:
+                return w0 + (w1 - w0) * (budget_bits - b0) / (b1 - b0)
+        return sizes[-1][1]
 
     def budget_to_weight_bytes(self, budget_mb: float) -> float:
         return budget_mb * 1e6 - self.graph_bytes - NODE_OVERHEAD_BYTES * len(self.decoder.layers)
@@ -373,17 +403,20 @@ class Quantizer:
             requested = allocate(self.budget_to_weight_bytes(options.budget_mb), f"mixed@{options.budget_mb:g}MB")
             requested_name = f"mixed@{options.budget_mb:g}MB"
         elif options.budget_bits is not None:
-            requested = self.allocate_mean_bits(float(options.budget_bits))
             requested_name = f"mixed@{options.budget_bits:g}bits"
+            requested = allocate(self.budget_bits_to_weight_bytes(float(options.budget_bits)), requested_name)
         u4, u8 = self.uniform_bits(4), self.uniform_bits(8)
         u4_all, u8_all = self.uniform_all_bits(4), self.uniform_all_bits(8)
+        u4f_all = self.uniform_all_bits(quant.Q4F)
         uniform_check: list[str] = []
         if requested is not None:
             requested, requested_name, uniform_check = self.never_worse_than_uniform(
                 requested, requested_name, options,
-                {"uniform-8": u8, "uniform-4": u4, "uniform-8-all": u8_all, "uniform-4-all": u4_all})
+                {"uniform-8": u8, "uniform-4": u4, "uniform-8-all": u8_all, "uniform-4-all": u4_all,
+                 "uniform-4f-all": u4f_all, "uniform-2-all": self.uniform_all_bits(2),
+                 "uniform-2f-all": self.uniform_all_bits(quant.Q2F)})
         return _Candidates(
-            requested, requested_name, uniform_check, u8=u8, u4=u4, u8_all=u8_all, u4_all=u4_all,
+            requested, requested_name, uniform_check, u8=u8, u4=u4, u8_all=u8_all, u4_all=u4_all, u4f_all=u4f_all,
             at_u4=allocate(self.weight_bytes(u4), "mixed@uniform-4-size"),
             at_u4_all=allocate(self.weight_bytes(u4_all), "mixed@uniform-4-all-size"),
             at_u8_all=allocate(self.weight_bytes(u8_all), "mixed@uniform-8-all-size"))
@@ -394,7 +427,7 @@ class Quantizer:
         """Held-out perplexity of fp32, the candidates, the smallest mix within tolerance of fp32
         (bisection on the budget) and a sweep for the plot; and the model to write."""
         c = candidates
-        planned = 8 + (c.requested is not None) + options.search_steps + options.sweep_points
+        planned = 9 + (c.requested is not None) + options.search_steps + options.sweep_points
         done = [0]
 
         def step(label: str):
@@ -418,6 +451,7 @@ class Quantizer:
         v_at_u4 = variant("mixed@uniform-4-size", c.at_u4)
         v_u8_all = variant("uniform-8-all", c.u8_all)
         v_u4_all = variant("uniform-4-all", c.u4_all)
+        v_u4f_all = variant("uniform-4f-all", c.u4f_all)
         v_at_u4_all = variant("mixed@uniform-4-all-size", c.at_u4_all)
         v_at_u8_all = variant("mixed@uniform-8-all-size", c.at_u8_all)
         v_req = variant(c.requested_name, c.requested) if c.requested is not None else None
@@ -426,7 +460,8 @@ class Quantizer:
         smallest = {layer.name: min(self.packs_bits_available(layer), default=quant.FP32)
                     for layer in self.decoder.layers}
         lo = float(self.weight_bytes(smallest))
-        measured = [v for v in (v_u8, v_u8_all, v_at_u4, v_at_u4_all, v_at_u8_all, v_req) if v is not None]
+        measured = [v for v in (v_u8, v_u8_all, v_u4f_all, v_at_u4, v_at_u4_all, v_at_u8_all, v_req)
+                    if v is not None]
         within = [v for v in measured if v.perplexity <= limit]
         hi = float(min((v.weight_bytes for v in within), default=fp32.weight_bytes))
         sweep: list[Variant] = [v for v in (v_at_u4, v_at_u4_all, v_at_u8_all, v_req) if v is not None]
@@ -435,7 +470,7 @@ class Quantizer:
             evaluator, limit, lo, hi, min(mixed_within, key=lambda v: v.weight_bytes) if mixed_within else None,
             options.search_steps, allocate, step, sweep)
         best = Variant(**{**best.__dict__, "name": f"mixed@smallest-within-{100 * options.ppl_tolerance:g}%"})
-        uniform_rows = [v_u8, v_u4, v_u8_all, v_u4_all]
+        uniform_rows = [v_u8, v_u4, v_u8_all, v_u4_all, v_u4f_all]
         chosen, chosen_name = c.requested, c.requested_name
         if chosen is None:
             # The smallest model within tolerance, mixed or not: a uniform allocation that is smaller (or as
@@ -449,16 +484,15 @@ class Quantizer:
             step(f"sweep {i + 1}/{options.sweep_points}")
             name = f"sweep@{target / 1e6:.1f}MB-weights"
             sweep.append(self.evaluate(evaluator, name, allocate(target, name)))
-        variants = [fp32, v_u8, v_u4, v_at_u4, v_u8_all, v_u4_all, v_at_u4_all, v_at_u8_all, best]
+        variants = [fp32, v_u8, v_u4, v_at_u4, v_u8_all, v_u4_all, v_at_u4_all, v_u4f_all, v_at_u8_all, best]
         if v_req is not None:
             variants.append(v_req)
         return _Measured(chosen_name, chosen, variants, sweep, uniform_rows, fp32)
 
     def mean_bits(self, bits: dict[str, int]) -> float:
-        """Nominal mean bits per weight (32 for fp32), as `allocate_mean_bits` counts them."""
+        """Nominal mean bits per weight (32 for fp32; 4f counts 4), scales and zero points not counted."""
         total = sum(layer.numel for layer in self.decoder.layers)
-        return sum((32 if bits.get(layer.name, quant.FP32) == quant.FP32 else bits[layer.name]) * layer.numel
-                   for layer in self.decoder.layers) / total
+        return sum(quant.nbits(bits.get(layer.name, quant.FP32)) * layer.numel for layer in self.decoder.layers) / total
 
     def never_worse_than_uniform(self, mixed: dict[str, int], name: str, options: QuantizeOptions,
                                   uniforms: dict[str, dict[str, int]]) -> tuple[dict[str, int], str, list[str]]:
@@ -469,7 +503,7 @@ class Quantizer:
             if options.budget_mb is not None:
                 quantized = sum(b != quant.FP32 for b in bits.values())
                 return self.size_on_disk(self.weight_bytes(bits), quantized) <= options.budget_mb * 1e6
-            return self.mean_bits(bits) <= float(options.budget_bits) + 1e-9
+            return self.weight_bytes(bits) <= self.budget_bits_to_weight_bytes(float(options.budget_bits)) + 1e-6
 
         measured = [(self.joint_kl(mixed), name, mixed)]
         measured += [(self.joint_kl(bits), label, bits) for label, bits in uniforms.items() if fits(bits)]
@@ -531,7 +565,7 @@ class Quantizer:
     def _check_budget_feasible(self, options: QuantizeOptions) -> None:
         if options.budget_mb is None:
             return
-        fewest = min(options.measure_bits + options.estimate_bits)
+        fewest = min(options.measure_bits + options.estimate_bits, key=lambda code: (quant.nbits(code), code))
         smallest = {name: (fewest if b != quant.FP32 else b) for name, b in self.uniform_all_bits(fewest).items()}
         need = self.size_on_disk(self.weight_bytes(smallest), len(self.decoder.layers))
         if options.budget_mb * 1e6 < need:
@@ -565,6 +599,7 @@ class Quantizer:
             notes.append(
                 "The fp32 weights were dequantized from a Q4_1 GGUF: every block of 32 holds at most 16 values on a "
                 "scale + float-minimum grid. ORT's integer zero point cannot reproduce that grid, and any scheme with "
-                "a per-block float minimum would reproduce it exactly, so this model flatters such schemes; do not "
-                "read its numbers as a true fp32 model's.")
+                "a per-block float minimum would reproduce it exactly, so this model flatters such schemes (here "
+                "the 4f code: 4 bits with a float minimum, which stores these blocks exactly); do not read its "
+                "numbers, 4f's above all, as a true fp32 model's.")
         return notes

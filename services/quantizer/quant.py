@@ -19,6 +19,14 @@ low bits). Checked against ONNX Runtime 1.31 for 2, 4 and 8 bits and blocks 16..
 (tests/test_quantizer.py). A tied lm_head quantized at the same bits as the embedding
 can therefore share `B` with it (MatMulNBits wants B 3-D, so the Gather uses the 3-D
 form too, followed by a Reshape to [..., H]).
+
+Float-minimum codes (`Q4F`, `Q2F`): each block holds w = s * q + m with a float minimum m,
+which an integer zero point cannot express. MatMulNBits accepts float zero points, but
+ONNX Runtime runs them on a ~40x slower unpacked kernel (services/fleet/llama_graph.py,
+the `int4-exact` graph), so they are written the way that graph writes Q4_1: MatMulNBits
+with its default zero point z = 2^(bits-1) (no zero_points input) computes x @ (s (q - z)),
+and a small float MatMul adds the rest, block_sum(x) @ (m + z s) ("offsets", [blocks, N]).
+Their scale and minimum are searched per block (`pack_float_min`), not just min/max.
 """
 
 from __future__ import annotations
@@ -27,9 +35,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BITS = (8, 4, 2)
+BITS = (8, 4, 2)   # integer zero point, ONNX Runtime's own round-to-nearest packing
+FLOAT_MIN = 10     # code = FLOAT_MIN + bits: a float per-block minimum (see the module doc)
+Q4F, Q2F = FLOAT_MIN + 4, FLOAT_MIN + 2
+CODES = BITS + (Q4F, Q2F)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 FP32 = 0  # "bits" of a layer kept in float32
+
+
+def nbits(code: int) -> int:
+    """Bits per stored weight of a code (32 for FP32)."""
+    return 32 if code == FP32 else code - FLOAT_MIN if code > FLOAT_MIN else code
+
+
+def is_float_min(code: int) -> bool:
+    return code > FLOAT_MIN
+
+
+def code_name(code: int) -> str:
+    """"fp32", "8", "4", "2", "4f", "2f"."""
+    return "fp32" if code == FP32 else f"{nbits(code)}f" if is_float_min(code) else str(code)
 
 
 @dataclass(frozen=True)
@@ -40,11 +65,17 @@ class Packed:
     N: int
     data: np.ndarray         # uint8 [N, k_blocks, blob]
     scales: np.ndarray       # float32 [N * k_blocks]
-    zero_points: np.ndarray  # uint8 [N * zp_per_column]
+    zero_points: np.ndarray  # uint8 [N * zp_per_column]; empty for float-minimum codes (default zero point)
+    offsets: np.ndarray | None = None  # float32 [k_blocks, N]: m + z s, float-minimum codes only
+
+    @property
+    def code(self) -> int:
+        return self.bits + FLOAT_MIN if self.offsets is not None else self.bits
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + self.scales.nbytes + self.zero_points.nbytes
+        extra = 0 if self.offsets is None else self.offsets.nbytes
+        return self.data.nbytes + self.scales.nbytes + self.zero_points.nbytes + extra
 
 
 def k_blocks(K: int, block_size: int) -> int:
@@ -52,11 +83,13 @@ def k_blocks(K: int, block_size: int) -> int:
 
 
 def quantized_bytes(K: int, N: int, bits: int, block_size: int) -> int:
-    """Bytes of the MatMulNBits initializers (B, scales, zero points) of a K x N weight;
-    4 * K * N for bits == FP32. Exact: equals `Packed.nbytes`."""
+    """Bytes of the MatMulNBits initializers (B, scales, zero points or offsets) of a K x N weight;
+    4 * K * N for bits == FP32. Exact: equals `Packed.nbytes`. `bits` is a code (see CODES)."""
     if bits == FP32:
         return 4 * K * N
     blocks = k_blocks(K, block_size)
+    if is_float_min(bits):
+        return N * blocks * (block_size * nbits(bits) // 8 + 4 + 4)
     per_byte = 8 // bits
     return N * (blocks * (block_size * bits // 8) + 4 * blocks + (blocks + per_byte - 1) // per_byte)
 
@@ -67,6 +100,8 @@ def gather_bytes(K: int, N: int, bits: int, block_size: int, share_data: bool = 
     float [N, K/b, 1], zero points uint8 [N, K/b, 1]. 4 * K * N for bits == FP32."""
     if bits == FP32:
         return 4 * K * N
+    if is_float_min(bits):
+        raise ValueError("GatherBlockQuantized has no float-minimum form here; use 8, 4 or 2 bits")
     if K % block_size:
         raise ValueError(f"a Gather table of width {K} needs a block size dividing it, not {block_size}")
     blocks = K // block_size
@@ -76,6 +111,8 @@ def gather_bytes(K: int, N: int, bits: int, block_size: int, share_data: bool = 
 
 def gather_arrays(packed: Packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(data, scales, zero_points) of GatherBlockQuantized for a table packed as its transpose."""
+    if packed.offsets is not None:
+        raise ValueError("GatherBlockQuantized has no float-minimum form here")
     N, blocks = packed.N, k_blocks(packed.K, packed.block_size)
     if packed.K % packed.block_size:
         raise ValueError("a Gather table needs a block size dividing its width")
@@ -84,7 +121,9 @@ def gather_arrays(packed: Packed) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def pack(weight: np.ndarray, bits: int, block_size: int) -> Packed:
-    """Quantize a float32 [K, N] MatMul weight the way MatMulNBits stores it."""
+    """Quantize a float32 [K, N] MatMul weight the way MatMulNBits stores it (`bits` a code)."""
+    if bits in (Q4F, Q2F):
+        return pack_float_min(weight, nbits(bits), block_size)
     from onnxruntime.capi._pybind_state import (
         quantize_matmul_2bits, quantize_matmul_4bits, quantize_matmul_8bits,
     )
@@ -107,6 +146,91 @@ def pack(weight: np.ndarray, bits: int, block_size: int) -> Packed:
     return Packed(bits, block_size, K, N, data, scales.reshape(-1), zero_points.reshape(-1))
 
 
+SEARCH_STEPS = 16  # inverse scales tried per block by pack_float_min (besides plain min/max)
+
+
+def pack_float_min(weight: np.ndarray, bits: int, block_size: int, importance: np.ndarray | None = None,
+                   steps: int = SEARCH_STEPS) -> Packed:
+    """Blocks of w ~= s * q + m (q in 0..2^bits - 1, s and m float), chosen per block to minimise
+    sum_k a_k (w_k - s q_k - m)^2 with a = `importance` ([K], e.g. the inputs' mean squares; ones by
+    default). Candidates: plain min/max rounding (kept as is, so the result is never worse than it),
+    and `steps` inverse scales (2^bits - 1 + d) / (max - min), d in [-1, 1] (llama.cpp's
+    make_qkx2_quants), each rounded from the block minimum and then refitted: for fixed codes q
+    the best (s, m) is a 2x2 weighted least-squares solve. Vectorised over all blocks at once."""
+    if bits not in (4, 2):
+        raise ValueError(f"float-minimum packing is for 4 or 2 bits, not {bits}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    weight = np.asarray(weight, dtype=np.float32)
+    K, N = weight.shape
+    blocks = k_blocks(K, block_size)
+    pad = blocks * block_size - K
+    w = np.pad(weight, ((0, pad), (0, 0))).T.reshape(N, blocks, block_size)
+    a = np.ones(K, np.float32) if importance is None else np.asarray(importance, np.float32).reshape(K)
+    a = np.pad(a, (0, pad)).reshape(1, blocks, block_size)  # padding rows multiply nothing: weight 0
+    # Padded entries take the block's first value so they do not widen its range.
+    if pad:
+        w[:, -1, block_size - pad:] = w[:, -1, :1]
+    top = (1 << bits) - 1
+    lo, hi = w.min(axis=-1, keepdims=True), w.max(axis=-1, keepdims=True)
+    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
+
+    uniform = importance is None
+    wa = w if uniform else a * w
+    base = np.einsum("nbk,nbk->nb", w, wa, dtype=np.float64)[..., None]  # sum a w^2
+
+    def error(s, m, q, aq, saq, saqq, saqw):
+        # sum a (w - s q - m)^2 expanded over the block sums (float64: the fits can be near exact)
+        s, m = s.astype(np.float64), m.astype(np.float64)
+        return base - 2 * s * saqw - 2 * m * sa_w + s * s * saqq + 2 * s * m * saq + m * m * sa
+
+    def sums(q):
+        aq = q if uniform else a * q
+        return (aq, np.sum(aq, axis=-1, keepdims=True, dtype=np.float64),
+                np.einsum("nbk,nbk->nb", aq, q, dtype=np.float64)[..., None],
+                np.einsum("nbk,nbk->nb", q, wa, dtype=np.float64)[..., None])
+
+    sa = np.broadcast_to(np.sum(a, axis=-1, keepdims=True, dtype=np.float64), lo.shape)
+    sa_w = np.sum(wa, axis=-1, keepdims=True, dtype=np.float64)
+    best_s = (span / top).astype(np.float32)
+    best_m = lo.copy()
+    best_q = np.rint(np.clip((w - lo) / best_s, 0, top)).astype(np.float32)
+    best_err = error(best_s, best_m, best_q, *sums(best_q))
+    for d in np.linspace(-1.0, 1.0, steps) if steps else ():
+        q = np.rint(np.clip((w - lo) * ((top + d) / span), 0, top)).astype(np.float32)
+        aq, saq, saqq, saqw = sums(q)
+        det = saqq * sa - saq * saq
+        ok = det > 1e-9 * np.maximum(saqq * sa, 1e-30)
+        safe = np.where(ok, det, 1.0)
+        s = np.where(ok, (sa * saqw - saq * sa_w) / safe, best_s).astype(np.float32)
+        m = np.where(ok, (saqq * sa_w - saq * saqw) / safe, best_m).astype(np.float32)
+        err = error(s, m, q, aq, saq, saqq, saqw)
+        better = err < best_err
+        if not better.any():
+            continue
+        best_s, best_m, best_err = np.where(better, s, best_s), np.where(better, m, best_m), np.where(better, err, best_err)
+        best_q = np.where(better, q, best_q)
+    q = best_q.astype(np.uint8)
+    zero = 1 << (bits - 1)  # MatMulNBits' default zero point
+    data = _pack_codes(q.reshape(N * blocks, block_size), bits).reshape(N, blocks, block_size * bits // 8)
+    scales = best_s[..., 0].astype(np.float32)                          # [N, blocks]
+    offsets = (best_m[..., 0] + zero * best_s[..., 0]).astype(np.float32)  # [N, blocks]
+    return Packed(bits, block_size, K, N, np.ascontiguousarray(data), scales.reshape(-1),
+                  np.zeros(0, np.uint8), np.ascontiguousarray(offsets.T))
+
+
+def _pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
+    """[rows, count] codes < 2^bits -> [rows, count * bits / 8] uint8, low bits first."""
+    if bits == 8:
+        return q.astype(np.uint8)
+    per_byte = 8 // bits
+    q = q.astype(np.uint8).reshape(q.shape[0], -1, per_byte)
+    out = np.zeros(q.shape[:2], np.uint8)
+    for i in range(per_byte):
+        out |= q[:, :, i] << np.uint8(i * bits)
+    return out
+
+
 def _unpack(values: np.ndarray, bits: int, count: int) -> np.ndarray:
     """uint8 rows holding 8/bits values each (low bits first) -> [rows, count] uint8."""
     if bits == 8:
@@ -122,8 +246,11 @@ def dequantize(packed: Packed) -> np.ndarray:
     """The float32 [K, N] weight a MatMulNBits node holding `packed` multiplies by."""
     N, blocks, bs = packed.N, k_blocks(packed.K, packed.block_size), packed.block_size
     q = _unpack(packed.data.reshape(N, -1), packed.bits, blocks * bs).reshape(N, blocks, bs)
-    zp = _unpack(packed.zero_points.reshape(N, -1), packed.bits, blocks).reshape(N, blocks, 1)
     scales = packed.scales.reshape(N, blocks, 1)
+    if packed.offsets is not None:  # s (q - z) + (m + z s)
+        w = (q.astype(np.float32) - float(1 << (packed.bits - 1))) * scales + packed.offsets.T[..., None]
+        return np.ascontiguousarray(w.reshape(N, blocks * bs)[:, : packed.K].T)
+    zp = _unpack(packed.zero_points.reshape(N, -1), packed.bits, blocks).reshape(N, blocks, 1)
     w = (q.astype(np.float32) - zp.astype(np.float32)) * scales
     return np.ascontiguousarray(w.reshape(N, blocks * bs)[:, : packed.K].T)
 

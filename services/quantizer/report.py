@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from services.quantizer import quant
 from services.quantizer.model import decoder_feeds, log_softmax, session_options
 
 
@@ -92,8 +93,9 @@ def markdown(*, model: str, output: str, calibration: str, heldout: str, block_s
              allocation_log: dict | None = None, chosen: str | None = None) -> str:
     lines = [f"# Mixed-precision quantization of `{model}`", "",
              f"- result: `{output}`" + (f", the `{chosen}` row below" if chosen else ""), f"- calibration: {calibration}", f"- held-out evaluation: {heldout}",
-             f"- MatMulNBits (and GatherBlockQuantized for the embedding), block {block_size}, accuracy_level 4, "
-             "asymmetric RTN with integer zero points",
+             f"- MatMulNBits (and GatherBlockQuantized for the embedding), block {block_size}, accuracy_level 4; "
+             "codes 8/4/2: asymmetric RTN with integer zero points (ONNX Runtime's packing); 4f/2f: 4/2 bits with a "
+             "float per-block minimum and a searched scale (services/quantizer/quant.py), MatMuls only",
              "- sizes: the file on disk; fp32 is the source file (embedding and lm_head tied, one table)", ""]
     lines += ["## Variants", "",
               "| variant | size (MB) | size vs fp32 | perplexity | ppl change | KL vs fp32 | top-1 agreement |",
@@ -116,22 +118,22 @@ def markdown(*, model: str, output: str, calibration: str, heldout: str, block_s
                   "|---|---:|---|---:|---:|---|"]
         for name, rounds in allocation_log.items():
             for r in rounds:
-                fmt = lambda d: ", ".join(f"{b}b x{f:.2f}" for b, f in sorted(d.items(), reverse=True)) or "-"
+                fmt = lambda d: ", ".join(f"{quant.code_name(b)}b x{f:.2f}" for b, f in sorted(d.items())) or "-"
                 lines.append(f"| {name} | {r['round']} | {fmt(r['applied'])} | {r['predicted']:.4f} | "
                              f"{r['joint']:.4f} | {fmt(r['factors'])} |")
-    bit_names = [b for b in (8, 4, 2)]
+    bit_names = [b for b in quant.CODES if any(b in row["kl"] for row in layers)]
     lines += ["", "## Layers", "",
-              "| layer | weight | shape | " + " | ".join(f"KL@{b}" for b in bit_names) + " | bits |",
+              "| layer | weight | shape | " + " | ".join(f"KL@{quant.code_name(b)}" for b in bit_names) + " | bits |",
               "|---|---|---|" + "---:|" * len(bit_names) + "---:|"]
     for row in layers:
         kls = " | ".join(
             (f"{row['kl'][b]:.2e}" + ("*" if b in row.get("estimated", ()) else "")) if b in row["kl"] else "-"
             for b in bit_names)
-        bits = row["bits"] or "fp32"
+        bits = quant.code_name(row["bits"])
         if row.get("kind") == "gather":
             row = dict(row, label=row["label"] + " (Gather)")
         lines.append(f"| {row['label']} | `{row['name']}` | {row['shape'][0]}x{row['shape'][1]} | {kls} | {bits} |")
     if any(row.get("estimated") for row in layers):
-        lines += ["", "\\* estimated from the 4-bit probe (KL scales with the squared weight error; "
-                  "see services/quantizer/sensitivity.py)."]
+        lines += ["", "\\* estimated from the probe of the measured bit-width nearest in bits (KL scales with the "
+                  "squared weight error; see services/quantizer/sensitivity.py)."]
     return "\n".join(lines) + "\n"

@@ -23,10 +23,10 @@ import numpy as np
 from services.quantizer import quant
 from services.quantizer.model import PROBE_PREFIX, DecoderGraph, Layer, decoder_feeds, log_softmax, session_options
 
-DEFAULT_CALIBRATION = "calibration.txt"  # packaged, original text written for Mirador (Apache-2.0)
+DEFAULT_CALIBRATION = "calibration.txt"  # packaged: Mirador's own prose + Python stdlib docstrings (data/README.md)
 DEFAULT_HELDOUT = "heldout.txt"
-DEFAULT_WINDOWS = 2      # calibration windows ...
-DEFAULT_WINDOW_TOKENS = 64  # ... of this many tokens: 128 tokens per probe (fits 10 min for SmolLM2-135M)
+DEFAULT_WINDOWS = 8      # calibration windows, spread over the whole text ...
+DEFAULT_WINDOW_TOKENS = 64  # ... of this many tokens: 512 tokens per probe
 
 Progress = Callable[[str, int, int, str], None]  # phase, step, total, layer
 
@@ -52,14 +52,16 @@ class TextSource:
 
 
 def token_windows(tokenizer, text: str, windows: int, length: int) -> np.ndarray:
-    """Consecutive, non-overlapping windows of `length` tokens: [n, length] int64 (n <= windows).
+    """Up to `windows` non-overlapping windows of `length` tokens spread evenly over the whole text
+    (its beginning, its end and between): [n, length] int64.
 
     Raises ValueError when the text holds fewer than `length` tokens."""
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     n = min(windows, len(ids) // length)
     if n == 0:
         raise ValueError(f"the text holds {len(ids)} tokens; at least {length} are needed")
-    return np.asarray(ids[: n * length], dtype=np.int64).reshape(n, length)
+    starts = [round(i * (len(ids) - length) / (n - 1)) if n > 1 else 0 for i in range(n)]
+    return np.asarray([ids[s: s + length] for s in starts], dtype=np.int64)
 
 
 @dataclass
@@ -135,7 +137,10 @@ def analyze(
     nearest measured bit-width's KL scaled by the ratio of squared weight errors,
     KL_b ~= KL_m * ||W - Q_b(W)||^2 / ||W - Q_m(W)||^2, the second-order behaviour
     of KL for small perturbations. Used by default for 8 bits, whose weight error is
-    ~1/17^2 of 4-bit's, to save a third of the probes."""
+    ~1/17^2 of 4-bit's, to save a third of the probes, and for the float-minimum codes (quant.Q4F,
+    Q2F), estimated from the measured bit-width nearest in bits (the same layer, a smaller or larger
+    weight error of the same kind). The estimates are corrected by measured joint KLs in the
+    allocation (pipeline.Quantizer.allocate_calibrated)."""
     bits = tuple(sorted(set(bits), reverse=True))
     estimate = tuple(b for b in sorted(set(estimate), reverse=True) if b not in bits)
     if estimate and not bits:
@@ -155,11 +160,18 @@ def analyze(
         for b in bits:
             entry.kl[b] = max(0.0, prober.kl({layer.name: packs.fake(layer, b)}))
         weight = decoder.weight(layer)
+        errors: dict[int, float] = {}
+
+        def error(code: int) -> float:
+            if code not in errors:
+                errors[code] = float(np.sum((packs.fake(layer, code) - weight) ** 2, dtype=np.float64))
+            return errors[code]
+
         for b in estimate:
-            m = min(bits, key=lambda x: abs(x - b))
-            err_b = float(np.sum((packs.fake(layer, b) - weight) ** 2, dtype=np.float64))
-            err_m = float(np.sum((packs.fake(layer, m) - weight) ** 2, dtype=np.float64))
-            entry.kl[b] = entry.kl[m] * (err_b / err_m) if err_m > 0 else 0.0
+            if layer.kind == "gather" and quant.is_float_min(b):
+                continue  # GatherBlockQuantized has integer zero points only
+            m = min(bits, key=lambda x: (abs(quant.nbits(x) - quant.nbits(b)), x))
+            entry.kl[b] = entry.kl[m] * (error(b) / error(m)) if error(m) > 0 else 0.0
             entry.estimated.add(b)
         results.append(entry)
     if progress:

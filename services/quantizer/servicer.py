@@ -25,6 +25,7 @@ from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.logs import log_event
 from services.common.model_repository import ModelManifest, ModelNotFoundError, ModelRepository, ModelRepositoryError
 from services.common.validation import require_model
+from services.quantizer import quant
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 PROBE_BITS = (8, 4, 2)
@@ -179,9 +180,12 @@ class QuantizerServicer(quantizer_pb2_grpc.QuantizerServicer):
 
     @staticmethod
     def _layer_reports(layers) -> list[pb.LayerReport]:
+        # The proto carries bit-widths (8/4/2): a float-minimum layer (4f/2f) reports its bits, and its
+        # form is in report.md and the manifest's layer_bits.
         return [pb.LayerReport(
-            name=row["name"], shape=row["shape"], bits=row.get("bits", 0),
-            sensitivities=[pb.BitSensitivity(bits=b, kl=kl) for b, kl in sorted(row["kl"].items(), reverse=True)],
+            name=row["name"], shape=row["shape"], bits=quant.nbits(row.get("bits", 0)) if row.get("bits") else 0,
+            sensitivities=[pb.BitSensitivity(bits=b, kl=kl) for b, kl in sorted(row["kl"].items(), reverse=True)
+                           if b in quant.BITS],
         ) for row in layers]
 
     def _report(self, result) -> pb.QuantizeReport:

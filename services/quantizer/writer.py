@@ -11,6 +11,11 @@ An lm_head tied to the embedding in the source (untied by model.DecoderGraph):
 - both at the same bits: the Gather reads the head's packed MatMulNBits data
   (one copy; each keeps its own scales and zero points, whose layouts differ).
 
+A float-minimum code (quant.Q4F / Q2F, MatMuls only) is MatMulNBits with the default zero point
+plus `block_sum(x) @ offsets` (an Add after it), block_sum(x) being x times a 0/1 [K, blocks]
+indicator: one indicator initializer per K and one block-sum MatMul per input, shared by every
+float-minimum layer reading it (see quant.py).
+
 `item_bytes` gives the exact initializer bytes of each choice; `predicted_weight_bytes`
 sums them, and the tests check it equals the written model's initializer bytes.
 """
@@ -55,9 +60,25 @@ def item_bytes(decoder: DecoderGraph, item: tuple[Layer, ...], labels: tuple[int
     return quant.gather_bytes(K, N, e, block_size, share_data=shared) + quant.quantized_bytes(K, N, h, block_size)
 
 
+def indicator_bytes(K: int, block_size: int) -> int:
+    """Bytes of the float [K, blocks] 0/1 matrix whose product with x sums x over each block."""
+    return 4 * K * quant.k_blocks(K, block_size)
+
+
+def shared_bytes(decoder: DecoderGraph, bits: Mapping[str, int], block_size: int) -> int:
+    """Initializers several layers share: one block-sum indicator per K among float-minimum layers."""
+    ks = {layer.shape[0] for layer in decoder.layers if quant.is_float_min(bits.get(layer.name, quant.FP32))}
+    return sum(indicator_bytes(K, block_size) for K in ks)
+
+
+def max_shared_bytes(decoder: DecoderGraph, block_size: int) -> int:
+    """`shared_bytes` with every MatMul at a float-minimum code: what an allocation reserves for them."""
+    return sum(indicator_bytes(K, block_size) for K in {l.shape[0] for l in decoder.layers if l.kind == "matmul"})
+
+
 def predicted_weight_bytes(decoder: DecoderGraph, bits: Mapping[str, int], block_size: int) -> int:
     """Exact bytes of every initializer of the written model (see `build_model`)."""
-    total = decoder.initializer_bytes(exclude=decoder.weight_names())
+    total = decoder.initializer_bytes(exclude=decoder.weight_names()) + shared_bytes(decoder, bits, block_size)
     for item in decoder.items():
         total += item_bytes(decoder, item, tuple(bits.get(layer.name, quant.FP32) for layer in item), block_size)
     return total
@@ -83,7 +104,10 @@ def build_model(
     by_node = {n.name: i for i, n in enumerate(graph.node)}
     replacement: dict[int, list[onnx.NodeProto]] = {}  # node index -> the nodes written in its place
     data_names: dict[tuple[str, int], str] = {}       # (pack key, bits) -> MatMulNBits data written
-    order = sorted(decoder.layers, key=lambda layer: layer.kind == "gather")  # heads first: the Gather may share
+    indicators: dict[int, str] = {}                   # K -> block-sum indicator initializer
+    block_sums: dict[str, str] = {}                   # input -> its block sums (float-minimum layers)
+    # Heads first (the Gather may share their data), in graph order (a shared block sum precedes its users).
+    order = sorted(decoder.layers, key=lambda layer: (layer.kind == "gather", by_node[layer.node]))
     for layer in order:
         b = bits.get(layer.name, quant.FP32)
         index = by_node[layer.node]
@@ -101,6 +125,33 @@ def build_model(
         head = decoder.paired_head(layer) if layer.kind == "gather" else None
         if head is None or bits.get(head.name, quant.FP32) != quant.FP32:  # else the retied head reads the table
             replaced.add(layer.name)
+        if layer.kind == "matmul" and quant.is_float_min(b):
+            K, N, x = layer.shape[0], layer.shape[1], old.input[0]
+            q = quant.nbits(b)
+            names = [f"{base}_Q{q}f", f"{base}_scales", f"{base}_offsets"]
+            new_inits += [numpy_helper.from_array(packed.data, names[0]),
+                          numpy_helper.from_array(packed.scales, names[1]),
+                          numpy_helper.from_array(packed.offsets, names[2])]
+            nodes = []
+            if K not in indicators:
+                indicators[K] = f"block_sum_indicator_K{K}_b{packs.block_size}"
+                blocks = quant.k_blocks(K, packs.block_size)
+                ind = np.repeat(np.eye(blocks, dtype=np.float32), packs.block_size, axis=0)[:K]
+                new_inits.append(numpy_helper.from_array(np.ascontiguousarray(ind), indicators[K]))
+            if x not in block_sums:
+                block_sums[x] = f"{_safe(x)}/block_sums_b{packs.block_size}"
+                nodes.append(helper.make_node("MatMul", [x, indicators[K]], [block_sums[x]],
+                                              name=f"{_safe(x)}/block_sum"))
+            stem = f"{old.name}_Q{q}f"
+            nodes += [
+                helper.make_node("MatMulNBits", [x, names[0], names[1]], [f"{stem}/scaled"], name=stem,
+                                 domain=MS_DOMAIN, K=K, N=N, bits=q, block_size=packs.block_size,
+                                 accuracy_level=accuracy_level),
+                helper.make_node("MatMul", [block_sums[x], names[2]], [f"{stem}/offsets"], name=f"{stem}/offsets"),
+                helper.make_node("Add", [f"{stem}/scaled", f"{stem}/offsets"], list(old.output), name=f"{stem}/add"),
+            ]
+            replacement[index] = nodes
+            continue
         if layer.kind == "matmul":
             names = [f"{base}_Q{b}", f"{base}_scales", f"{base}_zero_points"]
             new_inits += [numpy_helper.from_array(packed.data, names[0]),
@@ -167,7 +218,8 @@ def stage_files(
         files["tokenizer"] = "tokenizer.json"
     extra = {k: v for k, v in source.extra.items() if k not in ("quantization",)}
     extra["quantization"] = {
-        "method": "mixed-precision MatMulNBits + GatherBlockQuantized (blockwise RTN, asymmetric, integer zero point)",
+        "method": ("mixed-precision MatMulNBits + GatherBlockQuantized (blockwise; 8/4/2: RTN, integer zero point; "
+                   "4f/2f: searched scale and float minimum, written as MatMulNBits + block-sum offsets)"),
         "source_model": source.reference,
         "layer_bits": dict(layer_bits),
         **facts,
