@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from services.common.model_repository import ModelManifest, ModelRepository  # noqa: E402
 from services.quantizer.pipeline import QuantizeOptions, Quantizer  # noqa: E402
-from services.quantizer.sensitivity import TextSource  # noqa: E402
+from services.quantizer.sensitivity import DEFAULT_WINDOWS, TextSource  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DATA_CACHE = Path(os.path.expanduser("~/.cache/mirador/data"))
@@ -89,12 +89,13 @@ def ort_uniform(source_path: Path, bits: int, block_size: int) -> bytes:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--budget-bits", type=float, default=4.5)
+    parser.add_argument("--budget-bits", type=float, default=4.0, help="the issue's example: uniform-4-all's size")
     parser.add_argument("--quick", action="store_true", help="fewer evaluation budgets")
     parser.add_argument("--eval-windows", type=int, default=12)
     parser.add_argument("--threads", type=int, default=1,
                         help="ORT intra-op threads; 1 beats 2 on this shared, oversubscribed 2-core machine")
-    parser.add_argument("--calib-windows", type=int, default=2, help="calibration windows of 64 tokens (the quantizer default)")
+    parser.add_argument("--calib-windows", type=int, default=DEFAULT_WINDOWS,
+                        help="calibration windows of 64 tokens (default: the quantizer's)")
     args = parser.parse_args()
 
     load0 = os.getloadavg()
@@ -152,25 +153,32 @@ def main() -> int:
     by = {v.name: v for v in result.variants}
     u4, at_u4 = by["uniform-4"], by["mixed@uniform-4-size"]
     u4_all, at_u4_all = by["uniform-4-all"], by["mixed@uniform-4-all-size"]
+    requested = result.variants[-1]  # the --budget-bits row (uniform-4-all's size at 4), or what the guard chose
     best = next(v for v in result.variants if v.name.startswith("mixed@smallest"))
 
     def ratio(mixed, uniform):
         return round((mixed.perplexity / fp32.perplexity - 1) / (uniform.perplexity / fp32.perplexity - 1), 3)
 
+    total_s = timings["total (s)"] + timings["model load (s)"]
     goals = {
-        "mixed_at_u4_size_ppl_increase_ratio": ratio(at_u4, u4),
-        "goal_1_met (<= 0.65)": None,
-        "mixed_at_u4_all_size_ppl_increase_ratio (vs uniform-4 on every layer, embedding and head too)":
-            ratio(at_u4_all, u4_all),
+        "budget_row": requested.name,
+        "budget_row_size_vs_uniform_4_all": round(requested.size_bytes / u4_all.size_bytes, 4),
+        "budget_row_ppl_increase_vs_uniform_4_all": [round(requested.perplexity / fp32.perplexity - 1, 4),
+                                                     round(u4_all.perplexity / fp32.perplexity - 1, 4)],
+        "goal_budget_never_worse_than_uniform_4_all": (requested.weight_bytes <= u4_all.weight_bytes
+                                                       and requested.perplexity <= u4_all.perplexity),
+        "mixed_at_u4_all_size_ppl_increase_ratio": ratio(at_u4_all, u4_all),
+        "goal_at_u4_all_size_met (<= 0.65)": None,
+        "mixed_at_u4_size_ppl_increase_ratio (vs ORT's uniform-4, embedding and head fp32)": ratio(at_u4, u4),
         "smallest_within_2pct_size_vs_fp32": round(best.size_bytes / fp32.size_bytes, 4),
         "smallest_within_2pct_ppl_increase": round(best.perplexity / fp32.perplexity - 1, 4),
-        "goal_2_met (<= 30% size, <= 2% ppl)": None,
-        "analysis_plus_allocation_s": round(analysis_plus_allocation, 1),
-        "goal_3_met (<= 600 s)": analysis_plus_allocation <= 600,
+        "goal_smallest_met (<= 25% size, <= 2% ppl)": None,
+        "whole_run_s (load + analysis + allocation + evaluation)": round(total_s, 1),
+        "goal_run_time_met (<= 600 s)": total_s <= 600,
     }
-    goals["goal_1_met (<= 0.65)"] = goals["mixed_at_u4_size_ppl_increase_ratio"] <= 0.65
-    goals["goal_2_met (<= 30% size, <= 2% ppl)"] = (goals["smallest_within_2pct_size_vs_fp32"] <= 0.30
-                                                    and goals["smallest_within_2pct_ppl_increase"] <= 0.02)
+    goals["goal_at_u4_all_size_met (<= 0.65)"] = goals["mixed_at_u4_all_size_ppl_increase_ratio"] <= 0.65
+    goals["goal_smallest_met (<= 25% size, <= 2% ppl)"] = (goals["smallest_within_2pct_size_vs_fp32"] <= 0.25
+                                                          and goals["smallest_within_2pct_ppl_increase"] <= 0.02)
     out = {
         "model": source.reference, "calibration": result.calibration, "heldout": heldout.name,
         "load_average_start": [round(x, 2) for x in load0], "load_average_end": [round(x, 2) for x in load1],
@@ -191,6 +199,10 @@ def main() -> int:
         extra.append(f"| {row['name']} | {row['size_bytes'] / 1e6:.1f} | {row['perplexity']:.3f} | "
                      f"{row['kl_vs_fp32']:.4f} | {100 * row['top1_agreement']:.1f}% | {decode.get(row['name'], '-')} |")
     extra += ["", "## Goals", ""] + [f"- {k}: {v}" for k, v in goals.items()]
+    if any("Q4_1 GGUF" in n for n in quantizer.notes()):
+        extra += ["", "These goals are met on SmolLM2-135M, whose fp32 weights were dequantized from a Q4_1 GGUF: "
+                  "the 4f code (4 bits, float block minimum) stores its MatMul blocks exactly, which flatters "
+                  "every 4f row above. A true fp32 model gains far less from it."]
     (RESULTS / "quantizer.md").write_text(report + "\n".join(extra) + "\n")
     print(json.dumps({k: out[k] for k in ("timings", "goals", "decode_ms_per_token")}, indent=2))
     for row in variants:

@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+import onnx
 
 from services.quantizer import quant
 from services.quantizer.model import PROBE_PREFIX, DecoderGraph, Layer, decoder_feeds, log_softmax, session_options
 
 DEFAULT_CALIBRATION = "calibration.txt"  # packaged: Mirador's own prose + Python stdlib docstrings (data/README.md)
 DEFAULT_HELDOUT = "heldout.txt"
-DEFAULT_WINDOWS = 8      # calibration windows, spread over the whole text ...
-DEFAULT_WINDOW_TOKENS = 64  # ... of this many tokens: 512 tokens per probe
+DEFAULT_WINDOWS = 4      # calibration windows, spread over the whole text ...
+DEFAULT_WINDOW_TOKENS = 64  # ... of this many tokens: 256 tokens per probe, one probe per layer (10 min for SmolLM2)
 
 Progress = Callable[[str, int, int, str], None]  # phase, step, total, layer
 
@@ -77,11 +78,19 @@ class PackCache:
     def __init__(self, decoder: DecoderGraph, block_size: int):
         self.decoder, self.block_size = decoder, block_size
         self._packs: dict[tuple[str, int], quant.Packed] = {}
+        # layer -> mean square of each of its K inputs on the calibration windows (Prober.importance):
+        # the float-minimum search minimises the error weighted by it. Empty: unweighted.
+        self.importance: dict[str, np.ndarray] = {}
 
     def get(self, layer: Layer, bits: int) -> quant.Packed:
         key = (self.decoder.pack_key(layer), bits)  # an embedding and its untied head share one packing
         if key not in self._packs:
-            self._packs[key] = quant.pack(self.decoder.weight(layer), bits, self.block_size)
+            weight = self.decoder.weight(layer)
+            if quant.is_float_min(bits):
+                self._packs[key] = quant.pack_float_min(weight, quant.nbits(bits), self.block_size,
+                                                        self.importance.get(layer.name))
+            else:
+                self._packs[key] = quant.pack(weight, bits, self.block_size)
         return self._packs[key]
 
     def fake(self, layer: Layer, bits: int) -> np.ndarray:
@@ -96,13 +105,25 @@ class Prober:
 
         self.decoder, self.windows = decoder, windows
         model = decoder.probe_model()
+        # Each MatMul's input as an extra output, read once with the fp32 weights (importance).
+        node_inputs = {n.name: n.input[0] for n in model.graph.node if n.input}
+        inputs = {layer.name: node_inputs[layer.node] for layer in decoder.layers
+                  if layer.kind == "matmul" and layer.node in node_inputs}
+        outputs = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+        for name in sorted(set(inputs.values()) - outputs):
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         self.session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
                                             providers=["CPUExecutionProvider"])
         self.feeds = decoder_feeds(self.session, windows)
         for layer in decoder.layers:
             self.feeds[PROBE_PREFIX + layer.name] = (decoder.table(layer) if layer.kind == "gather"
                                                      else decoder.weight(layer))
-        logits = self.logits({})
+        names = sorted(set(inputs.values()) - {i.name for i in model.graph.input})
+        logits, *xs = self.session.run(["logits"] + names, self.feeds)
+        squares = {name: np.mean(np.square(x, dtype=np.float64).reshape(-1, x.shape[-1]), axis=0)
+                   for name, x in zip(names, xs)}
+        self.importance = {layer: squares[x].astype(np.float32) for layer, x in inputs.items()
+                           if squares[x].shape[0] == decoder.layer(layer).shape[0]}
         self.ref_logp = log_softmax(logits)
         self.ref_p = np.exp(self.ref_logp)
         self.ref_top1 = logits.argmax(-1)
@@ -135,8 +156,9 @@ def analyze(
 
     Bit-widths in `estimate` (and not in `bits`) are not probed: their KL is the
     nearest measured bit-width's KL scaled by the ratio of squared weight errors,
-    KL_b ~= KL_m * ||W - Q_b(W)||^2 / ||W - Q_m(W)||^2, the second-order behaviour
-    of KL for small perturbations. Used by default for 8 bits, whose weight error is
+    KL_b ~= KL_m * e_b / e_m with e = sum_k E[x_k^2] sum_n (W - Q(W))_kn^2 (the squared weight
+    error weighted by the mean square of each input, Prober.importance; unweighted for the
+    embedding), the second-order behaviour of KL for small perturbations. Used by default for 8 bits, whose weight error is
     ~1/17^2 of 4-bit's, to save a third of the probes, and for the float-minimum codes (quant.Q4F,
     Q2F), estimated from the measured bit-width nearest in bits (the same layer, a smaller or larger
     weight error of the same kind). The estimates are corrected by measured joint KLs in the
@@ -162,9 +184,12 @@ def analyze(
         weight = decoder.weight(layer)
         errors: dict[int, float] = {}
 
+        importance = prober.importance.get(layer.name)  # [K]: the error that reaches the output
+
         def error(code: int) -> float:
             if code not in errors:
-                errors[code] = float(np.sum((packs.fake(layer, code) - weight) ** 2, dtype=np.float64))
+                squared = np.sum((packs.fake(layer, code) - weight) ** 2, axis=1, dtype=np.float64)
+                errors[code] = float(squared @ importance if importance is not None else squared.sum())
             return errors[code]
 
         for b in estimate:
