@@ -225,7 +225,7 @@ def write_config(path: Path, models: list[Model], ports: dict, host: int | None,
     lines = [
         "services:",
         f"  model_host: {{port: {port}, metrics_port: 0, replicas: 1, shutdown_grace_s: 2s, "
-        f"memory_budget_mb: {budget_bytes // MB}, max_batch_size: 1{usage}}}",
+        f"memory_budget_mb: {budget_bytes // MB}, max_batch_size: 1, pin_hot: everywhere{usage}}}",
         f"  router: {{port: {ports['router']}, metrics_port: 0, shutdown_grace_s: 2s, model_host_targets: [{targets}], "
         f"model_host_balancing: placement, rollout_state: {path.parent / 'rollouts.json'}}}",
         f"  consensus: {{port: {ports['others']}, metrics_port: 0, escalation_db: {path.parent / 'escalations.sqlite3'}}}",
@@ -238,7 +238,7 @@ def write_config(path: Path, models: list[Model], ports: dict, host: int | None,
         task = "embedding" if m.call == "embed" else "text-generation"
         tier = tiers.get(m.name, "warm")
         if tier == "hot" and tiers.get(f"{m.name}@") != str(host):
-            tier = "warm"  # pinned on its own host only
+            tier = "warm"  # pinned on its own host only (its config's hot models: pin_hot: everywhere)
         extra = f", max_num_seqs: {MAX_NUM_SEQS}, max_context: {MAX_CONTEXT}" if m.call == "generate" else ""
         lines.append(f"  {m.name}: {{task: {task}, tier: {tier}, keep_alive: 1h{extra}}}")
     chat = next(m.name for m in models if m.name == "smollm2-135m-instruct-fused-mixed")

@@ -47,7 +47,7 @@ def write_fleet(directory: Path, decoders: list[str], *, hosts: int, listed: int
                 budget_mb: int = 0, port: int | None = None, big: bool = True, copies: dict[str, int] | None = None,
                 huge: str = "") -> Path:
     """Config: `hosts` model-host replicas (ports p..p+hosts-1); the router lists `listed` of them."""
-    fleet = {"tiny-embed": "{task: embedding, tier: hot}",
+    fleet = {"tiny-embed": f"{{task: embedding, tier: hot, copies: {hosts}}}",  # pinned on every host
              **{name: DECODER_KEYS if big else "{task: text-generation, tier: warm}" for name in decoders},
              **{name: f"{{task: text-generation, tier: warm, copies: {n}}}" for name, n in (copies or {}).items()},
              **({huge: DECODER_KEYS} if huge else {})}

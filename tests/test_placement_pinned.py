@@ -6,9 +6,11 @@ is loaded on B at once: A could never hold it beside its pinned model, so it is 
 with a log line and a metric, instead of refusing the load and costing the call a retry.
 Then `mirador status` shows each host's models with their tier there (and where usage made one
 hot), and a host whose budget is shrunk below what it has pinned keeps serving (more loaded
-than the budget is no nonsense).
+than the budget is no nonsense). Last, hot models are pinned on their placement targets only,
+unless a host has no other use for the memory (no budget) or is told to pin its own (`pin_hot`).
 
-The two hosts run their own config files (A: the decoder is hot; B: warm), of the same fleet.
+The two hosts run their own config files (A: the decoder is hot; B: warm), of the same fleet
+(`pin_hot: everywhere`: each pins its own config's hot models, wherever their hash points).
 Sizes come from the KV reserve (see test_placement_hosts.py): 64 MiB per KV head, counted before
 any RSS is measured. Loopback only; every process is stopped by PID (Mesh.stop).
 """
@@ -31,7 +33,7 @@ from placement_mesh import write_placement_config
 from services.cli.supervisor import Mesh, write_config_variant
 from services.common.config import load_config
 from services.common.model_repository import ModelRepository
-from services.common.placement_policy import hash_unit
+from services.common.placement_policy import hash_unit, placement_targets
 from test_load_balancing import free_port_run
 from test_placement_hosts import DECODER_KEYS, ask, ready_on, router_logged, start
 from tiny_models import build_tiny_decoder, build_tiny_encoder
@@ -71,7 +73,7 @@ def pinned(tmp_path_factory):
     # usage-driven tiering: a model called once is promoted (while it holds at most 3/4 of the budget)
     path = write_placement_config(directory, fleet, {"chat": "{primary: lm-pinned}"}, hosts=2, port=port,
                                   model_host={"memory_budget_mb": BUDGET_MB, "tier_policy": "usage",
-                                              "promote_after_calls": 1})
+                                              "promote_after_calls": 1, "pin_hot": "everywhere"})
     repository = ModelRepository(directory / "models")
     build_tiny_encoder(repository, "tiny-embed")
     for seed, (name, heads) in enumerate((*KV_HEADS.items(), (new, NEW_KV_HEADS))):
@@ -157,3 +159,60 @@ def test_a_host_with_more_pinned_than_its_shrunk_budget_keeps_serving(pinned):
     assert "lm-pinned" not in ready_on(b)
     assert not router_logged(router, "model host ignored: its report makes no sense", a)
     assert "usable" in status_of(pinned["config"])[a]
+
+
+# --------------------------------------------------------------------------- where hot models are pinned
+
+HOT = {"lm-hot": 1, "lm-hot2": 2}  # name: copies
+
+
+@pytest.mark.parametrize(("budget_mb", "pin_hot", "everywhere"), [
+    (300, "targets", False),  # the fleet (3 x 128 MiB of KV slots besides) is more than a host holds
+    (0, "targets", True),  # no budget: a host has no other use for the memory, so it pins them all
+    (300, "everywhere", True),  # each host pins its config's hot models (hosts with their own configs)
+])
+def test_hot_models_are_pinned_on_their_placement_targets_only(tmp_path, budget_mb, pin_hot, everywhere):
+    fleet = {"tiny-embed": "{task: embedding, tier: warm}",
+             **{name: f"{{task: text-generation, tier: hot, copies: {n}}}" for name, n in HOT.items()},
+             **{f"lm-warm-{i}": DECODER_KEYS for i in range(3)}}
+    model_host = {"pin_hot": pin_hot, **({"memory_budget_mb": budget_mb} if budget_mb else {})}
+    path = write_placement_config(tmp_path, fleet, {"chat": "{primary: lm-hot}"}, hosts=3, model_host=model_host)
+    repository = ModelRepository(tmp_path / "models")
+    build_tiny_encoder(repository, "tiny-embed")
+    for seed, name in enumerate(HOT):
+        build_tiny_decoder(repository, name, seed=seed)
+    for i in range(3):
+        build_tiny_decoder(repository, f"lm-warm-{i}", seed=10 + i, kv_heads=2)
+    config = load_config(path)
+    mesh = start(config, tmp_path)
+    try:
+        addresses = list(config.services.model_host_targets)
+        targets = {name: set(placement_targets(name, addresses, copies)) for name, copies in HOT.items()}
+        expected = {name: set(addresses) if everywhere else targets[name] for name in HOT}
+        for name, hosts in expected.items():
+            for address in hosts:
+                wait_ready(address, [name])
+        pinned = {name: {a for a in addresses if models_of(a)[name].pinned} for name in HOT}
+        ready = {name: {a for a in addresses if models_of(a)[name].ready} for name in HOT}
+        print(f"\n[placement] budget {budget_mb} MB, pin_hot {pin_hot}: targets {targets}; pinned {pinned}")
+        assert pinned == expected and ready == expected
+        if everywhere:
+            return
+        for name in HOT:  # elsewhere it is warm: not loaded, and evictable were it loaded
+            for address in set(addresses) - targets[name]:
+                status = models_of(address)[name]
+                assert status.tier == model_host_pb2.MODEL_TIER_HOT and not status.pinned
+                assert status.state == model_host_pb2.MODEL_STATE_UNLOADED
+        logged = [p.log_path.read_text() for n, p in mesh.processes.items() if n.startswith("model_host")]
+        assert all("hot models pinned on their placement targets only" in text for text in logged)
+        # the router sends its calls to the host that pins it
+        (target,) = targets["lm-hot"]
+        served = models_of(target)["lm-hot"].requests_total
+        assert ask(config.services.router.address, "lm-hot") == "OK"
+        assert models_of(target)["lm-hot"].requests_total == served + 1
+        assert {a for a in addresses if models_of(a)["lm-hot"].ready} == {target}
+        rows = status_of(config)
+        assert "lm-hot [hot]" in rows[target]
+        assert all("lm-hot2 [hot]" in rows[a] for a in targets["lm-hot2"])
+    finally:
+        mesh.stop()

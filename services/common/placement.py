@@ -61,10 +61,18 @@ from mirador.v1 import model_host_pb2, model_host_pb2_grpc
 from prometheus_client import Counter, Gauge
 
 from services.common.channels import open_channel
-from services.common.config import MiradorConfig, ModelSpec, SecurityConfig
+from services.common.config import ModelSpec, SecurityConfig
 from services.common.errors import ResourceExhausted, ServiceError, Unavailable
 from services.common.logs import log_event
-from services.common.placement_policy import HostView, choose, dns_name, nonsense, read_listing, resolve
+from services.common.placement_policy import (  # noqa: F401 - uses_placement is imported from here too
+    HostView,
+    choose,
+    dns_name,
+    nonsense,
+    read_listing,
+    resolve,
+    uses_placement,
+)
 
 log = logging.getLogger("mirador.placement")
 
@@ -82,15 +90,6 @@ DEGRADED = Counter("mirador_router_placement_degraded", "Placements that could n
                    ["model", "reason"])
 RETRIED = Counter("mirador_router_placement_retries", "Calls sent to another model host before their first answer",
                   ["model", "code"])
-
-
-def uses_placement(config: MiradorConfig) -> bool:
-    """Placement unless `services.router.model_host_balancing` says round_robin; `auto` places
-    models when there are several hosts or a dns: name to resolve (one host is just that host)."""
-    balancing, targets = config.services.router.model_host_balancing, config.services.model_host_targets
-    if balancing == "auto":
-        return len(targets) > 1 or targets[0].startswith("dns:")
-    return balancing == "placement"
 
 
 # --------------------------------------------------------------------------- the live view

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 from mirador.v1 import model_host_pb2
 
-from services.common.config import ModelSpec
+from services.common.config import MiradorConfig, ModelSpec
 from services.common.errors import ResourceExhausted, Unavailable
 from services.common.logs import log_event
 
@@ -26,6 +26,15 @@ log = logging.getLogger("mirador.placement")
 NEGATIVE = 1 << 63  # a uint64 this large is a negative number sent as unsigned
 UNLIMITED_WEIGHT = float(1 << 40)  # a host without a budget (0) weighs like one with 1 TiB free
 MIN_WEIGHT_SHARE = 0.02  # a full host still weighs this share of its budget: it can evict
+
+
+def uses_placement(config: MiradorConfig) -> bool:
+    """Placement unless `services.router.model_host_balancing` says round_robin; `auto` places
+    models when there are several hosts or a dns: name to resolve (one host is just that host)."""
+    balancing, targets = config.services.router.model_host_balancing, config.services.model_host_targets
+    if balancing == "auto":
+        return len(targets) > 1 or targets[0].startswith("dns:")
+    return balancing == "placement"
 
 
 # --------------------------------------------------------------------------- the view of one host
@@ -151,7 +160,7 @@ def nonsense(listing: model_host_pb2.ListModelsResponse, fleet: dict[str, ModelS
 
 def read_listing(listing: model_host_pb2.ListModelsResponse, fleet: dict[str, ModelSpec]) -> dict[str, ModelOnHost]:
     return {m.name: ModelOnHost(state=m.state, in_flight=m.requests_in_flight, memory_bytes=m.memory_bytes,
-                                load_bytes=m.load_bytes, pinned=m.pinned or m.tier == model_host_pb2.MODEL_TIER_HOT,
+                                load_bytes=m.load_bytes, pinned=m.pinned,
                                 tier=TIER_NAMES.get(m.tier, ""), promoted=m.promoted)
             for m in listing.models}
 
@@ -183,6 +192,12 @@ def placement_order(model: str, hosts: Iterable[HostView], size_bytes: int = 0) 
     return sorted(candidates, key=lambda h: (bool(size_bytes) and h.free_bytes >= size_bytes,
                                              bool(size_bytes) and h.room_for(model) >= size_bytes,
                                              rendezvous_score(model, h.address, h.weight()), h.address), reverse=True)
+
+
+def placement_targets(model: str, addresses: Sequence[str], copies: int = 1) -> list[str]:
+    """`model`'s first `copies` hosts among `addresses` when all are usable and alike (the hash's
+    order alone: where a fleet starting empty places it, and where its hot models are pinned)."""
+    return [h.address for h in placement_order(model, [HostView(a, healthy=True) for a in addresses])[:copies]]
 
 
 @dataclass(frozen=True)
@@ -313,11 +328,14 @@ async def resolve(targets: Sequence[str]) -> list[str]:
 
 def tier_shown(status: ModelOnHost) -> str:
     """How `mirador status` shows a model's tier on one host: its configured tier, `hot, promoted`
-    where usage-driven tiering made it hot there, `pinned` for an encoder held by its heads."""
+    where usage-driven tiering made it hot there, `pinned` for an encoder held by its heads, `hot,
+    not pinned here` for a hot model loaded on a host that is not one of its placement targets."""
     if status.promoted:
         return "hot, promoted"
     if status.pinned and status.tier != "hot":
         return "pinned"
+    if status.tier == "hot" and not status.pinned:
+        return "hot, not pinned here"
     return status.tier or "?"
 
 

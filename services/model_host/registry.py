@@ -145,11 +145,37 @@ class ModelRegistry:
     clock: Callable[[], float] = time.monotonic
     hooks: list[RegistryHook] = field(default_factory=list)
     tiers: StaticTiers | UsageTiers = field(default_factory=StaticTiers)
+    # hot models another host pins (placement across hosts: services/model_host/hot_placement.py); warm here
+    hot_elsewhere: set[str] = field(default_factory=set)
     records: dict[str, ModelRecord] = field(init=False)
 
     def __post_init__(self):
-        self.records = {name: ModelRecord(spec, pinned=spec.tier == "hot") for name, spec in self.fleet.items()}
+        self.records = {name: ModelRecord(spec, pinned=self.pins(spec)) for name, spec in self.fleet.items()}
         self._load_lock = asyncio.Lock()
+
+    def pins(self, spec: ModelSpec) -> bool:
+        """Whether this host pins `spec` for its tier: hot, and not pinned by another host instead."""
+        return spec.tier == "hot" and spec.name not in self.hot_elsewhere
+
+    def place_hot(self, elsewhere: set[str]) -> None:
+        """Pins the hot models but `elsewhere` (another host's to pin): those act as warm here."""
+        self.hot_elsewhere = set(elsewhere)
+        for record in self.records.values():
+            record.pinned = self.pins(record.spec) or bool(self.heads_of(record))
+
+    def fleet_fits(self) -> bool:
+        """Whether the budget holds every built model of the fleet at once (or there is none)."""
+        if not self.budget_bytes:
+            return True
+        total = 0
+        for record in self.records.values():
+            if record.manifest is None:
+                continue
+            try:
+                total += record.measured_bytes or record.needed_bytes + self.reserved_bytes(record)
+            except (KeyError, TypeError, ValueError, OSError):  # facts a size needs are missing: its load will say
+                continue
+        return total <= self.budget_bytes
 
     # ------------------------------------------------------------------ state
 
@@ -197,7 +223,7 @@ class ModelRegistry:
 
     def add(self, spec: ModelSpec) -> ModelRecord:
         """Serves a model added to the fleet (a reloaded config), found in the repository as usual."""
-        record = self.records[spec.name] = ModelRecord(spec, pinned=spec.tier == "hot")
+        record = self.records[spec.name] = ModelRecord(spec, pinned=self.pins(spec))
         self.fleet[spec.name] = spec
         self.refresh()
         return record
@@ -246,7 +272,7 @@ class ModelRegistry:
 
     def _release_encoder(self, head: ModelRecord) -> None:
         encoder = self.records[head.spec.encoder]
-        encoder.pinned = encoder.spec.tier == "hot" or any(h is not head for h in self.heads_of(encoder))
+        encoder.pinned = self.pins(encoder.spec) or any(h is not head for h in self.heads_of(encoder))
 
     async def _load_alone(self, record: ModelRecord, encoder: ModelRecord | None) -> None:
         async with self._load_lock:

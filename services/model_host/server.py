@@ -20,6 +20,7 @@ from services.model_host import observability
 from services.model_host.dataplane import BatchingHook, DataPlane
 from services.model_host.engine import EngineHook, EngineSettings
 from services.model_host.faults import InjectedDelays
+from services.model_host.hot_placement import hot_models_elsewhere
 from services.model_host.loader import SessionSettings, default_optimized_cache, load_runtime
 from services.model_host.observability import ObservabilityHook
 from services.model_host.registry import MB, ModelRegistry
@@ -31,9 +32,9 @@ from services.model_host.tiering import tier_policy
 INFERENCE_THREADS = 4
 log = logging.getLogger("mirador.model_host")
 # What a reload changes in a running host: of existing models, tier and keep_alive; of the host,
-# the memory budget and the per-model queue limit. The rest needs a restart.
+# the memory budget, the per-model queue limit and where hot models are pinned. The rest needs a restart.
 RELOADABLE_MODEL_FIELDS = ("tier", "keep_alive_s", "rollout")  # the router acts on rollouts
-RELOADABLE_HOST_SETTINGS = ("memory_budget_mb", "max_queue_per_model", "reaper_interval_s")
+RELOADABLE_HOST_SETTINGS = ("memory_budget_mb", "max_queue_per_model", "reaper_interval_s", "pin_hot")
 
 
 class ModelHostService(MiradorService):
@@ -83,6 +84,7 @@ class ModelHostService(MiradorService):
 
     async def on_start(self) -> None:
         self.registry.refresh()
+        self.registry.place_hot(await hot_models_elsewhere(self.servicer.config, self.settings.port, self.registry))
         # Pinned models load in the background: the host answers health checks at
         # once and ListModels shows each model's readiness; calls wait for their model.
         self._background = [
@@ -109,14 +111,16 @@ class ModelHostService(MiradorService):
                         if f.name not in RELOADABLE_MODEL_FIELDS and getattr(new_spec, f.name) != getattr(old_spec, f.name)]
             if applied != old_spec:
                 changed.append(name)
-                record = self.registry.record(name)
-                record.spec, record.pinned = applied, applied.tier == "hot"
+                self.registry.record(name).spec = applied
             fleet[name] = applied
         old, new = self.settings, new_config.services.model_host
         restart += [f"services.model_host.{f.name}" for f in dataclasses.fields(new)
                     if f.name not in (*RELOADABLE_HOST_SETTINGS, "host", "port", "max_concurrent_rpcs", "metrics_port")
                     and getattr(new, f.name) != getattr(old, f.name)]
         self.registry.budget_bytes = new.memory_budget_mb * MB
+        # pins follow the new tiers and budget (hot models pinned on their placement targets only)
+        self.registry.place_hot(await hot_models_elsewhere(dataclasses.replace(new_config, fleet=fleet),
+                                                           self.settings.port, self.registry))
         self.servicer.admission.set_limit(new.max_queue_per_model)
         if new.reaper_interval_s != old.reaper_interval_s:
             reaper = next((t for t in self._background if t.get_name() == "keep-alive reaper"), None)

@@ -35,6 +35,10 @@ class ModelHostSettings(ServiceSettings):
     usage_half_life_s: float = setting(600.0, seconds)
     promote_after_calls: int = setting(3, whole(1))
     promote_share: float = setting(0.75, fraction)
+    # With placement across model hosts, where hot models are pinned (services/model_host/hot_placement.py):
+    # `targets`, only on their placement targets (their first `copies` hosts in hash order) unless the
+    # budget holds the whole fleet; `everywhere`, every hot model of this host's config.
+    pin_hot: str = setting("targets", choice(("targets", "everywhere")))
 
     def replica(self, index: int) -> "ModelHostSettings":
         """The settings of replica `index` (0 = this one): the same, listening on port + index."""
