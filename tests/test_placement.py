@@ -20,6 +20,7 @@ from services.common.placement_policy import (
     hosts_table,
     nonsense,
     placement_order,
+    placement_targets,
     resolve,
 )
 
@@ -329,3 +330,26 @@ def test_config_keys_and_their_mistakes():
     assert any("services.router.model_host_balancing: `hash` is not allowed; use one of: auto, placement, "
                "round_robin" in m for m in messages), messages
     assert any("fleet.m.copies: must be between 1 and 64, got 0" in m for m in messages), messages
+
+
+def test_a_host_finds_itself_among_the_targets_by_port_and_a_local_address():
+    from services.model_host.hot_placement import is_own_address
+
+    assert is_own_address("127.0.0.1:50061", 50061) and is_own_address("localhost:50061", 50061)
+    assert not is_own_address("127.0.0.1:50062", 50061)  # another replica on this machine
+    assert not is_own_address("192.0.2.7:50061", 50061)  # TEST-NET-1: never an address of this machine
+    assert not is_own_address("no-such-host.invalid:50061", 50061)
+
+
+def test_pin_hot_and_its_mistakes():
+    from services.common.config import ConfigError, parse_config
+
+    fleet = "fleet:\n  m: {task: text-generation, tier: hot, copies: 2}\nroutes:\n  r: {primary: m}\n"
+    assert parse_config(fleet).services.model_host.pin_hot == "targets"
+    with pytest.raises(ConfigError) as caught:
+        parse_config("services:\n  model_host: {pin_hot: sometimes}\n" + fleet)
+    assert "services.model_host.pin_hot: `sometimes` is not allowed; use one of: targets, everywhere" in \
+        str(caught.value.problems[0])
+    addresses = [f"10.0.0.{i}:50061" for i in range(4)]
+    two = placement_targets("m", addresses, copies=2)
+    assert two == [h.address for h in placement_order("m", [HostView(a, healthy=True) for a in addresses])[:2]]
