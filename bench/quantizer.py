@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--budget-bits", type=float, default=4.0, help="the issue's example: uniform-4-all's size")
     parser.add_argument("--quick", action="store_true", help="fewer evaluation budgets")
-    parser.add_argument("--eval-windows", type=int, default=12)
+    parser.add_argument("--eval-windows", type=int, default=8, help="held-out windows of 128 tokens (the quantizer default)")
     parser.add_argument("--threads", type=int, default=1,
                         help="ORT intra-op threads; 1 beats 2 on this shared, oversubscribed 2-core machine")
     parser.add_argument("--calib-windows", type=int, default=DEFAULT_WINDOWS,
@@ -116,10 +116,10 @@ def main() -> int:
         elif phase != "sensitivity":
             print(f"  {phase} {step}/{total} {layer} {time.perf_counter() - t0:.0f}s", flush=True)
 
+    # The quantizer's defaults (what `mirador quantize` runs), but the held-out text and its size.
     options = QuantizeOptions(budget_bits=args.budget_bits, heldout=heldout, eval_windows=args.eval_windows,
-                              windows=args.calib_windows, threads=args.threads,
-                              eval_tokens=128, search_steps=3 if args.quick else 5,
-                              sweep_points=2 if args.quick else 3)
+                              windows=args.calib_windows, threads=args.threads, eval_tokens=128,
+                              **({"search_steps": 3, "sweep_points": 0} if args.quick else {}))
     result = quantizer.run(repo, options, progress)
     load1 = os.getloadavg()
     timings = dict(result.timings, **{"model load (s)": round(t_load, 1)})

@@ -22,7 +22,7 @@ SOURCE_GGUF_FUSED = "gguf-fused"  # a llama .gguf → Mirador's fused graph (ser
 SOURCE_QUANTIZED = "quantized"    # a repository model → services.quantizer's per-layer mix (depends_on[0])
 
 # Bump when services.quantizer's choice changes for unchanged options, so quantized builds count as stale.
-QUANTIZER_FORMAT = 1
+QUANTIZER_FORMAT = 2
 
 
 class UnknownRecipeError(ValueError):

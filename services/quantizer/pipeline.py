@@ -57,11 +57,11 @@ class QuantizeOptions:
     estimate_bits: tuple[int, ...] = (8, 2, quant.Q4F, quant.Q2F)
     output_name: str | None = None
     # Neither budget_bits nor budget_mb: the model written is the smallest mix within ppl_tolerance of fp32.
-    search_steps: int = 5       # budgets tried when searching the smallest size within 2% of fp32
-    sweep_points: int = 3       # extra budgets for the size/perplexity plot
+    search_steps: int = 4       # budgets tried when searching the smallest size within 2% of fp32
+    sweep_points: int = 1       # extra budgets for the size/perplexity plot (the search's budgets are plotted too)
     threads: int = 0
     ppl_tolerance: float = 0.02
-    calibrate_rounds: int = 2   # measured-interaction re-solves per byte budget (0: the plain additive knapsack)
+    calibrate_rounds: int = 1   # measured-interaction re-solves per byte budget (0: the plain additive knapsack)
 
 
 @dataclass
@@ -228,7 +228,8 @@ class Quantizer:
                 joint = self.joint_kl(bits)
                 tried.append((joint, bits))
                 factors = {}
-                for b in sorted({b for b in bits.values() if b != quant.FP32}):
+                # The last round's factors would only be logged: not measured (one probe per code saved).
+                for b in sorted({b for b in bits.values() if b != quant.FP32}) if round_ < rounds else ():
                     predicted = self.predicted_kl(bits, b)
                     if predicted > 0:
                         factors[b] = max(self.joint_kl(bits, b), 1e-12) / predicted

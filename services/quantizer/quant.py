@@ -146,7 +146,7 @@ def pack(weight: np.ndarray, bits: int, block_size: int) -> Packed:
     return Packed(bits, block_size, K, N, data, scales.reshape(-1), zero_points.reshape(-1))
 
 
-SEARCH_STEPS = 16  # inverse scales tried per block by pack_float_min (besides plain min/max)
+SEARCH_STEPS = 10  # inverse scales tried per block by pack_float_min (besides plain min/max)
 
 
 def pack_float_min(weight: np.ndarray, bits: int, block_size: int, importance: np.ndarray | None = None,
