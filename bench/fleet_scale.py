@@ -21,8 +21,9 @@ Time to first answer: from the call's scheduled start to its first token (Ask) o
 
 Policies (each on fresh processes, every keep_alive 1 h, so only the budget evicts):
 - `static-tiers`: the article's 10 hot / 20 warm / 48 cold, by the true popularity order (the
-  best an operator could guess); each hot model pinned on one host (balanced by size), warm and
-  cold loaded on demand, cold evicted before warm, least recently used first.
+  best an operator could guess); each hot model pinned on one host (balanced by size; the last
+  host pins none, keeping room for the largest models), warm and cold loaded on demand, cold
+  evicted before warm, least recently used first.
 - `lru`: every model warm: plain least-recently-used eviction on demand.
 - `usage`: every model warm, `tier_policy: usage` (services/model_host/tiering.py): the most-used
   models become hot by themselves and one-off loads evict the least used first.
@@ -181,13 +182,18 @@ def ceiling(models: list[Model], budget_bytes: int) -> float:
 def hot_assignment(models: list[Model], budget_bytes: int) -> dict[str, int]:
     """Static tiers: each hot model pinned on one host, the largest first onto the emptiest host, in at
     most PIN_SHARE of its budget (measured sizes can exceed the estimates, and pinned models cannot
-    be evicted to make up for it)."""
+    be evicted to make up for it). The last host pins none, keeping its budget for the largest
+    models: with ~290 MB pinned on every host, the two 519 MB SmolLM2 graphs (~680 MB of need)
+    fitted no 830 MB host beside its pinned models and every call for them was refused (and pinned
+    models measure up to 1.8x their estimates, so a budget less the largest need is no safe cap)."""
     hot = sorted(models[:STATIC_TIERS[0]], key=lambda m: -m.need_bytes)
+    caps = [PIN_SHARE * budget_bytes] * (HOSTS - 1) + [0]
     used, where = [0] * HOSTS, {}
     for m in hot:
-        host = min(range(HOSTS), key=lambda h: used[h])
-        if used[host] + m.need_bytes > PIN_SHARE * budget_bytes:
+        fits = [h for h in range(HOSTS) if used[h] + m.need_bytes <= caps[h]]
+        if not fits:
             continue  # a hot model no host can pin beside the others stays warm
+        host = min(fits, key=lambda h: used[h])
         used[host] += m.need_bytes
         where[m.name] = host
     return where
