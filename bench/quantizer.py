@@ -200,9 +200,10 @@ def main() -> int:
                      f"{row['kl_vs_fp32']:.4f} | {100 * row['top1_agreement']:.1f}% | {decode.get(row['name'], '-')} |")
     extra += ["", "## Goals", ""] + [f"- {k}: {v}" for k, v in goals.items()]
     if any("Q4_1 GGUF" in n for n in quantizer.notes()):
-        extra += ["", "These goals are met on SmolLM2-135M, whose fp32 weights were dequantized from a Q4_1 GGUF: "
+        extra += ["", "Every row here is SmolLM2-135M, whose fp32 weights were dequantized from a Q4_1 GGUF: "
                   "the 4f code (4 bits, float block minimum) stores its MatMul blocks exactly, which flatters "
-                  "every 4f row above. A true fp32 model gains far less from it."]
+                  "every row with 4f layers (the mixes and uniform-4f-all). A true fp32 model gains far less from "
+                  "it: see bench/results/quantizer_encoder.md (minilm-l6)."]
     (RESULTS / "quantizer.md").write_text(report + "\n".join(extra) + "\n")
     print(json.dumps({k: out[k] for k in ("timings", "goals", "decode_ms_per_token")}, indent=2))
     for row in variants:
