@@ -18,7 +18,7 @@ def add_quantize_command(subparsers) -> None:
     quantize = subparsers.add_parser("quantize", help="mixed-precision quantization of a decoder under a size budget")
     quantize.add_argument("model", help="fleet name of a text-generation model")
     budget = quantize.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget-bits", type=float, help="mean bits per weight, MatMuls and the token embedding (2 to 32), e.g. 4.5")
+    budget.add_argument("--budget-bits", type=float, help="the size of every layer (MatMuls and the token embedding) at this many bits, 2 to 32, e.g. 4 = uniform 4-bit's size")
     budget.add_argument("--budget-mb", type=float, help="total model size in MB (10^6 bytes)")
     quantize.add_argument("--calibration", default="",
                           help="calibration text: a file inside the model repository (default: packaged text)")
