@@ -324,3 +324,13 @@ def test_a_state_url_variable_unset_here_loads_and_is_an_error_only_where_it_is_
     assert state.missing_url("redis_url") == ("the environment variable TEST_MIRADOR_UNSET is not set or empty in "
                                               "this process; set it (e.g. from the Secret) before starting the service")
     assert (state.key_of("redis_url"), state.lines["redis_url"], state.source) == ("state.redis_url_env", 8, "test.yaml")
+
+
+def test_router_feature_models_must_be_embedding_models_of_the_fleet():
+    config = parse_config(EXAMPLES.replace("{embedding_model: embedder}", "{embedding_model: embedder, feature_models: [embedder]}"))
+    assert config.services.router.feature_models == ("embedder",)
+    for bad in ("[lm]", "[nowhere]"):
+        problem = only_problem(EXAMPLES.replace("{embedding_model: embedder}",
+                                                f"{{embedding_model: embedder, feature_models: {bad}}}"))
+        assert problem.key == "services.router.feature_models", bad
+        assert "not an embedding model of `fleet:`" in problem.message and "embedder" in problem.message

@@ -158,3 +158,26 @@ def test_gemma3_base_model_completes_a_plain_prompt():
     manifest = built("gemma3-270m")  # optional: `mirador fleet build --with-gemma`
     completion = greedy_generate(manifest, "The capital of France is", max_new_tokens=8)
     assert "Paris" in completion, completion
+
+
+def test_route_features_read_a_request_framed_as_a_user_turn_and_its_markers_as_text():
+    """smollm2-135m-features: SmolLM2's first layers as an encoder. The tokenizer frames the
+    text as the chat's user turn; markers written in the text stay text; the pooled hidden
+    states of a text do not depend on what it is batched with (padding is masked)."""
+    from services.model_host.loader import SessionSettings, load_runtime
+
+    manifest = built("smollm2-135m-features")
+    runtime = load_runtime(manifest, SessionSettings(intra_op_threads=2))
+    chat = built("smollm2-135m-instruct")
+    plain = tokenizers.Tokenizer.from_file(str(chat.directory / chat.files["tokenizer"]))
+    prefix, suffix = (plain.encode(part, add_special_tokens=False).ids for part in manifest.generation["frame"])
+    ids = runtime.tokenizer.encode("write a query <|im_end|> now").ids
+    assert ids[:len(prefix)] == prefix and ids[-len(suffix):] == suffix
+    inner = ids[len(prefix):-len(suffix)]
+    end_id = plain.token_to_id("<|im_end|>")
+    assert end_id not in inner and len(inner) > 4  # `<|im_end|>` in the text is read as its characters
+    alone = runtime.embed(["extract the member id"])
+    batched = runtime.embed(["extract the member id", "a much longer request that pads the first one in the batch"])
+    assert alone.shape == (1, manifest.generation["embedding_dim"])
+    np.testing.assert_allclose(batched[0], alone[0], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(batched[1], alone[0], atol=1e-2)

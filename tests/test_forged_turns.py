@@ -37,8 +37,8 @@ def shipped_mesh(tmp_path_factory):
         pytest.skip(f"the real fleet is not built ({exc}); run `mirador fleet build`")
     directory = tmp_path_factory.mktemp("forged")
     text = shipped.read_text()
-    # Every voter of both routes is loaded at once beside the chat model, with their KV slots and
-    # prefix caches: ~3.1 GB, just past the shipped 3072 MB, so this mesh gets 256 MB more.
+    # Every voter of both routes is loaded at once beside the chat model and the router's two
+    # embedding models, with their KV slots and prefix caches: ~3.25 GB, so the shipped budget.
     path = write_config(directory, {"model_host": "memory_budget_mb: 3328\nmax_batch_size: 1"},
                         body=text[text.index("\nfleet:") + 1:])
     path.write_text(path.read_text().replace(f"model_repository: {directory / 'models'}",

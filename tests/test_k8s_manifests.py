@@ -137,7 +137,7 @@ def test_the_gateway_serves_http_and_dials_the_router_and_consensus_by_their_clu
 def test_model_host_memory_is_sized_from_its_budget(rendered):
     _, _, documents = rendered
     budget_mb = load_config(REPO / "config" / "mirador.yaml").services.model_host.memory_budget_mb
-    assert budget_mb == 3072
+    assert budget_mb == 3328
     resources = by_kind(documents, "Deployment")["mirador-model-host"]["spec"]["template"]["spec"]["containers"][0]["resources"]
     request, limit = mebibytes(resources["requests"]["memory"]), mebibytes(resources["limits"]["memory"])
     assert request >= budget_mb * 1.2  # the budget is for weights; ONNX sessions cost ~1.2x, plus Python

@@ -77,3 +77,28 @@ def test_the_shipped_routes_send_the_demos_requests_where_they_belong():
         scores = classifier.scores(encoder.embed([text])[0], text)
         assert max(scores, key=scores.get) == expected, (text, scores)
         assert scores[expected] >= config.services.router.min_confidence  # not sent to `default`
+
+
+def test_several_models_vectors_are_standardised_so_a_loud_one_does_not_drown_a_telling_one():
+    """Two models side by side: one loud (values ~1000, no signal), one quiet (values ~0.01, the
+    route). Standardised per block, the head hears the quiet one; raw, it hears noise."""
+    rng = np.random.default_rng(1)
+    labels = ["a"] * 20 + ["b"] * 20
+    quiet = 0.01 * (np.array([[1.0, 0.0]] * 20 + [[0.0, 1.0]] * 20) + 0.3 * rng.standard_normal((40, 2)))
+    loud = 1000 + 1000 * rng.standard_normal((40, 8))
+    vectors = np.hstack([loud, quiet])
+    blocks = RouteClassifier.train(vectors, labels, widths=(8, 2))
+    assert blocks.scaler is not None and blocks.widths == (8, 2)
+    assert blocks.cv_accuracy >= 0.9
+    probe_a = np.hstack([1000 + 1000 * rng.standard_normal(8), [0.01, 0.0]])
+    probe_b = np.hstack([1000 + 1000 * rng.standard_normal(8), [0.0, 0.01]])
+    assert max(blocks.scores(probe_a).items(), key=lambda kv: kv[1])[0] == "a"
+    assert max(blocks.scores(probe_b).items(), key=lambda kv: kv[1])[0] == "b"
+    assert "2 models' pooled vectors" in blocks.features
+    raw = RouteClassifier.train(vectors, labels)  # one model: no standardising
+    assert raw.scaler is None and raw.cv_accuracy < blocks.cv_accuracy
+
+
+def test_widths_that_do_not_add_up_are_refused():
+    with pytest.raises(ValueError, match="do not add up to 10 columns"):
+        RouteClassifier.train(np.ones((6, 10)), ["a", "b"] * 3, widths=(4, 4))

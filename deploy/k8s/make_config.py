@@ -32,6 +32,7 @@ services:
     port: 50051
     default_route: default     # requests the classifier is unsure of go here
     min_confidence: 0.5
+    feature_models: [smollm2-135m-features]
     shutdown_grace_s: 20s      # terminationGracePeriodSeconds is 30
     model_host_targets: dns:///mirador-model-host:50061
     target: dns:///mirador-router:50051       # where the gateway dials it
@@ -46,7 +47,7 @@ services:
   model_host:
     host: 0.0.0.0
     port: 50061
-    memory_budget_mb: 3072     # the Deployment's memory request/limit are sized from this
+    memory_budget_mb: 3328     # the Deployment's memory request/limit are sized from this
     execution_providers: [CPUExecutionProvider]
     shutdown_grace_s: 20s
   gateway:

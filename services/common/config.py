@@ -265,6 +265,12 @@ class _Reader(YamlReader):
             self.problem(self.service_nodes.get("services.router.embedding_model") or root, "services.router.embedding_model",
                          f"model `{embedder}` is not in `fleet:`, but routes have examples to embed; "
                          f"add it to the fleet or name an embedding model: {', '.join(sorted(fleet))}")
+        for model in services.router.feature_models:
+            if fleet and (model not in fleet or fleet[model].task != "embedding"):
+                embedders = ", ".join(n for n, m in fleet.items() if m.task == "embedding") or "none"
+                self.problem(self.service_nodes.get("services.router.feature_models") or root, "services.router.feature_models",
+                             f"`{model}` is not an embedding model of `fleet:`; the router's feature models must "
+                             f"embed text; embedding models: {embedders}")
         repository = None
         if "model_repository" in top:
             value = self.string(top["model_repository"][1], "model_repository")

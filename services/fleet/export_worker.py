@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from services.fleet.graph_facts import describe_decoder_io, describe_encoder_io, graph_io
-from services.fleet.recipes import SOURCE_GGUF, SOURCE_HF_FOLDER
+from services.fleet.recipes import SOURCE_GGUF, SOURCE_GGUF_FEATURES, SOURCE_HF_FOLDER
 
 TOOLCHAIN = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "gguf")
 
@@ -157,7 +157,81 @@ def _sentence_transformers_pooling(model_dir: Path) -> dict[str, Any]:
     return facts
 
 
-EXPORTERS = {SOURCE_GGUF: export_gguf_causal_lm, SOURCE_HF_FOLDER: export_hf_encoder}
+def export_gguf_features(recipe: dict[str, Any], gguf_path: Path, output_dir: Path, work_dir: Path) -> dict[str, Any]:
+    """A decoder's first `graph.layers` layers as a text encoder: input_ids and attention_mask in,
+    the hidden states after the last kept layer out (before the final norm), for the model
+    host's mean pooling. The tokenizer frames every text as the model's chat turn
+    (`graph.frame`: the token ids around the text), placed by its post-processor, so a client's
+    text is never read as markers."""
+    import torch
+    from tokenizers import processors
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    graph = recipe["graph"]
+    layers = int(graph["layers"])
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    base = model.model
+    if not 0 < layers <= len(base.layers):
+        raise RuntimeError(f"graph.layers {layers} is outside 1..{len(base.layers)}")
+    base.layers = base.layers[:layers]
+    base.config.num_hidden_layers = layers
+    base.norm = torch.nn.Identity()  # the kept layers' own output: the final norm belongs to the head
+    base.eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = base
+
+        def forward(self, input_ids, attention_mask):
+            # The 4D mask and positions are built here: transformers' own mask code does not trace.
+            length = input_ids.shape[1]
+            causal = torch.ones((length, length), dtype=torch.bool).tril()
+            keep = causal[None, None, :, :] & attention_mask.bool()[:, None, None, :]
+            mask = torch.zeros(keep.shape, dtype=torch.float32).masked_fill(~keep, torch.finfo(torch.float32).min)
+            positions = torch.arange(length, dtype=torch.int64)[None, :].expand(input_ids.shape[0], length)
+            return self.base(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             use_cache=False).last_hidden_state
+
+    timings = {"gguf_to_transformers_s": round(time.perf_counter() - started, 1)}
+    started = time.perf_counter()
+    example = (torch.ones((2, 8), dtype=torch.int64), torch.ones((2, 8), dtype=torch.int64))
+    with torch.no_grad():
+        torch.onnx.export(Hidden(), example, str(output_dir / "model.onnx"), input_names=["input_ids", "attention_mask"],
+                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                        "attention_mask": {0: "batch", 1: "sequence"},
+                                        "last_hidden_state": {0: "batch", 1: "sequence"}})
+    timings["onnx_export_s"] = round(time.perf_counter() - started, 1)
+
+    prefix, suffix = [tokenizer.encode(part, add_special_tokens=False) for part in graph["frame"]]
+    backend = tokenizer.backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(
+        single="[FRAME_START] $A [FRAME_END]", pair="[FRAME_START] $A $B [FRAME_END]",
+        special_tokens=[{"id": "[FRAME_START]", "ids": prefix, "tokens": tokenizer.convert_ids_to_tokens(prefix)},
+                        {"id": "[FRAME_END]", "ids": suffix, "tokens": tokenizer.convert_ids_to_tokens(suffix)}])
+    backend.save(str(output_dir / "tokenizer.json"))
+    inputs, outputs = graph_io(output_dir / "model.onnx")
+    generation = {
+        **describe_encoder_io(inputs, outputs),
+        "pooling": "mean",
+        "normalize": False,  # hidden states are not a sentence embedding; the router standardises them
+        "max_length": int(graph.get("max_length", 256)),
+        "embedding_dim": base.config.hidden_size,
+        "hidden_output": "last_hidden_state",
+        "layers": layers,
+        "frame": list(graph["frame"]),
+    }
+    return {"files": {"model": "model.onnx", "tokenizer": "tokenizer.json"}, "architecture": base.config.model_type,
+            "generation": generation, "timings": timings}
+
+
+EXPORTERS = {SOURCE_GGUF: export_gguf_causal_lm, SOURCE_HF_FOLDER: export_hf_encoder,
+             SOURCE_GGUF_FEATURES: export_gguf_features}
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

@@ -1,16 +1,23 @@
 """Recognises what kind of request arrived: a multinomial logistic head on each
-route example's sentence embedding joined with its lexical features (TF-IDF of
-character 2-5-grams within words, words and word pairs, over the examples' own
-vocabulary).
+route example's features. Two shapes, by what the config names:
 
-Why this shape: bench/routing.py cross-validates the candidates on
-routing-dev.jsonl. The embedding alone misses requests whose wording, not their
-gist, says the route ("pull out the phone numbers" is extraction, "== and ===" is
-code); the lexical features alone miss paraphrases; the two together are right
-more often than either (93.1% against 89.8% and 86.0%, 5-fold CV dealt 3 times).
-Variants that did no better on the same CV: lexical features weighted 0.5x or 2x,
-weaker L2, extra terms for the request's first words, a second embedding of its
-first clause, averaging the two heads' probabilities instead of one head on both.
+* `embedding_model` alone: its sentence embedding joined with lexical features
+  (TF-IDF of character 2-5-grams within words, words and word pairs, over the
+  examples' own vocabulary);
+* with `feature_models` too: every model's pooled vector side by side, each
+  standardised (zero mean, unit variance per column over the examples, scaled by
+  1/sqrt(its width) so no model outweighs another by its size), no lexical terms.
+
+Why: bench/routing.py cross-validates the candidates on routing-dev.jsonl (5 folds
+dealt 3 times). The embedding alone misses requests whose wording, not their gist,
+says the route ("pull out the phone numbers" is extraction, "== and ===" is code);
+lexical features alone miss paraphrases; the two together are right more often
+(93.1% against 89.8% and 86.0%). What reads the wording best is an
+instruction-tuned decoder: SmolLM2-Instruct's first layers over the request framed
+as a user turn (smollm2-135m-features) beside MiniLM give 96-97%; lexical terms on
+top of those cost about a point. Variants that did no better with MiniLM alone:
+lexical features weighted 0.5x or 2x, weaker L2, extra terms for the request's first
+words, a second embedding of its first clause, averaging two heads' probabilities.
 Scores are calibrated with one temperature fitted on out-of-fold predictions, so
 `min_confidence` means what it says.
 """
@@ -97,22 +104,48 @@ def route_features(embeddings: np.ndarray, lexical: np.ndarray | None) -> np.nda
 
 
 @dataclass
+class BlockScaler:
+    """Standardises side-by-side vectors of several models: per column to zero mean and unit
+    variance over the examples, each model's block scaled by 1/sqrt(its width)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray, widths: Sequence[int]) -> "BlockScaler":
+        if sum(widths) != x.shape[1]:
+            raise ValueError(f"the feature models' widths {list(widths)} do not add up to {x.shape[1]} columns")
+        block = np.concatenate([np.full(w, np.sqrt(w)) for w in widths])
+        return cls(x.mean(axis=0), (x.std(axis=0) + 1e-6) * block)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.scale
+
+
+@dataclass
 class RouteClassifier:
     routes: list[str]
     head: LogisticHead
     temperature: float
     cv_accuracy: float  # out-of-fold accuracy on the examples
     lexical: LexicalFeatures | None = None  # None: the embedding alone (no texts given to train)
+    scaler: BlockScaler | None = None  # several models' vectors side by side (`widths` given to train)
+    widths: tuple[int, ...] = ()
 
     @classmethod
     def train(cls, embeddings: np.ndarray, labels: list[str], texts: Sequence[str] | None = None,
-              folds: int = 5) -> "RouteClassifier":
+              folds: int = 5, widths: Sequence[int] = ()) -> "RouteClassifier":
         """With `texts` (the examples themselves), the head also reads their lexical features;
-        the vocabulary is refitted inside every fold, so the out-of-fold scores are honest."""
+        the vocabulary is refitted inside every fold, so the out-of-fold scores are honest.
+        `widths`: the vectors are several models' side by side, this wide each (standardised;
+        the scaler uses no labels, so it is fitted once on all examples)."""
         routes = sorted(set(labels))
         if len(routes) < 2:
             raise ValueError("the router needs examples for at least two routes to classify requests")
         y = np.array([routes.index(label) for label in labels])
+        scaler = BlockScaler.fit(embeddings, widths) if len(widths) > 1 else None
+        if scaler is not None:
+            embeddings = scaler(embeddings)
 
         def fit(rows: np.ndarray) -> tuple[LexicalFeatures | None, LogisticHead]:
             lexical = LexicalFeatures.fit([texts[i] for i in rows]) if texts is not None else None
@@ -134,15 +167,19 @@ class RouteClassifier:
         temperature = fit_temperature(out_of_fold, y)
         accuracy = float((out_of_fold.argmax(axis=1) == y).mean())
         lexical, head = fit(np.arange(len(y)))
-        return cls(routes, head, temperature, accuracy, lexical)
+        return cls(routes, head, temperature, accuracy, lexical, scaler, tuple(widths) if scaler else ())
 
     def scores(self, embedding: np.ndarray, text: str | None = None) -> dict[str, float]:
+        if self.scaler is not None:
+            embedding = self.scaler(embedding)
         lexical = self.lexical.transform([text]) if self.lexical is not None else None
         probs = softmax(self.head.logits(route_features(embedding[None, :], lexical)) / self.temperature)[0]
         return dict(zip(self.routes, probs.tolist()))
 
     @property
     def features(self) -> str:
+        if self.scaler is not None:
+            return f"{len(self.widths)} models' pooled vectors, standardised ({' + '.join(map(str, self.widths))} columns)"
         if self.lexical is None:
             return "sentence embedding"
         return f"sentence embedding + {len(self.lexical.vocabulary)} lexical terms"

@@ -19,7 +19,8 @@ from services.router.classifier import RouteClassifier
 
 log = logging.getLogger("mirador.router.routing")
 
-EmbedMany = Callable[..., Awaitable[np.ndarray]]  # (texts, timeout_s=None) -> one vector per text
+# (texts, timeout_s=None) -> per model (the embedding model, then each feature model) one vector per text
+EmbedMany = Callable[..., Awaitable[list[np.ndarray]]]
 EMBED_BATCH = 16
 # Of the time the caller has left, the share classification may take: the router then answers with
 # its own reason before the caller's deadline passes, and the rest is the model's.
@@ -37,9 +38,13 @@ async def learn_routes(config: MiradorConfig, embed_many: EmbedMany) -> RouteCla
     for name, route in classified_routes(config).items():
         texts += route.examples
         labels += [name] * len(route.examples)
-    vectors = [await embed_many(texts[i : i + EMBED_BATCH]) for i in range(0, len(texts), EMBED_BATCH)]
-    # off the event loop: fitting takes a few seconds on 2 cores, and the old table serves meanwhile
-    return await asyncio.to_thread(RouteClassifier.train, np.concatenate(vectors), labels, texts)
+    batches = [await embed_many(texts[i : i + EMBED_BATCH]) for i in range(0, len(texts), EMBED_BATCH)]
+    per_model = [np.concatenate(vectors) for vectors in zip(*batches)]
+    widths = [vectors.shape[1] for vectors in per_model]
+    # One model: its embedding and the lexical terms; several: their vectors alone (classifier.py).
+    # Off the event loop: fitting takes a few seconds on 2 cores, and the old table serves meanwhile.
+    return await asyncio.to_thread(RouteClassifier.train, np.hstack(per_model), labels,
+                                   texts if len(per_model) == 1 else None, widths=widths)
 
 
 class RouteTable:
@@ -104,13 +109,13 @@ class RouteTable:
         if left is not None and left <= 0:
             raise DeadlineExceeded("no time was left to classify the request; allow more time or name a route")
         try:
-            vector = (await self.embed_many([text], timeout_s=left))[0]
+            vector = np.concatenate([vectors[0] for vectors in await self.embed_many([text], timeout_s=left)])
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and left is not None:
                 raise DeadlineExceeded(f"classifying the request took longer than the {left * 1000:.0f} ms the caller's "
                                        "deadline left for it (the embedding model answered too slowly); allow more time "
                                        "or name a route") from None
-            raise ServiceError(f"classifying the request: the embedding model on the model host: {exc.details()}",
+            raise ServiceError(f"classifying the request: the embedding models on the model host: {exc.details()}",
                                exc.code()) from None
         scores = self.classifier.scores(vector, text)
         best = max(scores, key=scores.get)

@@ -82,8 +82,13 @@ class RouterService(MiradorService):
                                 fail_open=config.state.rate_limit_without_redis == "open")
 
     def _route_table(self, config: MiradorConfig) -> RouteTable:
-        # each table embeds with the embedding model of its own config
-        return RouteTable(config, embed_many=partial(self.embed, model=config.services.router.embedding_model))
+        # each table embeds with the embedding and feature models of its own config
+        settings = config.services.router
+        return RouteTable(config, embed_many=partial(self.embed_with, (settings.embedding_model, *settings.feature_models)))
+
+    async def embed_with(self, models: tuple[str, ...], texts: list[str], timeout_s: float | None = None) -> list[np.ndarray]:
+        """The texts' vectors from each of `models`, asked at once."""
+        return list(await asyncio.gather(*(self.embed(texts, model, timeout_s) for model in models)))
 
     async def embed(self, texts: list[str], model: str | None = None, timeout_s: float | None = None) -> np.ndarray:
         """Embeds with the router's embedding model; `timeout_s` (what the caller has left) caps
@@ -152,7 +157,8 @@ class RouterService(MiradorService):
             self.relearning = None
         current = self.routes
         same_examples = (_examples(old) == _examples(new_config)
-                         and old.services.router.embedding_model == settings.embedding_model)
+                         and old.services.router.embedding_model == settings.embedding_model
+                         and old.services.router.feature_models == settings.feature_models)
         if same_examples and current.classifier is not None:
             table.classifier = current.classifier
             table.learned.set()

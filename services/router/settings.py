@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.settings import ServiceSettings, choice, fraction, rate, setting, targets, text, whole
+from services.common.settings import ServiceSettings, choice, fraction, names, rate, setting, targets, text, whole
 
 MODEL_HOST_BALANCING = ("auto", "placement", "round_robin")
 
@@ -15,6 +15,9 @@ class RouterSettings(ServiceSettings):
     min_confidence: float = setting(0.5, fraction)  # below it the default route answers
     # fleet model that embeds requests for classification
     embedding_model: str = setting("minilm-l6", text)
+    # more fleet embedding models whose pooled vectors join the embedding model's in the classifier
+    # (e.g. smollm2-135m-features: a decoder's first layers); none = the embedding and lexical terms
+    feature_models: tuple[str, ...] = setting((), names)
     # Model-host addresses the router balances over (gRPC round_robin with health checks).
     # Empty = every replica of services.model_host (see ServicesConfig.model_host_targets).
     model_host_targets: tuple[str, ...] = setting((), targets)
