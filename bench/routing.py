@@ -116,7 +116,7 @@ def cross_validate(config, rows: list[dict], written: list[tuple[str, str]], rep
     none = np.zeros((len(texts), 0))
     # (candidate, vectors, reads the texts too, widths of the models side by side)
     heads = ((CANDIDATES[0], vectors, False, ()), (CANDIDATES[1], none, True, ()), (CANDIDATES[2], vectors, True, ()),
-             (CANDIDATES[3], features, False, ()), (CANDIDATES[4], both, False, widths), (CANDIDATES[5], both, True, widths))
+             (CANDIDATES[3], features, False, widths[1:]), (CANDIDATES[4], both, False, widths), (CANDIDATES[5], both, True, widths))
     probabilities = {name: [] for name in CANDIDATES}
     seconds = {name: 0.0 for name in CANDIDATES}
     truth = []

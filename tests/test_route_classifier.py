@@ -94,7 +94,7 @@ def test_several_models_vectors_are_standardised_so_a_loud_one_does_not_drown_a_
     probe_b = np.hstack([1000 + 1000 * rng.standard_normal(8), [0.0, 0.01]])
     assert max(blocks.scores(probe_a).items(), key=lambda kv: kv[1])[0] == "a"
     assert max(blocks.scores(probe_b).items(), key=lambda kv: kv[1])[0] == "b"
-    assert "2 models' pooled vectors" in blocks.features
+    assert "pooled vectors of 2 model(s)" in blocks.features
     raw = RouteClassifier.train(vectors, labels)  # one model: no standardising
     assert raw.scaler is None and raw.cv_accuracy < blocks.cv_accuracy
 

@@ -137,13 +137,13 @@ class RouteClassifier:
               folds: int = 5, widths: Sequence[int] = ()) -> "RouteClassifier":
         """With `texts` (the examples themselves), the head also reads their lexical features;
         the vocabulary is refitted inside every fold, so the out-of-fold scores are honest.
-        `widths`: the vectors are several models' side by side, this wide each (standardised;
-        the scaler uses no labels, so it is fitted once on all examples)."""
+        `widths`: the vectors are one or more models' side by side, this wide each, to be
+        standardised (the scaler uses no labels, so it is fitted once on all examples)."""
         routes = sorted(set(labels))
         if len(routes) < 2:
             raise ValueError("the router needs examples for at least two routes to classify requests")
         y = np.array([routes.index(label) for label in labels])
-        scaler = BlockScaler.fit(embeddings, widths) if len(widths) > 1 else None
+        scaler = BlockScaler.fit(embeddings, widths) if widths else None
         if scaler is not None:
             embeddings = scaler(embeddings)
 
@@ -167,7 +167,7 @@ class RouteClassifier:
         temperature = fit_temperature(out_of_fold, y)
         accuracy = float((out_of_fold.argmax(axis=1) == y).mean())
         lexical, head = fit(np.arange(len(y)))
-        return cls(routes, head, temperature, accuracy, lexical, scaler, tuple(widths) if scaler else ())
+        return cls(routes, head, temperature, accuracy, lexical, scaler, tuple(widths))
 
     def scores(self, embedding: np.ndarray, text: str | None = None) -> dict[str, float]:
         if self.scaler is not None:
@@ -179,7 +179,7 @@ class RouteClassifier:
     @property
     def features(self) -> str:
         if self.scaler is not None:
-            return f"{len(self.widths)} models' pooled vectors, standardised ({' + '.join(map(str, self.widths))} columns)"
+            return f"pooled vectors of {len(self.widths)} model(s), standardised ({' + '.join(map(str, self.widths))} columns)"
         if self.lexical is None:
             return "sentence embedding"
         return f"sentence embedding + {len(self.lexical.vocabulary)} lexical terms"

@@ -44,7 +44,7 @@ async def learn_routes(config: MiradorConfig, embed_many: EmbedMany) -> RouteCla
     # One model: its embedding and the lexical terms; several: their vectors alone (classifier.py).
     # Off the event loop: fitting takes a few seconds on 2 cores, and the old table serves meanwhile.
     return await asyncio.to_thread(RouteClassifier.train, np.hstack(per_model), labels,
-                                   texts if len(per_model) == 1 else None, widths=widths)
+                                   texts if len(per_model) == 1 else None, widths=widths if len(widths) > 1 else ())
 
 
 class RouteTable:
