@@ -123,7 +123,6 @@ def main() -> int:
     result = quantizer.run(repo, options, progress)
     load1 = os.getloadavg()
     timings = dict(result.timings, **{"model load (s)": round(t_load, 1)})
-    analysis_plus_allocation = timings["sensitivity analysis (s)"] + timings["allocation (s)"]
 
     # ORT's own uniform quantizer, evaluated the same way.
     from services.quantizer.report import Evaluator
