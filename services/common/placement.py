@@ -82,7 +82,10 @@ PROBE_TIMEOUT_S = 1.0  # a host that does not answer its health check and ListMo
 DNS_EVERY = 5  # a `dns:` target is resolved again every this many refreshes
 MAX_ATTEMPTS = 3  # hosts one call is tried on before its first answer
 LOAD_TIMEOUT_S = 120.0  # a background LoadModel of an extra copy
-RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Sent to the next host when they come back before the call's first message. CANCELLED there is the
+# host's doing (a caller's own cancel reaches this code as asyncio.CancelledError): a host stopping on
+# SIGTERM cancels what it has not answered when its drain ends, and no part of an answer was sent.
+RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 MODEL_HOST_SERVICE = model_host_pb2.DESCRIPTOR.services_by_name["ModelHost"].full_name
 
 HOSTS = Gauge("mirador_router_model_hosts", "Model hosts the router knows, by state (usable, down, ignored)", ["state"])
