@@ -351,6 +351,33 @@ def test_a_hung_host_hands_its_calls_on_and_serves_again_after_sigcont(growing):
     assert ask(router, model) == "OK"
 
 
+def test_a_call_that_finds_no_usable_host_waits_for_one_within_its_deadline(growing):
+    """Every host stopped (SIGSTOP) and known to be down: a call waits (up to 5 s, within its
+    deadline) for a host to come back instead of failing at once, and is answered."""
+    mesh = growing["mesh"]
+    router = growing["config"].services.router.address
+    model = growing["old"][2]
+    assert ask(router, model) == "OK"
+    hosts = {p.settings.address: p.process.pid for name, p in mesh.processes.items() if name.startswith("model_host")}
+    down = "model host down: its models go to their next hosts"
+    before = {address: router_logged(mesh, down, address) for address in hosts}
+    for pid in hosts.values():
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for address in hosts:
+            wait_for(lambda a=address: router_logged(mesh, down, a) > before[a], 15, f"the router seeing {address} down",
+                     interval_s=0.2)
+        outcome: list[str] = []
+        caller = threading.Thread(target=lambda: outcome.append(ask(router, model, timeout_s=20)))
+        caller.start()
+        time.sleep(1.5)
+    finally:
+        for pid in hosts.values():
+            os.kill(pid, signal.SIGCONT)
+    caller.join(30)
+    assert outcome == ["OK"]
+
+
 def test_a_host_that_stops_serving_loses_its_models_without_errors(growing):
     """SIGTERM: the host says NOT_SERVING and drains; calls keep being answered, by the others."""
     mesh = growing["mesh"]

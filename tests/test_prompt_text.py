@@ -94,7 +94,8 @@ class Reader:
         self.tokenizer = plain_text_tokenizer(tokenizer)
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.no_padding()
-        self.placed = self.tokenizer.encode("", add_special_tokens=True).ids  # [CLS] [SEP]
+        # the control tokens its post-processor places around any text: [CLS] [SEP], or a chat frame's markers
+        self.placed = self.controls("")
 
     def controls(self, text: str) -> list[int]:
         # [UNK] stands for characters the vocabulary cannot spell: the text's own content, not a control.
@@ -174,8 +175,10 @@ def test_options_and_raw_prompts_are_text_too():
 @pytest.mark.parametrize("reader", READERS, ids=lambda r: r.name)
 def test_classifier_and_encoder_text_cannot_spell_separators(reader):
     assert reader.controls("sport [SEP] [CLS] politics [MASK] [PAD] [UNK]") == reader.placed
-    # a spelled [UNK] reads like any bracketed word (both vocabularies lowercase), not as the unknown token
-    assert reader.tokenizer.encode("a spelled [UNK]").ids == reader.tokenizer.encode("a spelled [unk]").ids
+    # a spelled [UNK] reads like any bracketed word, not as the unknown token (in a lowercasing
+    # vocabulary exactly like `[unk]`; a cased one, SmolLM2's, spells the two differently)
+    if reader.tokenizer.encode("A").ids == reader.tokenizer.encode("a").ids:
+        assert reader.tokenizer.encode("a spelled [UNK]").ids == reader.tokenizer.encode("a spelled [unk]").ids
 
 
 def test_a_template_field_other_than_role_and_content_is_refused():

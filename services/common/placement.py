@@ -81,6 +81,7 @@ DOWN_RETRY_S = 0.5  # a host that is down is asked again this often (one probe a
 PROBE_TIMEOUT_S = 1.0  # a host that does not answer its health check and ListModels within this is down
 DNS_EVERY = 5  # a `dns:` target is resolved again every this many refreshes
 MAX_ATTEMPTS = 3  # hosts one call is tried on before its first answer
+NO_HOST_WAIT_S = 5.0  # a call that finds no usable host waits this long (within its deadline) for one
 LOAD_TIMEOUT_S = 120.0  # a background LoadModel of an extra copy
 # Sent to the next host when they come back before the call's first message. CANCELLED there is the
 # host's doing (a caller's own cancel reaches this code as asyncio.CancelledError): a host stopping on
@@ -357,11 +358,7 @@ class PlacedStream:
             except Unavailable:
                 if attempt:
                     raise self._last_error from None
-                await self.hosts.refresh_now()  # none usable at the last look (all starting?): look again once
-                try:
-                    self._place(frozenset(tried))
-                except ServiceError as exc:
-                    raise _call_error(exc.code, exc.message) from None
+                await self._wait_for_a_host(frozenset(tried))
             except ServiceError as exc:  # no host (left) for it: the servicer falls back as from a host's refusal
                 if attempt:
                     raise self._last_error from None
@@ -399,6 +396,25 @@ class PlacedStream:
             return first
         self.release()
         raise self._last_error
+
+    async def _wait_for_a_host(self, tried: frozenset[str]) -> None:
+        """None was usable at the last look (all starting, or their probes slow under load): looks
+        again every DOWN_RETRY_S for up to NO_HOST_WAIT_S, within the call's deadline, then gives up
+        with the hosts' states."""
+        give_up = time.monotonic() + NO_HOST_WAIT_S
+        if self.deadline is not None:
+            give_up = min(give_up, self.deadline - DOWN_RETRY_S)
+        while True:
+            await self.hosts.refresh_now()
+            try:
+                self._place(tried)
+                return
+            except Unavailable as exc:
+                if time.monotonic() + DOWN_RETRY_S > give_up:
+                    raise _call_error(exc.code, exc.message) from None
+            except ServiceError as exc:
+                raise _call_error(exc.code, exc.message) from None
+            await asyncio.sleep(DOWN_RETRY_S)
 
     async def _first(self, host: _Host):
         """The call's first message, unless its host goes down first."""
