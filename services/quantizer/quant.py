@@ -130,12 +130,7 @@ def pack(weight: np.ndarray, bits: int, block_size: int) -> Packed:
 
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}, got {bits}")
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
-    weight = np.asarray(weight, dtype=np.float32)
-    K, N = weight.shape
-    blocks = k_blocks(K, block_size)
-    pad = blocks * block_size - K
+    weight, K, N, blocks, pad = _in_blocks(weight, block_size)
     padded = np.ascontiguousarray(np.pad(weight, ((0, pad), (0, 0))) if pad else weight)
     per_byte = 8 // bits
     data = np.zeros((N, blocks, block_size * bits // 8), dtype=np.uint8)
@@ -144,6 +139,16 @@ def pack(weight: np.ndarray, bits: int, block_size: int) -> Packed:
     kernel = {2: quantize_matmul_2bits, 4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
     kernel(data, padded, scales, zero_points, block_size, N, K + pad, False)
     return Packed(bits, block_size, K, N, data, scales.reshape(-1), zero_points.reshape(-1))
+
+
+def _in_blocks(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, int, int, int, int]:
+    """(the weight as float32 [K, N], K, N, blocks along K, rows of padding to a whole block)."""
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
+    weight = np.asarray(weight, dtype=np.float32)
+    K, N = weight.shape
+    blocks = k_blocks(K, block_size)
+    return weight, K, N, blocks, blocks * block_size - K
 
 
 SEARCH_STEPS = 10  # inverse scales tried per block by pack_float_min (besides plain min/max)
@@ -159,12 +164,7 @@ def pack_float_min(weight: np.ndarray, bits: int, block_size: int, importance: n
     the best (s, m) is a 2x2 weighted least-squares solve. Vectorised over all blocks at once."""
     if bits not in (4, 2):
         raise ValueError(f"float-minimum packing is for 4 or 2 bits, not {bits}")
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size}")
-    weight = np.asarray(weight, dtype=np.float32)
-    K, N = weight.shape
-    blocks = k_blocks(K, block_size)
-    pad = blocks * block_size - K
+    weight, K, N, blocks, pad = _in_blocks(weight, block_size)
     w = np.pad(weight, ((0, pad), (0, 0))).T.reshape(N, blocks, block_size)
     a = np.ones(K, np.float32) if importance is None else np.asarray(importance, np.float32).reshape(K)
     a = np.pad(a, (0, pad)).reshape(1, blocks, block_size)  # padding rows multiply nothing: weight 0
