@@ -21,6 +21,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_run(count: int) -> int:
+    """A port p such that p .. p+count-1 are all free on 127.0.0.1 (bounded search)."""
+    for _ in range(50):
+        start = free_port()
+        if start + count > 65535:
+            continue
+        probes = []
+        try:
+            for offset in range(count):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", start + offset))
+            return start
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    raise RuntimeError("no run of free ports found")
+
+
 FLEET_AND_ROUTES = """
 fleet:
   tiny-lm: {task: text-generation, tier: hot}
@@ -41,7 +62,9 @@ def write_config(directory: Path, service_extra: dict[str, str] | None = None, b
     service_extra = service_extra or {}
     lines = ["services:"]
     for name in ("router", "consensus", "quantizer", "model_host", "gateway"):
-        lines += [f"  {name}:", f"    port: {free_port()}", "    shutdown_grace_s: 3s"]
+        # model-host replica i listens on port + i: a run of free ports, not one that may border a busy one
+        port = free_port_run(4) if name == "model_host" else free_port()
+        lines += [f"  {name}:", f"    port: {port}", "    shutdown_grace_s: 3s"]
         if name == "consensus" and "escalation_db" not in service_extra.get(name, ""):  # never the user's queue
             lines.append(f"    escalation_db: {directory / 'escalations.sqlite3'}")
         if name == "router" and "rollout_state" not in service_extra.get(name, ""):  # never the user's rollouts

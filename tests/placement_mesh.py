@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import free_port
-from test_load_balancing import free_port_run
+from conftest import free_port, free_port_run
 
 
 def write_placement_config(directory: Path, fleet: dict[str, str], routes: dict[str, str], *, hosts: int,

@@ -30,7 +30,7 @@ import grpc
 import pytest
 from mirador.v1 import model_host_pb2, model_host_pb2_grpc
 
-from conftest import FLEET_AND_ROUTES, REPO, free_port
+from conftest import FLEET_AND_ROUTES, REPO, free_port, free_port_run
 from services.cli.supervisor import Mesh, health_status
 from services.common.config import load_config
 
@@ -58,27 +58,6 @@ def envoy_binary() -> str | None:
 
 def haproxy_binary() -> str | None:
     return shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.path.exists(p)), None)
-
-
-def free_port_run(count: int) -> int:
-    """A port p such that p .. p+count-1 are all free on 127.0.0.1 (bounded search)."""
-    for _ in range(50):
-        start = free_port()
-        if start + count > 65535:
-            continue
-        probes = []
-        try:
-            for offset in range(count):
-                probe = socket.socket()
-                probes.append(probe)
-                probe.bind(("127.0.0.1", start + offset))
-            return start
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-    raise RuntimeError("no run of free ports found")
 
 
 def write_replica_config(directory: Path, replicas: int = REPLICAS, router_targets: bool = False) -> Path:

@@ -34,7 +34,7 @@ from services.cli.supervisor import Mesh, write_config_variant
 from services.common.config import load_config
 from services.common.model_repository import ModelRepository
 from services.common.placement_policy import HostView, placement_order
-from test_load_balancing import free_port_run
+from conftest import free_port_run
 from tiny_models import build_tiny_decoder, build_tiny_encoder
 
 MB = 2**20

@@ -34,7 +34,7 @@ from services.cli.supervisor import Mesh, write_config_variant
 from services.common.config import load_config
 from services.common.model_repository import ModelRepository
 from services.common.placement_policy import hash_unit, placement_targets
-from test_load_balancing import free_port_run
+from conftest import free_port_run
 from test_placement_hosts import DECODER_KEYS, ask, ready_on, router_logged, start
 from tiny_models import build_tiny_decoder, build_tiny_encoder
 
