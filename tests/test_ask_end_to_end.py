@@ -183,7 +183,9 @@ def wait_until_the_router_classifies(config, timeout_s: float = 120.0) -> None:
                 router.Route(router_pb2.RouteRequest(text="hello"), timeout=10)
                 return
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                # UNAVAILABLE while learning; DEADLINE_EXCEEDED when learning ended too late in one try's 10 s
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                        or time.monotonic() > deadline:
                     raise
             time.sleep(0.5)
 
