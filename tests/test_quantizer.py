@@ -160,6 +160,54 @@ def test_float_minimum_search_beats_min_max_rounding_and_is_exact_on_a_q4_1_grid
         assert np.abs(quant.dequantize(quant.pack(grid, 4, 32)) - grid).max() > 1e-4
 
 
+@pytest.mark.parametrize("code, K, N, block", [(quant.Q4S, 64, 48, 32), (quant.Q4S, 200, 3, 64),
+                                               (quant.Q2S, 70, 24, 32), (quant.Q2S, 96, 40, 16)])
+def test_searched_codes_are_ort_packing_that_matmulnbits_computes_with_less_weighted_error(code, K, N, block):
+    """4s/2s: the bytes and node of ORT's 4/2-bit (integer zero points), what MatMulNBits computes is
+    x @ dequantize(packed), and the activation-weighted error is below ORT's RTN (never above)."""
+    rng = np.random.default_rng(code + K)
+    weight = rng.standard_normal((K, N)).astype(np.float32)
+    weight[rng.integers(0, K, 3), rng.integers(0, N, 3)] *= 6  # a few outliers, as real weights have
+    importance = (rng.random(K) ** 3 + 0.01).astype(np.float32)
+    bits = quant.nbits(code)
+    packed = quant.pack_searched(weight, bits, block, importance)
+    assert packed.code == code and quant.code_name(code) == f"{bits}s"
+    assert packed.nbytes == quant.quantized_bytes(K, N, code, block) == quant.quantized_bytes(K, N, bits, block)
+    node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft",
+                            K=K, N=N, bits=bits, block_size=block, accuracy_level=0)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, N])],
+        initializer=[numpy_helper.from_array(packed.data, "B"), numpy_helper.from_array(packed.scales, "S"),
+                     numpy_helper.from_array(packed.zero_points, "Z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    a = rng.standard_normal((5, K)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    np.testing.assert_allclose(y, a @ quant.dequantize(packed), atol=1e-3, rtol=1e-4)
+
+    def err(p):
+        return float(np.sum(importance[:, None] * (quant.dequantize(p) - weight) ** 2))
+
+    rtn = quant.pack(weight, bits, block)
+    assert err(packed) < 0.9 * err(rtn)
+    assert err(quant.pack_searched(weight, bits, block, importance, steps=0)) == pytest.approx(err(rtn), rel=1e-5)
+
+
+def test_searched_code_on_a_q4_1_grid_beats_rtn_and_the_embedding_shares_it_with_the_head():
+    """On weights dequantized from Q4_1 (SmolLM2's case: a float minimum RTN's integer zero point misses),
+    4s has less error than RTN, and a table packed at 4s reads back through GatherBlockQuantized."""
+    rng = np.random.default_rng(7)
+    d, m = rng.random((64, 8, 1)) * 0.01 + 1e-3, -rng.random((64, 8, 1)) * 0.05
+    q = rng.integers(0, 16, (64, 8, 32))
+    grid = np.ascontiguousarray((d * q + m).reshape(64, 256).T.astype(np.float32))
+    rtn, searched = quant.pack(grid, 4, 32), quant.pack(grid, quant.Q4S, 32)
+    assert np.sum((quant.dequantize(searched) - grid) ** 2) < 0.8 * np.sum((quant.dequantize(rtn) - grid) ** 2)
+    data, scales, zero_points = quant.gather_arrays(searched)
+    assert data is searched.data and data.nbytes + scales.nbytes + zero_points.nbytes == quant.gather_bytes(
+        256, 64, quant.Q4S, 32)
+
+
 @pytest.mark.parametrize("bits, block", [(8, 16), (8, 32), (4, 32), (4, 64), (2, 32), (2, 128)])
 def test_gather_block_quantized_reads_the_transposed_packing(bits, block):
     """GatherBlockQuantized (uint8, 3-D [V, H/b, b] form) over the MatMulNBits packing of E^T returns
@@ -295,7 +343,7 @@ def test_budget_in_mb_is_respected_on_disk(tiny):
 
 
 def test_tied_head_is_untied_and_every_embedding_head_choice_is_written_exactly(tied):
-    """Embedding (Gather) x tied lm_head at fp32/8/4/2: exact initializer bytes, fp32/fp32 written tied
+    """Embedding (Gather) x tied lm_head at fp32/8/4/2/4s/2s: exact initializer bytes, fp32/fp32 written tied
     (the source's size, the source's logits), same bits share the packed data, and the probe (tables
     fed as graph inputs) computes what the written model computes."""
     _, manifest = tied
@@ -310,7 +358,7 @@ def test_tied_head_is_untied_and_every_embedding_head_choice_is_written_exactly(
     source = open_session(manifest)
     reference = source.run(["logits"], decoder_feeds(source, windows))[0]
     np.testing.assert_allclose(prober.logits({}), reference, rtol=1e-5, atol=1e-4)
-    for e, h in itertools.product((0, 8, 4, 2), repeat=2):
+    for e, h in itertools.product((0, 8, 4, 2, quant.Q4S, quant.Q2S), repeat=2):
         bits = {emb.name: e, head.name: h}
         model = build_model(decoder, packs, bits, accuracy_level=0)
         assert initializer_bytes(model) == quantizer_bytes(decoder, bits), (e, h)
@@ -391,8 +439,8 @@ def test_tied_eight_bit_run_quantizes_the_embedding_and_loads_in_the_model_host(
     assert np.abs(logits - reference[0, -1]).max() < 0.05 * np.abs(reference[0, -1]).max()
     assert int(np.argmax(logits)) == int(np.argmax(reference[0, -1]))
     names = [v.name for v in result.variants]
-    assert names[:7] == ["fp32", "uniform-8", "uniform-4", "mixed@uniform-4-size", "uniform-8-all",
-                         "uniform-4-all", "mixed@uniform-4-all-size"]
+    assert names[:8] == ["fp32", "uniform-8", "uniform-4", "mixed@uniform-4-size", "uniform-8-all",
+                         "uniform-4-all", "uniform-4s-all", "mixed@uniform-4-all-size"]
 
 
 def test_byte_budgets_with_the_embedding_and_tied_head_are_exact(tied, tmp_path):
@@ -565,7 +613,8 @@ def test_a_budget_is_never_answered_worse_than_a_uniform_allocation_within_it(ti
     assert quantizer.mean_bits(written) <= 4.0
     # --budget-bits 4 is uniform-4-all's size: the mix is compared at equal size
     assert quantizer.weight_bytes(written) <= quantizer.weight_bytes(quantizer.uniform_all_bits(4))
-    for bits in (quantizer.uniform_all_bits(4), quantizer.uniform_all_bits(2)):
+    for bits in (quantizer.uniform_all_bits(4), quantizer.uniform_all_bits(quant.Q4S), quantizer.uniform_all_bits(2),
+                 quantizer.uniform_all_bits(quant.Q2S)):
         if quantizer.mean_bits(bits) <= 4.0:
             assert quantizer.joint_kl(written) <= quantizer.joint_kl(bits) + 1e-12
     assert "Never worse than uniform" in result.report_path.read_text()

@@ -54,7 +54,7 @@ class QuantizeOptions:
     # weight error (sensitivity.analyze) and corrected by measured joint KLs (allocate_calibrated): on
     # SmolLM2 the 2-bit estimate was within 0.6-1.7x of the probe for 80% of the layers.
     measure_bits: tuple[int, ...] = (4,)
-    estimate_bits: tuple[int, ...] = (8, 2, quant.Q4F, quant.Q2F)
+    estimate_bits: tuple[int, ...] = (8, 2, quant.Q4F, quant.Q2F, quant.Q4S, quant.Q2S)
     output_name: str | None = None
     # Neither budget_bits nor budget_mb: the model written is the smallest mix within ppl_tolerance of fp32.
     search_steps: int = 4       # budgets tried when searching the smallest size within 2% of fp32
@@ -94,6 +94,7 @@ class _Candidates:
     u4: dict[str, int]
     u8_all: dict[str, int]
     u4_all: dict[str, int]
+    u4s_all: dict[str, int]
     u4f_all: dict[str, int]
     at_u4: dict[str, int]
     at_u4_all: dict[str, int]
@@ -120,6 +121,18 @@ class QuantizeResult:
     plot_path: Path
     timings: dict = field(default_factory=dict)
     allocation_log: dict = field(default_factory=dict)  # per mixed variant: rounds of allocate_calibrated
+
+
+def _undominated(options: list[Option]) -> list[Option]:
+    """The options no other option beats on both cost and penalty (a dominated option is never in an
+    optimal solution, so dropping it changes no solution; ties keep the first). A searched code has
+    its plain code's bytes and, by construction, no more weight error, so this halves the knapsack's
+    work when both are offered."""
+    kept: list[Option] = []
+    for option in sorted(options, key=lambda o: (o.cost, o.penalty)):
+        if not kept or option.penalty < min(k.penalty for k in kept):
+            kept.append(option)
+    return kept
 
 
 class Quantizer:
@@ -189,7 +202,7 @@ class Quantizer:
         times the bit-width's interaction factor (1 unless `allocate_calibrated` measured one)."""
         return 0.0 if bits == quant.FP32 else s.kl[bits] * self.interaction.get(bits, 1.0)
 
-    BIT_CHOICES = (quant.FP32, 8, 4, 2, quant.Q4F, quant.Q2F)
+    BIT_CHOICES = (quant.FP32, 8, 4, 2, quant.Q4F, quant.Q2F, quant.Q4S, quant.Q2S)
 
     def joint_kl(self, bits: dict[str, int], only: int | None = None) -> float:
         """Measured calibration KL with every layer (or those at `only` bits) quantized as in `bits` at once."""
@@ -254,7 +267,7 @@ class Quantizer:
             for combo in itertools.product(*per_layer):
                 penalty = sum(self.penalty(sens[layer.name], b) for layer, b in zip(item, combo))
                 options.append(Option(combo, float(cost(item, combo)), penalty))
-            out.append((item, options))
+            out.append((item, _undominated(options)))
         return out
 
     def allocate_bytes(self, weight_budget: float, bit_choices=BIT_CHOICES) -> dict[str, int]:
@@ -412,16 +425,17 @@ class Quantizer:
             requested = allocate(self.budget_bits_to_weight_bytes(float(options.budget_bits)), requested_name)
         u4, u8 = self.uniform_bits(4), self.uniform_bits(8)
         u4_all, u8_all = self.uniform_all_bits(4), self.uniform_all_bits(8)
-        u4f_all = self.uniform_all_bits(quant.Q4F)
+        u4f_all, u4s_all = self.uniform_all_bits(quant.Q4F), self.uniform_all_bits(quant.Q4S)
         uniform_check: list[str] = []
         if requested is not None:
             requested, requested_name, uniform_check = self.never_worse_than_uniform(
                 requested, requested_name, options,
                 {"uniform-8": u8, "uniform-4": u4, "uniform-8-all": u8_all, "uniform-4-all": u4_all,
-                 "uniform-4f-all": u4f_all, "uniform-2-all": self.uniform_all_bits(2),
-                 "uniform-2f-all": self.uniform_all_bits(quant.Q2F)})
+                 "uniform-4s-all": u4s_all, "uniform-4f-all": u4f_all, "uniform-2-all": self.uniform_all_bits(2),
+                 "uniform-2s-all": self.uniform_all_bits(quant.Q2S), "uniform-2f-all": self.uniform_all_bits(quant.Q2F)})
         return _Candidates(
-            requested, requested_name, uniform_check, u8=u8, u4=u4, u8_all=u8_all, u4_all=u4_all, u4f_all=u4f_all,
+            requested, requested_name, uniform_check, u8=u8, u4=u4, u8_all=u8_all, u4_all=u4_all, u4s_all=u4s_all,
+            u4f_all=u4f_all,
             at_u4=allocate(self.weight_bytes(u4), "mixed@uniform-4-size"),
             at_u4_all=allocate(self.weight_bytes(u4_all), "mixed@uniform-4-all-size"),
             at_u8_all=allocate(self.weight_bytes(u8_all), "mixed@uniform-8-all-size"))
@@ -432,7 +446,7 @@ class Quantizer:
         """Held-out perplexity of fp32, the candidates, the smallest mix within tolerance of fp32
         (bisection on the budget) and a sweep for the plot; and the model to write."""
         c = candidates
-        planned = 9 + (c.requested is not None) + options.search_steps + options.sweep_points
+        planned = 10 + (c.requested is not None) + options.search_steps + options.sweep_points
         done = [0]
 
         def step(label: str):
@@ -456,6 +470,7 @@ class Quantizer:
         v_at_u4 = variant("mixed@uniform-4-size", c.at_u4)
         v_u8_all = variant("uniform-8-all", c.u8_all)
         v_u4_all = variant("uniform-4-all", c.u4_all)
+        v_u4s_all = variant("uniform-4s-all", c.u4s_all)
         v_u4f_all = variant("uniform-4f-all", c.u4f_all)
         v_at_u4_all = variant("mixed@uniform-4-all-size", c.at_u4_all)
         v_at_u8_all = variant("mixed@uniform-8-all-size", c.at_u8_all)
@@ -465,7 +480,7 @@ class Quantizer:
         smallest = {layer.name: min(self.packs_bits_available(layer), default=quant.FP32)
                     for layer in self.decoder.layers}
         lo = float(self.weight_bytes(smallest))
-        measured = [v for v in (v_u8, v_u8_all, v_u4f_all, v_at_u4, v_at_u4_all, v_at_u8_all, v_req)
+        measured = [v for v in (v_u8, v_u8_all, v_u4s_all, v_u4f_all, v_at_u4, v_at_u4_all, v_at_u8_all, v_req)
                     if v is not None]
         within = [v for v in measured if v.perplexity <= limit]
         hi = float(min((v.weight_bytes for v in within), default=fp32.weight_bytes))
@@ -475,7 +490,7 @@ class Quantizer:
             evaluator, limit, lo, hi, min(mixed_within, key=lambda v: v.weight_bytes) if mixed_within else None,
             options.search_steps, allocate, step, sweep)
         best = Variant(**{**best.__dict__, "name": f"mixed@smallest-within-{100 * options.ppl_tolerance:g}%"})
-        uniform_rows = [v_u8, v_u4, v_u8_all, v_u4_all, v_u4f_all]
+        uniform_rows = [v_u8, v_u4, v_u8_all, v_u4_all, v_u4s_all, v_u4f_all]
         chosen, chosen_name = c.requested, c.requested_name
         if chosen is None:
             # The smallest model within tolerance, mixed or not: a uniform allocation that is smaller (or as
@@ -489,7 +504,8 @@ class Quantizer:
             step(f"sweep {i + 1}/{options.sweep_points}")
             name = f"sweep@{target / 1e6:.1f}MB-weights"
             sweep.append(self.evaluate(evaluator, name, allocate(target, name)))
-        variants = [fp32, v_u8, v_u4, v_at_u4, v_u8_all, v_u4_all, v_at_u4_all, v_u4f_all, v_at_u8_all, best]
+        variants = [fp32, v_u8, v_u4, v_at_u4, v_u8_all, v_u4_all, v_u4s_all, v_at_u4_all, v_u4f_all, v_at_u8_all,
+                    best]
         if v_req is not None:
             variants.append(v_req)
         return _Measured(chosen_name, chosen, variants, sweep, uniform_rows, fp32)

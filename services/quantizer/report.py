@@ -95,7 +95,9 @@ def markdown(*, model: str, output: str, calibration: str, heldout: str, block_s
              f"- result: `{output}`" + (f", the `{chosen}` row below" if chosen else ""), f"- calibration: {calibration}", f"- held-out evaluation: {heldout}",
              f"- MatMulNBits (and GatherBlockQuantized for the embedding), block {block_size}, accuracy_level 4; "
              "codes 8/4/2: asymmetric RTN with integer zero points (ONNX Runtime's packing); 4f/2f: 4/2 bits with a "
-             "float per-block minimum and a searched scale (services/quantizer/quant.py), MatMuls only",
+             "float per-block minimum and a searched scale (services/quantizer/quant.py), MatMuls only; 4s/2s: ORT's "
+             "integer-zero-point packing with each block's scale and zero point searched (activation-weighted) "
+             "instead of min/max rounding, same bytes and nodes as 4/2",
              "- sizes: the file on disk; fp32 is the source file (embedding and lm_head tied, one table)", ""]
     lines += ["## Variants", "",
               "| variant | size (MB) | size vs fp32 | perplexity | ppl change | KL vs fp32 | top-1 agreement |",

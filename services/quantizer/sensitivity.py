@@ -86,9 +86,13 @@ class PackCache:
         key = (self.decoder.pack_key(layer), bits)  # an embedding and its untied head share one packing
         if key not in self._packs:
             weight = self.decoder.weight(layer)
+            # An embedding shares its packing with its head: the head's inputs weight the search.
+            head = self.decoder.paired_head(layer) if layer.kind == "gather" else None
+            importance = self.importance.get((head or layer).name)
             if quant.is_float_min(bits):
-                self._packs[key] = quant.pack_float_min(weight, quant.nbits(bits), self.block_size,
-                                                        self.importance.get(layer.name))
+                self._packs[key] = quant.pack_float_min(weight, quant.nbits(bits), self.block_size, importance)
+            elif quant.is_searched(bits):
+                self._packs[key] = quant.pack_searched(weight, quant.nbits(bits), self.block_size, importance)
             else:
                 self._packs[key] = quant.pack(weight, bits, self.block_size)
         return self._packs[key]

@@ -152,20 +152,21 @@ def build_model(
             ]
             replacement[index] = nodes
             continue
+        name_b, b = quant.code_name(b), quant.nbits(b)  # a searched code is written as its plain bits
         if layer.kind == "matmul":
-            names = [f"{base}_Q{b}", f"{base}_scales", f"{base}_zero_points"]
+            names = [f"{base}_Q{name_b}", f"{base}_scales", f"{base}_zero_points"]
             new_inits += [numpy_helper.from_array(packed.data, names[0]),
                           numpy_helper.from_array(packed.scales, names[1]),
                           numpy_helper.from_array(packed.zero_points, names[2])]
-            data_names[(decoder.pack_key(layer), b)] = names[0]
+            data_names[(decoder.pack_key(layer), name_b)] = names[0]
             replacement[index] = [helper.make_node(
                 "MatMulNBits", [old.input[0], *names], list(old.output), name=f"{old.name}_Q{b}", domain=MS_DOMAIN,
                 K=layer.shape[0], N=layer.shape[1], bits=b, block_size=packs.block_size,
                 accuracy_level=accuracy_level)]
             continue
         data, scales, zero_points = quant.gather_arrays(packed)
-        names = [f"{base}_gather_Q{b}", f"{base}_gather_scales", f"{base}_gather_zero_points"]
-        shared = data_names.get((decoder.pack_key(layer), b))
+        names = [f"{base}_gather_Q{name_b}", f"{base}_gather_scales", f"{base}_gather_zero_points"]
+        shared = data_names.get((decoder.pack_key(layer), name_b))
         if shared:
             names[0] = shared
         else:
