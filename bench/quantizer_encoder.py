@@ -8,8 +8,9 @@ blocks exactly); MiniLM's do not, so this is the honest view of what the quantiz
 allocation do. Bench only: services.quantizer writes decoders; here the same pieces are used on
 the encoder's 36 MatMuls (the word-embedding Gather, 11.7 M of its 22.7 M weights, stays fp32):
 
-- codes: quant.pack (8/4/2, ONNX Runtime's RTN, integer zero point) and quant.pack_float_min
-  (4f/2f, searched scale and float minimum, weighted by each input's mean square);
+- codes: quant.pack (8/4/2, ONNX Runtime's RTN, integer zero point), quant.pack_searched (4s/2s,
+  ORT's integer-zero-point packing with a searched scale and zero point) and quant.pack_float_min
+  (4f/2f, searched scale and float minimum), both searches weighted by each input's mean square;
 - sensitivity: one probe per layer at 4 bits, the mean cosine distance between the fp32 and the
   probed sentence embeddings of calibration sentences (the quantizer's packaged calibration.txt);
   the other codes estimated by activation-weighted weight error, as sensitivity.analyze does;
@@ -45,7 +46,7 @@ from services.quantizer.allocation import Option  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 EVAL = ROOT.parent / "shared" / "eval"
 BLOCK = 32
-CODES = (quant.FP32, 8, 4, 2, quant.Q4F, quant.Q2F)
+CODES = (quant.FP32, 8, 4, 2, quant.Q4F, quant.Q2F, quant.Q4S, quant.Q2S)
 
 
 class Encoder:
@@ -174,6 +175,7 @@ def main() -> int:
         a = squares[enc.inputs[name]]
         for code in CODES[1:]:
             packs[name, code] = (quant.pack_float_min(w, quant.nbits(code), BLOCK, a) if quant.is_float_min(code)
+                                 else quant.pack_searched(w, quant.nbits(code), BLOCK, a) if quant.is_searched(code)
                                  else quant.pack(w, code, BLOCK))
         err = {c: float(np.sum((quant.dequantize(packs[name, c]) - w) ** 2, axis=1) @ a) for c in CODES[1:]}
         probe = cosine_distance(ref, enc.embed(calib, {**fp32, name: quant.dequantize(packs[name, 4])}))
@@ -195,7 +197,7 @@ def main() -> int:
 
     s8, s4 = size(uniform(8)), size(uniform(4))
     variants = {"fp32": uniform(quant.FP32), "uniform-8": uniform(8), "uniform-4": uniform(4),
-                "uniform-4f": uniform(quant.Q4F),
+                "uniform-4s": uniform(quant.Q4S), "uniform-4f": uniform(quant.Q4F),
                 "mixed@8bits": allocate(s8), "mixed@6bits": allocate((s8 + s4) / 2), "mixed@4bits": allocate(s4)}
     data = {name: [json.loads(line) for line in (EVAL / f"{name}-dev.jsonl").read_text().splitlines() if line.strip()]
             for name in ("routing", "topics")}

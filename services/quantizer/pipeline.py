@@ -622,5 +622,7 @@ class Quantizer:
                 "scale + float-minimum grid. ORT's integer zero point cannot reproduce that grid, and any scheme with "
                 "a per-block float minimum would reproduce it exactly, so this model flatters such schemes (here "
                 "the 4f code: 4 bits with a float minimum, which stores these blocks exactly); do not read its "
-                "numbers, 4f's above all, as a true fp32 model's.")
+                "numbers, 4f's above all, as a true fp32 model's. Conversely, RTN with an integer zero point (8/4/2, "
+                "uniform-4 and uniform-4-all above all) carries a per-block constant offset error here that a true "
+                "fp32 model would not have; part of what the searched 4s/2s codes gain over RTN is removing it.")
         return notes

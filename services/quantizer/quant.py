@@ -260,28 +260,37 @@ def pack_searched(weight: np.ndarray, bits: int, block_size: int, importance: np
     top = float((1 << bits) - 1)
     lo, hi = w.min(axis=-1, keepdims=True), w.max(axis=-1, keepdims=True)
 
+    base = np.einsum("nbk,nbk->nb", a * w, w)[..., None].astype(np.float64)  # sum a w^2
+
+    def codes(s, z):  # one expression everywhere, so the final codes are the ones the search scored
+        return np.clip(np.rint(w / s) + z, 0, top)
+
+    def sums(s, z):  # (sum a w (q - z), sum a (q - z)^2) per block
+        q = codes(s, z)
+        q -= z
+        aq = a * q
+        return (np.einsum("nbk,nbk->nb", aq, w)[..., None].astype(np.float64),
+                np.einsum("nbk,nbk->nb", aq, q)[..., None].astype(np.float64))
+
     def fit(lo_, hi_, refit: bool):
         s = np.where(hi_ > lo_, (hi_ - lo_) / top, 1.0).astype(np.float32)
         z = np.clip(np.rint(-lo_ / s), 0, top)
-        for _ in range(refits if refit else 0):
-            q = np.clip(np.rint(w / s) + z, 0, top) - z
-            num = np.sum(a * w * q, axis=-1, keepdims=True)
-            den = np.sum(a * q * q, axis=-1, keepdims=True)
-            s = np.where((den > 0) & (num > 0), num / np.where(den > 0, den, 1.0), s).astype(np.float32)
-        q = np.clip(np.rint(w / s) + z, 0, top)
-        err = np.sum(a * np.square(w - s * (q - z)), axis=-1, keepdims=True, dtype=np.float64)
-        return s, z, q, err
+        saqw, saqq = sums(s, z)
+        for _ in range(refits if refit else 0):  # least-squares scale for these codes, then round again
+            s = np.where((saqq > 0) & (saqw > 0), saqw / np.where(saqq > 0, saqq, 1.0), s).astype(np.float32)
+            saqw, saqq = sums(s, z)
+        return s, z, base - 2 * s * saqw + np.square(s, dtype=np.float64) * saqq  # sum a (w - s (q - z))^2
 
     # ORT's RTN: the range widened to include 0, scale (hi - lo) / top, zero point rounded.
-    best_s, best_z, best_q, best_err = fit(np.minimum(lo, 0), np.maximum(hi, 0), refit=False)
+    best_s, best_z, best_err = fit(np.minimum(lo, 0), np.maximum(hi, 0), refit=False)
     span = hi - lo
     for i in range(steps):
         for lo_cut, hi_cut in ((i, i), (i, 0), (0, i)) if i else ((0, 0),):
             shrink = SEARCH_SHRINK * np.array([lo_cut, hi_cut], np.float32) / max(steps - 1, 1)
-            s, z, q, err = fit(lo + shrink[0] * span, hi - shrink[1] * span, refit=True)
+            s, z, err = fit(lo + shrink[0] * span, hi - shrink[1] * span, refit=True)
             better = err < best_err
-            best_s, best_z = np.where(better, s, best_s), np.where(better, z, best_z)
-            best_q, best_err = np.where(better, q, best_q), np.where(better, err, best_err)
+            best_s, best_z, best_err = np.where(better, s, best_s), np.where(better, z, best_z), np.minimum(err, best_err)
+    best_q = codes(best_s, best_z)
     data = _pack_codes(best_q.astype(np.uint8).reshape(N * blocks, block_size), bits)
     per_byte = 8 // bits
     z = best_z[..., 0].astype(np.uint8)                                            # [N, blocks]
