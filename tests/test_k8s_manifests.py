@@ -269,3 +269,11 @@ def test_the_review_queue_is_durable(rendered, monkeypatch):
     assert {"name": "MIRADOR_DATABASE_URL",
             "valueFrom": {"secretKeyRef": {"name": "mirador-state", "key": "database-url"}}} in container["env"]
     assert "optional" not in str(container["env"])  # the pod waits for the Secret rather than start without it
+
+
+def test_model_hosts_admit_each_other(rendered):
+    """Each model host asks the others for their health and models (hot pins follow the hosts that are up)."""
+    _, _, documents = rendered
+    rules = by_kind(documents, "NetworkPolicy")["mirador-model-host-from-callers"]["spec"]["ingress"]
+    callers = [peer["podSelector"]["matchLabels"] for rule in rules for peer in rule["from"]]
+    assert {"app.kubernetes.io/name": "mirador-model-host"} in callers

@@ -20,7 +20,7 @@ from services.model_host import observability
 from services.model_host.dataplane import BatchingHook, DataPlane
 from services.model_host.engine import EngineHook, EngineSettings
 from services.model_host.faults import InjectedDelays
-from services.model_host.hot_placement import hot_models_elsewhere
+from services.model_host.hot_placement import HotPins
 from services.model_host.loader import SessionSettings, default_optimized_cache, load_runtime
 from services.model_host.observability import ObservabilityHook
 from services.model_host.registry import MB, ModelRegistry
@@ -74,6 +74,8 @@ class ModelHostService(MiradorService):
         dataplane = DataPlane(self.registry, self.executor, self.batching, faults, self.engines)
         self.servicer = ModelHostServicer(config, self.registry, dataplane)
         self._background: list[asyncio.Task] = []
+        # hot models pinned on their placement targets over the hosts that are up, kept so as hosts come and go
+        self.hot_pins = HotPins(lambda: self.servicer.config, settings.port, self.registry)
 
     @property
     def grpc_service_names(self) -> list[str]:
@@ -84,7 +86,8 @@ class ModelHostService(MiradorService):
 
     async def on_start(self) -> None:
         self.registry.refresh()
-        self.registry.place_hot(await hot_models_elsewhere(self.servicer.config, self.settings.port, self.registry))
+        await self.hot_pins.update()
+        self.hot_pins.start()
         # Pinned models load in the background: the host answers health checks at
         # once and ListModels shows each model's readiness; calls wait for their model.
         self._background = [
@@ -118,9 +121,6 @@ class ModelHostService(MiradorService):
                     if f.name not in (*RELOADABLE_HOST_SETTINGS, "host", "port", "max_concurrent_rpcs", "metrics_port")
                     and getattr(new, f.name) != getattr(old, f.name)]
         self.registry.budget_bytes = new.memory_budget_mb * MB
-        # pins follow the new tiers and budget (hot models pinned on their placement targets only)
-        self.registry.place_hot(await hot_models_elsewhere(dataclasses.replace(new_config, fleet=fleet),
-                                                           self.settings.port, self.registry))
         self.servicer.admission.set_limit(new.max_queue_per_model)
         if new.reaper_interval_s != old.reaper_interval_s:
             reaper = next((t for t in self._background if t.get_name() == "keep-alive reaper"), None)
@@ -132,6 +132,8 @@ class ModelHostService(MiradorService):
         self.settings = dataclasses.replace(old, **{k: getattr(new, k) for k in RELOADABLE_HOST_SETTINGS})
         # the servicer validates against the fleet the registry serves: the old models, new tiers and keep_alive
         self.servicer.config = dataclasses.replace(new_config, fleet=fleet)
+        # pins follow the new tiers, budget and targets (hot models pinned on their placement targets only)
+        await self.hot_pins.update(reloaded=True)
         if restart:
             log_event(log, "config reload: restart the model host to apply these changes", logging.WARNING,
                       keys=restart)
@@ -141,6 +143,7 @@ class ModelHostService(MiradorService):
             self._background.append(asyncio.create_task(self.registry.load_pinned(), name="load pinned models"))
 
     async def on_stop(self) -> None:
+        await self.hot_pins.close()
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

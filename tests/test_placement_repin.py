@@ -1,0 +1,141 @@
+"""Hot pins that follow the hosts, with real model-host processes (services/model_host/hot_placement.py).
+
+* The host pinning a hot model is killed (kill -9): the next host in the model's hash order pins it
+  and loads it by itself, without any call for it; when a host comes back at that address and is
+  its target again, it takes the pin, and the host that held it lets it go only once the newcomer
+  holds it READY (keeping its copy loaded as a warm model: nothing busy is moved).
+* A starting host that is not among the model-host targets (a pod behind a headless Service is not
+  among its records until it is ready) pins no hot model; once the list holds it (here: a static
+  list that grows, applied by a reload), it pins what it is a target of, and the host that held
+  that pin hands it over. The old code pinned every hot model on such a host.
+
+Budgets keep placement on (the fleet does not fit one host: 3 decoders of 128 MiB of KV slots
+besides); no router runs: hosts find their peers themselves. Loopback only; every process is
+stopped by PID (Mesh.stop).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import yaml
+from mirador.v1 import model_host_pb2
+
+from conftest import free_port_run
+from fault_scenarios import models_of, wait_for, wait_ready
+from placement_mesh import write_placement_config
+from services.cli.supervisor import Mesh, write_config_variant
+from services.common.config import load_config
+from services.common.model_repository import ModelRepository
+from services.common.placement_policy import placement_targets
+from test_placement_hosts import DECODER_KEYS, start
+from tiny_models import build_tiny_decoder, build_tiny_encoder
+
+HOT = "lm-hot"
+PINNED_WITHIN_S = 10.0  # a dead target's hot model pinned and READY on the next host (probes every 1 s, 2 missed)
+
+
+def write_fleet(directory, *, hosts: int, listed: int, port: int, hot: str = HOT):
+    fleet = {"tiny-embed": "{task: embedding, tier: warm}",
+             hot: "{task: text-generation, tier: hot}",
+             **{f"lm-warm-{i}": DECODER_KEYS for i in range(3)}}
+    path = write_placement_config(directory, fleet, {"chat": f"{{primary: {hot}}}"}, hosts=hosts, listed=listed,
+                                  port=port, model_host={"memory_budget_mb": 300})
+    repository = ModelRepository(directory / "models")
+    if not (directory / "models" / "tiny-embed").exists():
+        build_tiny_encoder(repository, "tiny-embed")
+        build_tiny_decoder(repository, hot, seed=1)
+        for i in range(3):
+            build_tiny_decoder(repository, f"lm-warm-{i}", seed=10 + i, kv_heads=2)
+    return path
+
+
+def holds(address: str, model: str) -> tuple[bool, bool]:
+    """(READY, pinned) of `model` on `address`; (False, False) when the host does not answer."""
+    try:
+        status = models_of(address)[model]
+    except AssertionError:
+        return False, False
+    return status.state == model_host_pb2.MODEL_STATE_READY, status.pinned
+
+
+def host_logged(mesh: Mesh, event: str) -> int:
+    return sum(f'"{event}"' in line for p in mesh.processes.values()
+               for line in p.log_path.read_text(errors="replace").splitlines())
+
+
+def test_a_dead_targets_hot_model_is_pinned_on_the_next_host_and_a_returning_host_takes_it_back(tmp_path):
+    port = free_port_run(3)
+    addresses = [f"127.0.0.1:{port + i}" for i in range(3)]
+    config = load_config(write_fleet(tmp_path, hosts=3, listed=3, port=port))
+    (target,) = placement_targets(HOT, addresses, 1)
+    (after,) = placement_targets(HOT, [a for a in addresses if a != target], 1)
+    mesh = start(config, tmp_path, services=("model_host",))
+    returned = None
+    try:
+        wait_for(lambda: holds(target, HOT) == (True, True), 60, f"{HOT} READY and pinned on its target {target}")
+        assert holds(after, HOT) == (False, False)  # the scene: pinned on its target only
+        wait_for(lambda: host_logged(mesh, "model host up: it takes its hot pins") >= 6, 20, "the hosts knowing each other")
+        victim = next(p for p in mesh.processes.values() if p.settings.address == target)
+        killed_at = time.monotonic()
+        os.kill(victim.process.pid, signal.SIGKILL)
+        victim.process.wait(10)
+        wait_for(lambda: holds(after, HOT) == (True, True), PINNED_WITHIN_S,
+                 f"{HOT} READY and pinned on {after}, the next in its hash order", interval_s=0.1)
+        took = time.monotonic() - killed_at
+        status = models_of(after)[HOT]
+        assert status.requests_total == 0  # loaded without any call for it
+        third = next(a for a in addresses if a not in (target, after))
+        assert holds(third, HOT) == (False, False)  # nothing else moved
+        print(f"\n[repin] kill -9 of {target}: {HOT} READY and pinned on {after} after {took:.1f} s, no call")
+
+        # a host comes back at the target's address: it takes the pin, and the other lets it go after
+        variant = write_config_variant(config, tmp_path / "returning.yaml", port=int(target.rsplit(":", 1)[1]),
+                                       replicas=1)
+        returned = Mesh(load_config(variant), log_dir=tmp_path / "logs-returning", services=("model_host",),
+                        env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+        returned.start(timeout_s=90)
+        wait_for(lambda: holds(target, HOT) == (True, True), 30, f"{HOT} pinned on {target} again", interval_s=0.1)
+        wait_for(lambda: holds(after, HOT) == (True, False), 10, f"{after} letting its pin go", interval_s=0.1)
+        assert models_of(after)[HOT].tier == model_host_pb2.MODEL_TIER_HOT  # a hot model, warm there now
+        assert host_logged(mesh, "model host down: its hot pins go to the next hosts") >= 1
+    finally:
+        if returned is not None:
+            returned.stop()
+        mesh.stop()
+
+
+def test_a_starting_host_not_yet_among_the_targets_pins_nothing_until_the_list_holds_it(tmp_path):
+    port = free_port_run(3)
+    addresses = [f"127.0.0.1:{port + i}" for i in range(3)]
+    newcomer = addresses[2]
+    # a hot model whose target is the third host once it is listed
+    hot = next(name for name in (f"lm-hot-{i}" for i in range(200))
+               if placement_targets(name, addresses, 1) == [newcomer])
+    (holder,) = placement_targets(hot, addresses[:2], 1)
+    config = load_config(write_fleet(tmp_path, hosts=3, listed=2, port=port, hot=hot))
+    mesh = start(config, tmp_path, services=("model_host",))
+    try:
+        wait_for(lambda: holds(holder, hot) == (True, True), 60, f"{hot} pinned on {holder}")
+        time.sleep(2.0)  # a few rounds of the newcomer's watch
+        assert holds(newcomer, hot) == (False, False)  # not listed: pins nothing (it used to pin every hot model)
+        assert all(not m.pinned for m in models_of(newcomer).values())
+        assert host_logged(mesh, "this host is not among the model-host targets (yet): it pins no hot model "
+                                 "until it is, and serves them on demand") == 1
+        # the list grows to hold it (a headless Service's records once the pod is ready); a reload applies it
+        for path in [config.path, *(tmp_path / "logs").glob("model_host-*.yaml")]:  # each replica's config file
+            data = yaml.safe_load(path.read_text())
+            data["services"]["router"]["model_host_targets"] = addresses
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+        for process in mesh.processes.values():
+            process.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: holds(newcomer, hot) == (True, True), 30, f"{hot} pinned on the newcomer", interval_s=0.1)
+        wait_for(lambda: holds(holder, hot) == (True, False), 10, f"{holder} letting its pin go", interval_s=0.1)
+        others = {name for name, m in models_of(newcomer).items() if m.pinned}
+        assert others == {hot}, others  # only what it is a target of
+    finally:
+        mesh.stop()
+
+
