@@ -79,6 +79,10 @@ log = logging.getLogger("mirador.placement")
 REFRESH_S = 2.0  # every host's health and models are read this often (and at once after a failure)
 DOWN_RETRY_S = 0.5  # a host that is down is asked again this often (one probe at a time), so it is back soon
 PROBE_TIMEOUT_S = 1.0  # a host that does not answer its health check and ListModels within this is down
+# ... twice in a row, when it was usable (asked again DOWN_RETRY_S later): a host busy loading a big graph
+# on a loaded machine can miss one probe, and counting it down sent its calls away and their models loaded
+# elsewhere. A refused connection or NOT_SERVING counts at once.
+PROBE_MISSES_TO_DOWN = 2
 DNS_EVERY = 5  # a `dns:` target is resolved again every this many refreshes
 MAX_ATTEMPTS = 3  # hosts one call is tried on before its first answer
 NO_HOST_WAIT_S = 5.0  # a call that finds no usable host waits this long (within its deadline) for one
@@ -107,6 +111,7 @@ class _Host:
     health: health_pb2_grpc.HealthStub
     down: asyncio.Event = field(default_factory=asyncio.Event)  # set while the host is not usable
     listed: bool = True  # still among the resolved targets
+    missed: int = 0  # probes timed out in a row while it was usable
 
 
 class ModelHosts:
@@ -150,7 +155,7 @@ class ModelHosts:
             while (left := next_round - time.monotonic()) > 0:
                 await asyncio.sleep(min(DOWN_RETRY_S, left))
                 for address, host in list(self.hosts.items()):
-                    if host.listed and not host.view.healthy:
+                    if host.listed and (not host.view.healthy or host.missed):
                         self.suspect(address)
             self._rounds += 1
             if self._rounds % DNS_EVERY == 0 and any(dns_name(t) for t in self.targets):
@@ -193,6 +198,11 @@ class ModelHosts:
                 raise _NotServing(health_pb2.HealthCheckResponse.ServingStatus.Name(health.status))
             listing = await host.stub.ListModels(model_host_pb2.ListModelsRequest(), timeout=PROBE_TIMEOUT_S)
         except (grpc.aio.AioRpcError, _NotServing, _NotListed) as exc:
+            timed_out = isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            if timed_out and view.usable and host.missed + 1 < PROBE_MISSES_TO_DOWN:
+                host.missed += 1  # asked again within DOWN_RETRY_S (_keep_refreshing) before it counts as down
+                return
+            host.missed = 0
             reason = (exc.code().name if isinstance(exc, grpc.aio.AioRpcError)
                       else "not resolved any more" if isinstance(exc, _NotListed) else str(exc))
             if view.healthy or view.refreshed_at == 0.0:
@@ -201,6 +211,7 @@ class ModelHosts:
             view.healthy, view.refreshed_at = False, started
             host.down.set()
             return
+        host.missed = 0
         problem = nonsense(listing, self.fleet)
         if problem != self._logged.get(view.address, ""):
             if problem:
