@@ -76,6 +76,33 @@ def test_knapsack_respects_the_budget_exactly_on_real_costs(seed):
         assert solved.penalty <= tighter[0] + 1e-12
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_dropping_dominated_options_changes_no_knapsack_solution(seed):
+    """A searched code costs its plain code's bytes with less error: the plain one is dominated and
+    dropped, and the exact knapsack's optimum over the pruned items equals brute force over all."""
+    from services.quantizer.pipeline import _undominated
+
+    assert [o.label for o in _undominated([Option("4", 10, 0.5), Option("4s", 10, 0.2), Option("8", 20, 0.01),
+                                           Option("2", 5, 3.0), Option("2s", 5, 1.0), Option("4f", 12, 0.3)])] == [
+        "2s", "4s", "8"]
+    rng = random.Random(seed)
+    items = [[Option(i, rng.randint(1, 6), round(rng.random(), 3)) for i in range(rng.randint(2, 5))]
+             for _ in range(4)]
+    budget = rng.randint(6, 20)
+    best = brute_force_or_none(items, budget)
+    pruned = [_undominated(options) for options in items]
+    if best is None:
+        with pytest.raises(BudgetError):
+            allocation.solve(pruned, budget)
+    else:
+        assert allocation.solve(pruned, budget).penalty == pytest.approx(best)
+
+
+def brute_force_or_none(items, budget):
+    found = allocation.brute_force(items, budget)
+    return None if found is None else found[0]
+
+
 def test_knapsack_below_the_cheapest_choice_is_a_budget_error():
     items = [[Option(0, 100, 0), Option(2, 10, 1)]] * 3
     with pytest.raises(BudgetError, match="cheapest"):
