@@ -107,6 +107,36 @@ def test_a_dead_targets_hot_model_is_pinned_on_the_next_host_and_a_returning_hos
         mesh.stop()
 
 
+def test_a_hung_targets_hot_model_is_pinned_on_the_next_host_and_handed_back_after_sigcont(tmp_path):
+    """SIGSTOP: the target answers no probe (each times out after 1 s) but its connections stay open."""
+    port = free_port_run(3)
+    addresses = [f"127.0.0.1:{port + i}" for i in range(3)]
+    config = load_config(write_fleet(tmp_path, hosts=3, listed=3, port=port))
+    (target,) = placement_targets(HOT, addresses, 1)
+    (after,) = placement_targets(HOT, [a for a in addresses if a != target], 1)
+    mesh = start(config, tmp_path, services=("model_host",))
+    try:
+        wait_for(lambda: holds(target, HOT) == (True, True), 60, f"{HOT} READY and pinned on its target {target}")
+        wait_for(lambda: host_logged(mesh, "model host up: it takes its hot pins") >= 6, 20, "the hosts knowing each other")
+        pid = next(p for p in mesh.processes.values() if p.settings.address == target).process.pid
+        stopped_at = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: holds(after, HOT) == (True, True), PINNED_WITHIN_S,
+                     f"{HOT} READY and pinned on {after} while {target} is stopped", interval_s=0.1)
+            took = time.monotonic() - stopped_at
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert models_of(after)[HOT].requests_total == 0
+        # back: the target still holds it READY and pinned, so the other lets its pin go
+        wait_for(lambda: holds(after, HOT) == (True, False), 15, f"{after} letting its pin go after SIGCONT",
+                 interval_s=0.1)
+        assert holds(target, HOT) == (True, True)
+        print(f"\n[repin] SIGSTOP of {target}: {HOT} READY and pinned on {after} after {took:.1f} s; handed back")
+    finally:
+        mesh.stop()
+
+
 def test_a_starting_host_not_yet_among_the_targets_pins_nothing_until_the_list_holds_it(tmp_path):
     port = free_port_run(3)
     addresses = [f"127.0.0.1:{port + i}" for i in range(3)]
