@@ -306,3 +306,34 @@ def test_split_source_is_assembled_once_and_checked(tmp_path):
     with pytest.raises(DownloadError, match="expected"):
         assemble_parts(chunks, tmp_path / "bad" / "model.gguf", expected)
     assert list((tmp_path / "bad").iterdir()) == []  # no partial file left behind
+
+
+def test_an_int8_encoder_is_its_source_with_int8_matmuls_and_embeds_alike(repository):
+    """minilm-l6-int8's recipe on a real (tiny) encoder: ONNX Runtime's dynamic quantization of its
+    MatMuls, its tokenizer and serving facts copied; its vectors close to the source's; rebuilt when
+    the source changes."""
+    import numpy as np
+    import onnx
+
+    from services.fleet.recipes import MINILM_L6_INT8
+    from services.model_host.loader import SessionSettings, load_runtime
+    from tests.tiny_models import build_tiny_encoder
+
+    build_tiny_encoder(repository, "minilm-l6", hidden=64, num_layers=2)
+    result = build_model(repository, MINILM_L6_INT8, cache_dir=repository.root, progress=False)
+    assert result.status == BUILT, result.error
+    source, int8 = repository.get("minilm-l6"), repository.get("minilm-l6-int8")
+    graph = onnx.load(str(int8.path_of("model"))).graph
+    weights = {tensor.name for tensor in graph.initializer}
+    assert any(node.op_type == "MatMulInteger" for node in graph.node)
+    # what stays MatMul multiplies activations (attention), never a weight
+    assert not [node.name for node in graph.node if node.op_type == "MatMul" and weights & set(node.input)]
+    assert int8.generation == source.generation and int8.task == "embedding"
+    assert int8.path_of("tokenizer").read_bytes() == source.path_of("tokenizer").read_bytes()
+    texts = ["write a SQL query that counts denied claims", "is this allowed under the rule?", "hi"]
+    fp32_vectors = load_runtime(source, SessionSettings(intra_op_threads=1)).embed(texts)
+    int8_vectors = load_runtime(int8, SessionSettings(intra_op_threads=1)).embed(texts)
+    assert np.all(np.sum(fp32_vectors * int8_vectors, axis=1) > 0.98)  # both unit length
+    assert stale_reason(repository, MINILM_L6_INT8) is None
+    build_tiny_encoder(repository, "minilm-l6", hidden=64, num_layers=2, seed=1, replace=True)
+    assert "minilm-l6 changed since it was built" in stale_reason(repository, MINILM_L6_INT8)

