@@ -5,9 +5,11 @@
   its target again, it takes the pin, and the host that held it lets it go only once the newcomer
   holds it READY (keeping its copy loaded as a warm model: nothing busy is moved).
 * A starting host that is not among the model-host targets (a pod behind a headless Service is not
-  among its records until it is ready) pins no hot model; once the list holds it (here: a static
-  list that grows, applied by a reload), it pins what it is a target of, and the host that held
-  that pin hands it over. The old code pinned every hot model on such a host.
+  among its records until it is ready) pins no hot model; once the list holds it, it pins what it
+  is a target of, and the host that held that pin hands it over. The old code pinned every hot
+  model on such a host. Both ways: a `dns://SERVER/name:port` target answered by a DNS server on
+  loopback whose records the test changes (three hosts on 127.0.0.1-3, one port, like pods), and
+  a static list that grows by a reload.
 
 Budgets keep placement on (the fleet does not fit one host: 3 decoders of 128 MiB of KV slots
 besides); no router runs: hosts find their peers themselves. Loopback only; every process is
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
 import time
 
 import yaml
@@ -169,3 +173,103 @@ def test_a_starting_host_not_yet_among_the_targets_pins_nothing_until_the_list_h
         mesh.stop()
 
 
+
+
+class LoopbackDns:
+    """A DNS server on 127.0.0.1 answering A queries for one name from a list the test changes (the
+    records of a Kubernetes headless Service, which lists a pod once its readiness probe passes)."""
+
+    def __init__(self, name: str, records: list[str]):
+        self.name, self.records = name, list(records)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                query, client = self.sock.recvfrom(512)
+            except OSError:
+                continue
+            end = 12
+            labels = []
+            while query[end]:
+                labels.append(query[13 + end - 12:end + 1 + query[end]].decode())
+                end += 1 + query[end]
+            qtype = int.from_bytes(query[end + 1:end + 3], "big")
+            question = query[12:end + 5]
+            asked = ".".join(labels)
+            answers = [ip for ip in self.records] if qtype == 1 and asked == self.name else []
+            header = query[:2] + b"\x81\x80" + b"\x00\x01" + len(answers).to_bytes(2, "big") + b"\x00\x00\x00\x00"
+            body = b"".join(b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x05\x00\x04" + socket.inet_aton(ip)
+                            for ip in answers)
+            self.sock.sendto(header + question + body, client)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_a_pod_behind_a_headless_service_pins_nothing_until_its_record_appears(tmp_path):
+    """Three hosts on 127.0.0.1-3, one port, found through a dns:// target whose DNS server (on
+    loopback) lists the first two; the third starts and is not among the records. It pins nothing
+    until its record appears, then pins the model it is the target of, and the holder hands it over."""
+    port = free_port_run(1)
+    ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    addresses = [f"{ip}:{port}" for ip in ips]
+    hot = next(name for name in (f"lm-hot-{i}" for i in range(200))
+               if placement_targets(name, addresses, 1) == [addresses[2]])
+    (holder,) = placement_targets(hot, addresses[:2], 1)
+    dns = LoopbackDns("mirador-model-host.test", ips[:2])
+    meshes = []
+    try:
+        base = load_config(write_fleet(tmp_path, hosts=1, listed=1, port=port, hot=hot))
+        data = yaml.safe_load(base.path.read_text())
+        data["services"]["router"]["model_host_targets"] = f"dns://127.0.0.1:{dns.port}/mirador-model-host.test:{port}"
+        base.path.write_text(yaml.safe_dump(data, sort_keys=False))
+        config = load_config(base.path)
+        for index, ip in enumerate(ips):  # one host per address, like pods
+            variant = write_config_variant(config, tmp_path / f"pod-{index}.yaml", host=ip, port=port, replicas=1)
+            mesh = Mesh(load_config(variant), log_dir=tmp_path / f"logs-{index}", services=("model_host",),
+                        env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+            mesh.start(timeout_s=90)
+            meshes.append(mesh)
+        wait_for(lambda: holds(holder, hot) == (True, True), 60, f"{hot} pinned on {holder}")
+        time.sleep(2.0)  # a few rounds of the newcomer's watch
+        assert holds(addresses[2], hot) == (False, False)  # not among the records: pins nothing
+        assert all(not m.pinned for m in models_of(addresses[2]).values())
+        assert host_logged(meshes[2], "this host is not among the model-host targets (yet): it pins no hot model "
+                                      "until it is, and serves them on demand") == 1
+        dns.records.append(ips[2])  # its readiness probe passed: the Service lists it
+        appeared = time.monotonic()
+        wait_for(lambda: holds(addresses[2], hot) == (True, True), 30, f"{hot} pinned on the new pod", interval_s=0.1)
+        wait_for(lambda: holds(holder, hot) == (True, False), 10, f"{holder} letting its pin go", interval_s=0.1)
+        print(f"\n[repin] a pod's record appeared: {hot} pinned there {time.monotonic() - appeared:.1f} s later")
+    finally:
+        for mesh in reversed(meshes):
+            mesh.stop()
+        dns.close()
+
+
+def test_a_dns_target_that_names_its_server_is_resolved_there():
+    import asyncio
+
+    from services.common.placement_policy import dns_authority, resolve
+
+    dns = LoopbackDns("hosts.test", ["127.0.0.5", "127.0.0.6"])
+    try:
+        assert dns_authority(f"dns://127.0.0.1:{dns.port}/hosts.test:50061") == ("127.0.0.1", dns.port)
+        assert dns_authority("dns://8.8.8.8/hosts.test:50061") == ("8.8.8.8", 53)
+        assert dns_authority("dns:///hosts.test:50061") is None  # the system's resolver
+        assert asyncio.run(resolve([f"dns://127.0.0.1:{dns.port}/hosts.test:50061"])) == \
+            ["127.0.0.5:50061", "127.0.0.6:50061"]
+        assert asyncio.run(resolve([f"dns://127.0.0.1:{dns.port}/other.test:50061"])) == []  # no such name
+    finally:
+        dns.close()
+    # a server that does not answer: no addresses (logged), within the query's 1 s
+    assert asyncio.run(resolve([f"dns://127.0.0.1:{dns.port}/hosts.test:50061", "10.0.0.5:50061"])) == ["10.0.0.5:50061"]

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -298,6 +299,51 @@ def dns_name(target: str) -> tuple[str, int] | None:
     return (name.strip("[]"), int(port)) if name and port.isdigit() else None
 
 
+def dns_authority(target: str) -> tuple[str, int] | None:
+    """(ip, port) of the DNS server a `dns://AUTHORITY/name:port` target names (as gRPC reads it; port
+    53 by default), else None: the system's resolver answers."""
+    if not target.startswith("dns://"):
+        return None
+    authority = target[len("dns://"):].partition("/")[0]
+    if not authority:
+        return None
+    if authority.startswith("["):  # [v6]:port
+        host, _, rest = authority[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, _, port = authority.partition(":")
+    return host, int(port) if port.isdigit() else 53
+
+
+def query_a_records(server: tuple[str, int], name: str, timeout_s: float = 1.0) -> list[str]:
+    """The IPv4 addresses of `name` from the DNS server at `server` (one UDP query, RFC 1035), for a
+    `dns:` target that names its server. Raises OSError when it does not answer or answers an error."""
+    question = b"".join(len(label).to_bytes(1, "big") + label.encode("idna") for label in name.rstrip(".").split("."))
+    query_id = int.from_bytes(os.urandom(2), "big")
+    request = query_id.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + question + b"\x00\x00\x01\x00\x01"
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.sendto(request, server)
+        reply = sock.recv(4096)
+    if len(reply) < 12 or int.from_bytes(reply[:2], "big") != query_id:
+        raise OSError(f"DNS server {server[0]}:{server[1]} answered something else")
+    rcode, answers = reply[3] & 0x0F, int.from_bytes(reply[6:8], "big")
+    if rcode not in (0, 3):  # 3: no such name, an empty answer
+        raise OSError(f"DNS server {server[0]}:{server[1]} answered error code {rcode} for {name}")
+    at = 12 + len(question) + 1 + 4  # the question echoed: name, its end, type and class
+    addresses = []
+    for _ in range(answers):
+        while reply[at] and reply[at] < 0xC0:  # a name: labels, ending in a zero or a pointer
+            at += 1 + reply[at]
+        at += 2 if reply[at] >= 0xC0 else 1
+        rtype, length = int.from_bytes(reply[at:at + 2], "big"), int.from_bytes(reply[at + 8:at + 10], "big")
+        if rtype == 1 and length == 4:
+            addresses.append(socket.inet_ntoa(reply[at + 10:at + 14]))
+        at += 10 + length
+    return addresses
+
+
 def address_of(family: int, ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
 
@@ -314,8 +360,13 @@ async def resolve(targets: Sequence[str]) -> list[str]:
             addresses.append(target)
             continue
         name, port = named
+        server = dns_authority(target)
         try:
-            records = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+            if server is not None:  # the target names its DNS server
+                ips = await loop.run_in_executor(None, query_a_records, server, name)
+                records = [(socket.AF_INET, 0, 0, "", (ip, port)) for ip in ips]
+            else:
+                records = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
         except OSError as exc:
             log_event(log, "model-host name does not resolve", logging.WARNING, target=target, error=str(exc))
             continue

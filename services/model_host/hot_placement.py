@@ -86,8 +86,9 @@ class HotPins:
     are up (see the module's docstring). `config_of` gives the config in force (a reload changes it)."""
 
     def __init__(self, config_of: Callable[[], MiradorConfig], port: int, registry: ModelRegistry,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, bound_to: str = ""):
         self.config_of, self.port, self.registry, self.clock = config_of, port, registry, clock
+        self.bound_to = bound_to  # the address this host listens on ("0.0.0.0": every address)
         self.started_at = clock()
         self.peers: dict[str, _Peer] = {}
         self._said = ""  # the last placement logged (one line per change)
@@ -125,7 +126,7 @@ class HotPins:
             return self._apply(set(), "every hot model pinned: this host's budget holds the whole fleet",
                                budget_mb=self.registry.budget_bytes // 2**20)
         addresses = await resolve(config.services.model_host_targets)
-        mine = [a for a in addresses if is_own_address(a, self.port)]
+        mine = [a for a in addresses if is_own_address(a, self.port, self.bound_to)]
         if not mine:
             return self._apply(set(hot), "this host is not among the model-host targets (yet): it pins no hot model "
                                          "until it is, and serves them on demand", logging.WARNING,
@@ -193,9 +194,13 @@ class HotPins:
             self._loading = asyncio.create_task(self.registry.load_pinned(), name="load pinned models")
 
 
-def is_own_address(address: str, port: int) -> bool:
+ANY_ADDRESS = ("", "0.0.0.0", "::", "[::]")
+
+
+def is_own_address(address: str, port: int, bound_to: str = "") -> bool:
     """Whether `address` (host:port, [v6]:port) is this host listening on `port`: the port is
-    ours and the host resolves to an address of this machine (one we can bind)."""
+    ours and the host resolves to an address of this machine (one we can bind), or to `bound_to`
+    when the host listens on that one address only (several hosts on one machine, one address each)."""
     host, _, target_port = address.rpartition(":")
     if not target_port.isdigit() or int(target_port) != port:
         return False
@@ -203,6 +208,12 @@ def is_own_address(address: str, port: int) -> bool:
         records = socket.getaddrinfo(host.strip("[]"), None, type=socket.SOCK_DGRAM)
     except OSError:
         return False
+    if bound_to not in ANY_ADDRESS:
+        try:
+            mine = {sockaddr[0] for *_, sockaddr in socket.getaddrinfo(bound_to.strip("[]"), None, type=socket.SOCK_DGRAM)}
+        except OSError:
+            return False
+        return any(sockaddr[0] in mine for *_, sockaddr in records)
     return any(_bindable(family, sockaddr[0]) for family, _, _, _, sockaddr in records)
 
 

@@ -75,7 +75,7 @@ class ModelHostService(MiradorService):
         self.servicer = ModelHostServicer(config, self.registry, dataplane)
         self._background: list[asyncio.Task] = []
         # hot models pinned on their placement targets over the hosts that are up, kept so as hosts come and go
-        self.hot_pins = HotPins(lambda: self.servicer.config, settings.port, self.registry)
+        self.hot_pins = HotPins(lambda: self.servicer.config, settings.port, self.registry, bound_to=settings.host)
 
     @property
     def grpc_service_names(self) -> list[str]:
