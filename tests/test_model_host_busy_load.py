@@ -20,16 +20,16 @@ import threading
 import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from mirador.v1 import model_host_pb2, model_host_pb2_grpc
-
 from conftest import free_port_run
 from fault_scenarios import wait_ready
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mirador.v1 import model_host_pb2, model_host_pb2_grpc
 from placement_mesh import write_placement_config
+from tiny_models import build_tiny_encoder
+
 from services.cli.supervisor import Mesh
 from services.common.config import load_config
 from services.common.model_repository import ModelRepository
-from tiny_models import build_tiny_encoder
 
 BIG = "big-embed"
 PROBE_TIMEOUT_S = 1.0  # the router's (services/common/placement.py)

@@ -25,17 +25,17 @@ import threading
 import time
 
 import yaml
-from mirador.v1 import model_host_pb2
-
 from conftest import free_port_run
-from fault_scenarios import models_of, wait_for, wait_ready
+from fault_scenarios import models_of, wait_for
+from mirador.v1 import model_host_pb2
 from placement_mesh import write_placement_config
+from test_placement_hosts import DECODER_KEYS, start
+from tiny_models import build_tiny_decoder, build_tiny_encoder
+
 from services.cli.supervisor import Mesh, write_config_variant
 from services.common.config import load_config
 from services.common.model_repository import ModelRepository
 from services.common.placement_policy import placement_targets
-from test_placement_hosts import DECODER_KEYS, start
-from tiny_models import build_tiny_decoder, build_tiny_encoder
 
 HOT = "lm-hot"
 PINNED_WITHIN_S = 10.0  # a dead target's hot model pinned and READY on the next host (probes every 1 s, 2 missed)
