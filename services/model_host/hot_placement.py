@@ -154,6 +154,8 @@ class HotPins:
         return not peer.not_serving and self.clock() - self.started_at < PEER_START_GRACE_S
 
     async def _probe(self, addresses: list[str], config: MiradorConfig) -> None:
+        for gone in [a for a in self.peers if a not in addresses]:  # no longer resolved (a pod gone): forgotten
+            await self.peers.pop(gone).channel.close()
         for address in addresses:
             if address not in self.peers:
                 channel = open_channel(config, address, aio=True, service="model_host", options=PEER_CHANNEL_OPTIONS)
