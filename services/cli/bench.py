@@ -67,6 +67,8 @@ class Bench:
 # In the order of the report. A bench's own --quick is used when it has one; quick_args otherwise.
 BENCHES = [
     Bench("routing", "route classification (three classifiers, held-out split) and Route latency through a real router"),
+    Bench("route_latency", "where a Route call's time goes: the router's models in-process, real routers side by side "
+          "per variant (fp32 / int8 models, intra-op threads)", quick_args=("--rounds", "1")),
     Bench("topics", "topic specialists vs a generalist, the confidence-weighted vote, risk-coverage of escalation"),
     Bench("decisions", "the consensus label vote on BIG-bench decisions and its risk-coverage curve",
           quick_args=("--per-source", "4")),
