@@ -20,6 +20,10 @@ Variants:
 * int8-spin: the same, model host `thread_spinning: true`;
 * minilm-int8-alone: the router reads minilm-l6-int8 alone (its embedding and lexical terms).
 
+`--variants int8` alone measures a lone router: at load ~5 on the AMD EPYC (2 cores) lone routers
+measured int8 9.9-11.3 ms p50, fp32 14.9-16.4 (alternating runs), about what the same variants
+measured side by side; bench/routing.py's router measured 5.1 ms when the load fell.
+
 Needs the real fleet (`mirador fleet build`). Prints tables; writes route_latency.json and
 route_latency.md to --out. Speed depends on the machine's load: the load average at start and
 end is printed; compare rows of one run only.
