@@ -74,6 +74,18 @@ def decode_ms_per_token(repo: ModelRepository, source: ModelManifest, name: str,
     return round(statistics.median(gaps), 2)
 
 
+def release_memory() -> None:
+    """Collects garbage and hands freed heap back to the OS (glibc), so a long run's peak stays low."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def ort_uniform(source_path: Path, bits: int, block_size: int) -> bytes:
     """ONNX Runtime's own MatMulNBits quantizer, uniform `bits`, asymmetric, accuracy_level 4."""
     import onnx
@@ -138,12 +150,16 @@ def main() -> int:
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             print(f"ORT's quantizer at {bits} bits failed: {exc!r}")
 
-    # Decode speed through the model host's loader.
+    # Decode speed through the model host's loader. The analysis' probe session and weights are no longer
+    # needed: free them (and the heap they leave) first, so each timed session has the memory it needs.
+    quantizer.prober = None
+    release_memory()
     decode = {"fp32": decode_ms_per_token(repo, source, "bench-fp32", None)}
     for v in result.variants[1:]:
         if v.bits:
             decode[v.name] = decode_ms_per_token(repo, source, "bench-" + v.name.replace("@", "-").replace("%", "pct")
                                                  .replace("+", "p"), quantizer.model_bytes(v.bits))
+            release_memory()
     for bits, blob in ort_blobs.items():
         decode[f"ORT MatMulNBitsQuantizer uniform-{bits}"] = decode_ms_per_token(repo, source, f"bench-ort-u{bits}", blob)
 

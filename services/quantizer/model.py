@@ -321,14 +321,26 @@ class DecoderGraph:
 
 
 def _shallow_copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    graph = model.graph
-    saved = list(graph.initializer)
-    del graph.initializer[:]
-    try:
-        clone = copy.deepcopy(model)
-    finally:
-        graph.initializer.extend(saved)
+    """A copy of `model` without its graph's initializers, leaving `model` untouched. (Emptying and
+    refilling `model.graph.initializer` around a deepcopy, as this once did, copies every initializer
+    back into the source's protobuf arena (upb), which only frees with the source: ~0.6 GB more per
+    call on SmolLM2, 13 GB over one quantize run.)"""
+    clone = onnx.ModelProto()
+    _copy_fields(model, clone, skip="graph")
+    _copy_fields(model.graph, clone.graph, skip="initializer")
     return clone
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if not isinstance(value, (str, bytes)) and hasattr(value, "extend"):  # a repeated field
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def _prune_dead_nodes(graph: onnx.GraphProto) -> None:
