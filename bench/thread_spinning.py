@@ -1,11 +1,13 @@
-"""Should ONNX Runtime's idle worker threads spin? (`services.model_host.thread_spinning`)
+"""When should ONNX Runtime's idle worker threads spin? (`services.model_host.thread_spinning`)
 
 By default ONNX Runtime's intra-op threads spin for a while after each parallel section
 instead of sleeping, which saves the wake-up when one session has the cores to itself. A model
 host rarely does: engines of several models, Embed batches and Scores run at once beside the
-router and the consensus. This runs the model host's own loader and engine pieces (the default
+router and the consensus. Three modes: `always` (ONNX Runtime's default), `off` (threads sleep at
+once), and `during_runs` (they spin between the operators of a run and sleep once it ends:
+session.force_spinning_stop). This runs the model host's own loader and engine pieces (the default
 chat graph decoding a batch of 4 through its KV slots; minilm embedding batches of 4) in a fresh
-process per measurement, spinning on and off, alternating, for four workloads:
+process per measurement, every mode in turn (the order rotating each round), for four workloads:
 
 - one stream: one session decoding one sequence with the cores to itself (where spinning helps);
 - decode alone: the same session decoding a batch of 4;
@@ -14,8 +16,8 @@ process per measurement, spinning on and off, alternating, for four workloads:
 
     python bench/thread_spinning.py [--quick] [--seconds 8] [--rounds 3] [--out DIR]
 
-Reported: decode steps/s and embed batches/s per workload, median of the rounds, and the ratio
-off/on (above 1: spinning off is faster).
+Reported: decode steps/s and embed batches/s per workload and mode, median of the rounds, and
+each mode's ratio to `always`.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ import fragment  # noqa: E402
 DECODER = "smollm2-135m-instruct-fused-mixed"
 ENCODER = "minilm-l6"
 WORKLOADS = ("one stream", "decode alone", "decode + embed", "decode + decode")
+MODES = ("always", "during_runs", "off")
 BATCH = 4  # sequences per decode step (1 for "one stream")
 
 
-def work(workload: str, spinning: bool, seconds: float) -> dict[str, float]:
+def work(workload: str, spinning: str, seconds: float) -> dict[str, float]:
     """One measurement, in this process: how many decode steps (and embed batches) per second."""
     from services.common.model_repository import ModelRepository
     from services.model_host.engine.kv_slots import slots_for
@@ -91,9 +94,9 @@ def work(workload: str, spinning: bool, seconds: float) -> dict[str, float]:
     return {kind: count / seconds for kind, count in counts.items()}
 
 
-def measure(workload: str, spinning: bool, seconds: float) -> dict[str, float]:
+def measure(workload: str, spinning: str, seconds: float) -> dict[str, float]:
     """`work` in a fresh process, so no thread pool of an earlier measurement is left running."""
-    done = subprocess.run([sys.executable, __file__, "--worker", workload, "--spinning", str(int(spinning)),
+    done = subprocess.run([sys.executable, __file__, "--worker", workload, "--spinning", spinning,
                            "--seconds", str(seconds)], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -105,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)
-    parser.add_argument("--spinning", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--spinning", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(work(args.worker, bool(args.spinning), args.seconds)))
+        print(json.dumps(work(args.worker, args.spinning, args.seconds)))
         return 0
     seconds, rounds = (4.0, 2) if args.quick else (args.seconds, args.rounds)
     from services.common.model_repository import ModelRepository
@@ -119,21 +122,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipping: {', '.join(missing)} not built (`mirador fleet build`)")
         return 0
     machine = fragment.machine()
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {w: {"on": [], "off": []} for w in WORKLOADS}
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {w: {mode: [] for mode in MODES} for w in WORKLOADS}
     for round_ in range(rounds):
         for workload in WORKLOADS:
-            for spinning in ((True, False) if round_ % 2 == 0 else (False, True)):  # alternate the order too
-                result = measure(workload, spinning, seconds)
-                runs[workload]["on" if spinning else "off"].append(result)
-                print(f"round {round_ + 1} {workload:<16} spinning {'on ' if spinning else 'off'}: "
+            for i in range(len(MODES)):  # the order rotates each round, so drifting load hits every mode
+                mode = MODES[(i + round_) % len(MODES)]
+                result = measure(workload, mode, seconds)
+                runs[workload][mode].append(result)
+                print(f"round {round_ + 1} {workload:<16} spinning {mode:<11}: "
                       f"{result['decode']:6.1f} decode steps/s  {result['embed']:6.1f} embed batches/s", flush=True)
     median = {w: {mode: {kind: statistics.median(r[kind] for r in results) for kind in ("decode", "embed")}
                   for mode, results in by_mode.items()} for w, by_mode in runs.items()}
     rows = []
     for workload, by_mode in median.items():
-        on, off = by_mode["on"], by_mode["off"]
-        rows.append([workload, on["decode"], off["decode"], off["decode"] / on["decode"],
-                     on["embed"] or None, off["embed"] or None, off["embed"] / on["embed"] if on["embed"] else None])
+        always = by_mode["always"]
+        row = [workload]
+        for kind in ("decode", "embed"):
+            for mode in MODES:
+                value = by_mode[mode][kind]
+                row.append(value or None)
+                if mode != "always":
+                    row.append(value / always[kind] if always[kind] else None)
+        rows.append(row)
     name = "thread_spinning-quick" if args.quick else "thread_spinning"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps({"machine": machine, "seconds": seconds, "rounds": rounds,
@@ -143,12 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         f"onnxruntime {machine['onnxruntime']}. {DECODER} decoding one sequence or a batch of {BATCH} through the engine's KV "
         f"slots, {ENCODER} embedding batches of {BATCH}; {seconds:.0f} s windows, median of {rounds} rounds, "
         "a fresh process each.",
-        fragment.table(["workload", "decode steps/s, spinning on", "off", "off / on",
-                        "embed batches/s, on", "off", "off / on"], rows,
-                       title="ONNX Runtime intra-op thread spinning, on and off"),
-        "The model host's default is off (`services.model_host.thread_spinning: false`): a host serving one "
-        "model to one stream at a time loses a little with it off, a host running several sessions at once "
-        "gains much more.",
+        fragment.table(["workload", "decode steps/s, always", "during_runs", "/ always", "off", "/ always",
+                        "embed batches/s, always", "during_runs", "/ always", "off", "/ always"], rows,
+                       title="ONNX Runtime intra-op thread spinning: always, during runs only, off"),
+        "The model host's default is `off` (`services.model_host.thread_spinning`): a host runs several sessions "
+        "at once beside the other services, and a session whose threads spin, even only during its runs "
+        "(`during_runs`), takes the cores the others wait for; `during_runs` is for a host that serves one "
+        "model at a time on an otherwise idle machine.",
     ])
     return 0
 

@@ -27,6 +27,7 @@ from services.model_host.runtimes import ModelRuntime
 from services.model_host.runtimes.classifier import ClassifierRuntime, HeadClassifierRuntime
 from services.model_host.runtimes.decoder import DecoderRuntime
 from services.model_host.runtimes.encoder import EncoderRuntime
+from services.model_host.settings import SPINNING_MODES
 
 log = logging.getLogger("mirador.model_host.loader")
 OPTIMIZE_NICENESS = 10  # graph optimisation (a first load) yields the CPU to serving and health checks
@@ -41,7 +42,7 @@ def default_optimized_cache() -> Path:
 class SessionSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per core)
-    thread_spinning: bool = False  # idle intra-op threads spin before sleeping (see ModelHostSettings)
+    thread_spinning: str = "off"  # when idle intra-op threads spin: SPINNING_MODES (see ModelHostSettings)
     optimized_cache: Path | None = None  # None = do not keep optimised graphs
     # Fault injection only (faults.py): called with the model's name once its session exists and
     # its optimised graph is written but not yet moved into the cache.
@@ -91,7 +92,13 @@ def create_session(manifest: ModelManifest, settings: SessionSettings) -> ort.In
 def _options(settings: SessionSettings) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.thread_spinning else "0")
+    spinning = settings.thread_spinning
+    if spinning not in SPINNING_MODES:
+        raise ValueError(f"thread_spinning `{spinning}` is not one of {', '.join(SPINNING_MODES)}")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
+    if spinning == "during_runs":
+        # No wake-up per operator inside a run (hundreds per decode step), no core held between runs.
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # warnings about optimised-graph portability are handled by the cache key
     return options
 
