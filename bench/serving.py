@@ -16,7 +16,7 @@ tokens/s (tokens received inside the window), time to first token p50/p99, inter
 latency p50/p99, requests and errors; servers are measured alternately per client count so
 that drifting load hits them alike. The ratios are the result, not the absolute numbers.
 
-    python bench/serving.py [--quick] [--out DIR] [--clients 1 4 8 16] [--seconds 20]
+    python bench/serving.py [--quick] [--out DIR] [--clients 1 4 8 16] [--seconds 20] [--set SERVICE.KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -222,10 +222,10 @@ class LlamaServer:
             self.process.kill()
 
 
-def mirador_config(directory: Path) -> Path:
+def mirador_config(directory: Path, overrides: list[str] = ()) -> Path:
     """The soak bench's copy of the default config (free ports, no metrics), with the host models
     measured straight on the host hot and given as many slots as the peer."""
-    path = soak_config(directory, tiny=False)
+    path = soak_config(directory, tiny=False, overrides=overrides)
     data = yaml.safe_load(path.read_text())
     for name in HOST_MODELS:
         data["fleet"][name].update(tier="hot", max_num_seqs=SLOTS)
@@ -275,7 +275,7 @@ def run(args) -> dict:
     results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="mirador-serving-") as tmp:
         directory = Path(tmp)
-        config = load_config(mirador_config(directory))
+        config = load_config(mirador_config(directory, args.set))
         chat_model = config.routes["chat"].primary
         print(f"starting Mirador (default config; chat route → {chat_model}) ...", flush=True)
         mesh = Mesh(config, log_dir=directory / "logs", services=("router", "model_host", "consensus"))
@@ -309,7 +309,8 @@ def run(args) -> dict:
             mesh.stop()
     return {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine,
             "load_average_end": [round(x, 2) for x in os.getloadavg()], "clients": args.clients,
-            "seconds": args.seconds, "max_tokens": MAX_TOKENS, "llama_cpp": llama_cpp.VERSION, "results": results}
+            "seconds": args.seconds, "max_tokens": MAX_TOKENS, "llama_cpp": llama_cpp.VERSION, "settings": args.set,
+            "results": results}
 
 
 def report(result: dict, out: Path, quick: bool) -> None:
@@ -333,7 +334,9 @@ def report(result: dict, out: Path, quick: bool) -> None:
         f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']}, llama.cpp from llama-cpp-python "
         f"{result['llama_cpp']}; load average at start {m['load_average']}, at end {result['load_average_end']}; "
         f"{result['date']}. Each cell: that many clients streaming chat requests back to back for "
-        f"{result['seconds']:g} s, greedy, max_tokens {result['max_tokens']}, a different prompt each request.",
+        f"{result['seconds']:g} s, greedy, max_tokens {result['max_tokens']}, a different prompt each request"
+        + (f"; Mirador's config changed by {', '.join(result['settings'])}." if result.get("settings") else
+           "; Mirador's default config."),
         fragment.table(["clients", "server", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms",
                         "requests", "errors"], rows, title="Aggregate streaming throughput"),
     ]
@@ -371,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--quants", nargs="+", default=["Q8_0", "Q4_1"])
+    parser.add_argument("--set", action="append", default=[], metavar="SERVICE.KEY=VALUE",
+                        help="change one of Mirador's settings for this run, e.g. model_host.thread_spinning=during_runs")
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.seconds, args.quants = [1, 8], 6.0, ["Q8_0"]
