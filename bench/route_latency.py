@@ -45,6 +45,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fragment  # noqa: E402
+from router_ready import wait_for_routes  # noqa: E402
 from routing_split import load, split  # noqa: E402
 
 from services.common.config import load_config  # noqa: E402
@@ -154,15 +155,7 @@ def through_routers(config_path: Path, names: list[str], rows: list[dict], round
         routers = {}
         for name, mesh in meshes.items():
             router = router_pb2_grpc.RouterStub(grpc.insecure_channel(mesh.config.services.router.address))
-            deadline = time.monotonic() + 180
-            while True:  # until the routes are learned (UNAVAILABLE before)
-                try:
-                    router.Route(router_pb2.RouteRequest(text="warm up"), timeout=30)
-                    break
-                except grpc.RpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
+            wait_for_routes(router)
             for row in rows[:10]:
                 router.Route(router_pb2.RouteRequest(text=row["text"]), timeout=30)
             routers[name] = router

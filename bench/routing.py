@@ -58,6 +58,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fragment  # noqa: E402
+from router_ready import wait_for_routes  # noqa: E402
 from routing_split import DEFAULT_DATA, load, split  # noqa: E402
 
 from services.common.config import load_config  # noqa: E402
@@ -175,15 +176,7 @@ def through_the_router(config_path: Path, eval_rows) -> dict:
     try:
         with grpc.insecure_channel(mesh.config.services.router.address) as channel:
             router = router_pb2_grpc.RouterStub(channel)
-            deadline = time.monotonic() + 120
-            while True:  # until the routes are learned (UNAVAILABLE before)
-                try:
-                    router.Route(router_pb2.RouteRequest(text="warm up"), timeout=30)
-                    break
-                except grpc.RpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
+            wait_for_routes(router, timeout_s=120)
             latencies, correct, defaulted = [], 0, 0
             for row in eval_rows:
                 started = time.perf_counter()

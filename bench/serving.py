@@ -45,6 +45,7 @@ from mirador.v1 import common_pb2, model_host_pb2, model_host_pb2_grpc, router_p
 
 import fragment  # noqa: E402
 from peers import llama_cpp  # noqa: E402
+from router_ready import wait_for_routes  # noqa: E402
 from soak import free_port, soak_config  # noqa: E402  (the same default config with free ports)
 from services.cli.supervisor import Mesh  # noqa: E402
 from services.common.config import load_config  # noqa: E402
@@ -241,17 +242,13 @@ def settle(config, models: list[str], timeout_s: float = 300) -> None:
     with grpc.insecure_channel(config.services.router.address) as to_router, \
             grpc.insecure_channel(config.services.model_host.address) as to_host:
         router, host = router_pb2_grpc.RouterStub(to_router), model_host_pb2_grpc.ModelHostStub(to_host)
+        wait_for_routes(router, timeout_s)
         while True:
-            try:
-                router.Route(router_pb2.RouteRequest(text="warm up"), timeout=30)  # UNAVAILABLE while learning
-                states = {m.name: m.state for m in host.ListModels(model_host_pb2.ListModelsRequest(), timeout=5).models}
-                if all(states.get(m) == model_host_pb2.MODEL_STATE_READY for m in models):
-                    return
-            except grpc.RpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    raise
+            states = {m.name: m.state for m in host.ListModels(model_host_pb2.ListModelsRequest(), timeout=5).models}
+            if all(states.get(m) == model_host_pb2.MODEL_STATE_READY for m in models):
+                return
             if time.monotonic() > deadline:
-                raise SystemExit(f"the mesh did not settle within {timeout_s:.0f} s (routes learned, {models} READY)")
+                raise SystemExit(f"the mesh did not settle within {timeout_s:.0f} s ({models} READY)")
             time.sleep(0.5)
 
 

@@ -227,9 +227,9 @@ class FusedGraphExport:
         )
 
 
-class QuantizedExport:
-    """Writes services.quantizer's per-layer mix of a repository model (the recipe's first dependency),
-    in this process; its report and size/perplexity plot go next to the model."""
+class FromRepositoryModel:
+    """An export whose source is a model of the repository already built (the recipe's first dependency):
+    fetching it is finding its folder."""
 
     def __init__(self, repository: ModelRepository):
         self.repository = repository
@@ -238,6 +238,11 @@ class QuantizedExport:
         source = self.repository.get(recipe.depends_on[0])
         assert source.directory is not None
         return source.directory
+
+
+class QuantizedExport(FromRepositoryModel):
+    """Writes services.quantizer's per-layer mix of a repository model (the recipe's first dependency),
+    in this process; its report and size/perplexity plot go next to the model."""
 
     def export(self, recipe: Recipe, source: Path, output_dir: Path, progress: bool) -> ExportOutcome:
         from services.quantizer.pipeline import QuantizeOptions, Quantizer
@@ -256,18 +261,10 @@ class QuantizedExport:
                              generation=manifest.generation, timings=plan.timings, extra=manifest.extra)
 
 
-class Int8Export:
+class Int8Export(FromRepositoryModel):
     """Writes a repository encoder (the recipe's first dependency) with int8 MatMul weights, one scale per
     output channel, activations quantized per call (onnxruntime.quantization.quantize_dynamic), in this
     process; its tokenizer and serving facts are the encoder's."""
-
-    def __init__(self, repository: ModelRepository):
-        self.repository = repository
-
-    def fetch(self, recipe: Recipe, cache_dir: Path, progress: bool) -> Path:
-        source = self.repository.get(recipe.depends_on[0])
-        assert source.directory is not None
-        return source.directory
 
     def export(self, recipe: Recipe, source: Path, output_dir: Path, progress: bool) -> ExportOutcome:
         import shutil
