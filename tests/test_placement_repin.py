@@ -70,12 +70,18 @@ def host_logged(mesh: Mesh, event: str) -> int:
                for line in p.log_path.read_text(errors="replace").splitlines())
 
 
-def test_a_dead_targets_hot_model_is_pinned_on_the_next_host_and_a_returning_host_takes_it_back(tmp_path):
+def three_hosts(tmp_path):
+    """Three listed hosts on consecutive ports: (config, addresses, HOT's target, the next in its hash order)."""
     port = free_port_run(3)
     addresses = [f"127.0.0.1:{port + i}" for i in range(3)]
     config = load_config(write_fleet(tmp_path, hosts=3, listed=3, port=port))
     (target,) = placement_targets(HOT, addresses, 1)
     (after,) = placement_targets(HOT, [a for a in addresses if a != target], 1)
+    return config, addresses, target, after
+
+
+def test_a_dead_targets_hot_model_is_pinned_on_the_next_host_and_a_returning_host_takes_it_back(tmp_path):
+    config, addresses, target, after = three_hosts(tmp_path)
     mesh = start(config, tmp_path, services=("model_host",))
     returned = None
     try:
@@ -113,11 +119,7 @@ def test_a_dead_targets_hot_model_is_pinned_on_the_next_host_and_a_returning_hos
 
 def test_a_hung_targets_hot_model_is_pinned_on_the_next_host_and_handed_back_after_sigcont(tmp_path):
     """SIGSTOP: the target answers no probe (each times out after 1 s) but its connections stay open."""
-    port = free_port_run(3)
-    addresses = [f"127.0.0.1:{port + i}" for i in range(3)]
-    config = load_config(write_fleet(tmp_path, hosts=3, listed=3, port=port))
-    (target,) = placement_targets(HOT, addresses, 1)
-    (after,) = placement_targets(HOT, [a for a in addresses if a != target], 1)
+    config, addresses, target, after = three_hosts(tmp_path)
     mesh = start(config, tmp_path, services=("model_host",))
     try:
         wait_for(lambda: holds(target, HOT) == (True, True), 60, f"{HOT} READY and pinned on its target {target}")

@@ -112,12 +112,8 @@ def test_knapsack_below_the_cheapest_choice_is_a_budget_error():
 # --------------------------------------------------------------------------- packing
 
 
-@pytest.mark.parametrize("bits, K, N, block", [(8, 96, 40, 16), (4, 64, 48, 32), (2, 70, 24, 32), (4, 200, 3, 64)])
-def test_packing_matches_what_matmulnbits_computes(bits, K, N, block):
-    rng = np.random.default_rng(bits + K)
-    weight = rng.standard_normal((K, N)).astype(np.float32)
-    packed = quant.pack(weight, bits, block)
-    assert packed.nbytes == quant.quantized_bytes(K, N, bits, block)
+def matmulnbits(packed, K: int, N: int, bits: int, block: int, a: np.ndarray) -> np.ndarray:
+    """`a` times `packed` as ONNX Runtime's MatMulNBits computes it (one node, fp32 accumulation)."""
     node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft",
                             K=K, N=N, bits=bits, block_size=block, accuracy_level=0)
     graph = helper.make_graph(
@@ -127,8 +123,17 @@ def test_packing_matches_what_matmulnbits_computes(bits, K, N, block):
                      numpy_helper.from_array(packed.zero_points, "Z")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+
+
+@pytest.mark.parametrize("bits, K, N, block", [(8, 96, 40, 16), (4, 64, 48, 32), (2, 70, 24, 32), (4, 200, 3, 64)])
+def test_packing_matches_what_matmulnbits_computes(bits, K, N, block):
+    rng = np.random.default_rng(bits + K)
+    weight = rng.standard_normal((K, N)).astype(np.float32)
+    packed = quant.pack(weight, bits, block)
+    assert packed.nbytes == quant.quantized_bytes(K, N, bits, block)
     a = rng.standard_normal((5, K)).astype(np.float32)
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    y = matmulnbits(packed, K, N, bits, block, a)
     np.testing.assert_allclose(y, a @ quant.dequantize(packed), atol=1e-4)
     error = np.abs(quant.dequantize(packed) - weight).mean() / np.abs(weight).mean()
     assert error < {8: 0.01, 4: 0.15, 2: 0.7}[bits]
@@ -200,17 +205,8 @@ def test_searched_codes_are_ort_packing_that_matmulnbits_computes_with_less_weig
     packed = quant.pack_searched(weight, bits, block, importance)
     assert packed.code == code and quant.code_name(code) == f"{bits}s"
     assert packed.nbytes == quant.quantized_bytes(K, N, code, block) == quant.quantized_bytes(K, N, bits, block)
-    node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft",
-                            K=K, N=N, bits=bits, block_size=block, accuracy_level=0)
-    graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, K])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, N])],
-        initializer=[numpy_helper.from_array(packed.data, "B"), numpy_helper.from_array(packed.scales, "S"),
-                     numpy_helper.from_array(packed.zero_points, "Z")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8
     a = rng.standard_normal((5, K)).astype(np.float32)
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+    y = matmulnbits(packed, K, N, bits, block, a)
     np.testing.assert_allclose(y, a @ quant.dequantize(packed), atol=1e-3, rtol=1e-4)
 
     def err(p):
