@@ -15,24 +15,38 @@ from services.common.config import load_config
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Ports this test process has handed out: the kernel may give a just-closed port to the next
+# bind(0), so two free_port() calls for one config could name the same port.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 that this process has not handed out before (bounded search)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free port found that was not handed out already")
 
 
 def free_port_run(count: int) -> int:
-    """A port p such that p .. p+count-1 are all free on 127.0.0.1 (bounded search)."""
+    """A port p such that p .. p+count-1 are all free on 127.0.0.1 and none was handed out before
+    (bounded search)."""
     for _ in range(50):
         start = free_port()
-        if start + count > 65535:
+        run = range(start, start + count)
+        if run[-1] > 65535 or _HANDED_OUT.intersection(run[1:]):
             continue
         probes = []
         try:
-            for offset in range(count):
+            for port in run:
                 probe = socket.socket()
                 probes.append(probe)
-                probe.bind(("127.0.0.1", start + offset))
+                probe.bind(("127.0.0.1", port))
+            _HANDED_OUT.update(run)
             return start
         except OSError:
             continue

@@ -205,7 +205,10 @@ def test_hot_models_are_pinned_on_their_placement_targets_only(tmp_path, budget_
                 assert status.state == model_host_pb2.MODEL_STATE_UNLOADED
         logged = [p.log_path.read_text() for n, p in mesh.processes.items() if n.startswith("model_host")]
         assert all("hot models pinned on their placement targets only" in text for text in logged)
-        # the router sends its calls to the host that pins it
+        # the router sends its calls to the host that pins it, once it knows every host (before, a
+        # hash over the hosts it has seen so far may point elsewhere)
+        for address in addresses:
+            wait_for(lambda x=address: router_logged(mesh, "model host usable", x), 15, f"the router using {address}")
         (target,) = targets["lm-hot"]
         served = models_of(target)["lm-hot"].requests_total
         assert ask(config.services.router.address, "lm-hot") == "OK"
