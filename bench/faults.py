@@ -154,7 +154,7 @@ def load_kill_rows(directory, repeats):
 def budget_rows(directory, repeats):
     results = [fs.full_memory_budget(directory / f"budget{i}") for i in range(repeats)]
     first = results[0]
-    saw = counts([r.evicting_load.code for r in results] + [r.refused.code for r in results]
+    saw = counts([r.evicting_load.code for r in results] + [r.during_stream.code for r in results]
                  + [r.retried_later.code for r in results])
     return row("full memory budget (pinned + busy model; budget fits 2 of 3 models)", repeats,
                f"{saw} (load with an idle model to evict: OK; nothing evictable: RESOURCE_EXHAUSTED; later: OK)",
@@ -162,7 +162,7 @@ def budget_rows(directory, repeats):
                sum(not r.stream.complete or r.stream.tokens != 40 for r in results),
                "in-flight streams broken by an eviction",
                "", f"sizes {first.sizes_mb} MB, budget {first.budget_mb} MB; host SERVING "
-               f"{sum(r.host_health == 'SERVING' for r in results)}/{repeats}. {first.refused.details[:200]}")
+               f"{sum(r.host_health == 'SERVING' for r in results)}/{repeats}. {first.during_stream.details[:200]}")
 
 
 def consensus_rows(directory, repeats):

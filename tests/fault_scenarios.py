@@ -495,7 +495,9 @@ class BudgetResult:
     budget_mb: int
     evicting_load: Outcome  # cold-lm loaded into a full budget: the idle warm model makes room
     after_eviction: dict[str, tuple[str, str]]  # model: (state, detail)
-    refused: Outcome  # warm-lm while cold-lm streams and pinned-lm is pinned: nothing can be evicted
+    # warm-lm while cold-lm streams and pinned-lm is pinned: nothing idle can be evicted (refused at
+    # once, or answered once the stream ended, with room_wait_s long enough)
+    during_stream: Outcome
     stream: Outcome  # the cold-lm stream in flight during the refusal
     retried_later: Outcome  # warm-lm again once the stream ended
     after_retry: dict[str, tuple[str, str]]
@@ -503,13 +505,14 @@ class BudgetResult:
     host_health: str
 
 
-def full_memory_budget(directory: Path, stream_tokens: int = 40) -> BudgetResult:
+def full_memory_budget(directory: Path, stream_tokens: int = 40, room_wait_s: float = 0) -> BudgetResult:
     """The budget is set (by a config reload) from the sizes the host measured, so that any two of
-    the three ~9 MB models fit and all three do not, whatever this machine's allocator does."""
+    the three ~9 MB models fit and all three do not, whatever this machine's allocator does.
+    `room_wait_s`: how long the host lets a load wait for calls on busy models to end."""
     repository = ModelRepository(directory / "models")
     for seed, name in enumerate(("pinned-lm", "warm-lm", "cold-lm"), start=20):
         build_tiny_decoder(repository, name, seed=seed, **MID)
-    path = write_config(directory, body=BUDGET_FLEET)
+    path = write_config(directory, {"model_host": f"room_wait_s: {room_wait_s}s"}, body=BUDGET_FLEET)
     config = load_config(path)
     address = config.services.model_host.address
     host = Mesh(config, log_dir=directory / "logs", services=("model_host",), env={
@@ -538,7 +541,7 @@ def full_memory_budget(directory: Path, stream_tokens: int = 40) -> BudgetResult
             stream=generate(address, "cold-lm", max_tokens=stream_tokens, timeout_s=60)))
         streaming.start()
         wait_for(lambda: models_of(address)["cold-lm"].requests_in_flight, 10, "cold-lm streaming")
-        refused = generate(address, "warm-lm")
+        during_stream = generate(address, "warm-lm")
         streaming.join(60)
         retried = generate(address, "warm-lm")
         after_retry = _states(address)
@@ -548,7 +551,7 @@ def full_memory_budget(directory: Path, stream_tokens: int = 40) -> BudgetResult
         host.stop()
     return BudgetResult(
         sizes_mb={k: round(v / MB, 1) for k, v in sizes.items()}, budget_mb=budget_mb,
-        evicting_load=evicting, after_eviction=after_eviction, refused=refused,
+        evicting_load=evicting, after_eviction=after_eviction, during_stream=during_stream,
         stream=results.get("stream", Outcome("NONE")), retried_later=retried, after_retry=after_retry,
         host_alive=alive, host_health=health,
     )

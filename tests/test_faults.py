@@ -133,13 +133,14 @@ def test_kill_9_during_a_model_load_leaves_a_cache_the_restarted_host_loads(tmp_
 
 
 def test_full_memory_budget_evicts_an_idle_model_and_refuses_when_nothing_can_go(tmp_path):
-    result = fs.full_memory_budget(tmp_path)
+    """A host told not to wait for room (room_wait_s: 0) refuses at once."""
+    result = fs.full_memory_budget(tmp_path, room_wait_s=0)
     # an idle warm model makes room for the load
     assert result.evicting_load.complete, result.evicting_load
     assert result.after_eviction["warm-lm"] == ("MODEL_STATE_UNLOADED", "evicted to make room for cold-lm")
     assert result.after_eviction["cold-lm"][0] == result.after_eviction["pinned-lm"][0] == "MODEL_STATE_READY"
     # pinned-lm is pinned and cold-lm is busy: the load is refused, saying how much and what to do
-    refused = result.refused
+    refused = result.during_stream
     assert refused.code == "RESOURCE_EXHAUSTED", refused
     assert "model `warm-lm` needs" in refused.details and f"the budget is {result.budget_mb} MB" in refused.details
     assert "0 MB held by idle models" in refused.details and "wait for calls to finish" in refused.details
@@ -149,6 +150,17 @@ def test_full_memory_budget_evicts_an_idle_model_and_refuses_when_nothing_can_go
     # once the stream ended, the same call works: the idle cold model is evicted for it
     assert result.retried_later.complete
     assert result.after_retry["cold-lm"] == ("MODEL_STATE_UNLOADED", "evicted to make room for warm-lm")
+    assert result.host_alive and result.host_health == "SERVING"
+
+
+def test_a_load_that_only_busy_models_keep_out_waits_for_their_calls_to_end(tmp_path):
+    """With room_wait_s longer than the stream, the load waits for the busy model's call instead of
+    refusing, then evicts it (idle by then) and answers; the stream is never cut."""
+    result = fs.full_memory_budget(tmp_path, room_wait_s=20)
+    assert result.during_stream.complete, result.during_stream
+    assert result.stream.complete and result.stream.tokens == 40, result.stream
+    assert result.after_retry["cold-lm"] == ("MODEL_STATE_UNLOADED", "evicted to make room for warm-lm")
+    assert result.after_retry["warm-lm"][0] == result.after_retry["pinned-lm"][0] == "MODEL_STATE_READY"
     assert result.host_alive and result.host_health == "SERVING"
 
 

@@ -3,6 +3,7 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -140,6 +141,49 @@ def test_model_with_calls_in_flight_is_never_evicted():
             assert registry.record("busy").state == State.READY
         await registry.ensure_loaded("other")  # once idle, it can go
         assert registry.record("busy").state == State.UNLOADED
+
+    run(scenario())
+
+
+def test_a_load_kept_out_by_a_busy_model_waits_for_its_call_then_evicts_it():
+    async def scenario():
+        registry, _, _ = make_registry({"busy": "cold", "other": "cold"}, {"busy": 300, "other": 300}, budget_mb=500)
+        registry.room_wait_s = 5.0
+        async with registry.use("busy"):
+            load = asyncio.create_task(registry.ensure_loaded("other"))
+            await asyncio.sleep(0.2)
+            assert not load.done()  # waiting for the call, not refused, and nothing evicted under it
+            assert registry.record("busy").state == State.READY
+        await asyncio.wait_for(load, 2)
+        assert registry.record("other").state == State.READY
+        assert registry.record("busy").detail == "evicted to make room for other"
+
+    run(scenario())
+
+
+def test_a_load_kept_out_by_a_busy_model_is_refused_when_the_wait_is_over():
+    async def scenario():
+        registry, _, _ = make_registry({"busy": "cold", "other": "cold"}, {"busy": 300, "other": 300}, budget_mb=500)
+        registry.room_wait_s = 0.3
+        async with registry.use("busy"):
+            with pytest.raises(ResourceExhausted, match=r"300 MB by models serving calls \(after waiting 0\.3 s"):
+                await registry.ensure_loaded("other")
+            assert registry.record("busy").state == State.READY
+
+    run(scenario())
+
+
+def test_a_load_that_busy_models_could_not_make_room_for_is_refused_without_waiting():
+    async def scenario():
+        registry, _, _ = make_registry({"hot": "hot", "busy": "cold", "big": "cold"},
+                                       {"hot": 300, "busy": 100, "big": 400}, budget_mb=500)
+        registry.room_wait_s = 30.0
+        await registry.ensure_loaded("hot")  # pinned: 300 of 500 MB for good
+        async with registry.use("busy"):
+            started = time.monotonic()
+            with pytest.raises(ResourceExhausted, match="needs 480 MB"):
+                await registry.ensure_loaded("big")
+            assert time.monotonic() - started < 1
 
     run(scenario())
 

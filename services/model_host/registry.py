@@ -148,6 +148,8 @@ class ModelRegistry:
     tiers: StaticTiers | UsageTiers = field(default_factory=StaticTiers)
     # hot models another host pins (placement across hosts: services/model_host/hot_placement.py); warm here
     hot_elsewhere: set[str] = field(default_factory=set)
+    # How long a load that only calls in flight keep out waits for them to end before it is refused.
+    room_wait_s: float = 0.0
     records: dict[str, ModelRecord] = field(init=False)
 
     def __post_init__(self):
@@ -157,6 +159,7 @@ class ModelRegistry:
         # a malloc arena) would otherwise be charged to whichever load ran first on a new pool thread
         # (a 0.2 MB classifier head measured 6.3 MB that way in a busy test run).
         self._loading = ThreadPoolExecutor(1, thread_name_prefix="model-load")
+        self._calls_ended = asyncio.Event()  # set whenever a model's last call in flight ends
 
     def pins(self, spec: ModelSpec) -> bool:
         """Whether this host pins `spec` for its tier: hot, and not pinned by another host instead."""
@@ -283,7 +286,7 @@ class ModelRegistry:
         async with self._load_lock:
             if record.state == State.READY:
                 return
-            self._make_room(record)
+            await self._make_room(record)
             record.state, record.detail = State.LOADING, "loading"
             started = time.perf_counter()
             try:
@@ -317,25 +320,42 @@ class ModelRegistry:
         runtime = load()
         return runtime, self.memory_meter() - before
 
-    def _make_room(self, record: ModelRecord) -> None:
-        """Evicts idle unpinned models until `record` fits, or refuses."""
+    async def _make_room(self, record: ModelRecord) -> None:
+        """Evicts idle unpinned models until `record` fits. Where unpinned models busy with calls hold
+        the room it lacks, waits up to room_wait_s for those calls to end (a model in use is never
+        evicted); refuses at once where even they could not make room, or when the wait is over."""
         if not self.budget_bytes:
             return
-        needed = self.needed_bytes(record)
-        free = self.budget_bytes - self.used_bytes
-        if needed <= free:
-            return
-        candidates = self.tiers.eviction_order(
-            (r for r in self.records.values()
-             if r.state == State.READY and not r.pinned and r.in_flight == 0 and not r.waiting),
-            self._in_memory(), self.needed_bytes, self.budget_bytes, self.clock())
-        reclaimable = sum(r.loaded_bytes for r in candidates)
-        if needed > free + reclaimable:
-            raise ResourceExhausted(
-                f"model `{record.name}` needs {needed / MB:.0f} MB; the budget is {self.budget_bytes / MB:.0f} MB "
-                f"with {free / MB:.0f} MB free and {reclaimable / MB:.0f} MB held by idle models that could be "
-                "evicted. Raise services.model_host.memory_budget_mb, unload a pinned model, or wait for calls to finish."
-            )
+        give_up_at = asyncio.get_running_loop().time() + self.room_wait_s
+        while True:
+            needed = self.needed_bytes(record)
+            free = self.budget_bytes - self.used_bytes
+            if needed <= free:
+                return
+            idle, busy = [], 0
+            for r in self.records.values():
+                if r.state == State.READY and not r.pinned:
+                    if r.in_flight or r.waiting:
+                        busy += r.loaded_bytes
+                    else:
+                        idle.append(r)
+            candidates = self.tiers.eviction_order(idle, self._in_memory(), self.needed_bytes, self.budget_bytes,
+                                                   self.clock())
+            reclaimable = sum(r.loaded_bytes for r in candidates)
+            if needed <= free + reclaimable:
+                break
+            waited = self.room_wait_s - (give_up_at - asyncio.get_running_loop().time())
+            if needed > free + reclaimable + busy or waited >= self.room_wait_s:
+                after = f" (after waiting {waited:.1f} s for calls to end)" if waited > 0 else ""
+                raise ResourceExhausted(
+                    f"model `{record.name}` needs {needed / MB:.0f} MB; the budget is {self.budget_bytes / MB:.0f} MB "
+                    f"with {free / MB:.0f} MB free, {reclaimable / MB:.0f} MB held by idle models that could be "
+                    f"evicted and {busy / MB:.0f} MB by models serving calls{after}. Raise "
+                    "services.model_host.memory_budget_mb, unload a pinned model, or wait for calls to finish."
+                )
+            self._calls_ended.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._calls_ended.wait(), give_up_at - asyncio.get_running_loop().time())
         for victim in candidates:
             if needed <= self.budget_bytes - self.used_bytes:
                 break
@@ -440,5 +460,7 @@ class ModelRegistry:
             yield record
         finally:
             record.in_flight -= 1
+            if not record.in_flight:
+                self._calls_ended.set()
             record.last_used = self.clock()
             record.last_used_wall = time.time()

@@ -34,7 +34,7 @@ log = logging.getLogger("mirador.model_host")
 # What a reload changes in a running host: of existing models, tier and keep_alive; of the host,
 # the memory budget, the per-model queue limit and where hot models are pinned. The rest needs a restart.
 RELOADABLE_MODEL_FIELDS = ("tier", "keep_alive_s", "rollout")  # the router acts on rollouts
-RELOADABLE_HOST_SETTINGS = ("memory_budget_mb", "max_queue_per_model", "reaper_interval_s", "pin_hot")
+RELOADABLE_HOST_SETTINGS = ("memory_budget_mb", "room_wait_s", "max_queue_per_model", "reaper_interval_s", "pin_hot")
 
 
 class ModelHostService(MiradorService):
@@ -67,6 +67,7 @@ class ModelHostService(MiradorService):
             repository=ModelRepository(config.model_repository),
             loader=partial(load_runtime, settings=session_settings),
             budget_bytes=settings.memory_budget_mb * MB,
+            room_wait_s=settings.room_wait_s,
             hooks=[self.batching, self.engines],
             tiers=tier_policy(settings),
         )
@@ -121,6 +122,7 @@ class ModelHostService(MiradorService):
                     if f.name not in (*RELOADABLE_HOST_SETTINGS, "host", "port", "max_concurrent_rpcs", "metrics_port")
                     and getattr(new, f.name) != getattr(old, f.name)]
         self.registry.budget_bytes = new.memory_budget_mb * MB
+        self.registry.room_wait_s = new.room_wait_s
         self.servicer.admission.set_limit(new.max_queue_per_model)
         if new.reaper_interval_s != old.reaper_interval_s:
             reaper = next((t for t in self._background if t.get_name() == "keep-alive reaper"), None)

@@ -8,12 +8,13 @@ from services.common.settings import ServiceSettings, choice, fraction, names, s
 
 
 # When ONNX Runtime's idle intra-op threads spin instead of sleeping: never; between the operators of a
-# run only (they sleep once it ends: session.force_spinning_stop); or always (ONNX Runtime's default).
-SPINNING_MODES = ("off", "during_runs", "always")
+# run only (they sleep once it ends: session.force_spinning_stop); the same with the process's runs
+# taking turns (run_turns.py); or always (ONNX Runtime's default).
+SPINNING_MODES = ("off", "during_runs", "in_turn", "always")
 
 
 def spinning_mode(reader, node, key: str) -> str | None:
-    """`off`, `during_runs` or `always`; true and false read as `always` and `off`."""
+    """`off`, `during_runs`, `in_turn` or `always`; true and false read as `always` and `off`."""
     value = reader.value(node)
     if isinstance(value, bool):
         return "always" if value else "off"
@@ -40,6 +41,9 @@ class ModelHostSettings(ServiceSettings):
     # Calls waiting for or running on one model; more get RESOURCE_EXHAUSTED at once
     # (a share is kept for routes with `priority: critical`, see services/model_host/admission.py).
     max_queue_per_model: int = setting(32, whole(1))
+    # How long a load waits for calls on busy (unpinned) models to end when only they keep it out of
+    # the memory budget; then RESOURCE_EXHAUSTED. 0 = refuse at once (the router tries another host).
+    room_wait_s: float = setting(5.0, seconds)
     # Prompt tokens a decoder's engine prefills per iteration while other sequences decode: smaller
     # keeps their tokens flowing while a long prompt joins, larger prefills it sooner.
     prefill_chunk_tokens: int = setting(32, whole(1))
