@@ -1,8 +1,11 @@
 """The model host's ONNX Runtime session options come from its settings: threads per session and
-when idle threads spin (never by default; or between a run's operators only; or always:
-bench/thread_spinning.py)."""
+when idle threads spin (never by default; or between a run's operators only, alone or with the
+process's runs taking turns; or always: bench/thread_spinning.py)."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 
@@ -10,6 +13,7 @@ from conftest import write_config
 from services.common.config import ConfigError, load_config
 from services.common.model_repository import ModelRepository
 from services.model_host.loader import SessionSettings, load_runtime
+from services.model_host.run_turns import PROCESS_TURNS, RunTurns
 from tiny_models import build_tiny_decoder
 
 SPINNING = "session.intra_op.allow_spinning"
@@ -17,7 +21,7 @@ STOP_AFTER_RUN = "session.force_spinning_stop"
 
 
 @pytest.mark.parametrize("mode, spinning, stops", [("off", "0", False), ("during_runs", "1", True),
-                                                   ("always", "1", False)])
+                                                   ("in_turn", "1", True), ("always", "1", False)])
 def test_the_spinning_mode_reaches_the_session(tmp_path, mode, spinning, stops):
     repository = ModelRepository(tmp_path / "models")
     build_tiny_decoder(repository, "tiny-lm")
@@ -35,20 +39,71 @@ def test_the_spinning_mode_reaches_the_session(tmp_path, mode, spinning, stops):
 def test_an_unknown_spinning_mode_is_refused_at_load(tmp_path):
     repository = ModelRepository(tmp_path / "models")
     build_tiny_decoder(repository, "tiny-lm")
-    with pytest.raises(ValueError, match="thread_spinning `sometimes` is not one of off, during_runs, always"):
+    with pytest.raises(ValueError, match="thread_spinning `sometimes` is not one of off, during_runs, in_turn, always"):
         load_runtime(repository.get("tiny-lm"), SessionSettings(thread_spinning="sometimes"))
 
 
 @pytest.mark.parametrize("written, read", [("true", "always"), ("false", "off"), ("always", "always"),
-                                           ("off", "off"), ("during_runs", "during_runs")])
+                                           ("off", "off"), ("during_runs", "during_runs"),
+                                           ("in_turn", "in_turn")])
 def test_the_config_names_a_spinning_mode_or_a_boolean(tmp_path, written, read):
     path = write_config(tmp_path, {"model_host": f"thread_spinning: {written}"}, body="fleet: {}\nroutes: {}\n")
     assert load_config(path).services.model_host.thread_spinning == read
 
 
-def test_spinning_is_off_unless_the_config_turns_it_on(tmp_path):
+def test_runs_take_turns_unless_the_config_says_otherwise(tmp_path):
     default = load_config(write_config(tmp_path, body="fleet: {}\nroutes: {}\n")).services.model_host
-    assert default.thread_spinning == "off"
+    assert default.thread_spinning == "in_turn"
     wrong = write_config(tmp_path, {"model_host": "thread_spinning: sometimes"}, body="fleet: {}\nroutes: {}\n")
-    with pytest.raises(ConfigError, match="thread_spinning.*use one of: off, during_runs, always"):
+    with pytest.raises(ConfigError, match="thread_spinning.*use one of: off, during_runs, in_turn, always"):
         load_config(wrong)
+
+
+def test_in_turn_runs_wait_while_another_run_holds_the_turn(tmp_path):
+    """`in_turn`: a session's run waits while any run of the process holds the turn, then goes."""
+    repository = ModelRepository(tmp_path / "models")
+    build_tiny_decoder(repository, "tiny-lm")
+    runtime = load_runtime(repository.get("tiny-lm"), SessionSettings(thread_spinning="in_turn", intra_op_threads=1))
+    ids = runtime.encode("hello")
+    finished = threading.Event()
+
+    def run() -> None:
+        runtime.prefill(ids)
+        finished.set()
+
+    with PROCESS_TURNS.turn():
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert not finished.wait(0.5), "a run went ahead while another held the turn"
+    assert finished.wait(10), "the run never got its turn"
+    thread.join()
+
+
+def test_turns_go_to_the_oldest_waiter_first():
+    """A thread that asks again at once (an engine's loop) queues behind the threads already waiting."""
+    turns = RunTurns()
+    order: list[str] = []
+    inside: list[int] = []
+    started = threading.Barrier(4)
+
+    def worker(name: str, runs: int) -> None:
+        started.wait()
+        for _ in range(runs):
+            with turns.turn():
+                inside.append(1)
+                assert len(inside) == 1, "two runs held the turn at once"
+                order.append(name)
+                time.sleep(0.05)  # longer than a woken thread takes to queue again
+                inside.pop()
+
+    with turns.turn():  # everyone queues behind this turn, in the order they arrive
+        threads = [threading.Thread(target=worker, args=(name, 5)) for name in "abc"]
+        for thread in threads:
+            thread.start()
+        started.wait()
+        time.sleep(0.2)
+    for thread in threads:
+        thread.join()
+    assert len(order) == 15
+    # after the first round, the turn rotates: no thread runs twice while another is waiting
+    assert all(order[i] != order[i + 1] for i in range(len(order) - 1)), order

@@ -27,6 +27,7 @@ from services.model_host.runtimes import ModelRuntime
 from services.model_host.runtimes.classifier import ClassifierRuntime, HeadClassifierRuntime
 from services.model_host.runtimes.decoder import DecoderRuntime
 from services.model_host.runtimes.encoder import EncoderRuntime
+from services.model_host.run_turns import TurnTakingSession
 from services.model_host.settings import SPINNING_MODES
 
 log = logging.getLogger("mirador.model_host.loader")
@@ -42,7 +43,7 @@ def default_optimized_cache() -> Path:
 class SessionSettings:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per core)
-    thread_spinning: str = "off"  # when idle intra-op threads spin: SPINNING_MODES (see ModelHostSettings)
+    thread_spinning: str = "off"  # when idle intra-op threads spin: SPINNING_MODES (the host: ModelHostSettings)
     optimized_cache: Path | None = None  # None = do not keep optimised graphs
     # Fault injection only (faults.py): called with the model's name once its session exists and
     # its optimised graph is written but not yet moved into the cache.
@@ -67,6 +68,11 @@ def _optimized_path(manifest: ModelManifest, settings: SessionSettings, provider
 
 
 def create_session(manifest: ModelManifest, settings: SessionSettings) -> ort.InferenceSession:
+    session = _open_session(manifest, settings)
+    return TurnTakingSession(session) if settings.thread_spinning == "in_turn" else session
+
+
+def _open_session(manifest: ModelManifest, settings: SessionSettings) -> ort.InferenceSession:
     providers = usable_providers(settings.providers)
     model_path = manifest.path_of("model")
     external_data = any(p.suffix == ".onnx_data" or p.name.endswith(".data") for p in model_path.parent.iterdir())
@@ -96,7 +102,7 @@ def _options(settings: SessionSettings) -> ort.SessionOptions:
     if spinning not in SPINNING_MODES:
         raise ValueError(f"thread_spinning `{spinning}` is not one of {', '.join(SPINNING_MODES)}")
     options.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "off" else "1")
-    if spinning == "during_runs":
+    if spinning in ("during_runs", "in_turn"):
         # No wake-up per operator inside a run (hundreds per decode step), no core held between runs.
         options.add_session_config_entry("session.force_spinning_stop", "1")
     options.log_severity_level = 3  # warnings about optimised-graph portability are handled by the cache key

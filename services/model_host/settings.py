@@ -26,13 +26,12 @@ class ModelHostSettings(ServiceSettings):
     memory_budget_mb: int = setting(0, whole(0))  # 0 = no budget
     execution_providers: tuple[str, ...] = setting(("CPUExecutionProvider",), names)
     intra_op_threads: int = setting(0, whole(0))  # ONNX Runtime threads per session; 0 = one per core
-    # When ONNX Runtime's idle worker threads spin instead of sleeping: `off` (false), `always` (true),
-    # or `during_runs` (between the operators of a run, asleep once it ends). Off by default: a host
-    # runs several sessions at once (engines, Embed batches, Scores) beside the other services, and
-    # spinning threads take the cores the others wait for. `during_runs` decodes one stream up to
-    # 1.4x faster on an otherwise idle machine, and two sessions at once 2-3x slower
-    # (bench/thread_spinning.py measures the three).
-    thread_spinning: str = setting("off", spinning_mode)
+    # When ONNX Runtime's idle worker threads spin instead of sleeping: `in_turn` (the default: between
+    # the operators of a run, asleep once it ends, and the host's runs take turns: run_turns.py),
+    # `during_runs` (the same without turns), `off` (false: never; sessions run side by side) or
+    # `always` (true). One stream decodes ~1.3x faster in turn than off; sessions running at once
+    # share the cores about as well as off, one run each (bench/thread_spinning.py measures the four).
+    thread_spinning: str = setting("in_turn", spinning_mode)
     max_batch_size: int = setting(16, whole(1))  # dynamic batching of Embed calls; 1 = off
     max_queue_delay_ms: int = setting(2, whole(0))  # how long a batch waits for more calls
     # how often idle warm/cold models are checked against keep_alive

@@ -1,0 +1,74 @@
+"""Session runs that take turns (`thread_spinning: in_turn`).
+
+ONNX Runtime's intra-op threads run fastest when they spin between a run's operators instead of
+sleeping and waking for each of them (hundreds per decode step). Two sessions whose threads spin
+at once fight over the same cores, and both slow down more than they gained. With `in_turn`, a
+model host's sessions run one at a time, in the order they asked, each with every core and its
+threads spinning until its run ends (session.force_spinning_stop), so one stream gets the speed of
+an idle machine and several models still share the cores without a spinning fight.
+
+A turn is one `run` or `run_with_iobinding`: a decode step, a prefill chunk, an Embed batch or a
+Score. Long prompts are cut into `prefill_chunk_tokens` chunks, so no turn holds the others long.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from typing import Iterator
+
+import onnxruntime as ort
+
+
+class RunTurns:
+    """A first-come, first-served turn for every session of the process. The turn is handed to
+    the oldest waiter when a run ends, so a thread that runs step after step (an engine's loop)
+    cannot take it again ahead of a thread that was already waiting."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[threading.Event] = collections.deque()
+        self._busy = False
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._lock:
+            ticket = None
+            if self._busy:
+                ticket = threading.Event()
+                self._waiting.append(ticket)
+            else:
+                self._busy = True
+        if ticket is not None:
+            ticket.wait()  # set by the run before ours: the turn is ours, _busy stays True
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._waiting:
+                    self._waiting.popleft().set()
+                else:
+                    self._busy = False
+
+
+PROCESS_TURNS = RunTurns()
+
+
+class TurnTakingSession:
+    """An InferenceSession whose runs wait for their turn; everything else is the session's own."""
+
+    def __init__(self, session: ort.InferenceSession, turns: RunTurns = PROCESS_TURNS) -> None:
+        self._session = session
+        self._turns = turns
+
+    def run(self, *args, **kwargs):
+        with self._turns.turn():
+            return self._session.run(*args, **kwargs)
+
+    def run_with_iobinding(self, *args, **kwargs):
+        with self._turns.turn():
+            return self._session.run_with_iobinding(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
