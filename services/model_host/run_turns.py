@@ -7,8 +7,10 @@ model host's sessions run one at a time, in the order they asked, each with ever
 threads spinning until its run ends (session.force_spinning_stop), so one stream gets the speed of
 an idle machine and several models still share the cores without a spinning fight.
 
-A turn is one `run` or `run_with_iobinding`: a decode step, a prefill chunk, an Embed batch or a
-Score. Long prompts are cut into `prefill_chunk_tokens` chunks, so no turn holds the others long.
+A turn is one `run` or `run_with_iobinding`: a decode step, a prefill chunk, an Embed batch, or a
+Score's prompt and its options. The engines prefill long prompts in `prefill_chunk_tokens` chunks, so
+a joining prompt never holds the others for long; a Score's prompt or a big Embed batch is one run
+and holds the turn for all of it (the price of turns: with `off` they would run beside the others).
 """
 
 from __future__ import annotations
