@@ -15,7 +15,9 @@ layers lr 1e-4, head lr 2e-3, weight decay 0.01, batch 16, 10 % linear warm-up t
 decay, seed 0 + fold). These settings were fixed before any fold was scored; the only thing
 measured before the full run was wall time: with 2 trainable layers fold 0's first epoch took
 275 s on 2 shared cores (a 5-fold run of ~70 minutes), so the default is the top layer only
-(about half the cost). No accuracy was looked at to choose anything.
+(about half the cost). No accuracy was looked at to choose anything. The 2-layer run was made
+afterwards on a quiet machine (18 minutes) and kept beside it: bench/results/topics_finetuned-2layers.*
+(`--trainable-layers 2 --out DIR`, copied).
 
 Protocol, as bench/topics.py: 5-fold stratified cross-validation with the same folds (seed 0,
 services.fleet.specialists.cross_validate): every text is predicted by a model trained on the
