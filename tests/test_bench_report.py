@@ -141,3 +141,13 @@ def test_a_bench_json_that_is_a_list_is_dated_by_its_file(tmp_path):
     (tmp_path / "soak.json").write_text("[1, 2, 3]")
     found = find_existing(soak, [tmp_path], quick=False)
     assert "(modification time of soak.json)" in found.produced
+
+
+def test_a_result_file_belongs_to_the_bench_with_the_longest_matching_name():
+    from services.cli.bench import _belongs
+
+    assert _belongs("topics_finetuned-2layers.md", "topics_finetuned")
+    assert not _belongs("topics_finetuned-2layers.md", "topics")
+    assert _belongs("topics_risk_coverage.png", "topics")
+    assert _belongs("model_host_throughput-quick-smollm2.png", "model_host")
+    assert not _belongs("serving-spinning_off.md", "soak")
