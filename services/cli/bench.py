@@ -247,7 +247,7 @@ def _belongs(filename: str, name: str) -> bool:
     """Whether a result file is bench `name`'s: its name starts with the bench's, and with no longer
     bench name (topics_finetuned-2layers.md is topics_finetuned's, not topics')."""
     stem = filename.split(".", 1)[0]
-    owners = [b.name for b in BENCHES if stem == b.name or stem.startswith((f"{b.name}-", f"{b.name}_"))]
+    owners = [n for n in {name, *(b.name for b in BENCHES)} if stem == n or stem.startswith((f"{n}-", f"{n}_"))]
     return bool(owners) and max(owners, key=len) == name
 
 
