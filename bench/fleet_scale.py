@@ -10,7 +10,8 @@ architectures at the sizes of real small models (bench/synthetic_fleet.py: BERT 
 by Embed, llama decoders by Generate), named `synthetic-…` in every table. Each model's memory
 need is its files x 1.2 plus its KV slots (decoders: 2 sequences x 512 tokens here); each host's
 budget is a twelfth of the fleet's total (the 4 together hold a third), or the largest model's
-need if that is more.
+need if that is more. `--hold-share 1.333` sizes the budgets as the issue's goals do ("a fleet whose
+total size is 3x one host's budget served by 4 hosts"): the whole fleet fits the 4 hosts together.
 
 Traffic: open loop, Poisson arrivals at --rate calls/s for --minutes per policy, each call to a
 model drawn from Zipf(--zipf) over a fixed random popularity order (the same in every policy),
@@ -75,7 +76,7 @@ from services.common.model_repository import ModelRepository, default_repository
 MB = 2**20
 HOSTS = 4
 FLEET_SIZE = 78
-HOLD_SHARE = 1 / 3  # the hosts' budgets together hold this share of the fleet's memory need
+HOLD_SHARE = 1 / 3  # the hosts' budgets together hold this share of the fleet's memory need (--hold-share)
 ESTIMATE_FACTOR = 1.2  # as services/model_host/registry.py estimates a model before its first load
 MAX_NUM_SEQS, MAX_CONTEXT = 2, 512  # every decoder's KV slots here
 STATIC_TIERS = (10, 20, 48)  # the article's hot / warm / cold
@@ -162,9 +163,9 @@ def memory_for_share(models: list[Model], share: float) -> int:
     return total
 
 
-def host_budget_bytes(models: list[Model]) -> int:
+def host_budget_bytes(models: list[Model], hold_share: float = HOLD_SHARE) -> int:
     total = sum(m.need_bytes for m in models)
-    return int(max(total * HOLD_SHARE / HOSTS, max(m.need_bytes for m in models) * 1.15))
+    return int(max(total * hold_share / HOSTS, max(m.need_bytes for m in models) * 1.15))
 
 
 def ceiling(models: list[Model], budget_bytes: int) -> float:
@@ -775,6 +776,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=2.0,
                         help="calls per second (Poisson arrivals; 2 keeps a 2-core machine below saturation)")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the models' popularity")
+    parser.add_argument("--hold-share", type=float, default=HOLD_SHARE,
+                        help="share of the fleet's memory need the 4 budgets hold together (default 1/3; "
+                             "1.333: the fleet is 3x one host's budget)")
     parser.add_argument("--max-tokens", type=int, default=4, help="tokens per Ask")
     parser.add_argument("--max-in-flight", type=int, default=48, help="calls at once at most (more are shed)")
     parser.add_argument("--deadline-s", type=float, default=30.0, help="each call's deadline")
@@ -793,10 +797,12 @@ def main(argv: list[str] | None = None) -> int:
     args.kill_seconds = 60 * args.kill_minutes if args.kill_minutes else (20.0 if args.quick else 180.0)
     args.half_life_s = args.half_life_s or (120.0 if args.quick else 600.0)
     args.name = args.name or ("fleet_scale-quick" if args.quick else "fleet_scale")
+    if args.hold_share != HOLD_SHARE and args.name.startswith("fleet_scale"):
+        args.name += f"-hold{round(args.hold_share * 100)}"
 
     machine = fragment.machine()
     models = build_fleet(args.root, args.zipf, args.seed)
-    budget = host_budget_bytes(models)
+    budget = host_budget_bytes(models, args.hold_share)
     needs = [m.need_bytes for m in models]
     sizes = [m.size_bytes / MB for m in models]
     result = {
