@@ -133,7 +133,9 @@ def run(args) -> dict:
         if missing:
             raise SystemExit(f"the config lacks routes {missing}")
         print(f"starting the mesh ({'tiny models' if args.tiny else 'default fleet'}) ...", flush=True)
-        mesh = Mesh(config, log_dir=directory / "logs", services=("router", "model_host", "consensus"))
+        # the services' logs go with the temp dir unless --keep-logs names a folder for them
+        logs = args.keep_logs or directory / "logs"
+        mesh = Mesh(config, log_dir=logs, services=("router", "model_host", "consensus"))
         mesh.start(timeout_s=180)
         try:
             return soak(mesh, args)
@@ -529,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SERVICE.KEY=VALUE",
                         help="override a service setting of the default config (repeatable), for A/B runs")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--keep-logs", type=Path, default=None, help="write the services' logs here (kept)")
     parser.add_argument("--name", default=None, help="output files NAME.json/.png/.md (default soak, soak-quick with --quick)")
     args = parser.parse_args(argv)
     args.duration = args.duration or (30.0 if args.quick else 180.0)
