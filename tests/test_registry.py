@@ -132,9 +132,16 @@ def test_model_that_cannot_fit_is_refused_with_numbers():
     run(scenario())
 
 
+def busy_and_other(room_wait_s: float = 0.0) -> ModelRegistry:
+    """Two 300 MB models and a 500 MB budget: one fits, so loading the other must evict the first."""
+    registry, _, _ = make_registry({"busy": "cold", "other": "cold"}, {"busy": 300, "other": 300}, budget_mb=500)
+    registry.room_wait_s = room_wait_s
+    return registry
+
+
 def test_model_with_calls_in_flight_is_never_evicted():
     async def scenario():
-        registry, _, _ = make_registry({"busy": "cold", "other": "cold"}, {"busy": 300, "other": 300}, budget_mb=500)
+        registry = busy_and_other()
         async with registry.use("busy"):
             with pytest.raises(ResourceExhausted, match="0 MB held by idle models"):
                 await registry.ensure_loaded("other")
@@ -147,8 +154,7 @@ def test_model_with_calls_in_flight_is_never_evicted():
 
 def test_a_load_kept_out_by_a_busy_model_waits_for_its_call_then_evicts_it():
     async def scenario():
-        registry, _, _ = make_registry({"busy": "cold", "other": "cold"}, {"busy": 300, "other": 300}, budget_mb=500)
-        registry.room_wait_s = 5.0
+        registry = busy_and_other(room_wait_s=5.0)
         async with registry.use("busy"):
             load = asyncio.create_task(registry.ensure_loaded("other"))
             await asyncio.sleep(0.2)
@@ -163,8 +169,7 @@ def test_a_load_kept_out_by_a_busy_model_waits_for_its_call_then_evicts_it():
 
 def test_a_load_kept_out_by_a_busy_model_is_refused_when_the_wait_is_over():
     async def scenario():
-        registry, _, _ = make_registry({"busy": "cold", "other": "cold"}, {"busy": 300, "other": 300}, budget_mb=500)
-        registry.room_wait_s = 0.3
+        registry = busy_and_other(room_wait_s=0.3)
         async with registry.use("busy"):
             with pytest.raises(ResourceExhausted, match=r"300 MB by models serving calls \(after waiting 0\.3 s"):
                 await registry.ensure_loaded("other")
