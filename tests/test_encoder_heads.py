@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from mirador.v1 import model_host_pb2, model_host_pb2_grpc
+from tokenizers import Tokenizer, models
 
 from conftest import write_config
 from services.cli.supervisor import Mesh
@@ -34,13 +35,14 @@ TEXTS = ["Shares in the bank rose after the profit report.", "The striker scored
          "Parliament voted on the budget.", "A new phone with a faster chip.", "x"]
 
 
-def publish(repository, name, files: dict, head: dict | None = None) -> ModelManifest:
+def publish(repository, name, files: dict, head: dict | None = None, tokenizer=None,
+            max_length: int = 64) -> ModelManifest:
     """A classifier with the given ONNX graphs (role -> model), as the fleet builder writes one."""
     def build(folder):
         for role, model in files.items():
             onnx.save(model, str(folder / f"{role}.onnx"))
-        classifier_tokenizer().save(str(folder / "tokenizer.json"))
-        generation = {"labels": LABELS, "output": "probabilities", "max_length": 64,
+        (tokenizer or classifier_tokenizer()).save(str(folder / "tokenizer.json"))
+        generation = {"labels": LABELS, "output": "probabilities", "max_length": max_length,
                       "calibration": {"temperature": 1.5, "fit_on": "nothing (a test model)"}}
         if head:
             generation["head"] = head
@@ -160,6 +162,30 @@ def test_a_head_is_estimated_as_its_head_plus_an_unloaded_encoder(repository):
     head_files = sum(head.manifest.path_of(r).stat().st_size for r in ("head", "tokenizer"))
     assert registry.needed_bytes(head) == int(head_files * 1.2) + registry.needed_bytes(encoder)
     assert head_files < head.manifest.size_bytes / 10  # not the whole graph's files
+
+
+def test_a_head_shares_its_encoders_tokenizer_only_where_it_tokenizes_the_same(repository, tmp_path):
+    """The same vocabulary and truncation: the encoder's own tokenizer (no copy, nothing to count);
+    another truncation: a copy of its own; another vocabulary: refused with a reason."""
+    encoder = load_runtime(repository.get("tiny-embed"), SessionSettings())  # truncates at 128
+    weights, bias = np.ones((32, len(LABELS)), np.float32), np.zeros(len(LABELS), np.float32)
+    graphs = {"model": specialists.minilm_classifier_graph(encoder.manifest.path_of("model"), weights, bias, 1.0),
+              "head": specialists.head_graph(weights, bias, 1.0)}
+    facts = {"input": specialists.HEAD_INPUT, "encoder": "tiny-embed", "pooling": "mean", "normalize": True}
+    other_vocabulary = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1}, unk_token="[UNK]"))
+    heads = ModelRepository(tmp_path / "models")
+    for name, tokenizer, max_length in (("same", None, 128), ("shorter", None, 8),
+                                        ("foreign", other_vocabulary, 128)):
+        publish(heads, name, graphs, facts, tokenizer=tokenizer, max_length=max_length)
+
+    same = load_runtime(heads.get("same"), SessionSettings(), encoder=encoder)
+    assert same.tokenizer is encoder.tokenizer
+    shorter = load_runtime(heads.get("shorter"), SessionSettings(), encoder=encoder)
+    assert shorter.tokenizer is not encoder.tokenizer
+    long_text = " ".join(["cat"] * 50)
+    assert len(shorter.tokenizer.encode(long_text).ids) == 8 < len(encoder.tokenizer.encode(long_text).ids)
+    with pytest.raises(ValueError, match="its tokenizer is not tiny-embed.*a head must be trained on its encoder's tokens"):
+        load_runtime(heads.get("foreign"), SessionSettings(), encoder=encoder)
 
 
 def test_a_model_without_a_head_graph_is_refused_with_a_reason(repository, tmp_path):
@@ -314,9 +340,8 @@ def test_a_consensus_fan_out_to_two_heads_embeds_each_text_once(repository):
     """Real processes: a model host and a consensus; the Decide asks both heads about one text."""
     import urllib.request
 
-    from mirador.v1 import common_pb2, consensus_pb2, consensus_pb2_grpc
-
     from conftest import free_port
+    from mirador.v1 import common_pb2, consensus_pb2, consensus_pb2_grpc
 
     metrics_port = free_port()
     body = f"""

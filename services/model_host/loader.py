@@ -181,12 +181,29 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _encoders_tokenizer_file(manifest: ModelManifest, encoder: EncoderRuntime | None) -> bool:
+    """Whether a head's tokenizer file is its encoder's, but for the truncation and padding settings
+    that every runtime sets for itself: then the head shares the encoder's tokenizer without building
+    its own (the heap a throwaway tokenizer leaves behind was counted as the head's size)."""
+    if encoder is None or "tokenizer" not in manifest.files or "tokenizer" not in encoder.manifest.files:
+        return False
+
+    def vocabulary_on(path) -> bytes:
+        # tokenizer.json is written key by key: version, truncation, padding, then what the vocabulary is
+        text = path.read_bytes()
+        start = text.find(b'"added_tokens"')
+        return text[start:] if start >= 0 else text
+
+    return vocabulary_on(manifest.path_of("tokenizer")) == vocabulary_on(encoder.manifest.path_of("tokenizer"))
+
+
 def load_runtime(manifest: ModelManifest, settings: SessionSettings,
                  encoder: EncoderRuntime | None = None) -> ModelRuntime:
     """Loads a model for serving. Raises with a readable reason when the files are unusable.
     With `encoder` (a classifier declared as a head on it), only the manifest's `head` graph is loaded."""
-    tokenizer = Tokenizer.from_file(str(manifest.path_of("tokenizer"))) if "tokenizer" in manifest.files else None
-    if manifest.task in ("text-generation", "embedding", "classification") and tokenizer is None:
+    tokenizer = None if _encoders_tokenizer_file(manifest, encoder) else \
+        Tokenizer.from_file(str(manifest.path_of("tokenizer"))) if "tokenizer" in manifest.files else None
+    if manifest.task in ("text-generation", "embedding", "classification") and "tokenizer" not in manifest.files:
         raise ValueError(f"{manifest.reference} has no tokenizer file; add `tokenizer` to the manifest's files")
     if encoder is not None:
         if manifest.task != "classification" or "head" not in manifest.files:

@@ -49,10 +49,14 @@ class ClassifierRuntime(ModelRuntime):
         calibration = generation.get("calibration") or {}
         self.temperature = calibration.get("temperature")
         self.calibration_fit_on = calibration.get("fit_on")
+        self.tokenizer = self._serving_tokenizer(tokenizer)
+
+    def _serving_tokenizer(self, tokenizer: Tokenizer) -> Tokenizer:
         # Own copy (padding settings are per instance) that reads client text as text, never as [SEP]/[CLS].
-        self.tokenizer = plain_text_tokenizer(tokenizer)
-        self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.no_padding()
+        own = plain_text_tokenizer(tokenizer)
+        own.enable_truncation(self.max_length)
+        own.no_padding()
+        return own
 
     @property
     def calibration_source(self) -> str:
@@ -92,10 +96,11 @@ class HeadClassifierRuntime(ClassifierRuntime):
     The manifest's `generation.head` says what the head expects of the embedding; a mismatch is
     refused at load rather than served as wrong scores."""
 
-    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: Tokenizer, encoder):
+    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: Tokenizer | None,
+                 encoder):
+        self.encoder = encoder  # before the base class picks the tokenizer: the head may share the encoder's
         super().__init__(manifest, session, tokenizer)
         head = manifest.generation.get("head") or {}
-        self.encoder = encoder
         self.head_input = head.get("input", "sentence_embedding")
         if self.head_input not in self.input_names:
             raise ValueError(f"{manifest.reference}: the head graph has no input {self.head_input!r}")
@@ -108,13 +113,22 @@ class HeadClassifierRuntime(ClassifierRuntime):
         if isinstance(width, int) and isinstance(gives, int) and width != gives:
             raise ValueError(f"{manifest.reference}: the head reads {width}-d embeddings; "
                              f"{encoder.manifest.reference} gives {gives}-d")
-        if self.tokenizer.to_str() == encoder.tokenizer.to_str():
-            # The same tokenizer, truncation included (the usual case): share the encoder's. A tokenizer is
-            # ~4 MB here, 40x the head's session, so this is most of what a head would cost.
-            self.tokenizer = encoder.tokenizer
-        elif self.tokenizer.get_vocab() != encoder.tokenizer.get_vocab():
+        if self.tokenizer is not encoder.tokenizer and self.tokenizer.get_vocab() != encoder.tokenizer.get_vocab():
             raise ValueError(f"{manifest.reference}: its tokenizer is not {encoder.manifest.reference}'s; "
                              "a head must be trained on its encoder's tokens")
+
+    def _serving_tokenizer(self, tokenizer: Tokenizer | None) -> Tokenizer:
+        """The encoder's tokenizer wherever it is the head's, truncation included (the usual case). A tokenizer
+        is ~4 MB here, 40x the head's session, so sharing it is most of what a head saves; `None` means the
+        head's tokenizer file is its encoder's byte for byte (load_runtime read neither), so no copy is built
+        just to compare: the heap such a copy leaves behind was counted as the head's size."""
+        shared = self.encoder.tokenizer
+        if tokenizer is None:
+            if (shared.truncation or {}).get("max_length") == self.max_length and shared.padding is None:
+                return shared
+            tokenizer = shared
+        own = super()._serving_tokenizer(tokenizer)
+        return shared if own.to_str() == shared.to_str() else own
 
     def classify(self, texts: list[str]) -> np.ndarray:
         rows = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
