@@ -17,7 +17,7 @@ from services.cli.supervisor import Mesh
 from services.common.config import ConfigError, load_config, parse_config
 from services.common.errors import ResourceExhausted
 from services.common.model_repository import ModelRepository
-from services.model_host.admission import Admission, reserved_for_critical
+from services.model_host.admission import HEDGE_BUSY_SHARE, Admission, reserved_for_critical
 from services.model_host.faults import ENV_VAR as DELAY_ENV
 from services.router.identity import CallerIdentity
 from services.router.rate_limit import RateLimiter, client_of
@@ -53,6 +53,24 @@ def test_admission_gives_the_place_back_when_the_call_fails():
             raise ValueError("boom")
     with admission.admit("m"):
         pass
+
+
+def test_a_hedge_waits_while_the_cores_are_saturated_and_other_calls_do_not():
+    busy = [0.95]
+    admission = Admission(4, busy_share=lambda: busy[0])
+    with pytest.raises(ResourceExhausted) as refused:
+        with admission.admit("m", hedge=True):
+            pass
+    assert "`m` was asked to join a late call" in refused.value.message and "95%" in refused.value.message
+    assert "wait for the call it hedges" in refused.value.message
+    with admission.admit("m"):  # not a hedge: the queue decides, as before
+        pass
+    busy[0] = HEDGE_BUSY_SHARE - 0.1
+    with admission.admit("m", hedge=True):  # the cores have room: the hedge may help
+        pass
+    with Admission(4).admit("m", hedge=True):  # a host that cannot tell admits every hedge
+        pass
+    assert (admission.hedges_refused_total, admission.rejected_total, admission.in_queue) == (1, 1, {})
 
 
 class _Clock:

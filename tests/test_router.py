@@ -10,12 +10,13 @@ import grpc
 import pytest
 from mirador.v1 import common_pb2, model_host_pb2, model_host_pb2_grpc, router_pb2, router_pb2_grpc
 
-from conftest import write_config
+from conftest import free_port, write_config
 from services.cli.supervisor import Mesh
 from services.common.config import load_config
 from services.common.model_repository import ModelRepository
 from services.model_host.faults import ENV_VAR as DELAY_ENV
 from services.router.fallback import BreakerState, CircuitBreaker
+from test_metrics import scrape
 from tiny_models import build_tiny_decoder, build_tiny_encoder, chat_tokenizer, chatml, write_corrupt_model
 
 ROUTES = """
@@ -52,7 +53,8 @@ def mesh(tmp_path_factory):
     build_tiny_decoder(repository, "tiny-lm-slower", seed=3)
     build_tiny_encoder(repository, "tiny-embed")
     write_corrupt_model(repository, "broken-lm")
-    config = write_config(directory, service_extra={"router": ROUTER_SETTINGS.format(floor=0.0)}, body=ROUTES)
+    config = write_config(directory, service_extra={"router": ROUTER_SETTINGS.format(floor=0.0),
+                                                    "model_host": f"metrics_port: {free_port()}"}, body=ROUTES)
     mesh = Mesh(load_config(config), log_dir=directory / "logs", services=("router", "model_host"),
                 env={DELAY_ENV: "tiny-lm-slow=2500,tiny-lm-slower=6000", "XDG_CACHE_HOME": str(directory / "cache")})
     try:
@@ -177,6 +179,10 @@ def test_a_late_primary_keeps_its_place_when_its_fallback_is_slower(mesh, router
                 break
             time.sleep(0.05)
     assert models["tiny-lm-slower"].requests_in_flight == 0  # the overtaken call left the host
+    # the fallback went as a hedge, and the host, its cores idle (the primary sleeps), admitted it
+    hedges = scrape(mesh.config.services.model_host.metrics_port)
+    assert hedges[("mirador_model_hedges_total", (("model", "tiny-lm-slower"), ("outcome", "admitted")))] == 1
+    assert ("mirador_model_hedges_total", (("model", "tiny-lm-slower"), ("outcome", "refused"))) not in hedges
 
 
 def test_failing_model_opens_its_circuit_and_requests_stop_paying_for_it(router):

@@ -4,6 +4,7 @@ process's runs taking turns; or always: bench/thread_spinning.py)."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -13,7 +14,7 @@ from conftest import write_config
 from services.common.config import ConfigError, load_config
 from services.common.model_repository import ModelRepository
 from services.model_host.loader import SessionSettings, load_runtime
-from services.model_host.run_turns import PROCESS_TURNS, RunTurns
+from services.model_host.run_turns import BUSY_SHARE_TAU_S, PROCESS_TURNS, RunTurns
 from tiny_models import build_tiny_decoder
 
 SPINNING = "session.intra_op.allow_spinning"
@@ -107,3 +108,19 @@ def test_turns_go_to_the_oldest_waiter_first():
     assert len(order) == 15
     # after the first round, the turn rotates: no thread runs twice while another is waiting
     assert all(order[i] != order[i + 1] for i in range(len(order) - 1)), order
+
+
+def test_the_turns_say_how_busy_the_cores_were_lately():
+    now = [0.0]
+    turns = RunTurns(clock=lambda: now[0])
+    assert turns.busy_share() == 0.0
+    with turns.turn():
+        now[0] += 10 * BUSY_SHARE_TAU_S  # one long run: busy all along
+        assert turns.busy_share() > 0.99
+    now[0] += BUSY_SHARE_TAU_S  # free for one time constant
+    assert turns.busy_share() == pytest.approx(math.exp(-1), abs=1e-3)
+    for _ in range(3000):  # then runs of 3 ms with 1 ms between them, 12 s: busy 3/4 of the time
+        with turns.turn():
+            now[0] += 0.003
+        now[0] += 0.001
+    assert turns.busy_share() == pytest.approx(0.75, abs=0.01)

@@ -13,6 +13,16 @@ when the limit is 2 or more) is kept for calls of routes with `priority: critica
 (the router marks them with the `x-mirador-priority: critical` metadata), so that
 under a full queue critical calls are still admitted while normal ones are shed.
 
+Hedges: a router that has waited long for a model's first answer asks the route's next model
+too, and the first to answer answers (a hedge; it marks the call `x-mirador-hedge: late`). On
+another machine that is the cure for a slow host; on this one, while the cores are saturated, the
+hedge runs on the same cores as the call it hedges and only takes turns from it (the same request
+computed twice, exactly when the host has least to spare). So where the host knows how busy its
+cores are (`thread_spinning: in_turn`: every session run takes a turn), a hedge is refused with
+RESOURCE_EXHAUSTED while runs held the turn more than HEDGE_BUSY_SHARE of the last seconds; the
+router then waits for the call it hedged. A hedge to an idle host (the first model stuck, not the
+cores) is admitted as before.
+
 Everything runs on the server's event loop, so the counters need no lock.
 """
 
@@ -20,12 +30,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 from services.common.errors import ResourceExhausted
 
 PRIORITY_METADATA_KEY = "x-mirador-priority"
 CRITICAL = "critical"
+HEDGE_METADATA_KEY = "x-mirador-hedge"
+HEDGE = "late"  # the call joins one that has not begun answering in its share of the time
+# Above this busy share of the cores, a hedge would only slow the call it hedges: refused.
+HEDGE_BUSY_SHARE = 0.8
 # Share of each model's queue that only critical calls may use.
 CRITICAL_SHARE = 0.25
 
@@ -46,13 +60,28 @@ def priority_of(context) -> str:
     return "normal"
 
 
-class Admission:
-    """Counts calls per model and refuses those beyond the model's queue limit."""
+def is_hedge(context) -> bool:
+    """Whether the caller marked the call as a hedge of a late one."""
+    try:
+        metadata = context.invocation_metadata() or ()
+    except Exception:  # noqa: BLE001 - a context without metadata is not a hedge
+        return False
+    return any(key == HEDGE_METADATA_KEY and value == HEDGE for key, value in metadata)
 
-    def __init__(self, max_queue_per_model: int):
+
+class Admission:
+    """Counts calls per model and refuses those beyond the model's queue limit, and hedges while
+    the cores are saturated (`busy_share`: the share of the last seconds the host's cores ran
+    models; None where the host cannot tell, and every hedge is admitted)."""
+
+    def __init__(self, max_queue_per_model: int, busy_share: Callable[[], float] | None = None,
+                 on_hedge: Callable[[str, bool], None] | None = None):
         self.limit = max_queue_per_model
+        self.busy_share = busy_share
+        self.on_hedge = on_hedge  # (model, admitted): the metrics
         self.in_queue: dict[str, int] = {}  # only models with calls; empty entries are dropped
         self.rejected_total = 0
+        self.hedges_refused_total = 0
 
     def set_limit(self, max_queue_per_model: int) -> None:
         """A new limit (config reload); calls already admitted stay admitted."""
@@ -74,8 +103,18 @@ class Admission:
         )
 
     @contextlib.contextmanager
-    def admit(self, model: str, priority: str = "normal") -> Iterator[None]:
+    def admit(self, model: str, priority: str = "normal", hedge: bool = False) -> Iterator[None]:
         """Holds one place in `model`'s queue for the block's duration, or raises ResourceExhausted."""
+        busy = self.busy_share() if hedge and self.busy_share is not None else 0.0
+        if hedge and self.on_hedge is not None:
+            self.on_hedge(model, busy <= HEDGE_BUSY_SHARE)
+        if busy > HEDGE_BUSY_SHARE:
+            self.rejected_total += 1
+            self.hedges_refused_total += 1
+            raise ResourceExhausted(
+                f"model `{model}` was asked to join a late call, and this host's cores ran models {busy:.0%} of "
+                "the last seconds: a second answer here would only slow the first; wait for the call it hedges"
+            )
         held = self.in_queue.get(model, 0)
         allowed = self.limit if priority == CRITICAL else self.limit - reserved_for_critical(self.limit)
         if held >= allowed:

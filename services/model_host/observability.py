@@ -49,6 +49,8 @@ DECODE_TOKEN_SECONDS = Histogram("mirador_model_decode_seconds_per_token", "Mean
                                  "of one call, seconds", ["model"], buckets=_TOKEN_SECONDS)
 DECODE_BATCH_SIZE = Histogram("mirador_model_decode_batch_size", "Sequences in one batched decode step (continuous "
                               "batching)", ["model"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
+HEDGES = Counter("mirador_model_hedges", "Calls that joined a late call of another model (hedges), admitted or "
+                 "refused because the host's cores were saturated (admission.py)", ["model", "outcome"])
 PREFIX_TOKENS = Counter("mirador_model_prefix_cache_tokens", "Prompt tokens taken from a prefix cache instead of "
                         "prefilled again", ["model", "operation"])
 BATCH_SIZE = Histogram("mirador_model_batch_size", "Items per dynamic batch (Embed)", ["model"],
@@ -163,6 +165,10 @@ def prefilled(model: str, started: float, tokens: int, ended: float | None = Non
 def decode_step(model: str, batch_size: int) -> None:
     """One batched decode step of a decoder's engine, over `batch_size` sequences (engine thread)."""
     DECODE_BATCH_SIZE.labels(model).observe(batch_size)
+
+
+def hedged(model: str, admitted: bool) -> None:
+    HEDGES.labels(model, "admitted" if admitted else "refused").inc()
 
 
 def prefix_reused(model: str, operation: str, tokens: int) -> None:

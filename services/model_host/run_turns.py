@@ -17,21 +17,31 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import threading
-from typing import Iterator
+import time
+from typing import Callable, Iterator
 
 import onnxruntime as ort
+
+# How far back busy_share looks (the time constant of its exponential average, seconds).
+BUSY_SHARE_TAU_S = 2.0
 
 
 class RunTurns:
     """A first-come, first-served turn for every session of the process. The turn is handed to
     the oldest waiter when a run ends, so a thread that runs step after step (an engine's loop)
-    cannot take it again ahead of a thread that was already waiting."""
+    cannot take it again ahead of a thread that was already waiting.
 
-    def __init__(self) -> None:
+    Since every run passes here, the turns also know how busy the cores are: `busy_share()` is the
+    share of the last seconds during which some run held the turn."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._waiting: collections.deque[threading.Event] = collections.deque()
         self._busy = False
+        self._clock = clock
+        self._share, self._share_at = 0.0, clock()
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
@@ -41,7 +51,7 @@ class RunTurns:
                 ticket = threading.Event()
                 self._waiting.append(ticket)
             else:
-                self._busy = True
+                self._set_busy(True)
         if ticket is not None:
             ticket.wait()  # set by the run before ours: the turn is ours, _busy stays True
         try:
@@ -51,7 +61,20 @@ class RunTurns:
                 if self._waiting:
                     self._waiting.popleft().set()
                 else:
-                    self._busy = False
+                    self._set_busy(False)
+
+    def busy_share(self) -> float:
+        """The exponentially weighted share of time (time constant BUSY_SHARE_TAU_S) that a run held the turn."""
+        with self._lock:
+            return self._share_now(self._clock())
+
+    def _share_now(self, now: float) -> float:
+        kept = math.exp(-max(0.0, now - self._share_at) / BUSY_SHARE_TAU_S)
+        return self._share * kept + (1.0 - kept) * (1.0 if self._busy else 0.0)
+
+    def _set_busy(self, busy: bool) -> None:  # under the lock, when the turn goes from free to held or back
+        now = self._clock()
+        self._share, self._share_at, self._busy = self._share_now(now), now, busy
 
 
 PROCESS_TURNS = RunTurns()

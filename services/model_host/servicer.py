@@ -21,9 +21,11 @@ from services.common.validation import (
     require_sampling,
     require_text,
 )
-from services.model_host.admission import Admission, priority_of
+from services.model_host import observability
+from services.model_host.admission import Admission, is_hedge, priority_of
 from services.model_host.dataplane import Confidence, DataPlane, GenerationSummary, SamplingSettings, Timings, TokenEvent
 from services.model_host.registry import ModelRecord, ModelRegistry, State
+from services.model_host.run_turns import PROCESS_TURNS
 
 log = logging.getLogger("mirador.model_host")
 
@@ -115,7 +117,10 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
         self.registry = registry
         self.dataplane = dataplane
         # bounded queue per model: calls beyond it are shed with RESOURCE_EXHAUSTED (admission.py)
-        self.admission = admission or Admission(config.services.model_host.max_queue_per_model)
+        # (with runs taking turns, the turns say how busy the cores are: hedges wait while they are saturated)
+        busy_share = PROCESS_TURNS.busy_share if config.services.model_host.thread_spinning == "in_turn" else None
+        self.admission = admission or Admission(config.services.model_host.max_queue_per_model, busy_share,
+                                                observability.hedged)
 
     def _require_task(self, model: str, task: str | tuple[str, ...], rpc: str) -> None:
         spec = require_model(self.config, model)
@@ -127,7 +132,7 @@ class ModelHostServicer(model_host_pb2_grpc.ModelHostServicer):
         self._require_task(request.model, "text-generation", "Generate")
         require_messages(request.messages, request.prompt)
         require_sampling(request.sampling)
-        with self.admission.admit(request.model, priority_of(context)):
+        with self.admission.admit(request.model, priority_of(context), is_hedge(context)):
             events = self.dataplane.generate(request.model, messages_of(request), request.prompt, sampling_of(request.sampling))
             async with contextlib.aclosing(events):  # a cancelled call frees its sequence's slot now
                 async for event in events:

@@ -34,6 +34,9 @@ _tracer = telemetry.tracer("mirador.router")
 ROUTED = Counter("mirador_router_requests", "Ask requests by the route chosen and its primary model", ["route", "model"])
 # Calls of `priority: critical` routes carry it; the model host keeps a share of each model's queue for them.
 PRIORITY_METADATA_KEY = "x-mirador-priority"
+# A model asked because the ones before it are late (not failed) carries it: a host whose cores are
+# saturated refuses it (services/model_host/admission.py), since it would run beside the late call.
+HEDGE_METADATA = ("x-mirador-hedge", "late")
 ROLES = {"system": common_pb2.ROLE_SYSTEM, "user": common_pb2.ROLE_USER, "assistant": common_pb2.ROLE_ASSISTANT}
 # A request naming a fleet model instead of a route gets the time a route gets by default.
 MODEL_TIMEOUT_MS = RouteSpec(name="", primary="").timeout_ms
@@ -213,7 +216,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         failures.append(_AttemptFailed(model, grpc.StatusCode.DEADLINE_EXCEEDED, f"model `{model}`: no time left"))
                         waiting.clear()
                         continue
-                    attempt = self._ask(model, decision, messages, request, request_id, remaining, has_next=bool(waiting))
+                    attempt = self._ask(model, decision, messages, request, request_id, remaining,
+                                        has_next=bool(waiting), hedge=bool(racing))
                     attempted.append(model)
                     racing[attempt.first] = attempt
                     continue
@@ -264,12 +268,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.rollouts.record(model, Outcome.OK, first_token_ms)
 
     def _ask(self, model: str, decision: router_pb2.RouteDecision, messages, request, request_id: str,
-             remaining: float, has_next: bool) -> _Attempt:
+             remaining: float, has_next: bool, hedge: bool = False) -> _Attempt:
         started, now = time.perf_counter(), time.monotonic()
+        metadata = (*(self._priority_metadata(decision.route) or ()), *((HEDGE_METADATA,) if hedge else ()))
         call = self.model_host.Generate(
             model_host_pb2.GenerateRequest(request_id=request_id, model=model, messages=messages, prompt=request.prompt,
                                            sampling=request.sampling),
-            timeout=remaining, metadata=self._priority_metadata(decision.route),
+            timeout=remaining, metadata=metadata or None,
         )
         # a rollout's candidate is never the caller's problem: whatever it fails with, the stable version answers
         first = asyncio.ensure_future(self._first_message(
