@@ -14,9 +14,9 @@ when the limit is 2 or more) is kept for calls of routes with `priority: critica
 under a full queue critical calls are still admitted while normal ones are shed.
 
 Hedges: a router that has waited long for a model's first answer asks the route's next model
-too, and the first to answer answers (a hedge; it marks the call `x-mirador-hedge: late`). On
-another machine that is the cure for a slow host; on this one, while the cores are saturated, the
-hedge runs on the same cores as the call it hedges and only takes turns from it (the same request
+too, and the first to answer answers (a hedge; it marks the call `x-mirador-hedge: late`). Sent
+to another machine, a hedge cures a slow host; sent to the same host while its cores are
+saturated, it runs beside the call it hedges and only takes turns from it (the same request
 computed twice, exactly when the host has least to spare). So where the host knows how busy its
 cores are (`thread_spinning: in_turn`: every session run takes a turn), a hedge is refused with
 RESOURCE_EXHAUSTED while runs held the turn more than HEDGE_BUSY_SHARE of the last seconds; the
@@ -48,25 +48,23 @@ def reserved_for_critical(limit: int) -> int:
     return 0 if limit < 2 else max(1, math.floor(limit * CRITICAL_SHARE))
 
 
-def priority_of(context) -> str:
-    """The call's priority from its metadata: "critical" or "normal"."""
+def _marked(context, key: str, value: str) -> bool:
+    """Whether the call's metadata has `key: value` (a context without metadata has no marks)."""
     try:
         metadata = context.invocation_metadata() or ()
-    except Exception:  # noqa: BLE001 - a context without metadata is a normal call
-        return "normal"
-    for key, value in metadata:
-        if key == PRIORITY_METADATA_KEY and value == CRITICAL:
-            return CRITICAL
-    return "normal"
+    except Exception:  # noqa: BLE001 - no metadata: no marks
+        return False
+    return (key, value) in tuple(metadata)
+
+
+def priority_of(context) -> str:
+    """The call's priority from its metadata: "critical" or "normal"."""
+    return CRITICAL if _marked(context, PRIORITY_METADATA_KEY, CRITICAL) else "normal"
 
 
 def is_hedge(context) -> bool:
     """Whether the caller marked the call as a hedge of a late one."""
-    try:
-        metadata = context.invocation_metadata() or ()
-    except Exception:  # noqa: BLE001 - a context without metadata is not a hedge
-        return False
-    return any(key == HEDGE_METADATA_KEY and value == HEDGE for key, value in metadata)
+    return _marked(context, HEDGE_METADATA_KEY, HEDGE)
 
 
 class Admission:

@@ -119,9 +119,10 @@ class HeadClassifierRuntime(ClassifierRuntime):
 
     def _serving_tokenizer(self, tokenizer: Tokenizer | None) -> Tokenizer:
         """The encoder's tokenizer wherever it is the head's, truncation included (the usual case). A tokenizer
-        is ~4 MB here, 40x the head's session, so sharing it is most of what a head saves; `None` means the
-        head's tokenizer file is its encoder's byte for byte (load_runtime read neither), so no copy is built
-        just to compare: the heap such a copy leaves behind was counted as the head's size."""
+        is ~4 MB here, 40x the head's session, so sharing it is most of what a head saves. `None` means the
+        head's tokenizer file is its encoder's but for the truncation and padding settings (load_runtime read
+        neither file into a tokenizer), so no copy is built just to compare: the heap such a copy leaves
+        behind was counted as the head's size."""
         shared = self.encoder.tokenizer
         if tokenizer is None:
             if (shared.truncation or {}).get("max_length") == self.max_length and shared.padding is None:
