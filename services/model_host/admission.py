@@ -32,12 +32,9 @@ import contextlib
 import math
 from typing import Callable, Iterator
 
+from services.common.call_marks import CRITICAL, HEDGE, HEDGE_METADATA_KEY, PRIORITY_METADATA_KEY
 from services.common.errors import ResourceExhausted
 
-PRIORITY_METADATA_KEY = "x-mirador-priority"
-CRITICAL = "critical"
-HEDGE_METADATA_KEY = "x-mirador-hedge"
-HEDGE = "late"  # the call joins one that has not begun answering in its share of the time
 # Above this busy share of the cores, a hedge would only slow the call it hedges: refused.
 HEDGE_BUSY_SHARE = 0.8
 # Share of each model's queue that only critical calls may use.

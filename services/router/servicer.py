@@ -15,6 +15,7 @@ from mirador.v1 import router_pb2, router_pb2_grpc
 from prometheus_client import Counter
 
 from services.common import telemetry
+from services.common.call_marks import CRITICAL, HEDGE, HEDGE_METADATA_KEY, PRIORITY_METADATA_KEY
 from services.common.config import ModelSpec, RouteSpec
 from services.common.errors import DeadlineExceeded, InvalidArgument, NotFound, ServiceError, Unavailable
 from services.common.validation import require_messages, require_sampling, require_text
@@ -32,11 +33,6 @@ FIRST_TOKEN_SHARE = 0.5
 MAX_MIRRORS_IN_FLIGHT = 8
 _tracer = telemetry.tracer("mirador.router")
 ROUTED = Counter("mirador_router_requests", "Ask requests by the route chosen and its primary model", ["route", "model"])
-# Calls of `priority: critical` routes carry it; the model host keeps a share of each model's queue for them.
-PRIORITY_METADATA_KEY = "x-mirador-priority"
-# A model asked because the ones before it are late (not failed) carries it: a host whose cores are
-# saturated refuses it (services/model_host/admission.py), since it would run beside the late call.
-HEDGE_METADATA = ("x-mirador-hedge", "late")
 ROLES = {"system": common_pb2.ROLE_SYSTEM, "user": common_pb2.ROLE_USER, "assistant": common_pb2.ROLE_ASSISTANT}
 # A request naming a fleet model instead of a route gets the time a route gets by default.
 MODEL_TIMEOUT_MS = RouteSpec(name="", primary="").timeout_ms
@@ -270,7 +266,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def _ask(self, model: str, decision: router_pb2.RouteDecision, messages, request, request_id: str,
              remaining: float, has_next: bool, hedge: bool = False) -> _Attempt:
         started, now = time.perf_counter(), time.monotonic()
-        metadata = (*(self._priority_metadata(decision.route) or ()), *((HEDGE_METADATA,) if hedge else ()))
+        metadata = (*(self._priority_metadata(decision.route) or ()),
+                    *([(HEDGE_METADATA_KEY, HEDGE)] if hedge else ()))
         call = self.model_host.Generate(
             model_host_pb2.GenerateRequest(request_id=request_id, model=model, messages=messages, prompt=request.prompt,
                                            sampling=request.sampling),
@@ -302,7 +299,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def _priority_metadata(self, route_name: str) -> tuple[tuple[str, str], ...] | None:
         route = self.routes.routes.get(route_name)
-        return ((PRIORITY_METADATA_KEY, "critical"),) if route is not None and route.priority == "critical" else None
+        return ((PRIORITY_METADATA_KEY, CRITICAL),) if route is not None and route.priority == "critical" else None
 
     async def _first_message(self, call, model: str, budget_s: float, any_failure_retryable: bool = False):
         try:
