@@ -153,7 +153,7 @@ def test_option_rows_after_shared_prefill(tiny, fp32_session):
     """score_options' inputs: option rows on the prompt's cache.
 
     GroupQueryAttention (onnxruntime 1.31 CPU) refuses batch > 1 with several new
-    tokens on a non-empty cache, so such rows run one at a time, unpadded (the graph
+    tokens on a non-empty cache, so such rows run one at a time, unpadded, or step in lockstep (the graph
     reads each row's length from its mask's sum: padding after new tokens would be
     taken for part of the past)."""
     prefix, options = IDS[:5], [[40, 41, 42, 43], [50], [60, 61]]

@@ -101,7 +101,7 @@ def write_fused(folder: Path, gguf_path: Path, base, bits: int, *, lm_head_bits:
         "accuracy_level": ACCURACY_LEVEL if bits != 32 else None,
         "attention_mask": "per-row lengths from its sum: left-aligned rows, no left padding",
         "batch_limits": "batch > 1 with several new tokens on a non-empty cache is refused by "
-                        "GroupQueryAttention (score_options' option rows): run such rows one at a time",
+                        "GroupQueryAttention (score_options' option rows): step such rows in lockstep, one token each",
         "tokenizer_from": base.reference,
         "hparams": asdict(hp),
         "gguf": {"file": gguf_path.name, "file_type": metadata.get("file_type")},

@@ -32,9 +32,9 @@ left padding or holes are NOT supported.
 Batch limits (GroupQueryAttention, onnxruntime 1.31 CPU): batch > 1 works for a
 prefill on an empty cache and for one-token steps, but a call with batch > 1, several
 new tokens AND a non-empty cache fails ("batch_size must be 1 when sequence_length
-> 1 and past context is given"). `score_options`' batched option rows after a shared
-prefill hit exactly that: run those rows one at a time (batch 1, right padding is
-fine) for this graph.
+> 1 and past context is given"). `score_options`' option rows after a shared prefill
+would hit exactly that: for this graph they step together in lockstep instead, one
+token per row per call (equal lengths, no padding).
 
 Quantized weights (block 32 along K, accuracy_level 4 = int8 activations):
 

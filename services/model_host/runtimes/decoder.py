@@ -114,18 +114,30 @@ class DecoderRuntime(ModelRuntime):
         presents = dict(zip(self.past_inputs, outputs[1:]))
         return outputs[0].astype(np.float32, copy=False), presents  # sampling works in float32
 
-    def prefill(self, prompt_ids: list[int], reuse_prefix: bool = False) -> tuple[DecodeState, np.ndarray]:
+    def prefill(self, prompt_ids: list[int], reuse_prefix: bool = False,
+                then: list[int] | None = None) -> tuple[DecodeState, np.ndarray]:
         """Runs the prompt; returns the state and the logits for the first new token. With
-        `reuse_prefix`, only the part after the longest beginning in `prefix_cache` runs."""
-        if len(prompt_ids) >= self.max_length:
-            raise ValueError(f"the prompt is {len(prompt_ids)} tokens; this model takes at most {self.max_length - 1}")
+        `reuse_prefix`, only the part after the longest beginning in `prefix_cache` runs.
+
+        With `then` (a list, maybe empty), those tokens follow the prompt in the same forward pass
+        (one pass over the weights instead of two): the logits are (1 + len(then), vocab), after the
+        prompt and after each of them, and the state is still the prompt's alone (a K/V row
+        depends only on the tokens before it, so the prompt's cache is a slice of the longer one)."""
+        extra = list(then or [])
+        if len(prompt_ids) + len(extra) >= self.max_length:
+            raise ValueError(f"the prompt is {len(prompt_ids) + len(extra)} tokens; this model takes at most "
+                             f"{self.max_length - 1}")
         cached, past = self.prefix_cache.longest(prompt_ids) if reuse_prefix else (0, None)
-        ids = np.asarray([prompt_ids[cached:]], dtype=np.int64)
-        mask = np.ones((1, len(prompt_ids)), dtype=np.int64)
-        logits, past = self._run(ids, mask, past if past is not None else self._empty_past(1), cached, keep=1)
+        ids = np.asarray([[*prompt_ids[cached:], *extra]], dtype=np.int64)
+        mask = np.ones((1, len(prompt_ids) + len(extra)), dtype=np.int64)
+        keep = 1 + len(extra)
+        logits, past = self._run(ids, mask, past if past is not None else self._empty_past(1), cached, keep=keep)
+        if extra:
+            past = {name: value[:, :, : len(prompt_ids)] for name, value in past.items()}
         if reuse_prefix:
             self.prefix_cache.add(prompt_ids, past)
-        return DecodeState(past=past, length=len(prompt_ids), token_ids=list(prompt_ids)), logits[0, -1]
+        state = DecodeState(past=past, length=len(prompt_ids), token_ids=list(prompt_ids))
+        return state, (logits[0, -keep:] if then is not None else logits[0, -1])
 
     def step(self, state: DecodeState, token_id: int) -> np.ndarray:
         """Appends one token; returns the logits for the next."""
@@ -139,8 +151,11 @@ class DecoderRuntime(ModelRuntime):
     def score_options(self, prompt_ids: list[int], options: list[str]) -> tuple[list[float], list[int]]:
         """Log-likelihood of each option's tokens after the prompt, with one shared prefill.
 
-        The options run as one right-padded batch on copies of the prompt's KV
-        cache; pads come after the real tokens, so they never influence them.
+        The longest option rides along the prompt's own forward pass (`prefill(then=...)`); the
+        others continue from the prompt's KV cache, as right-padded rows of one batch where the
+        graph takes them, else in lockstep: one batched one-token step per option position. A
+        forward pass reads every weight once, so on CPU its count, not its width, is the cost:
+        the three compliance options (2, 4 and 2 tokens) take 2 passes instead of 4.
         Returns the summed log-probabilities and each option's token count.
         """
         option_ids = [self.encode(option) for option in options]
@@ -150,30 +165,61 @@ class DecoderRuntime(ModelRuntime):
         if len(prompt_ids) + longest > self.max_length:
             raise ValueError(f"the prompt ({len(prompt_ids)} tokens) and its longest option ({longest} tokens) are "
                              f"longer than this model reads ({self.max_length} tokens); shorten them")
-        state, first_logits = self.prefill(prompt_ids, reuse_prefix=True)  # the decision instructions, once
-        first_logprobs = log_softmax(first_logits)
-        # Option rows run in small groups (one at a time where the graph needs it), and of each group's
-        # logits only the option tokens' log-probabilities are kept: memory stays bounded by the group,
-        # not by the number of options (a 32-option Score asked for gigabytes when run as one batch).
-        group = OPTION_ROWS_PER_CALL if self.batched_continuation else 1
-        totals = []
-        for first in range(0, len(option_ids), group):
-            rows = option_ids[first : first + group]
-            for ids, row_logprobs in zip(rows, self._continuation_logprobs(state, rows)):
-                total = first_logprobs[ids[0]] + sum(row_logprobs[j - 1, ids[j]] for j in range(1, len(ids)))
-                totals.append(float(total))
-        return totals, [len(ids) for ids in option_ids]
+        riding = max(range(len(option_ids)), key=lambda i: len(option_ids[i]))
+        ride = option_ids[riding]
+        state, logits = self.prefill(prompt_ids, reuse_prefix=True, then=ride[:-1])  # the decision instructions, once
+        ride_logprobs = log_softmax(logits)
+        first_logprobs = ride_logprobs[0]
+        totals: dict[int, float] = {riding: float(sum(ride_logprobs[j, ids_j] for j, ids_j in enumerate(ride)))}
+        # Option rows run in small groups, and of each group's logits only the option tokens'
+        # log-probabilities are kept: memory stays bounded by the group, not by the number of
+        # options (a 32-option Score asked for gigabytes when run as one batch).
+        others = [i for i in range(len(option_ids)) if i != riding]
+        for first in range(0, len(others), OPTION_ROWS_PER_CALL):
+            group = others[first : first + OPTION_ROWS_PER_CALL]
+            rows = [option_ids[i] for i in group]
+            continued = [ids for ids in rows if len(ids) > 1]
+            logprobs = iter(self._continuation_logprobs(state, continued) if continued else ())
+            for i, ids in zip(group, rows):
+                row_logprobs = next(logprobs) if len(ids) > 1 else None
+                totals[i] = float(first_logprobs[ids[0]] + sum(row_logprobs[j - 1, ids[j]] for j in range(1, len(ids))))
+        return [totals[i] for i in range(len(option_ids))], [len(ids) for ids in option_ids]
 
     def _continuation_logprobs(self, state: DecodeState, option_ids: list[list[int]]) -> np.ndarray:
-        """Log-probabilities after each option token, the options as one right-padded batch."""
-        width = max(len(ids) for ids in option_ids)
+        """Log-probabilities after each option token but the last: (rows, longest - 1, vocab)."""
+        if self.batched_continuation:
+            return self._padded_continuation(state, option_ids)
+        return self._lockstep_continuation(state, option_ids)
+
+    def _padded_continuation(self, state: DecodeState, option_ids: list[list[int]]) -> np.ndarray:
+        """The options as one right-padded batch on copies of the prompt's cache (pads come after
+        the real tokens, so they never influence them)."""
+        width = max(len(ids) for ids in option_ids) - 1
         batch = len(option_ids)
         input_ids = np.zeros((batch, width), dtype=np.int64)
         mask = np.zeros((batch, state.length + width), dtype=np.int64)
         mask[:, : state.length] = 1
         for row, ids in enumerate(option_ids):
-            input_ids[row, : len(ids)] = ids
-            mask[row, state.length : state.length + len(ids)] = 1
+            input_ids[row, : len(ids) - 1] = ids[:-1]
+            mask[row, state.length : state.length + len(ids) - 1] = 1
         past = {name: np.repeat(value, batch, axis=0) for name, value in state.past.items()}
         logits, _ = self._run(input_ids, mask, past, state.length)
         return log_softmax(logits)
+
+    def _lockstep_continuation(self, state: DecodeState, option_ids: list[list[int]]) -> np.ndarray:
+        """One one-token step per option position for every row at once (GroupQueryAttention
+        refuses several new tokens on a cache with batch > 1, but rows of equal length step
+        together); a row whose option has ended steps on a pad whose logits are never read."""
+        width = max(len(ids) for ids in option_ids) - 1
+        batch = len(option_ids)
+        tokens = np.zeros((batch, width), dtype=np.int64)
+        for row, ids in enumerate(option_ids):
+            tokens[row, : len(ids) - 1] = ids[:-1]
+        past = {name: np.repeat(value, batch, axis=0) for name, value in state.past.items()}
+        steps = []
+        for j in range(width):
+            length = state.length + j
+            logits, past = self._run(tokens[:, j : j + 1], np.ones((batch, length + 1), dtype=np.int64), past,
+                                     length, keep=1)
+            steps.append(log_softmax(logits[:, -1]))
+        return np.stack(steps, axis=1)
