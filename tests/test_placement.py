@@ -313,6 +313,23 @@ def test_loads_sent_since_the_refresh_count_against_a_host():
     assert hosts[0].free_bytes == (300 - 8 - 128) * MB
 
 
+def test_a_first_load_goes_to_a_host_that_is_loading_nothing_else():
+    def hosts_for(model: str, busy: bool = True) -> list[HostView]:
+        size = {model: ModelOnHost(UNLOADED, load_bytes=100 * MB)}
+        other = {"big": ModelOnHost(LOADING if busy else READY, load_bytes=500 * MB, memory_bytes=500 * MB)}
+        return [host("busy:1", budget_mb=4000, used_mb=0 if busy else 500, **other, **size),
+                *(host(f"idle:{i}", budget_mb=4000, used_mb=500, **size) for i in range(2))]
+
+    # room everywhere: the hash would send about a third of the models to busy:1, behind a 500 MB load
+    assert "busy:1" not in {choose(m, hosts_for(m)).host.address for m in MODELS[:300]}
+    once_loaded = Counter(choose(m, hosts_for(m, busy=False)).host.address for m in MODELS[:300])
+    assert once_loaded["busy:1"] > 60, once_loaded  # that load over, the hash alone again
+    # a load of this very model under way there is joined, not avoided
+    joined = hosts_for("m")
+    joined[0].models["m"] = ModelOnHost(LOADING, load_bytes=100 * MB)
+    assert choose("m", joined).host.address == "busy:1"
+
+
 def test_config_keys_and_their_mistakes():
     from services.common.config import ConfigError, parse_config
     from services.common.placement import uses_placement
