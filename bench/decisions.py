@@ -11,8 +11,8 @@ the first `--per-source` per source (default 40 -> 120 questions, a subset of th
 the calibration report was evaluated on).
 
 Members: the primary and validators of `--route` in `--config` (default: the shipped
-config's `compliance` route: `smollm2-135m-instruct-fused` (fused fp32 graph, primary),
-`smollm2-135m-instruct` (optimum fp32 export) and `smollm2-135m-instruct-fused-int8`).
+config's `compliance` route: `smollm2-135m-instruct-fused-mixed` (the per-layer quantized fused
+graph, primary), `smollm2-135m-instruct` (optimum fp32 export) and `smollm2-135m-instruct-fused-int8`).
 These are THE SAME SmolLM2-135M-Instruct weights run through other graphs / quantisations,
 NOT independent models: the fleet has no second real decoder, so this vote measures what
 graph and quantisation noise does to a vote of one model with itself, not the benefit of
@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         "config": str(args.config),
         "route": args.route,
         "members": members,
-        "members_note": ("the same SmolLM2-135M-Instruct weights through other graphs (fused fp32, optimum fp32, fused "
-                         "int8): NOT independent models; the fleet has no second real decoder"),
+        "members_note": (f"the same SmolLM2-135M-Instruct weights through other graphs ({', '.join(members)}): "
+                         "NOT independent models; the fleet has no second real decoder"),
         "calibration": cal_note,
         "ballot": ("distribution = the host's option_distribution(sums) at T=1 tempered to the calibrated confidence "
                    "(voting.calibrated_distribution, as the consensus service); weight = calibrated confidence"),
