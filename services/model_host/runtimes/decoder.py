@@ -161,12 +161,11 @@ class DecoderRuntime(ModelRuntime):
         option_ids = [self.encode(option) for option in options]
         if any(not ids for ids in option_ids):
             raise ValueError("an option encodes to no tokens; give every option visible text")
-        longest = max(len(ids) for ids in option_ids)
-        if len(prompt_ids) + longest > self.max_length:
-            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) and its longest option ({longest} tokens) are "
-                             f"longer than this model reads ({self.max_length} tokens); shorten them")
         riding = max(range(len(option_ids)), key=lambda i: len(option_ids[i]))
-        ride = option_ids[riding]
+        ride = option_ids[riding]  # the longest
+        if len(prompt_ids) + len(ride) > self.max_length:
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) and its longest option ({len(ride)} tokens) are "
+                             f"longer than this model reads ({self.max_length} tokens); shorten them")
         state, logits = self.prefill(prompt_ids, reuse_prefix=True, then=ride[:-1])  # the decision instructions, once
         ride_logprobs = log_softmax(logits)
         first_logprobs = ride_logprobs[0]
