@@ -330,6 +330,17 @@ def test_a_first_load_goes_to_a_host_that_is_loading_nothing_else():
     assert choose("m", joined).host.address == "busy:1"
 
 
+def test_a_burst_of_loads_splits_across_hosts_by_what_they_will_take():
+    # a host died: its 12 models are called at once, each to load on one of the 3 hosts left
+    sizes = {f"orphan-{i}": (200 if i < 3 else 20) * MB for i in range(12)}
+    hosts = [host(f"h:{i}", budget_mb=4000, used_mb=100,
+                  **{m: ModelOnHost(UNLOADED, load_bytes=size) for m, size in sizes.items()}) for i in range(3)]
+    for model in sizes:
+        choose(model, hosts).host.expected[model] = 0.0  # what ModelHosts.pick records
+    queued = [sum(sizes[m] for m in h.expected) / MB for h in hosts]
+    assert sorted(queued) == [260, 260, 260], queued  # one 200 MB load and three of 20 MB each
+
+
 def test_config_keys_and_their_mistakes():
     from services.common.config import ConfigError, parse_config
     from services.common.placement import uses_placement

@@ -27,6 +27,7 @@ from services.model_host.runtimes import ModelRuntime
 from services.model_host.runtimes.classifier import ClassifierRuntime, HeadClassifierRuntime
 from services.model_host.runtimes.decoder import DecoderRuntime
 from services.model_host.runtimes.encoder import EncoderRuntime
+from services.model_host.runtimes.tokenizer_files import SharedTokenizers, TokenizerSource
 from services.model_host.run_turns import TurnTakingSession
 from services.model_host.settings import SPINNING_MODES
 
@@ -45,6 +46,8 @@ class SessionSettings:
     intra_op_threads: int = 0  # 0 = ONNX Runtime's default (one per core)
     thread_spinning: str = "off"  # when idle intra-op threads spin: SPINNING_MODES (the host: ModelHostSettings)
     optimized_cache: Path | None = None  # None = do not keep optimised graphs
+    # The host's tokenizers shared across models of the same tokenizer file (None = each reads its own)
+    tokenizers: SharedTokenizers | None = None
     # Fault injection only (faults.py): called with the model's name once its session exists and
     # its optimised graph is written but not yet moved into the cache.
     during_load: Callable[[str], None] | None = None
@@ -201,24 +204,39 @@ def load_runtime(manifest: ModelManifest, settings: SessionSettings,
                  encoder: EncoderRuntime | None = None) -> ModelRuntime:
     """Loads a model for serving. Raises with a readable reason when the files are unusable.
     With `encoder` (a classifier declared as a head on it), only the manifest's `head` graph is loaded."""
-    tokenizer = None if _encoders_tokenizer_file(manifest, encoder) else \
-        Tokenizer.from_file(str(manifest.path_of("tokenizer"))) if "tokenizer" in manifest.files else None
     if manifest.task in ("text-generation", "embedding", "classification") and "tokenizer" not in manifest.files:
         raise ValueError(f"{manifest.reference} has no tokenizer file; add `tokenizer` to the manifest's files")
     if encoder is not None:
         if manifest.task != "classification" or "head" not in manifest.files:
             raise ValueError(f"{manifest.reference} has no `head` graph to run on {encoder.manifest.reference}; "
                              "rebuild it (`mirador fleet build`) or remove `encoder:` from its fleet entry")
+        tokenizer = None if _encoders_tokenizer_file(manifest, encoder) else \
+            Tokenizer.from_file(str(manifest.path_of("tokenizer")))
         options = _options(settings)
         options.intra_op_num_threads = 1  # one small MatMul: a thread pool costs more than it saves
         session = ort.InferenceSession(str(manifest.path_of("head")), options,
                                        providers=usable_providers(settings.providers))
         return HeadClassifierRuntime(manifest, session, tokenizer, encoder)
+    runtime_class = {"text-generation": DecoderRuntime, "embedding": EncoderRuntime,
+                     "classification": ClassifierRuntime}.get(manifest.task)
+    if runtime_class is None:
+        raise ValueError(f"{manifest.reference}: serving `{manifest.task}` models is not supported yet")
     session = create_session(manifest, settings)
-    if manifest.task == "text-generation":
-        return DecoderRuntime(manifest, session, tokenizer)
-    if manifest.task == "embedding":
-        return EncoderRuntime(manifest, session, tokenizer)
-    if manifest.task == "classification":
-        return ClassifierRuntime(manifest, session, tokenizer)
-    raise ValueError(f"{manifest.reference}: serving `{manifest.task}` models is not supported yet")
+    tokenizers = _tokenizer_source(manifest, settings)
+    try:
+        runtime = runtime_class(manifest, session, tokenizers)
+    except BaseException:
+        tokenizers.release()
+        raise
+    runtime.on_close(tokenizers.release)
+    return runtime
+
+
+def _tokenizer_source(manifest: ModelManifest, settings: SessionSettings) -> TokenizerSource:
+    """The model's tokenizer file, shared with the host's other models of the same file where the
+    settings give a table of shared tokenizers and the manifest the file's digest."""
+    path = manifest.path_of("tokenizer")
+    digest = manifest.sha256.get(manifest.files["tokenizer"])
+    if settings.tokenizers is not None and digest:
+        return settings.tokenizers.source(path, digest)
+    return TokenizerSource(Tokenizer.from_file(str(path)))

@@ -24,6 +24,7 @@ from services.model_host.hot_placement import HotPins
 from services.model_host.loader import SessionSettings, default_optimized_cache, load_runtime
 from services.model_host.observability import ObservabilityHook
 from services.model_host.registry import MB, ModelRegistry
+from services.model_host.runtimes.tokenizer_files import SharedTokenizers
 from services.model_host.servicer import ModelHostServicer
 from services.model_host.tiering import tier_policy
 
@@ -51,6 +52,7 @@ class ModelHostService(MiradorService):
             intra_op_threads=settings.intra_op_threads,
             thread_spinning=settings.thread_spinning,
             optimized_cache=default_optimized_cache(),
+            tokenizers=SharedTokenizers(),
             during_load=faults.during_load if faults.load_delays else None,
         )
         self.batching = BatchingHook(self.executor, settings.max_batch_size, settings.max_queue_delay_ms / 1000)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import abc
 import ctypes
 import gc
+from typing import Callable
 
 import onnxruntime as ort
 
@@ -17,6 +18,11 @@ class ModelRuntime(abc.ABC):
     def __init__(self, manifest: ModelManifest, session: ort.InferenceSession):
         self.manifest = manifest
         self.session = session
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Runs `release` when the runtime is closed (what it shares with other runtimes, say)."""
+        self._on_close.append(release)
 
     @property
     def execution_provider(self) -> str:
@@ -25,6 +31,9 @@ class ModelRuntime(abc.ABC):
     def close(self) -> None:
         """Drops the session and hands its memory back to the system."""
         self.session = None
+        releases, self._on_close = self._on_close, []
+        for release in releases:
+            release()
         release_freed_memory()
 
 

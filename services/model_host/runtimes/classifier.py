@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from services.common.model_repository import ModelManifest
 from services.common.decision_prompt import question_of
 from services.model_host.runtimes import ModelRuntime
-from services.model_host.runtimes.text import plain_text_tokenizer
+from services.model_host.runtimes.tokenizer_files import TokenizerSource, source_of
 
 BATCH_SIZE = 16
 
@@ -29,7 +29,7 @@ def request_text(messages: list[tuple[str, str]], prompt: str, options: list[str
 
 
 class ClassifierRuntime(ModelRuntime):
-    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: Tokenizer):
+    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: Tokenizer | TokenizerSource):
         super().__init__(manifest, session)
         generation = manifest.generation
         self.labels: list[str] = [str(label) for label in generation.get("labels") or []]
@@ -51,12 +51,10 @@ class ClassifierRuntime(ModelRuntime):
         self.calibration_fit_on = calibration.get("fit_on")
         self.tokenizer = self._serving_tokenizer(tokenizer)
 
-    def _serving_tokenizer(self, tokenizer: Tokenizer) -> Tokenizer:
-        # Own copy (padding settings are per instance) that reads client text as text, never as [SEP]/[CLS].
-        own = plain_text_tokenizer(tokenizer)
-        own.enable_truncation(self.max_length)
-        own.no_padding()
-        return own
+    def _serving_tokenizer(self, tokenizer: Tokenizer | TokenizerSource) -> Tokenizer:
+        # Reads client text as text, never as [SEP]/[CLS]; never changed once built (it may be shared
+        # with the models of the same tokenizer file: runtimes/tokenizer_files.py).
+        return source_of(tokenizer).plain(truncate_to=self.max_length)
 
     @property
     def calibration_source(self) -> str:

@@ -14,6 +14,7 @@ from services.model_host.runtimes import ModelRuntime
 from services.model_host.runtimes.prefix_cache import PrefixCache
 from services.model_host.runtimes.sampling import log_softmax
 from services.model_host.runtimes.text import ChatTemplate, Prompt, PromptEncoder
+from services.model_host.runtimes.tokenizer_files import TokenizerSource, source_of
 
 # Score's option rows per forward pass on graphs that take them as one batch.
 OPTION_ROWS_PER_CALL = 4
@@ -34,12 +35,14 @@ class DecodeState:
 
 
 class DecoderRuntime(ModelRuntime):
-    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: Tokenizer):
+    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: Tokenizer | TokenizerSource):
         super().__init__(manifest, session)
-        self.tokenizer = tokenizer
+        tokenizers = source_of(tokenizer)
+        self.tokenizer = tokenizers.as_written()
         generation = manifest.generation
         # Client text is encoded as text; only the template's markers become control tokens.
-        self.prompts = PromptEncoder(tokenizer, bool(generation.get("add_special_tokens", False)))
+        self.prompts = PromptEncoder(self.tokenizer, bool(generation.get("add_special_tokens", False)),
+                                     plain=tokenizers.plain())
         self.chat = ChatTemplate(generation, self.prompts.markers)
         self.eos_token_ids = frozenset(generation.get("eos_token_ids") or [])
         past = generation["past_key_values"]

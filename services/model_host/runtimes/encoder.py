@@ -9,13 +9,13 @@ from tokenizers import Tokenizer
 from services.common.model_repository import ModelManifest
 from services.model_host.runtimes import ModelRuntime
 from services.model_host.runtimes.embedding_cache import EmbeddingCache
-from services.model_host.runtimes.text import plain_text_tokenizer
+from services.model_host.runtimes.tokenizer_files import TokenizerSource, source_of
 
 HEAD_BATCH_SIZE = 16  # as ClassifierRuntime batches: rows of similar length together
 
 
 class EncoderRuntime(ModelRuntime):
-    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: Tokenizer):
+    def __init__(self, manifest: ModelManifest, session: ort.InferenceSession, tokenizer: Tokenizer | TokenizerSource):
         super().__init__(manifest, session)
         generation = manifest.generation
         self.max_length = int(generation.get("max_length", 256))
@@ -25,10 +25,9 @@ class EncoderRuntime(ModelRuntime):
             raise ValueError(f"{manifest.reference}: pooling {self.pooling!r} is not supported; use mean or cls")
         self.output_name = generation.get("hidden_output") or session.get_outputs()[0].name
         self.input_names = {i.name for i in session.get_inputs()}
-        # Own copy (padding settings are per instance) that reads client text as text, never as [SEP]/[CLS].
-        self.tokenizer = plain_text_tokenizer(tokenizer)
-        self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.no_padding()
+        # Reads client text as text, never as [SEP]/[CLS]; never changed once built (it may be shared
+        # with the models of the same tokenizer file: runtimes/tokenizer_files.py).
+        self.tokenizer = source_of(tokenizer).plain(truncate_to=self.max_length)
         self.head_cache = EmbeddingCache()  # pooled embeddings of the texts its heads were asked about
 
     @property

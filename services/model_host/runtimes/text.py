@@ -50,8 +50,9 @@ class PromptEncoder:
     out the markers), since that split happens at exactly the markers' places.
     """
 
-    def __init__(self, tokenizer: Tokenizer, add_special_tokens: bool):
-        self.tokenizer = plain_text_tokenizer(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, add_special_tokens: bool, plain: Tokenizer | None = None):
+        # `plain`: the plain-text copy where the caller has one already (shared: runtimes/tokenizer_files.py)
+        self.tokenizer = plain if plain is not None else plain_text_tokenizer(tokenizer)
         self.add_special_tokens = add_special_tokens
         self._markers: dict[int, Encoding] = {}  # marker id -> an Encoding holding just that id
         self.markers: dict[str, int] = {}  # what a chat template may place: spelling -> id
