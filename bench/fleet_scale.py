@@ -587,7 +587,7 @@ def run_kill(models: list[Model], budget_bytes: int, args, directory: Path) -> d
         os.kill(fleet.pid(victim), signal.SIGKILL)
         at = time.monotonic()
         killed.update(host=victim, address=fleet.addresses[victim], models=orphans, at=at, at_s=elapsed,
-                      pid=fleet.pid(victim))
+                      pid=fleet.pid(victim), wall=time.time())
         print(f"   killed host {victim} (pid {killed['pid']}) holding {len(orphans)} models at {elapsed:.1f} s",
               flush=True)
         for name in orphans:
@@ -614,8 +614,11 @@ def run_kill(models: list[Model], budget_bytes: int, args, directory: Path) -> d
 
     try:
         elapsed = asyncio.run(run())
+        # the orphans' loads on the hosts left (their logs): how long each took, and on which host
+        loads, _ = host_events(fleet, killed.get("wall", time.time()))
     finally:
         fleet.stop()
+    reloads = [e for e in loads if e["t"] >= 0 and e["model"] in killed.get("models", ())]
     kill_s = killed.get("at_s", math.inf)
     sent = [c for c in traffic.calls if c.code != "SHED"]
     after = [c for c in sent if c.end_s is not None and c.end_s >= kill_s]  # in flight at the kill, or later
@@ -636,6 +639,11 @@ def run_kill(models: list[Model], budget_bytes: int, args, directory: Path) -> d
                        "within_goal": sum(r <= GOALS["recovery_s"] for r in recovery),
                        "never": sum(c.code == "NEVER" for c in probes)},
         "recovery_by_model": {c.model: round(c.first_s, 2) for c in probes if c.code == "OK"},
+        "reloads": reloads,
+        "reloads_per_host": dict(collections.Counter(e["host"] for e in reloads)),
+        "reload_ms": {"p50": float(np.median([e["load_ms"] for e in reloads])) if reloads else None,
+                      "max": max((e["load_ms"] for e in reloads), default=None),
+                      "sum": sum(e["load_ms"] for e in reloads)},
         "error_samples": error_samples(embeds + asks),
         "before_kill": {"calls": len(before), "failed": sum(c.code != "OK" for c in before)},
     }
@@ -669,34 +677,35 @@ def markdown(result: dict, name: str) -> list[str]:
         "by the true popularity order, which no operator knows this well; the other policies start empty."
         if result["policies"] and result["policies"][0]["policy"] == "static-tiers" else "",
     ]
-    rows = []
-    for p in result["policies"]:
-        t = p["ttfa_ms"]
-        rows.append([p["policy"], f"{p['hit_share']:.1%}", f"{p['hit_share_second_half']:.1%}",
-                     f"{p['hit_share_after_first_calls']:.1%}" if "hit_share_after_first_calls" in p else "", p["cold_loads"],
-                     p["cold_loads_per_min"], p["evictions_per_min"], t["hit_p50"], t["hit_p99"], t["miss_p50"],
-                     t["miss_p99"], t["small_miss_p99"], p["load_ms"]["p50"],
-                     f"{p['sent'] - p['ok']} of {p['sent']}" + (f" (+{p['shed']} shed)" if p["shed"] else "")])
-    parts.append(fragment.table(
-        ["policy", "hits", "hits, 2nd half", "hits after first calls", "cold loads", "loads/min", "evictions/min", "hit p50 ms", "hit p99 ms",
-         "miss p50 ms", "miss p99 ms", f"miss p99 ≤{goals['small_mb']} MB", "load p50 ms", "errors"],
-        rows, title="Per policy (time to first answer: first token of Ask, reply of Embed; a miss waited for a load)"))
-    host_rows = []
-    for p in result["policies"]:
-        for i, h in enumerate(p["hosts"]):
-            host_rows.append([p["policy"], i, h["rss_mb_mean"], h["rss_mb_peak"], h["budget_used_mb_peak"],
-                              h["ready_at_end"]])
-    parts.append(fragment.table(["policy", "host found down", "host ignored (report made no sense)",
-                                 "calls sent to the next host"],
-                                [[p["policy"], *p["router_saw"].values()] for p in result["policies"]],
-                                title="What the router saw (its log)"))
-    failures = [[p["policy"], e["code"], e["message"], e["calls"]] for p in result["policies"] for e in p["error_samples"]]
-    if failures:
-        parts.append(fragment.table(["policy", "status", "message (numbers as N)", "calls"], failures,
-                                    title="Failed calls by cause"))
-    parts.append(fragment.table(["policy", "host", "RSS mean MB", "RSS peak MB", "budget used peak MB",
-                                 "models READY at end"], host_rows,
-                                title=f"Memory per host (budget {fleet['host_budget_mb']:.0f} MB each)"))
+    if result["policies"]:  # none: a kill -9 run alone
+        rows = []
+        for p in result["policies"]:
+            t = p["ttfa_ms"]
+            rows.append([p["policy"], f"{p['hit_share']:.1%}", f"{p['hit_share_second_half']:.1%}",
+                         f"{p['hit_share_after_first_calls']:.1%}" if "hit_share_after_first_calls" in p else "", p["cold_loads"],
+                         p["cold_loads_per_min"], p["evictions_per_min"], t["hit_p50"], t["hit_p99"], t["miss_p50"],
+                         t["miss_p99"], t["small_miss_p99"], p["load_ms"]["p50"],
+                         f"{p['sent'] - p['ok']} of {p['sent']}" + (f" (+{p['shed']} shed)" if p["shed"] else "")])
+        parts.append(fragment.table(
+            ["policy", "hits", "hits, 2nd half", "hits after first calls", "cold loads", "loads/min", "evictions/min", "hit p50 ms", "hit p99 ms",
+             "miss p50 ms", "miss p99 ms", f"miss p99 ≤{goals['small_mb']} MB", "load p50 ms", "errors"],
+            rows, title="Per policy (time to first answer: first token of Ask, reply of Embed; a miss waited for a load)"))
+        host_rows = []
+        for p in result["policies"]:
+            for i, h in enumerate(p["hosts"]):
+                host_rows.append([p["policy"], i, h["rss_mb_mean"], h["rss_mb_peak"], h["budget_used_mb_peak"],
+                                  h["ready_at_end"]])
+        parts.append(fragment.table(["policy", "host found down", "host ignored (report made no sense)",
+                                     "calls sent to the next host"],
+                                    [[p["policy"], *p["router_saw"].values()] for p in result["policies"]],
+                                    title="What the router saw (its log)"))
+        failures = [[p["policy"], e["code"], e["message"], e["calls"]] for p in result["policies"] for e in p["error_samples"]]
+        if failures:
+            parts.append(fragment.table(["policy", "status", "message (numbers as N)", "calls"], failures,
+                                        title="Failed calls by cause"))
+        parts.append(fragment.table(["policy", "host", "RSS mean MB", "RSS peak MB", "budget used peak MB",
+                                     "models READY at end"], host_rows,
+                                    title=f"Memory per host (budget {fleet['host_budget_mb']:.0f} MB each)"))
     kill = result.get("kill")
     if kill:
         r = kill["recovery_s"]
@@ -709,15 +718,20 @@ def markdown(result: dict, name: str) -> list[str]:
                                    f"{kill['ask_failed_codes'] or ''}", "(not idempotent)"],
             ["for comparison: calls failed that ended before the kill",
              f"{kill['before_kill']['failed']} of {kill['before_kill']['calls']}", ""],
+            ["its models' loads on the hosts left", f"{len(kill.get('reloads', []))}, by host "
+             f"{kill.get('reloads_per_host', {})}; load p50 {kill.get('reload_ms', {}).get('p50')} ms, max "
+             f"{kill.get('reload_ms', {}).get('max')} ms, {kill.get('reload_ms', {}).get('sum')} ms in all", ""],
             ["its models answering again (s after the kill)",
              f"p50 {r['p50']}, max {r['max']}; {r['within_goal']} of {r['n']} within {goals['recovery_s']:g} s"
              + (f", {r['never']} never" if r["never"] else ""), f"≤ {goals['recovery_s']:g} s"],
         ], title=f"kill -9 of one of {HOSTS} hosts ({kill['policy']} policy; calls in flight at the kill or sent "
                  "after it; each of its models probed from the kill until it answers)"))
-    best = max(result["policies"], key=lambda p: p["hit_share"])
-    verdicts = [f"hits ≥ {goals['hit_share']:.0%}: best {best['hit_share']:.1%} ({best['policy']}), "
-                f"ceiling {fleet['ceiling_hit_share']:.1%}"]
-    if all("hit_share_after_first_calls" in p for p in result["policies"]):
+    verdicts = []
+    if result["policies"]:
+        best = max(result["policies"], key=lambda p: p["hit_share"])
+        verdicts.append(f"hits ≥ {goals['hit_share']:.0%}: best {best['hit_share']:.1%} ({best['policy']}), "
+                        f"ceiling {fleet['ceiling_hit_share']:.1%}")
+    if result["policies"] and all("hit_share_after_first_calls" in p for p in result["policies"]):
         verdicts.append("leaving out each model's first call (a compulsory miss for a policy that starts empty): "
                         + ", ".join(f"{p['hit_share_after_first_calls']:.1%} ({p['policy']}, {p['compulsory_misses']} "
                                     "first calls)" for p in result["policies"]))
@@ -725,14 +739,15 @@ def markdown(result: dict, name: str) -> list[str]:
     if small:
         verdicts.append(f"cold first answer p99 ≤ {goals['cold_ttfa_p99_ms']} ms for models ≤ {goals['small_mb']} MB: "
                         f"{min(small):.0f}-{max(small):.0f} ms across policies")
-    parts.append("Goals: " + "; ".join(verdicts) + ".")
-    parts.append(f"![hits, cold loads and first-answer times per policy]({name}.png)")
+    if verdicts:
+        parts.append("Goals: " + "; ".join(verdicts) + ".")
+    parts.append(f"![hits, cold loads and first-answer times per policy]({name}.png)" if result["policies"] else "")
     return parts
 
 
 def plot(result: dict, path: Path) -> None:
     plt = fragment.pyplot()
-    if plt is None:
+    if plt is None or not result["policies"]:
         return
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     policies = result["policies"]
@@ -798,7 +813,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline-s", type=float, default=30.0, help="each call's deadline")
     parser.add_argument("--half-life-s", type=float, default=None,
                         help="usage policy: half-life of the call counts (default 600 s; 120 s with --quick)")
-    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument("--policies", nargs="*", choices=POLICIES, default=list(POLICIES),
+                        help="the policies to run (none: the kill -9 run only)")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill -9 run")
     parser.add_argument("--seed", type=int, default=14)
     parser.add_argument("--root", type=Path, default=synthetic_fleet.DEFAULT_ROOT,
