@@ -39,14 +39,18 @@ class TokenizerSource:
     def plain(self, truncate_to: int | None = None) -> Tokenizer:
         """A tokenizer that reads client text as text (see `plain_text_tokenizer`); with `truncate_to`,
         truncating to that many tokens and never padding (encoders and classifiers)."""
-        copy = plain_text_tokenizer(self._tokenizer)
-        if truncate_to is not None:
-            copy.enable_truncation(truncate_to)
-            copy.no_padding()
-        return copy
+        return _truncating(plain_text_tokenizer(self._tokenizer), truncate_to)
 
     def release(self) -> None:
         """Called when the runtime is closed (nothing to give back for a tokenizer of its own)."""
+
+
+def _truncating(tokenizer: Tokenizer, truncate_to: int | None) -> Tokenizer:
+    """`tokenizer`, set to truncate to `truncate_to` tokens and never pad (None: as its file says)."""
+    if truncate_to is not None:
+        tokenizer.enable_truncation(truncate_to)
+        tokenizer.no_padding()
+    return tokenizer
 
 
 def source_of(tokenizer: Tokenizer | TokenizerSource) -> TokenizerSource:
@@ -109,10 +113,7 @@ class SharedTokenizerFile(TokenizerSource):
         def build() -> Tokenizer:
             tokenizer = Tokenizer.from_file(str(self.path))
             tokenizer.encode_special_tokens = True  # what plain_text_tokenizer sets, without a copy
-            if truncate_to is not None:
-                tokenizer.enable_truncation(truncate_to)
-                tokenizer.no_padding()
-            return tokenizer
+            return _truncating(tokenizer, truncate_to)
 
         return self._acquire(("plain", truncate_to), build)
 
