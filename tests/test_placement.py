@@ -341,6 +341,18 @@ def test_a_burst_of_loads_splits_across_hosts_by_what_they_will_take():
     assert sorted(queued) == [260, 260, 260], queued  # one 200 MB load and three of 20 MB each
 
 
+def test_an_answered_call_ends_the_load_it_waited_for_before_the_next_refresh():
+    size = {"a": ModelOnHost(UNLOADED, load_bytes=100 * MB), "b": ModelOnHost(UNLOADED, load_bytes=100 * MB)}
+    hosts = [host(f"h:{i}", budget_mb=4000, used_mb=100, **size) for i in range(2)]
+    first = choose("a", hosts).host
+    first.expected["a"] = 0.0  # what ModelHosts.pick records
+    other = next(h for h in hosts if h is not first)
+    assert choose("b", hosts).host is other  # away from the load under way
+    first.answered("a")  # the call that loaded `a` got its answer: that load is over
+    assert first.ready("a") and first.coming_bytes() == 0 and first.used_bytes == 200 * MB
+    assert choose("a", hosts).host is first
+
+
 def test_config_keys_and_their_mistakes():
     from services.common.config import ConfigError, parse_config
     from services.common.placement import uses_placement

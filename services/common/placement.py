@@ -402,6 +402,7 @@ class PlacedStream:
                 self.cancel()
                 raise
             self.started = True
+            self.host.view.answered(self.model)
             if first is grpc.aio.EOF:
                 self.release()
             return first

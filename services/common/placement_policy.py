@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 from mirador.v1 import model_host_pb2
@@ -93,6 +93,16 @@ class HostView:
     def in_flight(self, model: str) -> int:
         status = self.models.get(model)
         return (status.in_flight if status else 0) + self.calls_here.get(model, 0)
+
+    def answered(self, model: str) -> None:
+        """A call to `model` got its first answer there, so the model is loaded: a load this router
+        sent is over, before the next refresh says so (else it would still count as queued there,
+        and the next first load would go elsewhere to avoid a load that has ended)."""
+        self.expected.pop(model, None)
+        status = self.models.get(model)
+        if status is not None and not status.ready:
+            self.models[model] = replace(status, state=model_host_pb2.MODEL_STATE_READY, memory_bytes=status.load_bytes)
+            self.used_bytes += status.load_bytes
 
     def _coming(self, but: str) -> list[ModelOnHost]:
         """The models other than `but` loading there, or sent there to load since the refresh."""
