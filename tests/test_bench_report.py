@@ -143,11 +143,13 @@ def test_a_bench_json_that_is_a_list_is_dated_by_its_file(tmp_path):
     assert "(modification time of soak.json)" in found.produced
 
 
-def test_a_result_file_belongs_to_the_bench_with_the_longest_matching_name():
-    from services.cli.bench import _belongs
+def test_a_result_file_belongs_to_the_bench_with_the_longest_matching_name(monkeypatch):
+    from services.cli import bench
 
-    assert _belongs("topics_finetuned-2layers.md", "topics_finetuned")
-    assert not _belongs("topics_finetuned-2layers.md", "topics")
+    _belongs = bench._belongs
+    monkeypatch.setattr(bench, "BENCHES", [*bench.BENCHES, bench.Bench("topics_extra", "a bench named after another")])
+    assert _belongs("topics_extra-2layers.md", "topics_extra")
+    assert not _belongs("topics_extra-2layers.md", "topics")
     assert _belongs("topics_risk_coverage.png", "topics")
     assert _belongs("model_host_throughput-quick-smollm2.png", "model_host")
     assert not _belongs("serving-spinning_off.md", "soak")

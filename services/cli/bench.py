@@ -69,9 +69,8 @@ BENCHES = [
     Bench("routing", "route classification (three classifiers, held-out split) and Route latency through a real router"),
     Bench("route_latency", "where a Route call's time goes: the router's models in-process, real routers side by side "
           "per variant (fp32 / int8 models, intra-op threads)", quick_args=("--rounds", "1")),
-    Bench("topics", "topic specialists vs a generalist, the confidence-weighted vote, risk-coverage of escalation"),
-    Bench("topics_finetuned", "a fine-tuned minilm-l6 as a fourth topics specialist: its errors, their correlation "
-                              "with the others', every vote of 2-4 specialists", quick_args=("--folds-run", "1")),
+    Bench("topics", "topic specialists vs a generalist: errors, their correlation, every vote of 2-4 specialists "
+          "and the route's, risk-coverage of escalation"),
     Bench("decisions", "the consensus label vote on BIG-bench decisions and its risk-coverage curve",
           quick_args=("--per-source", "4")),
     Bench("model_host", "the model host against a bare ONNX Runtime loop: decode, loading, switching, throughput, memory"),
@@ -245,7 +244,7 @@ def _copy_new_results(name: str, source: Path, out: Path, since: float) -> None:
 
 def _belongs(filename: str, name: str) -> bool:
     """Whether a result file is bench `name`'s: its name starts with the bench's, and with no longer
-    bench name (topics_finetuned-2layers.md is topics_finetuned's, not topics')."""
+    bench name (a bench topics_extra would own topics_extra-2layers.md, not topics)."""
     stem = filename.split(".", 1)[0]
     owners = [n for n in {name, *(b.name for b in BENCHES)} if stem == n or stem.startswith((f"{n}-", f"{n}_"))]
     return bool(owners) and max(owners, key=len) == name
