@@ -1,9 +1,8 @@
 """topics-finetuned: minilm-l6 with its top layers fine-tuned on the topic texts (torch, build time only).
 
-The lexical specialists (topics-bow, topics-char) and the frozen-embedding one (topics-minilm)
-share most of their mistakes; an encoder whose top layers are trained on the task makes others
-(bench/results/topics.md: the phi of their error indicators). Recipe
-`topics-finetuned`:
+The lexical specialists (topics-bow, topics-char) share many of their mistakes (phi 0.63 between
+their error indicators); an encoder whose top layers are trained on the task makes others (phi
+0.44-0.51 with them, bench/results/topics.md). Recipe `topics-finetuned`:
 
 * minilm-l6's fp32 weights (the same safetensors `minilm-l6` is exported from), its bottom
   layers frozen: their output is computed once per text and only the top `trainable_layers`
