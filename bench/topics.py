@@ -132,10 +132,8 @@ def finetuned_oof(recipe, examples, labels, cache: Path) -> sp.CrossValidation:
     transformers.logging.set_verbosity_error()
     settings = ft.FineTuneSettings.from_recipe(recipe.training)
     source = fetch_source(MINILM_L6, default_cache_dir(), progress=False)
-    full = ft.load_encoder(source)
-    frozen = len(full.encoder.layer) - settings.trainable_layers
     say = lambda line: print(f"  {recipe.name}:{line}", file=sys.stderr, flush=True)  # noqa: E731
-    states = ft.frozen_states(source, [e.text for e in examples], frozen, settings.max_length, torch, say)
+    full, frozen, states = ft.prepare(settings, source, [e.text for e in examples], torch, say)
     started, fold = time.perf_counter(), iter(range(settings.folds))
 
     def fit_predict(train: np.ndarray, test: np.ndarray) -> np.ndarray:

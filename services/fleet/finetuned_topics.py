@@ -198,6 +198,19 @@ def load_encoder(source: Path):
     return full
 
 
+def prepare(settings: FineTuneSettings, source: Path, texts: Sequence[str], torch,
+            say: Callable[[str], None] = lambda line: None):
+    """The encoder, how many of its layers stay frozen, and their output for every text (checked to
+    reproduce the encoder's own last hidden state): what every training of the recipe starts from."""
+    full = load_encoder(source)
+    frozen_layers = len(full.encoder.layer) - settings.trainable_layers
+    states = frozen_states(source, texts, frozen_layers, settings.max_length, torch, say)
+    gap = split_gap(full, frozen_layers, source, states, texts, settings.max_length, torch)
+    if gap > 1e-3:
+        raise RuntimeError(f"the frozen layers do not reproduce the encoder (max abs difference {gap:.3g})")
+    return full, frozen_layers, states
+
+
 # ------------------------------------------------------------------------------ export
 
 
@@ -264,14 +277,9 @@ def build_classifier(settings: FineTuneSettings, source: Path, examples: Sequenc
 
     texts = [e.text for e in examples]
     labels = np.array([TOPIC_LABELS.index(e.label) for e in examples])
-    full = load_encoder(source)
-    frozen_layers = len(full.encoder.layer) - settings.trainable_layers
     timings = {}
     started = time.perf_counter()
-    states = frozen_states(source, texts, frozen_layers, settings.max_length, torch, say)
-    gap = split_gap(full, frozen_layers, source, states, texts, settings.max_length, torch)
-    if gap > 1e-3:
-        raise RuntimeError(f"the frozen layers do not reproduce the encoder (max abs difference {gap:.3g})")
+    full, frozen_layers, states = prepare(settings, source, texts, torch, say)
     timings["frozen_layers_s"] = round(time.perf_counter() - started, 1)
 
     started = time.perf_counter()
