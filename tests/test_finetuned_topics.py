@@ -4,6 +4,7 @@ graph is served by the model host's own classifier runtime with the probabilitie
 model gives. The real model is checked in tests/test_classifier.py when the fleet has built it."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -91,21 +92,27 @@ def test_the_built_classifier_is_trained_calibrated_on_the_held_out_fold_and_exp
     assert calibration["cv_nll_after"] <= calibration["cv_nll_before"] + 1e-9
 
 
-def test_the_model_host_serves_the_exported_graph(built, tmp_path):
+def load_served(built, tmp_path, name, **generation_changes):
+    """The built graph written into a repository as model `name` and loaded by the model host's own
+    loader (`generation_changes` replace entries of the builder's generation facts)."""
     from services.model_host.loader import SessionSettings, load_runtime
 
     outcome, _, output = built
-    repository = ModelRepository(tmp_path / "models")
+    generation = {**json.loads(json.dumps(outcome["generation"])), **generation_changes}
 
     def write(folder):
-        for name in outcome["files"].values():
-            (folder / name).write_bytes((output / name).read_bytes())
-        return ModelManifest(name="tiny-finetuned", version="1", task="classification",
-                             architecture=outcome["architecture"], files=outcome["files"],
-                             source={"kind": "test", "builder": "tests/test_finetuned_topics.py"}, licence="MIT",
-                             generation=json.loads(json.dumps(outcome["generation"])))
+        for file in outcome["files"].values():
+            (folder / file).write_bytes((output / file).read_bytes())
+        return ModelManifest(name=name, version="1", task="classification", architecture=outcome["architecture"],
+                             files=outcome["files"], licence="MIT", generation=generation,
+                             source={"kind": "test", "builder": "tests/test_finetuned_topics.py"})
 
-    runtime = load_runtime(repository.write_version("tiny-finetuned", "1", write), SessionSettings())
+    return load_runtime(ModelRepository(tmp_path / "models").write_version(name, "1", write), SessionSettings())
+
+
+def test_the_model_host_serves_the_exported_graph(built, tmp_path):
+    _, _, output = built
+    runtime = load_served(built, tmp_path, "tiny-finetuned")
     unseen = examples(per_label=4, seed=1)
     texts = [e.text for e in unseen]
     probabilities = runtime.classify(texts)
@@ -125,10 +132,34 @@ def test_the_model_host_serves_the_exported_graph(built, tmp_path):
     assert "temperature-scaled" in runtime.calibration_source
 
 
+def test_a_classifier_that_reads_the_end_of_long_texts_is_served_reading_it(built, tmp_path):
+    """generation.truncation_side "left": the host keeps a long text's last max_length tokens, as the
+    builder's tokenizer did (here the tiny model's own graph, declared to read texts' ends)."""
+    _, source, _ = built
+    runtime = load_served(built, tmp_path, "tiny-tail", truncation_side="left")
+    # sports words first, tech words last: 32 words, twice the 16 tokens the model reads
+    text = " ".join(["match", "goal", "cup", "league"] * 4 + ["software", "phone", "internet", "computer"] * 4)
+    tail = replace(SETTINGS, truncation_side="left")
+    ids = ft.tokenizer_of(source, tail).encode(text).ids
+    assert len(ids) == SETTINGS.max_length and runtime.tokenizer.encode(text).ids == ids
+    assert "match" not in ft.tokenizer_of(source, tail).encode(text).tokens
+    assert runtime.labels[int(runtime.classify([text])[0].argmax())] == "tech"
+    head_reader = load_served(built, tmp_path / "head", "tiny-head")  # the same graph, reading the start
+    assert head_reader.labels[int(head_reader.classify([text])[0].argmax())] == "sports"
+
+
+def test_a_truncation_side_other_than_right_or_left_is_refused_at_load(built, tmp_path):
+    with pytest.raises(ValueError, match="truncation_side must be 'right' or 'left'"):
+        load_served(built, tmp_path, "tiny-odd", truncation_side="middle")
+
+
 def test_the_recipe_settings_are_what_the_builder_reads():
-    from services.fleet.recipes import SOURCE_FINETUNED, TOPICS_FINETUNED
+    from services.fleet.recipes import SOURCE_FINETUNED, TOPICS_FINETUNED, TOPICS_FINETUNED_TAIL
 
     settings = ft.FineTuneSettings.from_recipe(TOPICS_FINETUNED.training)
     assert TOPICS_FINETUNED.source_kind == SOURCE_FINETUNED
     assert (settings.trainable_layers, settings.epochs, settings.max_length, settings.folds, settings.seed) == \
         (2, 3, 256, 5, 0)
+    assert settings.truncation_side == "right"
+    tail = ft.FineTuneSettings.from_recipe(TOPICS_FINETUNED_TAIL.training)
+    assert tail == replace(settings, truncation_side="left") and TOPICS_FINETUNED_TAIL.source_kind == SOURCE_FINETUNED

@@ -40,6 +40,7 @@ class FineTuneSettings:
     trainable_layers: int = 2
     epochs: int = 3
     max_length: int = 256
+    truncation_side: str = "right"  # "left": the model reads a long text's last max_length tokens
     batch: int = 16
     layers_lr: float = 1e-4
     head_lr: float = 2e-3
@@ -72,13 +73,13 @@ class FrozenStates:
         return torch.from_numpy(hidden), torch.from_numpy(mask)
 
 
-def frozen_states(source: Path, texts: Sequence[str], frozen_layers: int, max_length: int, torch,
+def frozen_states(source: Path, texts: Sequence[str], frozen_layers: int, settings: FineTuneSettings, torch,
                   say: Callable[[str], None] = lambda line: None) -> FrozenStates:
-    """minilm-l6's embeddings and first `frozen_layers` layers, run once over every text (the first
-    `max_length` WordPieces of its own tokenizer, as topics-minilm reads)."""
+    """minilm-l6's embeddings and first `frozen_layers` layers, run once over every text (`max_length`
+    WordPieces of its own tokenizer, cut on `truncation_side`)."""
     from transformers import BertModel
 
-    ids = sp.encode(sp._tokenizer(source / "tokenizer.json", max_length), texts)
+    ids = sp.encode(tokenizer_of(source, settings), texts)
     model = BertModel.from_pretrained(str(source), num_hidden_layers=frozen_layers, add_pooling_layer=False)
     model.eval()
     offsets = np.concatenate([[0], np.cumsum([len(row) for row in ids])]).astype(np.int64)
@@ -176,11 +177,11 @@ def predict_logits(model: Classifier, states: FrozenStates, rows: np.ndarray, to
     return out
 
 
-def split_gap(full, frozen_layers: int, source: Path, states: FrozenStates, texts: Sequence[str], max_length: int,
-              torch) -> float:
+def split_gap(full, frozen_layers: int, source: Path, states: FrozenStates, texts: Sequence[str],
+              settings: FineTuneSettings, torch) -> float:
     """The frozen states through the untouched top layers against minilm-l6's own last hidden state
     (max abs difference over real tokens of the first 4 texts): the split is where it should be."""
-    ids = sp.encode(sp._tokenizer(source / "tokenizer.json", max_length), texts[:4])
+    ids = sp.encode(tokenizer_of(source, settings), texts[:4])
     input_ids, mask = (torch.from_numpy(a) for a in sp.padded(ids))
     with torch.no_grad():
         reference = full(input_ids=input_ids, attention_mask=mask,
@@ -188,6 +189,11 @@ def split_gap(full, frozen_layers: int, source: Path, states: FrozenStates, text
         hidden, cached_mask = states.rows(np.arange(4), torch)
         hidden = _run_layers(full.encoder.layer[frozen_layers:], hidden, cached_mask, torch)
     return float(((hidden - reference).abs() * mask[..., None]).max())
+
+
+def tokenizer_of(source: Path, settings: FineTuneSettings):
+    """minilm-l6's tokenizer as the recipe reads texts (and as the shipped model's tokenizer.json says)."""
+    return sp._tokenizer(source / "tokenizer.json", settings.max_length, settings.truncation_side)
 
 
 def load_encoder(source: Path):
@@ -204,8 +210,8 @@ def prepare(settings: FineTuneSettings, source: Path, texts: Sequence[str], torc
     reproduce the encoder's own last hidden state): what every training of the recipe starts from."""
     full = load_encoder(source)
     frozen_layers = len(full.encoder.layer) - settings.trainable_layers
-    states = frozen_states(source, texts, frozen_layers, settings.max_length, torch, say)
-    gap = split_gap(full, frozen_layers, source, states, texts, settings.max_length, torch)
+    states = frozen_states(source, texts, frozen_layers, settings, torch, say)
+    gap = split_gap(full, frozen_layers, source, states, texts, settings, torch)
     if gap > 1e-3:
         raise RuntimeError(f"the frozen layers do not reproduce the encoder (max abs difference {gap:.3g})")
     return full, frozen_layers, states
@@ -295,7 +301,7 @@ def build_classifier(settings: FineTuneSettings, source: Path, examples: Sequenc
 
     started = time.perf_counter()
     export_onnx(full, model, temperature, output_dir / "model.onnx", torch)
-    tokenizer = sp._tokenizer(source / "tokenizer.json", settings.max_length)
+    tokenizer = tokenizer_of(source, settings)
     tokenizer.save(str(output_dir / "tokenizer.json"))
     timings["export_s"] = round(time.perf_counter() - started, 1)
     # The graph gives what the trained model gives (the first 8 held-out texts, through the saved tokenizer).
@@ -312,6 +318,7 @@ def build_classifier(settings: FineTuneSettings, source: Path, examples: Sequenc
         "input_names": ["input_ids", "attention_mask", "token_type_ids"],
         "output": "probabilities",
         "max_length": settings.max_length,
+        "truncation_side": settings.truncation_side,
         "representation": REPRESENTATION_FINETUNED,
         "training": {"trained_on": f"folds != {HELD_OUT_FOLD} of {settings.folds} (seed {settings.seed}), "
                                    f"{len(train)} texts", "frozen_layers": frozen_layers,

@@ -51,12 +51,13 @@ REPRESENTATION_CHAR = "char-ngram-nb"
 # ------------------------------------------------------------------ representations
 
 
-def _tokenizer(path: Path, max_length: int):
+def _tokenizer(path: Path, max_length: int, side: str = "right"):
+    """`side`: which end of a long text is cut ("left" keeps its last `max_length` tokens)."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.no_padding()  # minilm's tokenizer.json pads every text to 128
-    tokenizer.enable_truncation(max_length)
+    tokenizer.enable_truncation(max_length, direction=side)
     return tokenizer
 
 
@@ -256,11 +257,12 @@ class SpecialistSettings:
     seed: int = 0
     min_df: int = 2
     alpha: float = 0.003  # REPRESENTATION_CHAR: naive Bayes smoothing (in units of L2-normalised TF-IDF mass)
+    truncation_side: str = "right"  # WordPiece representations: "left" reads a long text's last max_length tokens
 
     @classmethod
     def from_recipe(cls, training: dict[str, Any]) -> "SpecialistSettings":
         return cls(**{k: training[k] for k in ("representation", "max_length", "l2", "folds", "seed", "min_df",
-                                               "alpha") if k in training})
+                                               "alpha", "truncation_side") if k in training})
 
 
 class Specialist:
@@ -274,7 +276,7 @@ class Specialist:
         if settings.representation == REPRESENTATION_CHAR:
             self.tokenizer = char_tokenizer(settings.max_length)
         else:
-            self.tokenizer = _tokenizer(base_dir / "tokenizer.json", settings.max_length)
+            self.tokenizer = _tokenizer(base_dir / "tokenizer.json", settings.max_length, settings.truncation_side)
 
     def features(self, texts: Sequence[str]):
         """What the head is trained on: embeddings (minilm), raw id counts (bow) or hashed
@@ -384,6 +386,7 @@ class SpecialistBuild:
             "input_names": input_names,
             "output": "probabilities",
             "max_length": settings.max_length,
+            "truncation_side": settings.truncation_side,
             "representation": settings.representation,
             **({"head": head} if head else {}),
             "calibration": {

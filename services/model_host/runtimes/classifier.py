@@ -46,6 +46,10 @@ class ClassifierRuntime(ModelRuntime):
                              f"{len(self.labels)} labels")
         self.input_names = {i.name for i in session.get_inputs()}
         self.max_length = int(generation.get("max_length", 256))
+        self.truncation_side = str(generation.get("truncation_side", "right"))
+        if self.truncation_side not in ("right", "left"):
+            raise ValueError(f"{manifest.reference}: generation.truncation_side must be 'right' or 'left', "
+                             f"not {self.truncation_side!r}")
         calibration = generation.get("calibration") or {}
         self.temperature = calibration.get("temperature")
         self.calibration_fit_on = calibration.get("fit_on")
@@ -54,7 +58,7 @@ class ClassifierRuntime(ModelRuntime):
     def _serving_tokenizer(self, tokenizer: Tokenizer | TokenizerSource) -> Tokenizer:
         # Reads client text as text, never as [SEP]/[CLS]; never changed once built (it may be shared
         # with the models of the same tokenizer file: runtimes/tokenizer_files.py).
-        return source_of(tokenizer).plain(truncate_to=self.max_length)
+        return source_of(tokenizer).plain(truncate_to=self.max_length, side=self.truncation_side)
 
     @property
     def calibration_source(self) -> str:
@@ -123,7 +127,9 @@ class HeadClassifierRuntime(ClassifierRuntime):
         behind was counted as the head's size."""
         shared = self.encoder.tokenizer
         if tokenizer is None:
-            if (shared.truncation or {}).get("max_length") == self.max_length and shared.padding is None:
+            truncation = shared.truncation or {}
+            if (truncation.get("max_length"), truncation.get("direction", "right")) == \
+                    (self.max_length, self.truncation_side) and shared.padding is None:
                 return shared
             tokenizer = shared
         own = super()._serving_tokenizer(tokenizer)

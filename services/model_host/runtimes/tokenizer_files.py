@@ -36,19 +36,20 @@ class TokenizerSource:
         """The tokenizer as its file says (decoding, the chat template's markers)."""
         return self._tokenizer
 
-    def plain(self, truncate_to: int | None = None) -> Tokenizer:
+    def plain(self, truncate_to: int | None = None, side: str = "right") -> Tokenizer:
         """A tokenizer that reads client text as text (see `plain_text_tokenizer`); with `truncate_to`,
-        truncating to that many tokens and never padding (encoders and classifiers)."""
-        return _truncating(plain_text_tokenizer(self._tokenizer), truncate_to)
+        truncating to that many tokens (cutting a long text's `side`: "left" keeps its end) and never
+        padding (encoders and classifiers)."""
+        return _truncating(plain_text_tokenizer(self._tokenizer), truncate_to, side)
 
     def release(self) -> None:
         """Called when the runtime is closed (nothing to give back for a tokenizer of its own)."""
 
 
-def _truncating(tokenizer: Tokenizer, truncate_to: int | None) -> Tokenizer:
-    """`tokenizer`, set to truncate to `truncate_to` tokens and never pad (None: as its file says)."""
+def _truncating(tokenizer: Tokenizer, truncate_to: int | None, side: str = "right") -> Tokenizer:
+    """`tokenizer`, set to truncate to `truncate_to` tokens on `side` and never pad (None: as its file says)."""
     if truncate_to is not None:
-        tokenizer.enable_truncation(truncate_to)
+        tokenizer.enable_truncation(truncate_to, direction=side)
         tokenizer.no_padding()
     return tokenizer
 
@@ -109,13 +110,13 @@ class SharedTokenizerFile(TokenizerSource):
     def as_written(self) -> Tokenizer:
         return self._acquire(("as written",), lambda: Tokenizer.from_file(str(self.path)))
 
-    def plain(self, truncate_to: int | None = None) -> Tokenizer:
+    def plain(self, truncate_to: int | None = None, side: str = "right") -> Tokenizer:
         def build() -> Tokenizer:
             tokenizer = Tokenizer.from_file(str(self.path))
             tokenizer.encode_special_tokens = True  # what plain_text_tokenizer sets, without a copy
-            return _truncating(tokenizer, truncate_to)
+            return _truncating(tokenizer, truncate_to, side)
 
-        return self._acquire(("plain", truncate_to), build)
+        return self._acquire(("plain", truncate_to, side), build)
 
     def release(self) -> None:
         held, self._held = self._held, []
