@@ -299,7 +299,8 @@ def test_logistic_head_is_deterministic():
 
 
 @pytest.mark.real_model
-@pytest.mark.parametrize("name", ["topics-minilm", "topics-bow", "topics-char", "topics-finetuned"])
+@pytest.mark.parametrize("name", ["topics-minilm", "topics-bow", "topics-char", "topics-finetuned",
+                                  "topics-finetuned-tail"])
 def test_built_topic_specialist_classifies_obvious_bbc_sentences(name):
     from services.model_host.loader import SessionSettings, load_runtime
 
