@@ -212,6 +212,7 @@ TOPICS_FINETUNED_TAIL = replace(
     TOPICS_FINETUNED, name="topics-finetuned-tail",
     training={**TOPICS_FINETUNED.training, "truncation_side": "left"})
 
+
 def _smollm2_fused(name: str, bits: int, **graph) -> Recipe:
     """SmolLM2 through Mirador's fused llama graph (GroupQueryAttention, MatMulNBits): the same
     GGUF weights, ~1.5x (fp32) to ~2.7x (int8) faster decoding than the optimum export."""
