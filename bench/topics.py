@@ -359,13 +359,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = subsample if name == SMOLLM else everyone
         probabilities, confidence = members[name]
         singles[name] = risk_coverage(probabilities[rows].argmax(axis=1) == labels[rows], confidence[rows])
-    votes = {}
+    votes, wrong_of = {}, {}  # wrong_of: every all-texts vote's error indicators, for the nested check
     for title, (voters, rows) in configurations.items():
         verdicts, consistency = vote(voters, rows)
         votes[title] = {**risk_coverage(verdicts == labels[rows], consistency),
                         "members": [name for name, _ in voters], "errors": int((verdicts != labels[rows]).sum())}
-        if len(rows) == len(examples):
-            votes[title]["wrong"] = verdicts != labels  # for the nested check of the choice (not written)
+        if title.endswith("all texts"):
+            wrong_of[title] = verdicts != labels
         if title == route_vote:
             route_threshold = choose_threshold(consistency, verdicts == labels[rows])
     results["single_models"] = singles
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     route_all = vote_title([name for name in SPECIALISTS if name in route_specialists])
     folds = stratified_folds(labels, TOPICS_BOW.training["folds"], TOPICS_BOW.training["seed"])
     wrong_by_choice = {**{vote_title([name]): members[name][0].argmax(axis=1) != labels for name in SPECIALISTS},
-                       **{title: entry["wrong"] for title, entry in all_texts.items()}}
+                       **wrong_of}
     results["nested_choice"] = {
         "votes_or_singles": nested_choice(wrong_by_choice, folds),
         "singles": nested_choice({t: w for t, w in wrong_by_choice.items() if "+" not in t}, folds)}
@@ -399,8 +399,6 @@ def main(argv: list[str] | None = None) -> int:
         "nested_choice_error_vs_nested_single": round(results["nested_choice"]["votes_or_singles"]["errors"]
                                                       / results["nested_choice"]["singles"]["errors"], 3),
     }
-    for entry in votes.values():
-        entry.pop("wrong", None)
     shown = {route_all, best_vote, route_vote}
     for title, entry in votes.items():  # the full curve of the votes that are drawn only (topics.json stays small)
         if title not in shown:

@@ -139,10 +139,9 @@ def test_a_classifier_that_reads_the_end_of_long_texts_is_served_reading_it(buil
     runtime = load_served(built, tmp_path, "tiny-tail", truncation_side="left")
     # sports words first, tech words last: 32 words, twice the 16 tokens the model reads
     text = " ".join(["match", "goal", "cup", "league"] * 4 + ["software", "phone", "internet", "computer"] * 4)
-    tail = replace(SETTINGS, truncation_side="left")
-    ids = ft.tokenizer_of(source, tail).encode(text).ids
-    assert len(ids) == SETTINGS.max_length and runtime.tokenizer.encode(text).ids == ids
-    assert "match" not in ft.tokenizer_of(source, tail).encode(text).tokens
+    builder_reads = ft.tokenizer_of(source, replace(SETTINGS, truncation_side="left")).encode(text)
+    assert len(builder_reads.ids) == SETTINGS.max_length and runtime.tokenizer.encode(text).ids == builder_reads.ids
+    assert "match" not in builder_reads.tokens
     assert runtime.labels[int(runtime.classify([text])[0].argmax())] == "tech"
     head_reader = load_served(built, tmp_path / "head", "tiny-head")  # the same graph, reading the start
     assert head_reader.labels[int(head_reader.classify([text])[0].argmax())] == "sports"
